@@ -1,0 +1,60 @@
+# sandbox-operator: the two commands a newcomer needs are `make demo` and `make test`.
+# Everything they need is installed into a cache outside the repository ($(CACHE)), once.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CACHE ?= $(or $(SANDBOX_OPERATOR_CACHE),$(HOME)/.cache/sandbox-operator)
+export SANDBOX_OPERATOR_CACHE := $(CACHE)
+# Integration tests start real processes; two at a time suits a 2-core machine.
+TEST_THREADS ?= 4
+
+.PHONY: all build tools crds test test-unit test-integration lint fmt demo bench clean-cache help
+
+all: build
+
+help:
+	@echo "make demo    run the operator on a local control plane and EC2 endpoint (not ready yet)"
+	@echo "make test    install what the tests need, then run every test"
+	@echo "make build   build both binaries"
+	@echo "make crds    regenerate crds/ from the Rust types"
+	@echo "make tools   build kube-apiserver and etcd, create the Python venv (cached)"
+	@echo "make lint    rustfmt --check and clippy"
+	@echo "make bench   the fleet benchmark (not ready yet)"
+
+build:
+	$(CARGO) build --bins
+
+tools:
+	hack/install-tools.sh all
+
+crds:
+	$(CARGO) run --quiet --bin sandbox-operator -- crds --dir crds
+
+test: tools
+	$(CARGO) test --lib --bins
+	$(CARGO) test --test integration -- --test-threads=$(TEST_THREADS)
+
+test-unit:
+	$(CARGO) test --lib --bins
+
+test-integration: tools
+	$(CARGO) test --test integration -- --test-threads=$(TEST_THREADS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+demo:
+	@echo "make demo: not ready yet. It will start the local control plane, the EC2 endpoint, a few"
+	@echo "agents and the operator, apply examples/ and show the fleet converging (issue 8)."
+	@exit 1
+
+bench:
+	@echo "make bench: not ready yet; the fleet benchmark arrives with the controllers (issue 9)."
+	@exit 1
+
+clean-cache:
+	rm -rf "$(CACHE)"

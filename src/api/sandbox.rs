@@ -1,0 +1,536 @@
+//! `Sandbox` (short name `sbx`): one EC2 instance and the agent on it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{Environment, SecretKeyRef};
+
+/// The annotation that asks an auto-stopped (or stopped) sandbox to start again: an RFC 3339
+/// time newer than the last one acted on. `kubectl sandbox wake` sets it.
+pub const START_REQUESTED_ANNOTATION: &str = "fleet.valet.dev/start-requested-at";
+/// The finalizer the Sandbox controller sets before its first EC2 call.
+pub const SANDBOX_FINALIZER: &str = "fleet.valet.dev/instance";
+
+/// The desired state of one sandbox: where its instance comes from, whether it runs, what it runs
+/// and how the operator reaches its agent.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "fleet.valet.dev",
+    version = "v1alpha1",
+    kind = "Sandbox",
+    namespaced,
+    status = "SandboxStatus",
+    shortname = "sbx",
+    category = "fleet",
+    derive = "PartialEq",
+    doc = "A Sandbox is one EC2 browser-worker instance, launched or adopted, and the agent on it.",
+    selectable = ".spec.environment",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Env", type_ = "string", json_path = ".spec.environment"),
+    printcolumn(name = "Instance", type_ = "string", json_path = ".status.instance.id"),
+    printcolumn(name = "EC2", type_ = "string", json_path = ".status.instance.state"),
+    printcolumn(name = "Health", type_ = "string", json_path = ".status.agent.health"),
+    printcolumn(name = "Image", type_ = "string", json_path = ".status.agent.imageTag"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.launch) != has(self.instanceId)").message("exactly one of spec.launch (start a new instance) and spec.instanceId (adopt an existing one) must be set"),
+    validation = Rule::new("has(self.instanceId) == has(oldSelf.instanceId) && (!has(self.instanceId) || self.instanceId == oldSelf.instanceId)").message("spec.instanceId cannot be added, removed or changed; create a new Sandbox to adopt another instance"),
+    validation = Rule::new("!has(oldSelf.launch) || (has(self.launch) && self.launch == oldSelf.launch)").message("spec.launch is immutable once set; create a new Sandbox for another launch configuration"),
+    validation = Rule::new("!has(self.launch) || has(self.instanceType)").message("spec.instanceType is required with spec.launch"),
+    validation = Rule::new("self.managementPolicy != 'ObserveOnly' || has(self.instanceId)").message("managementPolicy ObserveOnly never launches: set spec.instanceId to observe an existing instance"),
+    validation = Rule::new("self.managementPolicy != 'ObserveOnly' || !has(self.deletionPolicy) || self.deletionPolicy == 'Retain'").message("managementPolicy ObserveOnly never changes the instance: deletionPolicy must be Retain or unset"),
+    validation = Rule::new("self.managementPolicy != 'ObserveOnly' || self.powerState == 'Running' && !has(self.autoStop)").message("managementPolicy ObserveOnly never starts or stops the instance: leave powerState Running and autoStop unset")
+)]
+pub struct SandboxSpec {
+    /// The environment this sandbox serves: dev, staging or prod. Tagged on the instance.
+    pub environment: Environment,
+
+    /// The EC2 instance type, for example t3.large. Required with `launch`. For an adopted
+    /// instance EC2's value is reported in status and this field, if set, is informational.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+\.[a-z0-9]+$"))]
+    pub instance_type: Option<String>,
+
+    /// The browser engine the worker drives: chromium or adspower.
+    #[serde(default)]
+    pub browser_engine: BrowserEngine,
+
+    /// How many browser sessions the sandbox runs at once.
+    #[serde(default = "default_capacity")]
+    #[schemars(range(min = 1, max = 256))]
+    pub capacity: i32,
+
+    /// Launch a new instance with these settings. Exactly one of `launch` and `instanceId`.
+    /// Immutable once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<LaunchSpec>,
+
+    /// Adopt this existing instance (i-xxxxxxxx or i-xxxxxxxxxxxxxxxxx) instead of launching one.
+    /// Exactly one of `launch` and `instanceId`. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 19), regex(pattern = r"^i-([0-9a-f]{8}|[0-9a-f]{17})$"))]
+    #[x_kube(validation = Rule::new("self.matches('^i-([0-9a-f]{8}|[0-9a-f]{17})$')").message("instanceId must look like i- followed by 8 or 17 lower-case hex digits"))]
+    pub instance_id: Option<String>,
+
+    /// Full: the operator starts, stops and terminates the instance as the spec says.
+    /// ObserveOnly: it only reads the instance and its agent, never calling a mutating EC2 API.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
+
+    /// Whether the instance should be running. A stopped instance whose spec says Running is
+    /// started again.
+    #[serde(default)]
+    pub power_state: PowerState,
+
+    /// Stop the instance after its agent has reported no active workers for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_stop: Option<AutoStopSpec>,
+
+    /// The worker image this sandbox should run. Usually left out of git and set by a
+    /// SandboxDeploy, whose field manager then owns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSpec>,
+
+    /// How to reach the agent on the instance.
+    #[serde(default)]
+    pub agent: AgentSpec,
+
+    /// What happens to the instance when the Sandbox is deleted: Terminate, Stop or Retain.
+    /// Defaults to Terminate for launched instances and Retain for adopted ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_policy: Option<DeletionPolicy>,
+}
+
+fn default_capacity() -> i32 {
+    1
+}
+
+impl SandboxSpec {
+    /// The deletion policy in force: the explicit one, or the default for how the instance came.
+    pub fn effective_deletion_policy(&self) -> DeletionPolicy {
+        self.deletion_policy
+            .unwrap_or(if self.instance_id.is_some() {
+                DeletionPolicy::Retain
+            } else {
+                DeletionPolicy::Terminate
+            })
+    }
+}
+
+/// The browser engine a sandbox's worker drives.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BrowserEngine {
+    /// Chromium, headless or on the virtual display.
+    #[default]
+    Chromium,
+    /// AdsPower, reached through its local API.
+    Adspower,
+}
+
+/// How far the operator may act on the instance.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum ManagementPolicy {
+    /// Launch or adopt, start, stop, deploy and terminate as the spec says.
+    #[default]
+    Full,
+    /// Read only: report the instance and its agent, never call a mutating EC2 API.
+    ObserveOnly,
+}
+
+/// Whether the instance should run.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum PowerState {
+    /// The instance should be running.
+    #[default]
+    Running,
+    /// The instance should be stopped.
+    Stopped,
+}
+
+/// What happens to the instance when the Sandbox is deleted.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeletionPolicy {
+    /// Terminate the instance and wait until EC2 reports it terminated.
+    Terminate,
+    /// Stop the instance and leave it.
+    Stop,
+    /// Leave the instance as it is.
+    Retain,
+}
+
+/// Whether a launched instance is on-demand or spot.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum Market {
+    /// On-demand capacity.
+    #[default]
+    OnDemand,
+    /// Spot capacity (one-time request, stop on interruption).
+    Spot,
+}
+
+/// How to launch a new instance.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchSpec {
+    /// The AMI to launch, for example ami-0abcdef1234567890.
+    #[schemars(length(max = 21), regex(pattern = r"^ami-([0-9a-f]{8}|[0-9a-f]{17})$"))]
+    pub image_id: String,
+    /// The subnet to launch into (subnet-...). The account's default subnet when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 24),
+        regex(pattern = r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$")
+    )]
+    pub subnet_id: Option<String>,
+    /// Security groups (sg-...) for the instance's network interface.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(length(max = 20), regex(pattern = r"^sg-([0-9a-f]{8}|[0-9a-f]{17})$"))
+    )]
+    pub security_group_ids: Vec<String>,
+    /// The EC2 key pair name for SSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub key_name: Option<String>,
+    /// The IAM instance profile, by name or ARN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub iam_instance_profile: Option<String>,
+    /// Size of the root EBS volume in GiB (gp3). The AMI's size when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8, max = 16384))]
+    pub root_volume_size_gib: Option<i32>,
+    /// OnDemand or Spot.
+    #[serde(default)]
+    pub market: Market,
+    /// A Secret key whose value is the instance's user data (cloud-init), base64-encoded by the
+    /// operator on launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data_secret_ref: Option<SecretKeyRef>,
+    /// Extra tags for the instance and its volumes. Keys starting with `aws:` or
+    /// `fleet.valet.dev/` are reserved.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 40), inner(length(max = 256)))]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 128 && !k.startsWith('aws:') && !k.startsWith('fleet.valet.dev/'))").message("tag keys must be at most 128 characters and must not start with aws: or fleet.valet.dev/"))]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Idle auto-stop.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoStopSpec {
+    /// Stop the instance once its agent has reported zero active workers for this long, for
+    /// example 30m or 1h30m. At least 1m.
+    #[serde(default = "default_idle_after")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(r"self.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('1m')").message("idleAfter must be a duration of at least 1m, such as 30m or 1h30m"))]
+    pub idle_after: String,
+}
+
+fn default_idle_after() -> String {
+    "30m".into()
+}
+
+/// The worker image a sandbox should run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// The image repository, for information (the agent's compose file names the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub repository: Option<String>,
+    /// The image tag, for example a commit sha or v1.2.3.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    )]
+    pub tag: String,
+}
+
+/// How the operator reaches and probes the agent.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(has(self.url) && has(self.urlTemplate))").message("set at most one of agent.url and agent.urlTemplate"),
+    validation = Rule::new(r"!self.timeout.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$') || !self.probeInterval.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$') || duration(self.timeout) <= duration(self.probeInterval)").message("agent.timeout must not be longer than agent.probeInterval")
+)]
+pub struct AgentSpec {
+    /// The agent's base URL, for example http://10.0.1.5:8000. Overrides `urlTemplate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("agent.url must start with http:// or https://"))]
+    pub url: Option<String>,
+    /// A template for the agent's base URL over the instance's addresses: `{privateIp}`,
+    /// `{publicIp}`, `{privateDns}`, `{publicDns}`, `{instanceId}` and `{port}`. Default:
+    /// `http://{privateIp}:{port}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("agent.urlTemplate must start with http:// or https://"))]
+    pub url_template: Option<String>,
+    /// The agent's port, used by the URL template.
+    #[serde(default = "default_agent_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// The noVNC port on the instance, for the noVNC URL in status.
+    #[serde(default = "default_novnc_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub no_vnc_port: i32,
+    /// The Secret key holding the agent's bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+    /// How often to probe the agent's /health while the instance runs, for example 30s.
+    #[serde(default = "default_probe_interval")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(r"self.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('1s')").message("agent.probeInterval must be a duration of at least 1s, such as 30s"))]
+    pub probe_interval: String,
+    /// How long one probe may take, for example 5s.
+    #[serde(default = "default_probe_timeout")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(r"self.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('100ms')").message("agent.timeout must be a duration of at least 100ms, such as 5s"))]
+    pub timeout: String,
+    /// Consecutive failed probes before AgentHealthy turns False.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: i32,
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        Self {
+            url: None,
+            url_template: None,
+            port: default_agent_port(),
+            no_vnc_port: default_novnc_port(),
+            token_secret_ref: None,
+            probe_interval: default_probe_interval(),
+            timeout: default_probe_timeout(),
+            failure_threshold: default_failure_threshold(),
+        }
+    }
+}
+
+fn default_agent_port() -> i32 {
+    8000
+}
+fn default_novnc_port() -> i32 {
+    6080
+}
+fn default_probe_interval() -> String {
+    "30s".into()
+}
+fn default_probe_timeout() -> String {
+    "5s".into()
+}
+fn default_failure_threshold() -> i32 {
+    3
+}
+
+/// The lifecycle phase of a sandbox, as the seeds' state machine named them.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SandboxPhase {
+    /// The instance is being launched, adopted or started.
+    Provisioning,
+    /// Running, and the agent is healthy.
+    Active,
+    /// A worker image deploy is under way.
+    Deploying,
+    /// Running, but the agent fails its probes or reports itself unhealthy.
+    Unhealthy,
+    /// The instance is stopped (see `stopReason`).
+    Stopped,
+    /// The Sandbox is being deleted and the deletion policy is being carried out.
+    Terminating,
+    /// A terminal problem that needs a person: see `failureReason` and `failureMessage`.
+    Failed,
+}
+
+/// The observed state of a sandbox.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The lifecycle phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<SandboxPhase>,
+    /// Ready, InstanceRunning, AgentHealthy, ImageUpToDate and, with auto-stop, Idle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The EC2 instance as last observed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceStatus>,
+    /// The agent's last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
+    /// The last worker image deploy the operator asked this sandbox's agent for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<ImageDeployStatus>,
+    /// When the instance was last seen to start running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_started_at: Option<Time>,
+    /// When the instance was last seen to stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stopped_at: Option<Time>,
+    /// Since when the agent has reported zero active workers, while auto-stop applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Time>,
+    /// Why the instance is stopped: Requested (spec), Idle (auto-stop) or External.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// The value of the start annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_start_request: Option<String>,
+    /// The noVNC URL for watching the browser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_vnc_url: Option<String>,
+    /// A CamelCase reason, set only for terminal problems (for example InstanceTerminated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    /// A human-readable account of the terminal problem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_message: Option<String>,
+}
+
+/// The EC2 instance as last observed.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// The instance id.
+    pub id: String,
+    /// The instance type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// EC2's state name: pending, running, stopping, stopped, shutting-down or terminated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The private IPv4 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
+    /// The public IPv4 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<String>,
+    /// The private DNS name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_dns: Option<String>,
+    /// The public DNS name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_dns: Option<String>,
+    /// The availability zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    /// When EC2 last launched (started) the instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_time: Option<Time>,
+    /// OnDemand or Spot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub market: Option<Market>,
+    /// Whether the operator launched the instance (false: adopted).
+    #[serde(default)]
+    pub launched_by_operator: bool,
+}
+
+/// The agent's health as the operator reads it.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentHealth {
+    /// Probes succeed and the agent reports itself healthy.
+    Healthy,
+    /// Probes succeed but disk or memory is at 90% or more, or a check warns.
+    Degraded,
+    /// `failureThreshold` consecutive probes failed, or the agent reports itself unhealthy.
+    Unhealthy,
+    /// Not probed (the instance is not running) or no answer yet.
+    Unknown,
+}
+
+/// The agent's last report.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// The summary health.
+    pub health: AgentHealth,
+    /// The agent URL the operator probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The worker image tag the agent reports running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_tag: Option<String>,
+    /// Active workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_workers: Option<i32>,
+    /// CPU use, percent (whole numbers, so small wobbles do not rewrite status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<i32>,
+    /// Memory use, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_percent: Option<i32>,
+    /// Disk use, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_percent: Option<i32>,
+    /// The browser engine's status as the agent reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser_status: Option<String>,
+    /// When the agent's host came up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_since: Option<Time>,
+    /// The sha256 of the env file the agent holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_sha256: Option<String>,
+    /// The agent's version; unset for the older health server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Failed probes in a row.
+    #[serde(default)]
+    pub consecutive_failures: i32,
+    /// When the last successful probe answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<Time>,
+    /// A short account of failing checks or the last probe error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The last image deploy the operator asked this sandbox's agent for.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageDeployStatus {
+    /// The tag deployed.
+    pub tag: String,
+    /// The tag it replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_tag: Option<String>,
+    /// Draining, Deploying, Verifying, Succeeded, Failed or RolledBack.
+    pub state: String,
+    /// The agent's deploy id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// What happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the deploy started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+}

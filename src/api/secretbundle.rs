@@ -1,0 +1,206 @@
+//! `SecretBundle` (short name `secbundle`): Secrets rendered into a `.env` on every sandbox and
+//! pushed to Fly.io apps.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{SandboxSelector, SecretKeyRef};
+
+/// Secrets rendered into one deterministic `.env` and pushed to sandboxes and Fly.io apps.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "fleet.valet.dev",
+    version = "v1alpha1",
+    kind = "SecretBundle",
+    namespaced,
+    status = "SecretBundleStatus",
+    shortname = "secbundle",
+    category = "fleet",
+    derive = "PartialEq",
+    doc = "A SecretBundle renders Kubernetes Secrets into a .env pushed to sandboxes and Fly.io apps.",
+    printcolumn(
+        name = "Hash",
+        type_ = "string",
+        json_path = ".status.contentHash",
+        priority = 1
+    ),
+    printcolumn(name = "Keys", type_ = "integer", json_path = ".status.keyCount"),
+    printcolumn(
+        name = "Synced",
+        type_ = "integer",
+        json_path = ".status.syncedTargets"
+    ),
+    printcolumn(
+        name = "Targets",
+        type_ = "integer",
+        json_path = ".status.totalTargets"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.targets.sandboxes) || size(self.targets.flyApps) > 0").message("spec.targets needs sandboxes, flyApps or both"))]
+pub struct SecretBundleSpec {
+    /// The Secrets to render, in this namespace. A key that two sources define is an error, not
+    /// a silent override.
+    #[schemars(length(min = 1, max = 16))]
+    pub sources: Vec<SecretSource>,
+    /// Where the rendered `.env` goes.
+    pub targets: BundleTargets,
+    /// How often to compare what targets hold with what they should hold, and resync drift,
+    /// for example 1h. Source Secret changes resync at once, by watch.
+    #[serde(default = "default_refresh_interval")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(r"self.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('10s')").message("refreshInterval must be a duration of at least 10s, such as 1h"))]
+    pub refresh_interval: String,
+    /// The most targets synced at once.
+    #[serde(default = "default_max_parallel")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_parallel: i32,
+}
+
+fn default_refresh_interval() -> String {
+    "1h".into()
+}
+fn default_max_parallel() -> i32 {
+    5
+}
+
+/// One source Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretSource {
+    /// The Secret's name, in this namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Only these keys; every key of the Secret when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), inner(length(max = 253)))]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))").message("keys must be environment variable names: letters, digits and _, not starting with a digit"))]
+    pub keys: Option<Vec<String>>,
+}
+
+/// Where a bundle's `.env` goes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleTargets {
+    /// Sandboxes whose agent writes the `.env` and restarts the named services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandboxes: Option<SandboxTargets>,
+    /// Fly.io apps that get the values through `flyctl secrets import`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub fly_apps: Vec<FlyAppTarget>,
+}
+
+/// The Sandboxes a bundle goes to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxTargets {
+    /// Which Sandboxes, in this namespace.
+    #[serde(default)]
+    pub selector: SandboxSelector,
+    /// Services the agent restarts after writing the file (each must be on the agent's allow list).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 63)))]
+    pub restart_services: Vec<String>,
+}
+
+/// One Fly.io app.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FlyAppTarget {
+    /// The Fly.io app name.
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9-]*$')").message("app must be a Fly.io app name: lower-case letters, digits and -"))]
+    pub app: String,
+    /// The Secret key holding the Fly.io API token for this app.
+    pub token_secret_ref: SecretKeyRef,
+    /// Stage the secrets (`--stage`): the app picks them up on its next deploy instead of
+    /// restarting now.
+    #[serde(default)]
+    pub stage: bool,
+}
+
+/// The kind of a bundle target.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BundleTargetKind {
+    /// A Sandbox, through its agent.
+    Sandbox,
+    /// A Fly.io app, through flyctl.
+    FlyApp,
+}
+
+/// Where one target of a bundle stands.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BundleTargetState {
+    /// Not synced yet (or waiting for its sandbox to start).
+    Pending,
+    /// Holds the bundle's current content.
+    Synced,
+    /// The last sync failed; it is retried with backoff.
+    Failed,
+    /// Not synced, on purpose (for example a Fly.io app that does not exist).
+    Skipped,
+}
+
+/// The observed state of a bundle.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretBundleStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready and, on problems, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The sha256 of the rendered `.env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_hash: Option<String>,
+    /// The key names in the `.env` (never the values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// How many keys.
+    #[serde(default)]
+    pub key_count: i32,
+    /// How many targets hold the current content.
+    #[serde(default)]
+    pub synced_targets: i32,
+    /// How many targets there are.
+    #[serde(default)]
+    pub total_targets: i32,
+    /// One entry per target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<BundleTargetStatus>,
+}
+
+/// Where one target of a bundle stands.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleTargetStatus {
+    /// Sandbox or FlyApp.
+    pub kind: BundleTargetKind,
+    /// The Sandbox's or app's name.
+    pub name: String,
+    /// The content hash the target last acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_hash: Option<String>,
+    /// When it was last synced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_at: Option<Time>,
+    /// Pending, Synced, Failed or Skipped.
+    pub state: BundleTargetState,
+    /// What happened (never a value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

@@ -1,0 +1,55 @@
+//! `sandbox-operator`: the operator process and its tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Runs a fleet of EC2 browser-worker sandboxes from declared state: Sandbox, SandboxDeploy and
+/// SecretBundle resources in the fleet.valet.dev API group.
+#[derive(Parser, Debug)]
+#[command(name = "sandbox-operator", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
+    Crds {
+        /// Write `<crd name>.yaml` files into this directory instead of printing to stdout.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    sandbox_operator::util::install_crypto_provider();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds { dir } => match write_crds(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sandbox-operator crds: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn write_crds(dir: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
+    use sandbox_operator::api;
+    match dir {
+        None => print!("{}", api::crds_yaml()?),
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            for crd in api::crds() {
+                let path = dir.join(api::crd_file_name(&crd));
+                std::fs::write(&path, serde_yaml::to_string(&crd)?)?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}

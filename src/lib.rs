@@ -1,0 +1,15 @@
+//! sandbox-operator: runs a fleet of EC2 browser-worker machines ("sandboxes") from declared state.
+//!
+//! The crate is laid out so the architecture shows:
+//! - [`api`]: the custom resources (`Sandbox`, `SandboxDeploy`, `SecretBundle`) and their CRDs;
+//! - [`agent`]: the on-instance agent's protocol, its server and the operator-side client;
+//! - [`util`]: small shared pieces (durations, TLS set-up);
+//! - `testenv` (feature `testenv`): the local control plane, EC2 endpoint and agents that the
+//!   tests, `make demo` and `make bench` run against.
+
+pub mod agent;
+pub mod api;
+pub mod util;
+
+#[cfg(feature = "testenv")]
+pub mod testenv;

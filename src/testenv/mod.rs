@@ -1,0 +1,11 @@
+//! The local test environment: a real kube-apiserver and etcd, the wrapped moto EC2 endpoint,
+//! started on free loopback ports and stopped when the owning value is dropped (or, at the
+//! latest, when the process that started them exits).
+
+pub mod controlplane;
+pub mod ec2;
+pub mod process;
+
+pub use controlplane::{
+    ControlPlane, ControlPlaneError, ControlPlaneOptions, cache_dir, free_port,
+};

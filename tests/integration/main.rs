@@ -1,0 +1,8 @@
+//! The one integration test binary: one control plane and one EC2 endpoint shared by every test
+//! (each test works in its own namespace), stopped when the binary exits.
+
+mod support;
+
+mod agent;
+mod crds;
+mod ec2_endpoint;
