@@ -3,12 +3,17 @@
 //! The crate is laid out so the architecture shows:
 //! - [`api`]: the custom resources (`Sandbox`, `SandboxDeploy`, `SecretBundle`) and their CRDs;
 //! - [`agent`]: the on-instance agent's protocol, its server and the operator-side client;
+//! - [`controller`]: the controllers, each a pure `decide` module and a thin reconcile edge;
+//! - `ec2`: the EC2 layer (one shared, batched, rate-limited view of the instances);
+//! - [`operator`]: `sandbox-operator run`: the controllers and the HTTP server;
+//! - [`metrics`]: the Prometheus metrics;
 //! - [`util`]: small shared pieces (durations, TLS set-up);
 //! - `testenv` (feature `testenv`): the local control plane, EC2 endpoint and agents that the
 //!   tests, `make demo` and `make bench` run against.
 
 pub mod agent;
 pub mod api;
+pub mod metrics;
 pub mod util;
 
 #[cfg(feature = "testenv")]

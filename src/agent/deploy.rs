@@ -360,7 +360,7 @@ pub async fn run_deploy<O: DeployOps>(mgr: Arc<DeployManager>, ops: Arc<O>, id: 
             deploy = %id,
             %step,
             status = ?outcome.status(),
-            message = outcome.message(),
+            detail = outcome.message(),
             "deploy step finished"
         );
         if outcome.is_failure() {
@@ -382,7 +382,7 @@ pub async fn run_deploy<O: DeployOps>(mgr: Arc<DeployManager>, ops: Arc<O>, id: 
                     first_failure.as_ref(),
                     last_failure.as_ref(),
                 );
-                tracing::info!(deploy = %id, state = state.as_str(), %message, "deploy finished");
+                tracing::info!(deploy = %id, state = state.as_str(), detail = %message, "deploy finished");
                 mgr.finish(&id, state, message).await;
                 return;
             }
@@ -488,6 +488,14 @@ impl CommandOps {
         let start = Instant::now();
         let t = self.cfg.probe_timeout.0;
         let asked = worker::request_drain(&self.http, &self.cfg.worker.drain_url, t).await;
+        if let Err(e) = &asked
+            && let Err(s) = worker::fetch_status(&self.http, &self.cfg.worker.status_url, t).await
+        {
+            // Neither endpoint answers: the worker is not running, there is nothing to drain.
+            return Outcome::Warn(format!(
+                "worker not reachable (drain: {e}; status: {s}); nothing to drain"
+            ));
+        }
         let (safe, last) = wait_deploy_safe(
             &self.http,
             &self.cfg.worker.status_url,
@@ -569,10 +577,11 @@ pub async fn wait_deploy_safe(
         if last.as_ref().is_ok_and(|s| s.deploy_safe) {
             return (true, last);
         }
-        if Instant::now() + poll > deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return (false, last);
         }
-        tokio::time::sleep(poll).await;
+        tokio::time::sleep(poll.min(deadline - now)).await;
     }
 }
 

@@ -45,6 +45,7 @@ fn round1(x: f64) -> f64 {
 /// Keeps sysinfo's state between samples (CPU use is a difference of two readings).
 pub struct Sampler {
     sys: Option<System>,
+    last_cpu: std::time::Instant,
     disks: Option<Disks>,
     disk_path: PathBuf,
 }
@@ -57,6 +58,7 @@ impl Sampler {
         }
         Self {
             sys,
+            last_cpu: std::time::Instant::now(),
             disks: Disks::new_with_refreshed_list().ok(),
             disk_path: disk_path.to_path_buf(),
         }
@@ -68,6 +70,12 @@ impl Sampler {
             ..Default::default()
         };
         if let Some(sys) = self.sys.as_mut() {
+            // CPU use is the difference of two readings; too close together they mean nothing.
+            let since = self.last_cpu.elapsed();
+            if since < sysinfo::MINIMUM_CPU_UPDATE_INTERVAL {
+                std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL - since);
+            }
+            self.last_cpu = std::time::Instant::now();
             sys.refresh_cpu_specifics(CpuRefreshKind::nothing().with_usage());
             sys.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
             out.cpu = round1(f64::from(sys.global_cpu_usage()));

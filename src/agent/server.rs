@@ -354,12 +354,12 @@ async fn access_log(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let start = Instant::now();
     let resp = next.run(req).await;
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     let status = resp.status().as_u16();
     if method == Method::GET && (path == protocol::PATH_HEALTH || path == protocol::PATH_LIVENESS) {
-        tracing::debug!(%method, %path, status, ms, "request");
+        tracing::debug!(%method, %path, status, us, "request");
     } else {
-        tracing::info!(%method, %path, status, ms, "request");
+        tracing::info!(%method, %path, status, us, "request");
     }
     resp
 }
@@ -520,7 +520,7 @@ async fn restart_service(st: &AppState, name: &str, action: &ServiceAction) -> R
             format!("restarting {name}: {}", st.redactor.redact(&e.to_string())),
         ),
     };
-    tracing::info!(service = name, success, %message, "service restart");
+    tracing::info!(service = name, success, detail = %message, "service restart");
     RestartResponse {
         success,
         service: name.into(),

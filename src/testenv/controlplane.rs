@@ -271,6 +271,14 @@ impl ControlPlane {
         Ok(cp)
     }
 
+    /// The process ids of kube-apiserver and etcd.
+    pub fn pids(&self) -> Vec<u32> {
+        [&self.apiserver, &self.etcd]
+            .iter()
+            .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).id())
+            .collect()
+    }
+
     /// The API server's URL.
     pub fn server(&self) -> &str {
         &self.server

@@ -543,7 +543,12 @@ impl Ec2Endpoint {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The port it listens on.
+    /// The wrapper process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The port the endpoint listens on.
     pub fn port(&self) -> u16 {
         self.port
     }

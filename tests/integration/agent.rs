@@ -148,22 +148,11 @@ impl Drop for Fixture {
     }
 }
 
+#[derive(Default)]
 struct Options {
-    /// Extra YAML appended to the generated config (top-level keys not generated below).
-    extra_yaml: String,
     /// The env file `PUT /env` writes is the deploy env file.
     same_env_file: bool,
     require_auth_for_health: bool,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            extra_yaml: String::new(),
-            same_env_file: false,
-            require_auth_for_health: false,
-        }
-    }
 }
 
 impl Fixture {
@@ -224,10 +213,9 @@ services:
   adspower: {{command: [touch, {d}/restarted-adspower]}}
   worker: {{composeService: worker}}
   broken: {{command: ["false"]}}
-{extra}"#,
+"#,
             auth = opts.require_auth_for_health,
             env = env_file.display(),
-            extra = opts.extra_yaml,
         );
         let config = dir.join("agent.yaml");
         std::fs::write(&config, yaml).unwrap();
@@ -1025,7 +1013,7 @@ async fn agent_health_reports_metrics_and_checks() {
         l.local_addr().unwrap()
     };
     // The worker stand-in also serves noVNC and AdsPower; its address is only known once the
-    // fixture runs, so the fixture is built with placeholders and the config rewritten.
+    // fixture runs, so the config is extended and the agent restarted.
     let mut f = Fixture::new().await;
     let w = f.worker_addr;
     let extra = format!(

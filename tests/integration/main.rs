@@ -6,3 +6,4 @@ mod support;
 mod agent;
 mod crds;
 mod ec2_endpoint;
+mod testenv;

@@ -1,0 +1,902 @@
+//! The Sandbox controller's decisions, as a pure function of plain data: the spec, the status
+//! written last time, the instance as EC2 reports it, the agent's answer and the clock. No
+//! client lives here; the reconciler gathers the inputs, calls [`decide`], carries out the
+//! actions and writes the status it returns.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::agent::protocol::{CheckStatus, DeployState, HealthReport};
+use crate::api::conditions::{self, Desired, FALSE, TRUE, UNKNOWN};
+use crate::api::{
+    AgentHealth, AgentStatus, ImageDeployStatus, InstanceStatus, ManagementPolicy, Market, PowerState, SandboxPhase,
+    SandboxSpec, SandboxStatus,
+};
+use crate::ec2::{Instance, InstanceState};
+use crate::util::parse_duration;
+
+/// Condition types.
+pub mod cond {
+    /// The summary: the sandbox is as declared.
+    pub const READY: &str = "Ready";
+    /// EC2 reports the instance running.
+    pub const INSTANCE_RUNNING: &str = "InstanceRunning";
+    /// The agent answers its probes and reports itself healthy.
+    pub const AGENT_HEALTHY: &str = "AgentHealthy";
+    /// The agent runs the declared image tag.
+    pub const IMAGE_UP_TO_DATE: &str = "ImageUpToDate";
+    /// Auto-stop: the agent reports no active workers.
+    pub const IDLE: &str = "Idle";
+}
+
+/// Why an instance is stopped, as status reports it.
+pub mod stop_reason {
+    /// The spec says Stopped.
+    pub const REQUESTED: &str = "Requested";
+    /// Auto-stop stopped it after the idle period.
+    pub const IDLE: &str = "Idle";
+    /// Something outside the operator stopped it.
+    pub const EXTERNAL: &str = "External";
+}
+
+/// Deploy states in `status.deploy.state`.
+pub mod deploy_state {
+    /// Waiting for active workers to finish.
+    pub const DRAINING: &str = "Draining";
+    /// The agent is deploying.
+    pub const DEPLOYING: &str = "Deploying";
+    /// Waiting for the new tag and a healthy report.
+    pub const VERIFYING: &str = "Verifying";
+    /// Done.
+    pub const SUCCEEDED: &str = "Succeeded";
+    /// Failed; the agent could not roll back (or the operator gave up).
+    pub const FAILED: &str = "Failed";
+    /// Failed and the agent rolled back to the previous tag.
+    pub const ROLLED_BACK: &str = "RolledBack";
+
+    /// Whether a deploy in this state is still under way.
+    pub fn in_progress(state: &str) -> bool {
+        matches!(state, DRAINING | DEPLOYING | VERIFYING)
+    }
+}
+
+/// What EC2 said about the sandbox's instance.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InstanceObs {
+    /// There is no instance id yet (nothing launched, or the launch is still to be found).
+    NoInstance,
+    /// EC2 does not know the id.
+    Missing {
+        /// The id looked up.
+        id: String,
+    },
+    /// EC2 reported the instance.
+    Found(Instance),
+}
+
+/// What the agent said this round.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbeObs {
+    /// Not probed this round (not due, or the instance is not running).
+    NotProbed,
+    /// `/health` answered.
+    Report(Box<HealthReport>),
+    /// The probe failed: unreachable, timed out, refused.
+    Failed(String),
+    /// The probe could not be made: the token Secret is missing, the URL cannot be built.
+    Misconfigured {
+        /// A CamelCase reason.
+        reason: String,
+        /// What to fix.
+        message: String,
+    },
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Clone, Debug)]
+pub struct Inputs<'a> {
+    /// The spec.
+    pub spec: &'a SandboxSpec,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The value of the start annotation, if set.
+    pub start_request: Option<&'a str>,
+    /// The status as last written.
+    pub status: &'a SandboxStatus,
+    /// What EC2 said.
+    pub instance: &'a InstanceObs,
+    /// What the agent said.
+    pub probe: &'a ProbeObs,
+    /// The agent URL in use, if one could be built.
+    pub agent_url: Option<&'a str>,
+    /// The last EC2 refusal for this generation (for example an unknown AMI), which must not be
+    /// retried until the spec changes.
+    pub launch_rejection: Option<&'a Rejection>,
+    /// Now.
+    pub now: Timestamp,
+    /// Operator-wide settings.
+    pub settings: &'a Settings,
+}
+
+/// An AWS refusal remembered so it is not retried in a storm.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// AWS's error code, used as the condition reason.
+    pub code: String,
+    /// AWS's message.
+    pub message: String,
+}
+
+/// Operator-wide timing settings the decisions use.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long to wait for active workers to drain before an image deploy fails.
+    pub drain_timeout: Duration,
+    /// How long one image deploy may take in all.
+    pub deploy_deadline: Duration,
+    /// How often to look again while nothing is changing.
+    pub resync: Duration,
+    /// How often to look while something is in flight (pending, stopping, deploying).
+    pub poll: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(300),
+            deploy_deadline: Duration::from_secs(900),
+            resync: Duration::from_secs(300),
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Something the reconciler must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start the instance.
+    Start {
+        /// The instance id.
+        id: String,
+        /// Why, for the Event.
+        why: StartWhy,
+    },
+    /// Stop the instance.
+    Stop {
+        /// The instance id.
+        id: String,
+        /// `stop_reason::REQUESTED` or `stop_reason::IDLE`.
+        reason: &'static str,
+    },
+    /// Ask the agent to drain.
+    Drain,
+    /// Ask the agent to deploy this tag.
+    Deploy {
+        /// The tag.
+        tag: String,
+    },
+}
+
+/// Why an instance is being started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartWhy {
+    /// The spec says Running.
+    Requested,
+    /// The start annotation carries a newer time.
+    Woken,
+    /// It was stopped outside the operator and the spec says Running.
+    RestartAfterExternalStop,
+}
+
+/// An Event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// A CamelCase reason.
+    pub reason: &'static str,
+    /// The message.
+    pub message: String,
+}
+
+/// What [`decide`] returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The status to write (the reconciler writes it only if it differs materially).
+    pub status: SandboxStatus,
+    /// What to do, in order.
+    pub actions: Vec<Action>,
+    /// Events to publish about what was observed (actions publish their own).
+    pub notes: Vec<Note>,
+    /// When to look again at the latest.
+    pub requeue: Duration,
+}
+
+fn time(ts: Timestamp) -> Time {
+    Time(ts)
+}
+
+fn since(now: Timestamp, then: &Time) -> Duration {
+    let secs = now.as_second() - then.0.as_second();
+    Duration::from_secs(secs.max(0) as u64)
+}
+
+/// The instance as status reports it.
+pub fn instance_status(i: &Instance, launched_by_operator: bool) -> InstanceStatus {
+    InstanceStatus {
+        id: i.id.clone(),
+        instance_type: i.instance_type.clone(),
+        state: Some(i.state.as_str().to_string()),
+        private_ip: i.private_ip.clone(),
+        public_ip: i.public_ip.clone(),
+        private_dns: i.private_dns.clone(),
+        public_dns: i.public_dns.clone(),
+        availability_zone: i.availability_zone.clone(),
+        launch_time: i.launch_time.map(time),
+        market: Some(if i.spot { Market::Spot } else { Market::OnDemand }),
+        launched_by_operator,
+    }
+}
+
+/// Whether a start request (annotation) is new: set, and not the one acted on last.
+pub fn new_start_request(start_request: Option<&str>, status: &SandboxStatus) -> bool {
+    match start_request {
+        Some(v) if !v.trim().is_empty() => status.last_start_request.as_deref() != Some(v),
+        _ => false,
+    }
+}
+
+/// The decision for a Sandbox that is not being deleted.
+pub fn decide(i: &Inputs<'_>) -> Decision {
+    let mut st = i.status.clone();
+    st.observed_generation = i.generation;
+    let mut actions = Vec::new();
+    let mut notes = Vec::new();
+    let mut requeue = i.settings.resync;
+    let observe_only = i.spec.management_policy == ManagementPolicy::ObserveOnly;
+    let now = i.now;
+    let cs = &mut Vec::new();
+    std::mem::swap(cs, &mut st.conditions);
+    let gen_ = i.generation;
+    let mut set = |cs: &mut Vec<_>, type_, status, reason, message: String| {
+        conditions::set(cs, Desired { type_, status, reason, message }, gen_, now);
+    };
+
+    // ---- The instance. ----
+    let instance = match i.instance {
+        InstanceObs::NoInstance => {
+            st.phase = Some(SandboxPhase::Provisioning);
+            if let Some(rej) = i.launch_rejection {
+                set(cs, cond::INSTANCE_RUNNING, FALSE, "LaunchFailed", format!("EC2 refused to launch the instance: {}: {}", rej.code, rej.message));
+                set(cs, cond::READY, FALSE, "LaunchFailed", format!("EC2 refused to launch the instance ({}); edit the spec to try again", rej.code));
+            } else {
+                set(cs, cond::INSTANCE_RUNNING, FALSE, "Launching", "launching the instance".into());
+                set(cs, cond::READY, FALSE, "Launching", "launching the instance".into());
+            }
+            st.conditions = std::mem::take(cs);
+            return Decision { status: st, actions, notes, requeue: i.settings.poll };
+        }
+        InstanceObs::Missing { id } => {
+            let launched = st.instance.as_ref().is_some_and(|s| s.launched_by_operator);
+            if launched {
+                // It existed once: a vanished instance is terminal and never silently replaced.
+                st.phase = Some(SandboxPhase::Failed);
+                st.failure_reason = Some("InstanceNotFound".into());
+                st.failure_message = Some(format!("instance {id} no longer exists in EC2; delete and recreate the Sandbox to launch a new one"));
+            } else {
+                st.phase = Some(SandboxPhase::Provisioning);
+            }
+            let msg = format!("EC2 does not know instance {id}");
+            set(cs, cond::INSTANCE_RUNNING, FALSE, "InstanceNotFound", msg.clone());
+            set(cs, cond::READY, FALSE, "InstanceNotFound", format!("{msg}; nothing is launched in its place"));
+            st.conditions = std::mem::take(cs);
+            return Decision { status: st, actions, notes, requeue: i.settings.resync };
+        }
+        InstanceObs::Found(inst) => inst,
+    };
+    let launched_by_operator = st.instance.as_ref().map(|s| s.launched_by_operator).unwrap_or(i.spec.launch.is_some());
+    let prev_state = st.instance.as_ref().and_then(|s| s.state.clone());
+    st.instance = Some(instance_status(instance, launched_by_operator));
+    if prev_state.as_deref() != Some(instance.state.as_str()) {
+        match instance.state {
+            InstanceState::Running => st.last_started_at = Some(time(now)),
+            InstanceState::Stopped => st.last_stopped_at = Some(time(now)),
+            _ => {}
+        }
+    }
+
+    // ---- What the operator wants of the power state. ----
+    let woken = new_start_request(i.start_request, &st);
+    let auto_stopped = st.stop_reason.as_deref() == Some(stop_reason::IDLE);
+    let want_running = i.spec.power_state == PowerState::Running && (!auto_stopped || woken);
+    let id = instance.id.clone();
+
+    match instance.state {
+        InstanceState::ShuttingDown | InstanceState::Terminated => {
+            st.phase = Some(SandboxPhase::Failed);
+            st.failure_reason = Some("InstanceTerminated".into());
+            st.failure_message = Some(format!(
+                "instance {id} was terminated outside the operator; it is not relaunched: delete and recreate the Sandbox for a new one"
+            ));
+            if !matches!(prev_state.as_deref(), Some("shutting-down" | "terminated")) {
+                notes.push(Note { warning: true, reason: "InstanceTerminated", message: format!("instance {id} was terminated outside the operator; not relaunching") });
+            }
+            set(cs, cond::INSTANCE_RUNNING, FALSE, "InstanceTerminated", format!("instance {id} is {}", instance.state.as_str()));
+            set(cs, cond::AGENT_HEALTHY, UNKNOWN, "InstanceNotRunning", "the agent is not probed while the instance is not running".into());
+            set(cs, cond::READY, FALSE, "InstanceTerminated", format!("instance {id} was terminated outside the operator"));
+            st.agent = clear_agent(st.agent.take());
+            st.conditions = std::mem::take(cs);
+            return Decision { status: st, actions, notes, requeue: i.settings.resync };
+        }
+        InstanceState::Pending => {
+            st.phase = Some(SandboxPhase::Provisioning);
+            set(cs, cond::INSTANCE_RUNNING, FALSE, "Pending", format!("instance {id} is pending"));
+            requeue = i.settings.poll;
+        }
+        InstanceState::Stopping => {
+            st.phase = Some(SandboxPhase::Stopped);
+            set(cs, cond::INSTANCE_RUNNING, FALSE, "Stopping", format!("instance {id} is stopping"));
+            requeue = i.settings.poll;
+        }
+        InstanceState::Stopped => {
+            st.phase = Some(SandboxPhase::Stopped);
+            set(cs, cond::INSTANCE_RUNNING, FALSE, "Stopped", format!("instance {id} is stopped"));
+            if st.stop_reason.is_none() {
+                // Nobody here asked for it: stopped outside the operator.
+                st.stop_reason = Some(stop_reason::EXTERNAL.into());
+            }
+            if want_running && !observe_only {
+                let why = if woken {
+                    StartWhy::Woken
+                } else if st.stop_reason.as_deref() == Some(stop_reason::EXTERNAL) {
+                    StartWhy::RestartAfterExternalStop
+                } else {
+                    StartWhy::Requested
+                };
+                actions.push(Action::Start { id: id.clone(), why });
+                requeue = i.settings.poll;
+            }
+        }
+        InstanceState::Running => {
+            set(cs, cond::INSTANCE_RUNNING, TRUE, "Running", format!("instance {id} is running"));
+            if !want_running && !observe_only {
+                let reason = if auto_stopped { stop_reason::IDLE } else { stop_reason::REQUESTED };
+                actions.push(Action::Stop { id: id.clone(), reason });
+                requeue = i.settings.poll;
+            }
+        }
+    }
+    if woken && (instance.state == InstanceState::Running || actions.iter().any(|a| matches!(a, Action::Start { .. }))) {
+        st.last_start_request = i.start_request.map(str::to_string);
+    }
+    if instance.state == InstanceState::Running {
+        // Once it runs again, the reason it was stopped no longer applies.
+        st.stop_reason = None;
+    }
+    for a in &actions {
+        match a {
+            Action::Stop { reason, .. } => st.stop_reason = Some((*reason).to_string()),
+            Action::Start { .. } => st.stop_reason = None,
+            _ => {}
+        }
+    }
+
+    let running = instance.state == InstanceState::Running && !actions.iter().any(|a| matches!(a, Action::Stop { .. }));
+
+    // ---- The agent. ----
+    st.no_vnc_url = instance
+        .public_ip
+        .as_ref()
+        .or(instance.private_ip.as_ref())
+        .map(|ip| format!("http://{ip}:{}/vnc.html", i.spec.agent.no_vnc_port));
+    let threshold = i.spec.agent.failure_threshold.max(1);
+    if !running {
+        st.agent = clear_agent(st.agent.take());
+        st.idle_since = None;
+        set(cs, cond::AGENT_HEALTHY, UNKNOWN, "InstanceNotRunning", "the agent is not probed while the instance is not running".into());
+    } else {
+        let mut agent = st.agent.take().unwrap_or(AgentStatus {
+            health: AgentHealth::Unknown,
+            url: None,
+            image_tag: None,
+            active_workers: None,
+            cpu_percent: None,
+            memory_percent: None,
+            disk_percent: None,
+            browser_status: None,
+            up_since: None,
+            env_sha256: None,
+            agent_version: None,
+            consecutive_failures: 0,
+            last_seen: None,
+            message: None,
+        });
+        agent.url = i.agent_url.map(str::to_string);
+        match i.probe {
+            ProbeObs::NotProbed => {}
+            ProbeObs::Misconfigured { reason, message } => {
+                agent.health = AgentHealth::Unknown;
+                agent.message = Some(message.clone());
+                set(cs, cond::AGENT_HEALTHY, FALSE, reason_static(reason), message.clone());
+            }
+            ProbeObs::Failed(err) => {
+                agent.consecutive_failures += 1;
+                agent.message = Some(err.clone());
+                if agent.consecutive_failures >= threshold {
+                    if agent.health != AgentHealth::Unhealthy {
+                        notes.push(Note {
+                            warning: true,
+                            reason: "AgentUnhealthy",
+                            message: format!("{} consecutive probes failed: {err}", agent.consecutive_failures),
+                        });
+                    }
+                    agent.health = AgentHealth::Unhealthy;
+                    set(cs, cond::AGENT_HEALTHY, FALSE, "ProbeFailed", format!("{} consecutive probes failed; last: {err}", agent.consecutive_failures));
+                } else if conditions::get(cs, cond::AGENT_HEALTHY).is_none() {
+                    set(cs, cond::AGENT_HEALTHY, UNKNOWN, "Probing", format!("probe failed ({} of {threshold} allowed): {err}", agent.consecutive_failures));
+                }
+            }
+            ProbeObs::Report(r) => {
+                let was_unhealthy = agent.health == AgentHealth::Unhealthy;
+                agent.consecutive_failures = 0;
+                agent.last_seen = Some(time(now));
+                agent.image_tag = r.image_tag.clone();
+                agent.active_workers = r.active_workers.map(|n| n as i32);
+                agent.cpu_percent = Some(r.cpu.round() as i32);
+                agent.memory_percent = Some(r.memory_percent().round() as i32);
+                agent.disk_percent = Some(r.disk_percent().round() as i32);
+                agent.browser_status = r.browser_status.clone().or_else(|| r.adspower_status.clone());
+                agent.up_since = (r.uptime > 0.0).then(|| {
+                    let up = now.as_second() - r.uptime as i64;
+                    // Rounded to the minute so the value is stable across probes.
+                    time(Timestamp::from_second(up - up.rem_euclid(60)).unwrap_or(now))
+                });
+                agent.env_sha256 = r.env_sha256.clone();
+                agent.agent_version = r.agent_version.clone();
+                let (health, reason, message) = judge_report(r);
+                if was_unhealthy && health != AgentHealth::Unhealthy {
+                    notes.push(Note { warning: false, reason: "AgentRecovered", message: "the agent answers and reports healthy again".into() });
+                }
+                agent.health = health;
+                agent.message = (!message.is_empty()).then(|| message.clone());
+                let status = if health == AgentHealth::Unhealthy { FALSE } else { TRUE };
+                set(cs, cond::AGENT_HEALTHY, status, reason, message);
+            }
+        }
+        if agent.health == AgentHealth::Unknown && conditions::get(cs, cond::AGENT_HEALTHY).is_none_or(|c| c.reason == "InstanceNotRunning") {
+            set(cs, cond::AGENT_HEALTHY, UNKNOWN, "AwaitingFirstProbe", "waiting for the agent's first answer".into());
+        }
+        st.agent = Some(agent);
+    }
+
+    // ---- Idle auto-stop. ----
+    let report = match i.probe {
+        ProbeObs::Report(r) => Some(r.as_ref()),
+        _ => None,
+    };
+    match (&i.spec.auto_stop, running) {
+        (Some(auto), true) => {
+            let idle_after = parse_duration(&auto.idle_after).unwrap_or(Duration::from_secs(1800));
+            let deploying = st.deploy.as_ref().is_some_and(|d| deploy_state::in_progress(&d.state));
+            if let Some(r) = report {
+                if r.active_workers == Some(0) && !r.deploy_running() && !deploying {
+                    if st.idle_since.is_none() {
+                        st.idle_since = Some(time(now));
+                    }
+                } else if r.active_workers.is_some_and(|n| n > 0) || deploying {
+                    st.idle_since = None;
+                }
+            }
+            match &st.idle_since {
+                Some(since_t) => {
+                    let idle_for = since(now, since_t);
+                    if idle_for >= idle_after && !observe_only {
+                        actions.push(Action::Stop { id: id.clone(), reason: stop_reason::IDLE });
+                        st.stop_reason = Some(stop_reason::IDLE.into());
+                        notes.push(Note {
+                            warning: false,
+                            reason: "IdleStop",
+                            message: format!("no active workers for {}s (idleAfter {}): stopping instance {id}", idle_for.as_secs(), auto.idle_after),
+                        });
+                        set(cs, cond::IDLE, TRUE, "IdleStopped", format!("stopped after no active workers for {}", auto.idle_after));
+                    } else {
+                        set(cs, cond::IDLE, TRUE, "NoActiveWorkers", format!("no active workers since {}; stops after {}", since_t.0, auto.idle_after));
+                        requeue = requeue.min(idle_after.saturating_sub(idle_for).max(Duration::from_secs(1)));
+                    }
+                }
+                None => set(cs, cond::IDLE, FALSE, "ActiveWorkers", "the agent reports active workers (or has not reported yet)".into()),
+            }
+        }
+        (Some(auto), false) => {
+            if st.stop_reason.as_deref() == Some(stop_reason::IDLE) {
+                set(cs, cond::IDLE, TRUE, "IdleStopped", format!("stopped after no active workers for {}; annotate {} to start it", auto.idle_after, crate::api::START_REQUESTED_ANNOTATION));
+            } else {
+                set(cs, cond::IDLE, FALSE, "NotRunning", "the instance is not running".into());
+            }
+        }
+        (None, _) => {
+            conditions::remove(cs, cond::IDLE);
+            st.idle_since = None;
+        }
+    }
+    let stopping_now = actions.iter().any(|a| matches!(a, Action::Stop { .. }));
+
+    // ---- The worker image. ----
+    let desired_tag = i.spec.image.as_ref().map(|im| im.tag.clone());
+    let reported_tag = st.agent.as_ref().and_then(|a| a.image_tag.clone());
+    match &desired_tag {
+        None => {
+            set(cs, cond::IMAGE_UP_TO_DATE, TRUE, "NoImageDeclared", "spec.image is not set: the sandbox keeps whatever it runs".into());
+        }
+        Some(tag) if !running || stopping_now => {
+            if reported_tag.as_deref() == Some(tag) {
+                set(cs, cond::IMAGE_UP_TO_DATE, TRUE, "UpToDate", format!("running {tag}"));
+            } else if conditions::get(cs, cond::IMAGE_UP_TO_DATE).is_none_or(|c| c.status != FALSE) {
+                set(cs, cond::IMAGE_UP_TO_DATE, UNKNOWN, "InstanceNotRunning", format!("{tag} is deployed when the instance runs"));
+            }
+        }
+        Some(tag) => {
+            let (acts, image_cond, deploy_requeue) = image_step(&mut st, tag, report, i, &mut notes);
+            actions.extend(acts);
+            let (status, reason, message) = image_cond;
+            set(cs, cond::IMAGE_UP_TO_DATE, status, reason, message);
+            if let Some(d) = deploy_requeue {
+                requeue = requeue.min(d);
+            }
+        }
+    }
+
+    // ---- Phase and Ready. ----
+    let deploying = st.deploy.as_ref().is_some_and(|d| deploy_state::in_progress(&d.state)) && running;
+    let health = st.agent.as_ref().map(|a| a.health);
+    if running {
+        st.failure_reason = None;
+        st.failure_message = None;
+        st.phase = Some(if deploying {
+            SandboxPhase::Deploying
+        } else {
+            match health {
+                Some(AgentHealth::Unhealthy) => SandboxPhase::Unhealthy,
+                Some(AgentHealth::Healthy | AgentHealth::Degraded) => SandboxPhase::Active,
+                _ => SandboxPhase::Provisioning,
+            }
+        });
+    } else if instance.state == InstanceState::Stopped || instance.state == InstanceState::Stopping {
+        st.failure_reason = None;
+        st.failure_message = None;
+    }
+    let (ready, reason, message) = ready_summary(&st, cs, want_running && !stopping_now, observe_only, instance);
+    set(cs, cond::READY, ready, reason, message);
+    if running {
+        let interval = parse_duration(&i.spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
+        requeue = requeue.min(interval);
+    }
+    st.conditions = std::mem::take(cs);
+    Decision { status: st, actions, notes, requeue }
+}
+
+fn clear_agent(agent: Option<AgentStatus>) -> Option<AgentStatus> {
+    // Keep the last known image tag and versions; what is about a live process goes.
+    agent.map(|a| AgentStatus {
+        health: AgentHealth::Unknown,
+        active_workers: None,
+        cpu_percent: None,
+        memory_percent: None,
+        disk_percent: None,
+        browser_status: None,
+        consecutive_failures: 0,
+        message: None,
+        ..a
+    })
+}
+
+fn reason_static(reason: &str) -> &'static str {
+    match reason {
+        "TokenSecretMissing" => "TokenSecretMissing",
+        "TokenSecretKeyMissing" => "TokenSecretKeyMissing",
+        "AgentUrlUnknown" => "AgentUrlUnknown",
+        "Unauthorized" => "Unauthorized",
+        _ => "AgentMisconfigured",
+    }
+}
+
+/// Reads an agent report: Unhealthy when it says so or a check fails (other than disk and
+/// memory, which make it Degraded), Degraded at 90% disk or memory, Healthy otherwise.
+pub fn judge_report(r: &HealthReport) -> (AgentHealth, &'static str, String) {
+    let resource = |name: &str| matches!(name, "disk" | "memory");
+    let failing: Vec<String> = r
+        .checks
+        .iter()
+        .filter(|c| c.status == CheckStatus::Fail && !resource(&c.name))
+        .map(|c| format!("{}: {}", c.name, c.message))
+        .collect();
+    let status_ok = matches!(r.status.as_str(), "ok" | "healthy" | "degraded" | "");
+    if !failing.is_empty() {
+        return (AgentHealth::Unhealthy, "ChecksFailing", format!("failing checks: {}", failing.join("; ")));
+    }
+    if !status_ok {
+        return (AgentHealth::Unhealthy, "AgentReportsUnhealthy", format!("the agent reports status {:?}", r.status));
+    }
+    if r.degraded() {
+        return (
+            AgentHealth::Degraded,
+            "Degraded",
+            format!("disk at {:.0}%, memory at {:.0}% (90% or more is degraded)", r.disk_percent(), r.memory_percent()),
+        );
+    }
+    let warnings: Vec<String> = r.warning_checks().iter().filter(|c| c.message != "not configured").map(|c| format!("{}: {}", c.name, c.message)).collect();
+    if warnings.is_empty() {
+        (AgentHealth::Healthy, "Healthy", String::new())
+    } else {
+        (AgentHealth::Healthy, "HealthyWithWarnings", format!("warnings: {}", warnings.join("; ")))
+    }
+}
+
+type CondOut = (&'static str, &'static str, String);
+
+/// One step of the image deploy state machine kept in `status.deploy`.
+fn image_step(
+    st: &mut SandboxStatus,
+    tag: &str,
+    report: Option<&HealthReport>,
+    i: &Inputs<'_>,
+    notes: &mut Vec<Note>,
+) -> (Vec<Action>, CondOut, Option<Duration>) {
+    let now = i.now;
+    let observe_only = i.spec.management_policy == ManagementPolicy::ObserveOnly;
+    let reported = st.agent.as_ref().and_then(|a| a.image_tag.clone());
+    let healthy = st.agent.as_ref().is_some_and(|a| matches!(a.health, AgentHealth::Healthy | AgentHealth::Degraded));
+    let poll = Some(i.settings.poll);
+
+    // Same tag as the last deploy record?
+    let record = st.deploy.clone().filter(|d| d.tag == tag);
+    if let Some(d) = &record
+        && !deploy_state::in_progress(&d.state)
+    {
+        if reported.as_deref() == Some(tag) {
+            return (vec![], (TRUE, "UpToDate", format!("running {tag}")), None);
+        }
+        if matches!(d.state.as_str(), deploy_state::FAILED | deploy_state::ROLLED_BACK) {
+            // Never retried in a loop: a new tag (or deleting status.deploy) tries again.
+            return (
+                vec![],
+                (FALSE, "DeployFailed", format!("deploying {tag} failed and is not retried: {}", d.message.clone().unwrap_or_default())),
+                None,
+            );
+        }
+    }
+    if record.is_none() && reported.as_deref() == Some(tag) {
+        return (vec![], (TRUE, "UpToDate", format!("running {tag}")), None);
+    }
+    if observe_only {
+        return (vec![], (FALSE, "ObserveOnly", format!("the agent runs {}, the spec says {tag}; ObserveOnly never deploys", reported.as_deref().unwrap_or("an unknown tag"))), None);
+    }
+    let Some(report) = report else {
+        // No fresh report this round: wait for the next probe.
+        let msg = match &record {
+            Some(d) => format!("deploying {tag}: {}", d.state),
+            None => format!("waiting for the agent before deploying {tag}"),
+        };
+        let reason = if record.is_some() { "Deploying" } else { "Pending" };
+        return (vec![], (FALSE, reason, msg), poll);
+    };
+    let mut d = match record {
+        Some(d) => d,
+        None => {
+            // A new deploy: drain first.
+            let d = ImageDeployStatus {
+                tag: tag.to_string(),
+                previous_tag: reported.clone(),
+                state: deploy_state::DRAINING.into(),
+                id: None,
+                message: Some("waiting for active workers to finish".into()),
+                started_at: Some(time(now)),
+                finished_at: None,
+            };
+            notes.push(Note {
+                warning: false,
+                reason: "DeployStarted",
+                message: format!("deploying {tag} (from {}): draining", reported.as_deref().unwrap_or("unknown")),
+            });
+            st.deploy = Some(d.clone());
+            let actions = if report.is_agent() { vec![Action::Drain] } else { vec![] };
+            return (actions, (FALSE, "Draining", format!("draining before deploying {tag}")), poll);
+        }
+    };
+    let started = d.started_at.clone().unwrap_or(time(now));
+    let elapsed = since(now, &started);
+    let finish = |d: &mut ImageDeployStatus, state: &str, msg: String| {
+        d.state = state.into();
+        d.message = Some(msg);
+        d.finished_at = Some(time(now));
+    };
+    let mut actions = vec![];
+    let out: CondOut;
+    match d.state.as_str() {
+        deploy_state::DRAINING => {
+            if report.is_deploy_safe() && !report.deploy_running() {
+                d.state = deploy_state::DEPLOYING.into();
+                d.message = Some("asked the agent to deploy".into());
+                actions.push(Action::Deploy { tag: tag.to_string() });
+                out = (FALSE, "Deploying", format!("deploying {tag}"));
+            } else if elapsed >= i.settings.drain_timeout {
+                let msg = format!("active workers did not drain within {}s", i.settings.drain_timeout.as_secs());
+                finish(&mut d, deploy_state::FAILED, msg.clone());
+                notes.push(Note { warning: true, reason: "DeployFailed", message: format!("deploying {tag}: {msg}") });
+                out = (FALSE, "DeployFailed", format!("deploying {tag} failed: {msg}"));
+            } else {
+                out = (FALSE, "Draining", format!("waiting for {} active workers to finish before deploying {tag}", report.active_workers.unwrap_or(0)));
+            }
+        }
+        _ => {
+            // Deploying or Verifying: follow the agent's own deploy record.
+            let agent_deploy = report.deploy.as_ref().filter(|ad| ad.tag == tag);
+            match agent_deploy.map(|ad| ad.state) {
+                Some(DeployState::Succeeded) | None if report.image_tag.as_deref() == Some(tag) => {
+                    if healthy {
+                        finish(&mut d, deploy_state::SUCCEEDED, format!("running {tag} and healthy"));
+                        notes.push(Note { warning: false, reason: "DeploySucceeded", message: format!("now running {tag}") });
+                        out = (TRUE, "UpToDate", format!("running {tag}"));
+                    } else {
+                        d.state = deploy_state::VERIFYING.into();
+                        d.message = Some("running the new tag; waiting for a healthy report".into());
+                        out = (FALSE, "Verifying", format!("waiting for a healthy report on {tag}"));
+                    }
+                }
+                Some(DeployState::Failed) | Some(DeployState::RolledBack) => {
+                    let ad = agent_deploy.expect("matched Some");
+                    let (state, word) = if ad.state == DeployState::RolledBack {
+                        (deploy_state::ROLLED_BACK, "rolled back")
+                    } else {
+                        (deploy_state::FAILED, "failed")
+                    };
+                    d.id = Some(ad.id.clone());
+                    finish(&mut d, state, format!("{word}: {}", ad.message));
+                    notes.push(Note { warning: true, reason: "DeployFailed", message: format!("deploying {tag} {word}: {}", ad.message) });
+                    out = (FALSE, "DeployFailed", format!("deploying {tag} {word}: {}", ad.message));
+                }
+                _ => {
+                    if let Some(ad) = agent_deploy {
+                        d.id = Some(ad.id.clone());
+                        d.message = Some(format!("agent step {}: {}", ad.step.as_str(), ad.message));
+                    }
+                    out = (FALSE, "Deploying", format!("deploying {tag}"));
+                }
+            }
+            if deploy_state::in_progress(&d.state) && elapsed >= i.settings.deploy_deadline {
+                let msg = format!("not done within {}s", i.settings.deploy_deadline.as_secs());
+                finish(&mut d, deploy_state::FAILED, msg.clone());
+                notes.push(Note { warning: true, reason: "DeployFailed", message: format!("deploying {tag}: {msg}") });
+                st.deploy = Some(d);
+                return (actions, (FALSE, "DeployFailed", format!("deploying {tag} failed: {msg}")), None);
+            }
+        }
+    }
+    let again = deploy_state::in_progress(&d.state).then_some(i.settings.poll);
+    st.deploy = Some(d);
+    (actions, out, again)
+}
+
+fn ready_summary(
+    st: &SandboxStatus,
+    cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    want_running: bool,
+    observe_only: bool,
+    instance: &Instance,
+) -> (&'static str, &'static str, String) {
+    let running = instance.state == InstanceState::Running;
+    if !want_running && !observe_only {
+        return match instance.state {
+            InstanceState::Stopped => match st.stop_reason.as_deref() {
+                Some(stop_reason::IDLE) => (TRUE, "IdleStopped", "stopped by auto-stop, as configured".into()),
+                _ => (TRUE, "Stopped", "stopped, as declared".into()),
+            },
+            _ => (FALSE, "Stopping", format!("instance {} is {}; stopping", instance.id, instance.state.as_str())),
+        };
+    }
+    if !running {
+        return (FALSE, "InstanceNotRunning", format!("instance {} is {}", instance.id, instance.state.as_str()));
+    }
+    let agent = conditions::get(cs, cond::AGENT_HEALTHY);
+    if agent.is_none_or(|c| c.status != TRUE) {
+        let msg = agent.map(|c| c.message.clone()).unwrap_or_default();
+        let reason = if agent.is_some_and(|c| c.status == FALSE) { "AgentUnhealthy" } else { "AwaitingAgent" };
+        return (FALSE, reason, msg);
+    }
+    if st.deploy.as_ref().is_some_and(|d| deploy_state::in_progress(&d.state)) {
+        return (FALSE, "Deploying", "a worker image deploy is under way".into());
+    }
+    let image = conditions::get(cs, cond::IMAGE_UP_TO_DATE);
+    if let Some(c) = image.filter(|c| c.status != TRUE) {
+        return (FALSE, "ImageNotUpToDate", c.message.clone());
+    }
+    (TRUE, "Active", "running, agent healthy, image up to date".into())
+}
+
+/// Whether `new` differs from `old` in a way worth a status write. Values that move on every
+/// probe without meaning anything (the last-seen time, CPU, memory and disk within 5 points)
+/// do not count, so a healthy idle fleet causes no writes per probe.
+pub fn material_change(old: &SandboxStatus, new: &SandboxStatus) -> bool {
+    let strip = |s: &SandboxStatus| {
+        let mut s = s.clone();
+        if let Some(a) = s.agent.as_mut() {
+            a.last_seen = None;
+            a.cpu_percent = None;
+            a.memory_percent = None;
+            a.disk_percent = None;
+        }
+        s
+    };
+    if strip(old) != strip(new) {
+        return true;
+    }
+    let moved = |a: Option<i32>, b: Option<i32>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() >= 5,
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    match (&old.agent, &new.agent) {
+        (Some(o), Some(n)) => moved(o.cpu_percent, n.cpu_percent) || moved(o.memory_percent, n.memory_percent) || moved(o.disk_percent, n.disk_percent),
+        _ => false,
+    }
+}
+
+/// What deleting the Sandbox requires, given the instance as EC2 reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeleteStep {
+    /// Nothing (more) to do: remove the finalizer.
+    Done,
+    /// Call TerminateInstances, then look again.
+    Terminate(String),
+    /// Call StopInstances, then remove the finalizer.
+    Stop(String),
+    /// Wait for EC2 to finish (shutting-down), then look again.
+    Wait,
+}
+
+/// The deletion policy carried out against the observed instance.
+pub fn decide_delete(spec: &SandboxSpec, instance: &InstanceObs) -> DeleteStep {
+    use crate::api::DeletionPolicy;
+    if spec.management_policy == ManagementPolicy::ObserveOnly {
+        return DeleteStep::Done;
+    }
+    let inst = match instance {
+        InstanceObs::Found(i) => i,
+        _ => return DeleteStep::Done,
+    };
+    match spec.effective_deletion_policy() {
+        DeletionPolicy::Retain => DeleteStep::Done,
+        DeletionPolicy::Stop => match inst.state {
+            InstanceState::Running | InstanceState::Pending => DeleteStep::Stop(inst.id.clone()),
+            _ => DeleteStep::Done,
+        },
+        DeletionPolicy::Terminate => match inst.state {
+            InstanceState::Terminated => DeleteStep::Done,
+            InstanceState::ShuttingDown => DeleteStep::Wait,
+            _ => DeleteStep::Terminate(inst.id.clone()),
+        },
+    }
+}
+
+/// The agent URL for an instance: the explicit URL, or the template (default
+/// `http://{privateIp}:{port}`) filled from the instance's addresses. `None` when the template
+/// needs an address the instance does not have.
+pub fn agent_url(spec: &SandboxSpec, inst: &Instance) -> Option<String> {
+    if let Some(url) = &spec.agent.url {
+        return Some(url.trim_end_matches('/').to_string());
+    }
+    let template = spec.agent.url_template.as_deref().unwrap_or("http://{privateIp}:{port}");
+    let mut out = template.replace("{port}", &spec.agent.port.to_string()).replace("{instanceId}", &inst.id);
+    for (key, value) in [
+        ("{privateIp}", &inst.private_ip),
+        ("{publicIp}", &inst.public_ip),
+        ("{privateDns}", &inst.private_dns),
+        ("{publicDns}", &inst.public_dns),
+    ] {
+        if out.contains(key) {
+            out = out.replace(key, value.as_deref().filter(|v| !v.is_empty())?);
+        }
+    }
+    Some(out.trim_end_matches('/').to_string())
+}

@@ -1,0 +1,684 @@
+//! The Sandbox controller: one EC2 instance per Sandbox, reported truthfully.
+//!
+//! The reconcile gathers plain data (the instance from the shared EC2 view, the agent's
+//! `/health`), hands it to [`decide::decide`], carries out the actions it returns and writes the
+//! status only when it changed materially. The finalizer is set before the first EC2 call; the
+//! launch is made idempotent by a ClientToken derived from the UID and a look-up by UID tag
+//! before launching, so a crash between RunInstances and the status write neither leaks nor
+//! duplicates an instance.
+
+pub mod decide;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Fin, finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::agent::client::{AgentClient, AgentError, AgentToken, Timeouts};
+use crate::api::{
+    AgentHealth, SANDBOX_FINALIZER, START_REQUESTED_ANNOTATION, Sandbox, SandboxPhase, SandboxSpec, SandboxStatus,
+};
+use crate::ec2::{self, Ec2, Ec2Error, InstanceState, LaunchRequest};
+use crate::metrics::{Metrics, SandboxLabels};
+use crate::util::parse_duration;
+use decide::{Action, DeleteStep, Inputs, InstanceObs, Note, ProbeObs, Rejection, Settings, StartWhy};
+
+/// The field manager for status writes.
+pub const MANAGER: &str = "sandbox-operator";
+const CONTROLLER: &str = "sandbox";
+
+/// What can go wrong in one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("{what} for Sandbox {object}: {source}")]
+    Kube {
+        /// What was being done.
+        what: &'static str,
+        /// namespace/name.
+        object: String,
+        /// The error.
+        source: kube::Error,
+    },
+    /// An EC2 call failed (transient ones requeue with backoff).
+    #[error("{what} for Sandbox {object}: {source}")]
+    Ec2 {
+        /// What was being done.
+        what: &'static str,
+        /// namespace/name.
+        object: String,
+        /// The error.
+        source: Ec2Error,
+    },
+    /// The finalizer helper failed.
+    #[error("finalizer for Sandbox {object}: {message}")]
+    Finalizer {
+        /// namespace/name.
+        object: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Not an error: cleanup waits for EC2 (an Err keeps the finalizer in place).
+    #[error("Sandbox {object}: {message}")]
+    Waiting {
+        /// namespace/name.
+        object: String,
+        /// What it waits for.
+        message: String,
+    },
+    /// The Sandbox has no namespace or UID (never true of a stored object).
+    #[error("Sandbox {0} lacks a namespace or UID")]
+    Malformed(String),
+}
+
+impl Error {
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::Ec2 { source, .. } if source.is_transient() => "ec2_transient",
+            Error::Ec2 { .. } => "ec2",
+            Error::Finalizer { .. } => "finalizer",
+            Error::Waiting { .. } => "waiting",
+            Error::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Operator-wide settings for the Sandbox controller.
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    /// Decision timings.
+    pub decide: Settings,
+    /// Terminate tagged instances whose Sandbox has been gone this long (None: only report).
+    pub orphan_grace: Option<Duration>,
+    /// How often to look for orphans.
+    pub orphan_sweep_interval: Duration,
+    /// The name events are reported under.
+    pub reporter: String,
+}
+
+impl Default for ControllerSettings {
+    fn default() -> Self {
+        Self {
+            decide: Settings::default(),
+            orphan_grace: Some(Duration::from_secs(600)),
+            orphan_sweep_interval: Duration::from_secs(120),
+            reporter: "sandbox-operator".into(),
+        }
+    }
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    client: Client,
+    ec2: Ec2,
+    recorder: Recorder,
+    settings: ControllerSettings,
+    metrics: Arc<Metrics>,
+    http: reqwest::Client,
+    /// When each sandbox (by UID) was last probed: kept here, not in status, so probes cause
+    /// no writes.
+    last_probe: Mutex<HashMap<String, Instant>>,
+    /// EC2 refusals of a launch, by UID, with the generation they answered.
+    rejections: Mutex<HashMap<String, (Option<i64>, Rejection)>>,
+    /// Which Sandbox an instance belongs to, for mapping EC2 changes back.
+    owners: Mutex<HashMap<String, ObjectRef<Sandbox>>>,
+}
+
+impl Context {
+    /// Creates the controller's context.
+    pub fn new(client: Client, ec2: Ec2, metrics: Arc<Metrics>, settings: ControllerSettings) -> Arc<Self> {
+        let reporter = Reporter { controller: settings.reporter.clone(), instance: std::env::var("POD_NAME").ok() };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            ec2,
+            settings,
+            metrics,
+            http: reqwest::Client::builder().pool_max_idle_per_host(2).build().expect("building the agent HTTP client"),
+            last_probe: Mutex::default(),
+            rejections: Mutex::default(),
+            owners: Mutex::default(),
+        })
+    }
+
+    async fn publish(&self, obj: &Sandbox, note: &Note) {
+        let ev = KEvent {
+            type_: if note.warning { EventType::Warning } else { EventType::Normal },
+            reason: note.reason.into(),
+            note: Some(note.message.clone()),
+            action: note.reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            warn!(sandbox = %key(obj), error = %e, "publishing an event failed");
+        }
+    }
+}
+
+fn key(obj: &Sandbox) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Runs the Sandbox controller until `shutdown` resolves. Sandboxes in every namespace the
+/// client may list (or one namespace when `namespace` is set).
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let api: Api<Sandbox> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let (reader, writer) = reflector::store();
+    // Status-only updates do not wake the controller; spec, annotations (the start request)
+    // and finalizer changes do.
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
+            Default::default(),
+        );
+    let changes = {
+        let ctx = ctx.clone();
+        ctx.ec2.changes().filter_map(move |id| {
+            let owner = ctx.owners.lock().expect("owners").get(&id).cloned();
+            async move { owner }
+        })
+    };
+    tokio::spawn(orphan_sweep(ctx.clone(), reader.clone()));
+    tokio::spawn(phase_gauges(ctx.clone(), reader.clone()));
+    Controller::for_stream(stream, reader)
+        .reconcile_on(changes)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// The reconcile entry point: the finalizer helper, then apply or clean up.
+pub async fn reconcile(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    ctx.metrics.reconciled(CONTROLLER);
+    let ns = obj.namespace().ok_or_else(|| Error::Malformed(obj.name_any()))?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    let object = key(&obj);
+    finalizer(&api, SANDBOX_FINALIZER, obj, |event| async {
+        match event {
+            Fin::Apply(s) => apply(s, ctx.clone()).await,
+            Fin::Cleanup(s) => cleanup(s, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer { object, message: other.to_string() },
+    })
+}
+
+/// Requeues after an error: transient EC2 trouble (throttling) soon and with jitter, the rest
+/// a little later. The object is never marked failed for a transient error.
+pub fn error_policy(obj: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    if let Error::Waiting { .. } = err {
+        return Requeue::requeue(ctx.settings.decide.poll);
+    }
+    ctx.metrics.reconcile_failed(CONTROLLER, err.kind());
+    warn!(sandbox = %key(&obj), error = %err, "reconcile failed; will retry");
+    let jitter = Duration::from_millis(u64::from(obj.uid().map(|u| u.bytes().map(u32::from).sum::<u32>()).unwrap_or(0) % 1000));
+    match err {
+        Error::Ec2 { source, .. } if source.is_transient() => Requeue::requeue(Duration::from_secs(3) + jitter),
+        _ => Requeue::requeue(Duration::from_secs(10) + jitter),
+    }
+}
+
+fn client_token(uid: &str) -> String {
+    // ClientToken allows 64 ASCII characters; a UID is 36.
+    format!("sandbox-{uid}")
+}
+
+async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let object = key(&obj);
+    let ns = obj.namespace().unwrap_or_default();
+    let uid = obj.uid().ok_or_else(|| Error::Malformed(object.clone()))?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = obj.status.clone().unwrap_or_default();
+    let spec = &obj.spec;
+    let generation = obj.metadata.generation;
+    let settings = &ctx.settings.decide;
+    let in_flight = status.instance.as_ref().and_then(|i| i.state.as_deref()).is_some_and(|s| matches!(s, "pending" | "stopping" | "shutting-down"))
+        || status.deploy.as_ref().is_some_and(|d| decide::deploy_state::in_progress(&d.state));
+    let max_age = if in_flight { settings.poll } else { ctx.settings.decide.resync.min(Duration::from_secs(30)) };
+
+    // Forget a launch refusal once the spec changed.
+    let rejection = {
+        let mut r = ctx.rejections.lock().expect("rejections");
+        match r.get(&uid) {
+            Some((g, _)) if *g != generation => {
+                r.remove(&uid);
+                None
+            }
+            Some((_, rej)) => Some(rej.clone()),
+            None => None,
+        }
+    };
+
+    // ---- Which instance? ----
+    let mut launched_now = false;
+    let instance_id = match (&spec.instance_id, status.instance.as_ref().map(|i| i.id.clone())) {
+        (Some(id), _) => Some(id.clone()),
+        (None, Some(id)) => Some(id),
+        (None, None) if rejection.is_some() => None,
+        (None, None) => {
+            // Before launching, look for an instance this Sandbox launched already (a crash
+            // between RunInstances and the status write).
+            let found = ctx.ec2.find_by_uid(&uid).await.map_err(|source| Error::Ec2 { what: "looking up the instance by UID tag", object: object.clone(), source })?;
+            match found {
+                Some(inst) => {
+                    info!(sandbox = %object, instance = %inst.id, "found the instance launched earlier by UID tag");
+                    Some(inst.id)
+                }
+                None => match launch(&obj, &uid, &ctx).await {
+                    Ok(id) => {
+                        launched_now = true;
+                        Some(id)
+                    }
+                    Err(Error::Ec2 { source: Ec2Error::Rejected { code, message, .. }, .. }) => {
+                        let rej = Rejection { code: code.clone(), message: message.clone() };
+                        ctx.publish(&obj, &Note { warning: true, reason: "LaunchFailed", message: format!("EC2 refused RunInstances: {code}: {message}") }).await;
+                        ctx.rejections.lock().expect("rejections").insert(uid.clone(), (generation, rej));
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    };
+    let rejection = ctx.rejections.lock().expect("rejections").get(&uid).map(|(_, r)| r.clone());
+
+    let observed = match &instance_id {
+        None => InstanceObs::NoInstance,
+        Some(id) => {
+            ctx.owners.lock().expect("owners").insert(id.clone(), ObjectRef::from_obj(&*obj));
+            let age = if launched_now { Duration::ZERO } else { max_age };
+            match ctx.ec2.describe(id, age).await.map_err(|source| Error::Ec2 { what: "describing the instance", object: object.clone(), source })? {
+                Some(i) => InstanceObs::Found(i),
+                None => InstanceObs::Missing { id: id.clone() },
+            }
+        }
+    };
+
+    // ---- The agent, when the instance runs and a probe is due. ----
+    let mut agent_url = None;
+    let mut probe = ProbeObs::NotProbed;
+    let mut agent_client = None;
+    if let InstanceObs::Found(inst) = &observed
+        && inst.state == InstanceState::Running
+    {
+        agent_url = decide::agent_url(spec, inst);
+        let interval = parse_duration(&spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
+        let due = {
+            let lp = ctx.last_probe.lock().expect("last_probe");
+            lp.get(&uid).is_none_or(|t| t.elapsed() + Duration::from_millis(250) >= interval) || in_flight
+        };
+        if due {
+            match agent_client_for(&obj, agent_url.as_deref(), &ctx).await {
+                Ok(c) => {
+                    probe = match c.health().await {
+                        Ok(r) => ProbeObs::Report(Box::new(r)),
+                        Err(AgentError::Unauthorized { .. }) => ProbeObs::Misconfigured {
+                            reason: "Unauthorized".into(),
+                            message: "the agent refused the token (401): check spec.agent.tokenSecretRef".into(),
+                        },
+                        Err(e) => ProbeObs::Failed(e.to_string()),
+                    };
+                    agent_client = Some(c);
+                }
+                Err(p) => probe = p,
+            }
+            ctx.last_probe.lock().expect("last_probe").insert(uid.clone(), Instant::now());
+            record_probe(&ctx, &obj, &probe);
+        }
+    }
+
+    let start_request = obj.annotations().get(START_REQUESTED_ANNOTATION).map(String::as_str);
+    let inputs = Inputs {
+        spec,
+        generation,
+        start_request,
+        status: &status,
+        instance: &observed,
+        probe: &probe,
+        agent_url: agent_url.as_deref(),
+        launch_rejection: rejection.as_ref(),
+        now: Timestamp::now(),
+        settings,
+    };
+    let mut decision = decide::decide(&inputs);
+    if launched_now {
+        decision.notes.insert(0, Note { warning: false, reason: "Launched", message: format!("launched instance {}", instance_id.clone().unwrap_or_default()) });
+        if let Some(i) = decision.status.instance.as_mut() {
+            i.launched_by_operator = true;
+        }
+    }
+
+    // ---- Carry out the actions. ----
+    let mut ec2_error = None;
+    for action in &decision.actions {
+        match action {
+            Action::Start { id, why } => match ctx.ec2.start(id).await {
+                Ok(()) => {
+                    let (reason, message) = match why {
+                        StartWhy::Requested => ("Starting", format!("starting instance {id}: the spec says Running")),
+                        StartWhy::Woken => ("Waking", format!("starting instance {id}: a newer {START_REQUESTED_ANNOTATION}")),
+                        StartWhy::RestartAfterExternalStop => ("RestartingAfterExternalStop", format!("instance {id} was stopped outside the operator; starting it again because the spec says Running")),
+                    };
+                    decision.notes.push(Note { warning: *why == StartWhy::RestartAfterExternalStop, reason, message });
+                }
+                Err(e) => ec2_error = Some(("starting the instance", e)),
+            },
+            Action::Stop { id, reason } => match ctx.ec2.stop(id).await {
+                Ok(()) => decision.notes.push(Note { warning: false, reason: "Stopping", message: format!("stopping instance {id} ({reason})") }),
+                Err(e) => ec2_error = Some(("stopping the instance", e)),
+            },
+            Action::Drain => {
+                if let Some(c) = &agent_client
+                    && let Err(e) = c.drain_with(&crate::agent::protocol::DrainRequest { wait: Some(false), timeout_seconds: None }).await
+                {
+                    warn!(sandbox = %object, error = %e, "asking the agent to drain failed; waiting for active workers anyway");
+                }
+            }
+            Action::Deploy { tag } => {
+                let result = match &agent_client {
+                    Some(c) => c.deploy(tag).await.map(|a| a.deploy_id),
+                    None => Err(AgentError::Transport { url: String::new(), op: "deploy", message: "no agent client".into() }),
+                };
+                match result {
+                    Ok(id) => {
+                        if let Some(d) = decision.status.deploy.as_mut() {
+                            d.id = id;
+                        }
+                        decision.notes.push(Note { warning: false, reason: "Deploying", message: format!("asked the agent to deploy {tag}") });
+                    }
+                    Err(e) if e.running_deploy_id().is_some() => {
+                        if let Some(d) = decision.status.deploy.as_mut() {
+                            d.message = Some(format!("the agent is busy with deploy {}", e.running_deploy_id().unwrap_or_default()));
+                            d.state = decide::deploy_state::DRAINING.into();
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(d) = decision.status.deploy.as_mut() {
+                            d.state = decide::deploy_state::DRAINING.into();
+                            d.message = Some(format!("asking the agent to deploy failed, will retry: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- Record. ----
+    for note in &decision.notes {
+        ctx.publish(&obj, note).await;
+    }
+    if launched_now || decide::material_change(&status, &decision.status) {
+        write_status(&api, &obj, &decision.status, &ctx).await?;
+    }
+    update_gauges(&ctx, &obj, &decision.status);
+    if let Some((what, source)) = ec2_error {
+        return Err(Error::Ec2 { what, object, source });
+    }
+    if rejection.is_some() && instance_id.is_none() {
+        // Refused by EC2: wait for the spec to change instead of retrying in a storm.
+        return Ok(Requeue::await_change());
+    }
+    Ok(Requeue::requeue(decision.requeue))
+}
+
+async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error> {
+    let object = key(obj);
+    let spec: &SandboxSpec = &obj.spec;
+    let l = spec.launch.as_ref().expect("launch is set when instanceId is not (CEL rule)");
+    let ns = obj.namespace().unwrap_or_default();
+    let user_data = match &l.user_data_secret_ref {
+        Some(r) => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            let s = secrets.get(&r.name).await.map_err(|source| Error::Kube { what: "reading the user-data Secret", object: object.clone(), source })?;
+            s.data.and_then(|d| d.get(&r.key).cloned()).map(|b| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(b.0)
+            })
+        }
+        None => None,
+    };
+    let mut tags: BTreeMap<String, String> = l.tags.clone();
+    tags.insert(ec2::TAG_MANAGED_BY.into(), "sandbox-operator".into());
+    tags.insert(ec2::TAG_UID.into(), uid.into());
+    tags.insert(ec2::TAG_NAMESPACE.into(), ns.clone());
+    tags.insert(ec2::TAG_NAME.into(), obj.name_any());
+    tags.insert(ec2::TAG_ENVIRONMENT.into(), spec.environment.to_string());
+    tags.entry("Name".into()).or_insert_with(|| format!("{ns}/{}", obj.name_any()));
+    let req = LaunchRequest {
+        client_token: client_token(uid),
+        image_id: l.image_id.clone(),
+        instance_type: spec.instance_type.clone().unwrap_or_default(),
+        subnet_id: l.subnet_id.clone(),
+        security_group_ids: l.security_group_ids.clone(),
+        key_name: l.key_name.clone(),
+        iam_instance_profile: l.iam_instance_profile.clone(),
+        root_volume_size_gib: l.root_volume_size_gib,
+        spot: l.market == crate::api::Market::Spot,
+        user_data_base64: user_data,
+        tags,
+    };
+    let inst = ctx.ec2.launch(&req).await.map_err(|source| Error::Ec2 { what: "launching the instance", object: object.clone(), source })?;
+    info!(sandbox = %object, instance = %inst.id, "launched");
+    Ok(inst.id)
+}
+
+async fn agent_client_for(obj: &Sandbox, url: Option<&str>, ctx: &Context) -> Result<AgentClient, ProbeObs> {
+    let Some(url) = url else {
+        return Err(ProbeObs::Misconfigured {
+            reason: "AgentUrlUnknown".into(),
+            message: "cannot build the agent URL: the instance lacks the address spec.agent.urlTemplate needs".into(),
+        });
+    };
+    let token = match &obj.spec.agent.token_secret_ref {
+        None => None,
+        Some(r) => {
+            let ns = obj.namespace().unwrap_or_default();
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            match secrets.get_opt(&r.name).await {
+                Ok(Some(s)) => match s.data.as_ref().and_then(|d| d.get(&r.key)) {
+                    Some(v) => Some(AgentToken::new(String::from_utf8_lossy(&v.0).trim().to_string())),
+                    None => {
+                        return Err(ProbeObs::Misconfigured {
+                            reason: "TokenSecretKeyMissing".into(),
+                            message: format!("the agent token Secret {ns}/{} has no key {:?}", r.name, r.key),
+                        });
+                    }
+                },
+                Ok(None) => {
+                    return Err(ProbeObs::Misconfigured {
+                        reason: "TokenSecretMissing".into(),
+                        message: format!("the agent token Secret {ns}/{} does not exist", r.name),
+                    });
+                }
+                Err(e) => return Err(ProbeObs::Failed(format!("reading the agent token Secret {ns}/{}: {e}", r.name))),
+            }
+        }
+    };
+    let timeout = parse_duration(&obj.spec.agent.timeout).unwrap_or(Duration::from_secs(5));
+    let timeouts = Timeouts { health: timeout, ..Timeouts::default() };
+    AgentClient::with_http(ctx.http.clone(), url, token, timeouts).map_err(|e| ProbeObs::Misconfigured { reason: "AgentUrlInvalid".into(), message: e.to_string() })
+}
+
+fn record_probe(ctx: &Context, _obj: &Sandbox, probe: &ProbeObs) {
+    let result = match probe {
+        ProbeObs::NotProbed => return,
+        ProbeObs::Report(r) => match decide::judge_report(r).0 {
+            AgentHealth::Healthy => "healthy",
+            AgentHealth::Degraded => "degraded",
+            _ => "unhealthy",
+        },
+        ProbeObs::Failed(_) => "failed",
+        ProbeObs::Misconfigured { .. } => "misconfigured",
+    };
+    ctx.metrics.probes.get_or_create(&crate::metrics::ProbeLabels { result: result.into() }).inc();
+}
+
+fn update_gauges(ctx: &Context, obj: &Sandbox, st: &SandboxStatus) {
+    let labels = SandboxLabels { namespace: obj.namespace().unwrap_or_default(), name: obj.name_any() };
+    match st.agent.as_ref().filter(|a| a.cpu_percent.is_some()) {
+        Some(a) => {
+            ctx.metrics.sandbox_cpu.get_or_create(&labels).set(f64::from(a.cpu_percent.unwrap_or(0)));
+            ctx.metrics.sandbox_memory.get_or_create(&labels).set(f64::from(a.memory_percent.unwrap_or(0)));
+            ctx.metrics.sandbox_disk.get_or_create(&labels).set(f64::from(a.disk_percent.unwrap_or(0)));
+            ctx.metrics.sandbox_active_workers.get_or_create(&labels).set(i64::from(a.active_workers.unwrap_or(0)));
+        }
+        None => ctx.metrics.forget_sandbox(&labels.namespace, &labels.name),
+    }
+}
+
+async fn write_status(api: &Api<Sandbox>, obj: &Sandbox, st: &SandboxStatus, ctx: &Context) -> Result<(), Error> {
+    let patch = serde_json::json!({ "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "Sandbox", "status": st });
+    api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::Kube { what: "writing status", object: key(obj), source })?;
+    ctx.metrics.status_writes.get_or_create(&crate::metrics::ControllerLabels { controller: CONTROLLER.into() }).inc();
+    Ok(())
+}
+
+async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let object = key(&obj);
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = obj.uid().unwrap_or_default();
+    let mut status = obj.status.clone().unwrap_or_default();
+    let id = match (&obj.spec.instance_id, status.instance.as_ref().map(|i| i.id.clone())) {
+        (Some(id), _) => Some(id.clone()),
+        (None, Some(id)) => Some(id),
+        // Launched but never recorded (a crash): find it by its UID tag.
+        (None, None) => ctx
+            .ec2
+            .find_by_uid(&uid)
+            .await
+            .map_err(|source| Error::Ec2 { what: "looking up the instance by UID tag", object: object.clone(), source })?
+            .map(|i| i.id),
+    };
+    let observed = match &id {
+        None => InstanceObs::NoInstance,
+        Some(id) => match ctx.ec2.describe(id, ctx.settings.decide.poll).await.map_err(|source| Error::Ec2 { what: "describing the instance", object: object.clone(), source })? {
+            Some(i) => InstanceObs::Found(i),
+            None => InstanceObs::Missing { id: id.clone() },
+        },
+    };
+    let step = decide::decide_delete(&obj.spec, &observed);
+    if status.phase != Some(SandboxPhase::Terminating) && step != DeleteStep::Done {
+        status.phase = Some(SandboxPhase::Terminating);
+        if let InstanceObs::Found(i) = &observed {
+            status.instance = Some(decide::instance_status(i, status.instance.as_ref().is_some_and(|s| s.launched_by_operator)));
+        }
+        write_status(&api, &obj, &status, &ctx).await?;
+    }
+    match step {
+        DeleteStep::Done => {
+            if let Some(id) = &id {
+                ctx.ec2.untrack(id);
+                ctx.owners.lock().expect("owners").remove(id);
+            }
+            ctx.last_probe.lock().expect("last_probe").remove(&uid);
+            ctx.rejections.lock().expect("rejections").remove(&uid);
+            ctx.metrics.forget_sandbox(&ns, &obj.name_any());
+            Ok(Requeue::await_change())
+        }
+        DeleteStep::Wait => Ok(Requeue::requeue(ctx.settings.decide.poll)),
+        DeleteStep::Stop(id) => {
+            ctx.ec2.stop(&id).await.map_err(|source| Error::Ec2 { what: "stopping the instance on delete", object: object.clone(), source })?;
+            ctx.publish(&obj, &Note { warning: false, reason: "Stopping", message: format!("deletionPolicy Stop: stopping instance {id}") }).await;
+            // Stopped (or stopping): the policy is carried out; one more pass removes the finalizer.
+            ctx.ec2.untrack(&id);
+            Ok(Requeue::await_change())
+        }
+        DeleteStep::Terminate(id) => {
+            ctx.ec2.terminate(&id).await.map_err(|source| Error::Ec2 { what: "terminating the instance", object: object.clone(), source })?;
+            ctx.publish(&obj, &Note { warning: false, reason: "Terminating", message: format!("deletionPolicy Terminate: terminating instance {id}") }).await;
+            // Not done until EC2 says terminated: come back (an Err keeps the finalizer).
+            Err(Error::Waiting { object, message: format!("waiting for instance {id} to terminate") })
+        }
+    }
+}
+
+/// Finds instances the operator tagged whose Sandbox no longer exists: counts them, logs them,
+/// and terminates those it launched once they have been orphaned for the grace period.
+async fn orphan_sweep(ctx: Arc<Context>, store: Store<Sandbox>) {
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(ctx.settings.orphan_sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if store.wait_until_ready().await.is_err() {
+            return;
+        }
+        let uids: std::collections::HashSet<String> = store.state().iter().filter_map(|s| s.uid()).collect();
+        let instances = match ctx.ec2.list_managed().await {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "orphan sweep: listing tagged instances failed");
+                continue;
+            }
+        };
+        let mut orphans = 0;
+        let mut seen = std::collections::HashSet::new();
+        for inst in instances {
+            if matches!(inst.state, InstanceState::Terminated | InstanceState::ShuttingDown) {
+                continue;
+            }
+            let Some(uid) = inst.tags.get(ec2::TAG_UID) else { continue };
+            if uids.contains(uid) {
+                continue;
+            }
+            orphans += 1;
+            seen.insert(inst.id.clone());
+            let since = *first_seen.entry(inst.id.clone()).or_insert_with(Instant::now);
+            let owner = format!(
+                "{}/{}",
+                inst.tags.get(ec2::TAG_NAMESPACE).map(String::as_str).unwrap_or("?"),
+                inst.tags.get(ec2::TAG_NAME).map(String::as_str).unwrap_or("?")
+            );
+            match ctx.settings.orphan_grace {
+                Some(grace) if since.elapsed() >= grace => match ctx.ec2.terminate(&inst.id).await {
+                    Ok(()) => warn!(instance = %inst.id, sandbox = %owner, "terminated an orphaned instance (its Sandbox is gone)"),
+                    Err(e) => warn!(instance = %inst.id, error = %e, "terminating an orphaned instance failed"),
+                },
+                _ => warn!(instance = %inst.id, sandbox = %owner, "orphaned instance: tagged by the operator, but its Sandbox is gone"),
+            }
+        }
+        first_seen.retain(|id, _| seen.contains(id));
+        ctx.metrics.orphans.set(orphans);
+    }
+}
+
+/// Keeps the per-phase gauge in step with the store.
+async fn phase_gauges(ctx: Arc<Context>, store: Store<Sandbox>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+        for s in store.state() {
+            let phase = s.status.as_ref().and_then(|st| st.phase).map(|p| format!("{p:?}")).unwrap_or_else(|| "Unknown".into());
+            *counts.entry(phase).or_default() += 1;
+        }
+        for phase in ["Provisioning", "Active", "Deploying", "Unhealthy", "Stopped", "Terminating", "Failed", "Unknown"] {
+            ctx.metrics.sandboxes.get_or_create(&crate::metrics::PhaseLabels { phase: phase.into() }).set(counts.get(phase).copied().unwrap_or(0));
+        }
+    }
+}

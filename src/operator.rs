@@ -1,0 +1,169 @@
+//! `sandbox-operator run`: the controllers, the HTTP server (`/healthz`, `/readyz`,
+//! `/metrics`) and their wiring.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tracing::info;
+
+use crate::controller::sandbox::{self, ControllerSettings};
+use crate::ec2::{Ec2, Ec2Settings};
+use crate::metrics::Metrics;
+use crate::util::parse_duration;
+
+/// Settings of `sandbox-operator run`, from flags and environment variables.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address of the HTTP server for /healthz, /readyz, /metrics and the CI webhook.
+    #[arg(long, env = "SANDBOX_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Watch only this namespace (all namespaces when unset).
+    #[arg(long, env = "SANDBOX_OPERATOR_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// EC2 endpoint URL override (a local endpoint in tests; unset for real AWS).
+    #[arg(long, env = "SANDBOX_OPERATOR_EC2_ENDPOINT")]
+    pub ec2_endpoint: Option<String>,
+    /// AWS region (the SDK's default chain when unset).
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// How often the shared EC2 view re-reads every tracked instance.
+    #[arg(long, env = "SANDBOX_OPERATOR_EC2_REFRESH", default_value = "30s", value_parser = duration)]
+    pub ec2_refresh: Duration,
+    /// How long concurrent EC2 requests are gathered into one call.
+    #[arg(long, env = "SANDBOX_OPERATOR_EC2_BATCH_WINDOW", default_value = "100ms", value_parser = duration)]
+    pub ec2_batch_window: Duration,
+    /// How often each Sandbox is looked at when nothing changes.
+    #[arg(long, env = "SANDBOX_OPERATOR_RESYNC", default_value = "5m", value_parser = duration)]
+    pub resync: Duration,
+    /// How often a Sandbox with something in flight (pending, stopping, deploying) is looked at.
+    #[arg(long, env = "SANDBOX_OPERATOR_POLL", default_value = "2s", value_parser = duration)]
+    pub poll: Duration,
+    /// How long an image deploy waits for active workers to drain.
+    #[arg(long, env = "SANDBOX_OPERATOR_DRAIN_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub drain_timeout: Duration,
+    /// How long one image deploy on one sandbox may take.
+    #[arg(long, env = "SANDBOX_OPERATOR_DEPLOY_DEADLINE", default_value = "15m", value_parser = duration)]
+    pub deploy_deadline: Duration,
+    /// Terminate instances the operator launched whose Sandbox has been gone this long
+    /// ("off" only reports them).
+    #[arg(long, env = "SANDBOX_OPERATOR_ORPHAN_GRACE", default_value = "10m")]
+    pub orphan_grace: String,
+    /// How often to look for orphaned instances.
+    #[arg(long, env = "SANDBOX_OPERATOR_ORPHAN_SWEEP", default_value = "2m", value_parser = duration)]
+    pub orphan_sweep: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// What can stop `run` from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No Kubernetes client configuration.
+    #[error("connecting to Kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// A setting is wrong.
+    #[error("invalid setting: {0}")]
+    Setting(String),
+    /// The HTTP server could not bind.
+    #[error("binding the HTTP server to {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Runs the operator until SIGTERM or Ctrl-C.
+pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    let orphan_grace = match args.orphan_grace.as_str() {
+        "off" | "never" => None,
+        s => Some(parse_duration(s).map_err(|e| RunError::Setting(format!("--orphan-grace: {e}")))?),
+    };
+    let client = kube::Client::try_default().await?;
+    let sdk = crate::ec2::sdk_client(args.ec2_endpoint.as_deref(), args.region.as_deref()).await;
+    let ec2 = Ec2::new(sdk, Ec2Settings { refresh_interval: args.ec2_refresh, batch_window: args.ec2_batch_window, ..Ec2Settings::default() });
+    let metrics = Arc::new(Metrics::new());
+    metrics.register_with(|r| ec2.register_metrics(r));
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let listener = tokio::net::TcpListener::bind(args.http_addr).await.map_err(|source| RunError::Bind { addr: args.http_addr, source })?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(HttpState { metrics: metrics.clone(), ready: ready.clone() });
+    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP server listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http = {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+        })
+    };
+
+    let settings = ControllerSettings {
+        decide: crate::controller::sandbox::decide::Settings {
+            drain_timeout: args.drain_timeout,
+            deploy_deadline: args.deploy_deadline,
+            resync: args.resync,
+            poll: args.poll,
+        },
+        orphan_grace,
+        orphan_sweep_interval: args.orphan_sweep,
+        ..ControllerSettings::default()
+    };
+    let ctx = sandbox::Context::new(client, ec2, metrics, settings);
+    let shutdown = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    ready.store(true, Ordering::SeqCst);
+    info!("controllers starting");
+    let controllers = tokio::spawn(sandbox::run(ctx, args.namespace.clone(), shutdown));
+    shutdown_signal().await;
+    info!("shutting down");
+    ready.store(false, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    let _ = http.await;
+    Ok(())
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::SeqCst) { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+}
+
+async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
