@@ -13,7 +13,11 @@
 
 pub mod agent;
 pub mod api;
+pub mod controller;
+pub mod ec2;
+pub mod ledger;
 pub mod metrics;
+pub mod operator;
 pub mod util;
 
 #[cfg(feature = "testenv")]

@@ -22,7 +22,11 @@ use crate::util::parse_duration;
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// Address of the HTTP server for /healthz, /readyz, /metrics and the CI webhook.
-    #[arg(long, env = "SANDBOX_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "SANDBOX_OPERATOR_HTTP_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
     pub http_addr: SocketAddr,
     /// Watch only this namespace (all namespaces when unset).
     #[arg(long, env = "SANDBOX_OPERATOR_NAMESPACE")]
@@ -93,21 +97,38 @@ struct HttpState {
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let orphan_grace = match args.orphan_grace.as_str() {
         "off" | "never" => None,
-        s => Some(parse_duration(s).map_err(|e| RunError::Setting(format!("--orphan-grace: {e}")))?),
+        s => {
+            Some(parse_duration(s).map_err(|e| RunError::Setting(format!("--orphan-grace: {e}")))?)
+        }
     };
     let client = kube::Client::try_default().await?;
     let sdk = crate::ec2::sdk_client(args.ec2_endpoint.as_deref(), args.region.as_deref()).await;
-    let ec2 = Ec2::new(sdk, Ec2Settings { refresh_interval: args.ec2_refresh, batch_window: args.ec2_batch_window, ..Ec2Settings::default() });
+    let ec2 = Ec2::new(
+        sdk,
+        Ec2Settings {
+            refresh_interval: args.ec2_refresh,
+            batch_window: args.ec2_batch_window,
+            ..Ec2Settings::default()
+        },
+    );
     let metrics = Arc::new(Metrics::new());
     metrics.register_with(|r| ec2.register_metrics(r));
     let ready = Arc::new(AtomicBool::new(false));
 
-    let listener = tokio::net::TcpListener::bind(args.http_addr).await.map_err(|source| RunError::Bind { addr: args.http_addr, source })?;
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: args.http_addr,
+            source,
+        })?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(HttpState { metrics: metrics.clone(), ready: ready.clone() });
+        .with_state(HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP server listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = {
@@ -152,11 +173,21 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::SeqCst) { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+    if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
 }
 
 async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }
 
 async fn shutdown_signal() {

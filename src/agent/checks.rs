@@ -124,7 +124,11 @@ impl Collector {
         let cfg = self.cfg.clone();
         let t = self.timeout();
         let (worker, browser, display, vnc, novnc, compose_ps, worker_api, env) = tokio::join!(
-            worker::fetch_status(&self.http, &cfg.worker.status_url, t),
+            async {
+                worker::fetch_status(&self.http, &cfg.worker.status_url, t)
+                    .await
+                    .map_err(|e| e.to_string())
+            },
             self.browser(),
             self.probe_check("display", cfg.checks.display.as_ref()),
             self.probe_check("vnc", cfg.checks.vnc.as_ref()),

@@ -302,6 +302,18 @@ impl DeployManager {
         .await;
     }
 
+    /// Marks deploy `id` failed if it is still running (its task ended without finishing it).
+    pub async fn abandon(self: &Arc<Self>, id: &str, message: String) {
+        self.update(id, |d| {
+            if d.state == DeployState::Running {
+                d.state = DeployState::Failed;
+                d.message = message;
+                d.finished_at = Some(Timestamp::now());
+            }
+        })
+        .await;
+    }
+
     fn write_state_file(&self) -> std::io::Result<()> {
         write_state(&self.state_file, self.current().as_ref())
     }
@@ -489,11 +501,13 @@ impl CommandOps {
         let t = self.cfg.probe_timeout.0;
         let asked = worker::request_drain(&self.http, &self.cfg.worker.drain_url, t).await;
         if let Err(e) = &asked
+            && e.unreachable
             && let Err(s) = worker::fetch_status(&self.http, &self.cfg.worker.status_url, t).await
+            && s.unreachable
         {
-            // Neither endpoint answers: the worker is not running, there is nothing to drain.
+            // Nothing listens on either endpoint: the worker is not running, nothing to drain.
             return Outcome::Warn(format!(
-                "worker not reachable (drain: {e}; status: {s}); nothing to drain"
+                "worker not running (drain: {e}; status: {s}); nothing to drain"
             ));
         }
         let (safe, last) = wait_deploy_safe(
@@ -573,7 +587,9 @@ pub async fn wait_deploy_safe(
 ) -> (bool, Result<worker::WorkerStatus, String>) {
     let deadline = Instant::now() + timeout;
     loop {
-        let last = worker::fetch_status(http, url, request_timeout).await;
+        let last = worker::fetch_status(http, url, request_timeout)
+            .await
+            .map_err(|e| e.to_string());
         if last.as_ref().is_ok_and(|s| s.deploy_safe) {
             return (true, last);
         }
@@ -842,6 +858,36 @@ mod tests {
         assert!(warning.is_none());
         assert_eq!(mgr.current().unwrap().state, DeployState::Failed);
         assert!(Arc::new(mgr).try_start("v10").await.is_ok());
+    }
+
+    struct Panicky;
+
+    impl DeployOps for Panicky {
+        async fn read_tag(&self) -> Result<Option<String>, String> {
+            panic!("a bug")
+        }
+        async fn run_step(&self, _: DeployStep, _: &str, _: Option<&str>) -> Outcome {
+            unreachable!()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_deploy_task_is_marked_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mgr, _) = DeployManager::load(&dir.path().join("state.json"));
+        let mgr = Arc::new(mgr);
+        let info = mgr.try_start("v2").await.unwrap();
+        let task = tokio::spawn(run_deploy(mgr.clone(), Arc::new(Panicky), info.id.clone()));
+        assert!(task.await.is_err());
+        mgr.abandon(&info.id, "task died".into()).await;
+        let d = mgr.current().unwrap();
+        assert_eq!(
+            (d.state, d.message.as_str()),
+            (DeployState::Failed, "task died")
+        );
+        // A finished deploy is left alone.
+        mgr.abandon(&info.id, "again".into()).await;
+        assert_eq!(mgr.current().unwrap().message, "task died");
     }
 
     #[test]

@@ -585,6 +585,15 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         // No temporary file left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Owner and group are kept (only root can give a file away, so only checked as root).
+        let mine = std::fs::metadata(&p).unwrap();
+        if mine.uid() == 0 {
+            std::os::unix::fs::chown(&p, Some(4321), Some(4322)).unwrap();
+            write_atomic(&p, b"NEWER=3\n", 0o600).unwrap();
+            let meta = std::fs::metadata(&p).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (4321, 4322));
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        }
         assert_eq!(
             sha256_hex(b"NEW=2\n"),
             hex::encode(Sha256::digest(b"NEW=2\n"))

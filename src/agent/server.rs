@@ -336,7 +336,7 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
     let path = req.uri().path();
     let open = path == protocol::PATH_LIVENESS
         || (path == protocol::PATH_HEALTH
-            && req.method() == Method::GET
+            && (req.method() == Method::GET || req.method() == Method::HEAD)
             && !st.cfg.require_auth_for_health);
     if open || st.authorized(req.headers()) {
         return next.run(req).await;
@@ -394,11 +394,20 @@ async fn start_deploy(State(st): State<AppState>, req: Request) -> Result<Respon
     match st.deploys.try_start(&r.image_tag).await {
         Ok(info) => {
             tracing::info!(deploy = %info.id, tag = %info.tag, "deploy accepted");
-            tokio::spawn(deploy::run_deploy(
+            let task = tokio::spawn(deploy::run_deploy(
                 st.deploys.clone(),
                 st.ops.clone(),
                 info.id.clone(),
             ));
+            // Should the task ever die (a bug), the deploy must not read "running" forever.
+            let (mgr, id) = (st.deploys.clone(), info.id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    tracing::error!(deploy = %id, error = %e, "deploy task died");
+                    mgr.abandon(&id, format!("the agent's deploy task died: {e}"))
+                        .await;
+                }
+            });
             let body = DeployAccepted {
                 success: true,
                 message: format!("Deploy of {} initiated", info.tag),
@@ -426,14 +435,28 @@ async fn drain(State(st): State<AppState>, req: Request) -> Result<Response, Api
         .await?
         .unwrap_or_default();
     let t = st.cfg.probe_timeout.0;
-    worker::request_drain(&st.http, &st.cfg.worker.drain_url, t)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("asking the worker to drain: {e}"),
-            )
-        })?;
+    let status_url = &st.cfg.worker.status_url;
+    if let Err(e) = worker::request_drain(&st.http, &st.cfg.worker.drain_url, t).await {
+        match worker::fetch_status(&st.http, status_url, t).await {
+            // Nothing listens on either endpoint: no worker runs, nothing to drain.
+            Err(s) if e.unreachable && s.unreachable => {
+                tracing::info!("drain: the worker is not running; nothing to drain");
+                return Ok(axum::Json(DrainResponse {
+                    deploy_safe: true,
+                    active_workers: None,
+                })
+                .into_response());
+            }
+            // The status answers: wait on it (an older worker may lack the drain endpoint).
+            Ok(_) => tracing::warn!(error = %e, "drain request failed; waiting on the status"),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("asking the worker to drain: {e}"),
+                ));
+            }
+        }
+    }
     let max = st.cfg.deploy.drain_timeout.0;
     let timeout = r
         .timeout_seconds
@@ -442,7 +465,7 @@ async fn drain(State(st): State<AppState>, req: Request) -> Result<Response, Api
     let last = if r.wait.unwrap_or(true) {
         deploy::wait_deploy_safe(
             &st.http,
-            &st.cfg.worker.status_url,
+            status_url,
             timeout,
             st.cfg.deploy.drain_poll_interval.0,
             t,
@@ -450,7 +473,9 @@ async fn drain(State(st): State<AppState>, req: Request) -> Result<Response, Api
         .await
         .1
     } else {
-        worker::fetch_status(&st.http, &st.cfg.worker.status_url, t).await
+        worker::fetch_status(&st.http, status_url, t)
+            .await
+            .map_err(|e| e.to_string())
     };
     let s = last.map_err(|e| {
         ApiError::new(

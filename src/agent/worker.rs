@@ -37,28 +37,62 @@ pub fn parse_status(v: &Value) -> Option<WorkerStatus> {
     })
 }
 
+/// A worker endpoint did not give a usable answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerError {
+    /// Nothing listens there (connection refused): the worker is not running.
+    pub unreachable: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl WorkerError {
+    fn answered(message: String) -> Self {
+        Self {
+            unreachable: false,
+            message,
+        }
+    }
+    fn from_reqwest(e: &reqwest::Error) -> Self {
+        Self {
+            unreachable: e.is_connect() && !e.is_timeout(),
+            message: describe_reqwest(e),
+        }
+    }
+}
+
 /// `GET status_url`.
 pub async fn fetch_status(
     http: &reqwest::Client,
     url: &str,
     timeout: Duration,
-) -> Result<WorkerStatus, String> {
+) -> Result<WorkerStatus, WorkerError> {
     let resp = http
         .get(url)
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| describe_reqwest(&e))?;
+        .map_err(|e| WorkerError::from_reqwest(&e))?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(format!("worker status answered HTTP {}", status.as_u16()));
+        return Err(WorkerError::answered(format!(
+            "worker status answered HTTP {}",
+            status.as_u16()
+        )));
     }
     let v: Value = resp
         .json()
         .await
-        .map_err(|_| "worker status is not JSON".to_string())?;
+        .map_err(|_| WorkerError::answered("worker status is not JSON".into()))?;
     parse_status(&v).ok_or_else(|| {
-        "worker status JSON has neither an active job count nor deploy_safe".to_string()
+        WorkerError::answered(
+            "worker status JSON has neither an active job count nor deploy_safe".into(),
+        )
     })
 }
 
@@ -67,17 +101,20 @@ pub async fn request_drain(
     http: &reqwest::Client,
     url: &str,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), WorkerError> {
     let resp = http
         .post(url)
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| describe_reqwest(&e))?;
+        .map_err(|e| WorkerError::from_reqwest(&e))?;
     if resp.status().is_success() {
         Ok(())
     } else {
-        Err(format!("drain answered HTTP {}", resp.status().as_u16()))
+        Err(WorkerError::answered(format!(
+            "drain answered HTTP {}",
+            resp.status().as_u16()
+        )))
     }
 }
 

@@ -11,6 +11,10 @@ use super::common::{Environment, SecretKeyRef};
 /// The annotation that asks an auto-stopped (or stopped) sandbox to start again: an RFC 3339
 /// time newer than the last one acted on. `kubectl sandbox wake` sets it.
 pub const START_REQUESTED_ANNOTATION: &str = "fleet.valet.dev/start-requested-at";
+/// Set by a SandboxDeploy together with `spec.image.tag`: a new value lets the Sandbox
+/// controller deploy a tag whose last deploy failed (a retry); without it, a failed tag is never
+/// retried in a loop.
+pub const DEPLOY_ATTEMPT_ANNOTATION: &str = "fleet.valet.dev/deploy-attempt";
 /// The finalizer the Sandbox controller sets before its first EC2 call.
 pub const SANDBOX_FINALIZER: &str = "fleet.valet.dev/instance";
 
@@ -524,6 +528,9 @@ pub struct ImageDeployStatus {
     /// The agent's deploy id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The deploy-attempt annotation this deploy answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
     /// What happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

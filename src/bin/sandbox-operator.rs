@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the controllers and the HTTP server (/healthz, /readyz, /metrics).
+    Run(sandbox_operator::operator::RunArgs),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
     Crds {
         /// Write `<crd name>.yaml` files into this directory instead of printing to stdout.
@@ -28,6 +30,17 @@ fn main() -> ExitCode {
     sandbox_operator::util::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => {
+            init_tracing();
+            let rt = tokio::runtime::Runtime::new().expect("starting the async runtime");
+            match rt.block_on(sandbox_operator::operator::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sandbox-operator run: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Crds { dir } => match write_crds(dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -52,4 +65,19 @@ fn write_crds(dir: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("SANDBOX_OPERATOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("SANDBOX_OPERATOR_LOG_FORMAT").is_ok_and(|f| f == "json");
+    if json {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
 }

@@ -33,7 +33,10 @@ pub enum Ec2Error {
     },
     /// AWS refused the request (4xx), e.g. `InvalidAMIID.NotFound`: not transient, except for
     /// capacity shortages (see [`Ec2Error::is_transient`]).
-    #[error("EC2 {action} was refused: {code}: {message}{}", request_id_suffix(request_id))]
+    #[error(
+        "EC2 {action} was refused: {code}: {message}{}",
+        request_id_suffix(request_id)
+    )]
     Rejected {
         /// The EC2 action.
         action: &'static str,
@@ -237,7 +240,9 @@ pub fn is_throttling_code(code: &str) -> bool {
 pub fn is_instance_id(s: &str) -> bool {
     s.strip_prefix("i-").is_some_and(|hex| {
         (hex.len() == 8 || hex.len() == 17)
-            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -385,7 +390,10 @@ mod tests {
             Class::Throttled
         );
         assert_eq!(classify(Some("Throttling"), Some(400)), Class::Throttled);
-        assert_eq!(classify(Some("InternalError"), Some(500)), Class::Unavailable);
+        assert_eq!(
+            classify(Some("InternalError"), Some(500)),
+            Class::Unavailable
+        );
         assert_eq!(classify(Some("Unavailable"), Some(503)), Class::Unavailable);
         assert_eq!(classify(Some("Whatever"), Some(502)), Class::Unavailable);
         assert_eq!(classify(None, None), Class::Unavailable);

@@ -641,6 +641,22 @@ impl Ec2Endpoint {
             .map(drop)
     }
 
+    /// Holds the answer to every call of `action` for `delay` *after* EC2 has acted on it: the
+    /// window in which a client killed mid-call has changed EC2 without knowing it. Zero removes it.
+    pub async fn set_response_delay(
+        &self,
+        action: &str,
+        delay: Duration,
+    ) -> Result<(), Ec2EndpointError> {
+        let body = serde_json::json!({
+            "action": action,
+            "response_delay_ms": delay.as_secs_f64() * 1000.0,
+        });
+        self.control(reqwest::Method::POST, "/faults", Some(body))
+            .await
+            .map(drop)
+    }
+
     /// Removes every injected fault and latency.
     pub async fn clear_faults(&self) -> Result<(), Ec2EndpointError> {
         self.control(reqwest::Method::DELETE, "/faults", None)

@@ -4,6 +4,7 @@
 
 pub mod controlplane;
 pub mod ec2;
+pub mod postgres;
 pub mod process;
 
 pub use controlplane::{

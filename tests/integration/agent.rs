@@ -153,6 +153,10 @@ struct Options {
     /// The env file `PUT /env` writes is the deploy env file.
     same_env_file: bool,
     require_auth_for_health: bool,
+    /// `limits.requestTimeout` (default 30s).
+    request_timeout: Option<&'static str>,
+    /// Point the worker URLs at a port nothing listens on (no worker runs).
+    no_worker: bool,
 }
 
 impl Fixture {
@@ -184,7 +188,12 @@ impl Fixture {
             dir.join("valet.env")
         };
         let d = dir.display();
-        let w = worker_addr;
+        let w = if opts.no_worker {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        } else {
+            worker_addr
+        };
         let yaml = format!(
             r#"listen: 127.0.0.1:0
 tokenFile: {d}/token
@@ -213,9 +222,12 @@ services:
   adspower: {{command: [touch, {d}/restarted-adspower]}}
   worker: {{composeService: worker}}
   broken: {{command: ["false"]}}
+limits:
+  requestTimeout: {request_timeout}
 "#,
             auth = opts.require_auth_for_health,
             env = env_file.display(),
+            request_timeout = opts.request_timeout.unwrap_or("30s"),
         );
         let config = dir.join("agent.yaml");
         std::fs::write(&config, yaml).unwrap();
@@ -1312,4 +1324,40 @@ fn agent_help_explains_the_settings() {
         y.contains("healthCheckTries: 3") && y.contains("stopGrace: 10s"),
         "{y}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_slow_requests_time_out() {
+    let f = Fixture::with(Options {
+        request_timeout: Some("500ms"),
+        ..Default::default()
+    })
+    .await;
+    let addr = f.agent.as_ref().unwrap().addr;
+    // A client that announces 100 bytes and sends 10, then nothing.
+    let head = format!(
+        "POST /deploy HTTP/1.1\r\nhost: agent\r\nauthorization: Bearer {}\r\ncontent-length: 100\r\n\r\n{{\"image_ta",
+        f.token
+    );
+    let status = tokio::task::spawn_blocking(move || raw_status(addr, &head))
+        .await
+        .unwrap();
+    assert_eq!(status, 408);
+    assert!(f.health().await.deploy.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_drain_without_a_running_worker_is_safe_at_once() {
+    let f = Fixture::with(Options {
+        no_worker: true,
+        ..Default::default()
+    })
+    .await;
+    let r = f.client().drain().await.unwrap();
+    assert_eq!((r.deploy_safe, r.active_workers), (true, None));
+    let h = f.health().await;
+    assert_eq!(h.active_workers, None);
+    assert_eq!(h.deploy_safe, None);
+    assert_eq!(h.check("worker_status").unwrap().status, CheckStatus::Fail);
+    assert!(!h.is_idle() && !h.is_deploy_safe());
 }

@@ -623,3 +623,33 @@ async fn call_counts_count_per_action_and_reset() {
     assert_eq!(counts.accepted("DescribeInstances"), 1);
     assert_eq!(counts.total_accepted(), 1);
 }
+
+#[tokio::test]
+async fn response_delay_holds_the_answer_after_ec2_acted() {
+    use sandbox_operator::testenv::ec2::{Ec2Endpoint, Ec2EndpointOptions};
+    let ep = Ec2Endpoint::start(Ec2EndpointOptions::default())
+        .await
+        .unwrap();
+    let defaults = ep.defaults().await.unwrap();
+    ep.set_response_delay("RunInstances", std::time::Duration::from_secs(3))
+        .await
+        .unwrap();
+    let client = ep.client_without_retries().await;
+    // Give up long before the answer comes: the instance exists all the same.
+    let call = client
+        .run_instances()
+        .image_id(&defaults.ami)
+        .min_count(1)
+        .max_count(1)
+        .send();
+    let timed_out = tokio::time::timeout(std::time::Duration::from_millis(1500), call)
+        .await
+        .is_err();
+    assert!(timed_out, "the answer should be held back");
+    let out = client.describe_instances().send().await.unwrap();
+    let n: usize = out.reservations().iter().map(|r| r.instances().len()).sum();
+    assert_eq!(
+        n, 1,
+        "the instance must exist although its caller never heard back"
+    );
+}

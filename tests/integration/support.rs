@@ -113,3 +113,137 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A `sandbox-operator run` process watching one namespace, as users run it, with short
+/// intervals so tests move quickly. Killed (SIGKILL) when dropped.
+pub struct Operator {
+    child: Option<std::process::Child>,
+    /// Its combined log.
+    pub log: std::path::PathBuf,
+    /// Its HTTP address (`/metrics`, `/healthz`).
+    pub http: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    /// Starts the operator for `namespace` against the EC2 endpoint at `ec2_url`.
+    pub fn start(namespace: &str, ec2_url: &str, extra: &[&str]) -> Operator {
+        let dir = tempfile::tempdir().expect("operator dir");
+        let log = dir.path().join("operator.log");
+        Self::start_logging_to(namespace, ec2_url, extra, dir, log)
+    }
+
+    fn start_logging_to(
+        namespace: &str,
+        ec2_url: &str,
+        extra: &[&str],
+        dir: tempfile::TempDir,
+        log: std::path::PathBuf,
+    ) -> Operator {
+        let cp = control_plane();
+        let port = sandbox_operator::testenv::free_port();
+        let http: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandbox-operator"));
+        cmd.arg("run")
+            .args([
+                "--namespace",
+                namespace,
+                "--ec2-endpoint",
+                ec2_url,
+                "--http-addr",
+                &http.to_string(),
+            ])
+            .args([
+                "--ec2-refresh",
+                "1s",
+                "--ec2-batch-window",
+                "50ms",
+                "--poll",
+                "500ms",
+                "--resync",
+                "20s",
+            ])
+            .args([
+                "--orphan-sweep",
+                "1s",
+                "--orphan-grace",
+                "3s",
+                "--region",
+                "us-east-1",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", cp.kubeconfig_path())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("SANDBOX_OPERATOR_LOG", "info,sandbox_operator=debug");
+        let child = sandbox_operator::testenv::process::spawn_tied(cmd, &log)
+            .expect("starting sandbox-operator");
+        Operator {
+            child: Some(child),
+            log,
+            http,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again with the same settings, appending to the same log.
+    pub fn restart(mut self, namespace: &str, ec2_url: &str, extra: &[&str]) -> Operator {
+        self.kill();
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("dir"));
+        let log = self.log.clone();
+        Self::start_logging_to(namespace, ec2_url, extra, dir, log)
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.http);
+        for _ in 0..50 {
+            if let Ok(r) = reqwest::get(&url).await {
+                return r.text().await.unwrap_or_default();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("no /metrics at {url}; log:\n{}", self.logs());
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- sandbox-operator log ----\n{}", self.logs());
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -11,8 +11,8 @@ use k8s_openapi::jiff::Timestamp;
 use crate::agent::protocol::{CheckStatus, DeployState, HealthReport};
 use crate::api::conditions::{self, Desired, FALSE, TRUE, UNKNOWN};
 use crate::api::{
-    AgentHealth, AgentStatus, ImageDeployStatus, InstanceStatus, ManagementPolicy, Market, PowerState, SandboxPhase,
-    SandboxSpec, SandboxStatus,
+    AgentHealth, AgentStatus, ImageDeployStatus, InstanceStatus, ManagementPolicy, Market,
+    PowerState, SandboxPhase, SandboxSpec, SandboxStatus,
 };
 use crate::ec2::{Instance, InstanceState};
 use crate::util::parse_duration;
@@ -103,6 +103,8 @@ pub struct Inputs<'a> {
     pub generation: Option<i64>,
     /// The value of the start annotation, if set.
     pub start_request: Option<&'a str>,
+    /// The value of the deploy-attempt annotation, if set.
+    pub deploy_attempt: Option<&'a str>,
     /// The status as last written.
     pub status: &'a SandboxStatus,
     /// What EC2 said.
@@ -235,7 +237,11 @@ pub fn instance_status(i: &Instance, launched_by_operator: bool) -> InstanceStat
         public_dns: i.public_dns.clone(),
         availability_zone: i.availability_zone.clone(),
         launch_time: i.launch_time.map(time),
-        market: Some(if i.spot { Market::Spot } else { Market::OnDemand }),
+        market: Some(if i.spot {
+            Market::Spot
+        } else {
+            Market::OnDemand
+        }),
         launched_by_operator,
     }
 }
@@ -260,8 +266,18 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     let cs = &mut Vec::new();
     std::mem::swap(cs, &mut st.conditions);
     let gen_ = i.generation;
-    let mut set = |cs: &mut Vec<_>, type_, status, reason, message: String| {
-        conditions::set(cs, Desired { type_, status, reason, message }, gen_, now);
+    let set = |cs: &mut Vec<_>, type_, status, reason, message: String| {
+        conditions::set(
+            cs,
+            Desired {
+                type_,
+                status,
+                reason,
+                message,
+            },
+            gen_,
+            now,
+        );
     };
 
     // ---- The instance. ----
@@ -269,14 +285,49 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         InstanceObs::NoInstance => {
             st.phase = Some(SandboxPhase::Provisioning);
             if let Some(rej) = i.launch_rejection {
-                set(cs, cond::INSTANCE_RUNNING, FALSE, "LaunchFailed", format!("EC2 refused to launch the instance: {}: {}", rej.code, rej.message));
-                set(cs, cond::READY, FALSE, "LaunchFailed", format!("EC2 refused to launch the instance ({}); edit the spec to try again", rej.code));
+                set(
+                    cs,
+                    cond::INSTANCE_RUNNING,
+                    FALSE,
+                    "LaunchFailed",
+                    format!(
+                        "EC2 refused to launch the instance: {}: {}",
+                        rej.code, rej.message
+                    ),
+                );
+                set(
+                    cs,
+                    cond::READY,
+                    FALSE,
+                    "LaunchFailed",
+                    format!(
+                        "EC2 refused to launch the instance ({}); edit the spec to try again",
+                        rej.code
+                    ),
+                );
             } else {
-                set(cs, cond::INSTANCE_RUNNING, FALSE, "Launching", "launching the instance".into());
-                set(cs, cond::READY, FALSE, "Launching", "launching the instance".into());
+                set(
+                    cs,
+                    cond::INSTANCE_RUNNING,
+                    FALSE,
+                    "Launching",
+                    "launching the instance".into(),
+                );
+                set(
+                    cs,
+                    cond::READY,
+                    FALSE,
+                    "Launching",
+                    "launching the instance".into(),
+                );
             }
             st.conditions = std::mem::take(cs);
-            return Decision { status: st, actions, notes, requeue: i.settings.poll };
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: i.settings.poll,
+            };
         }
         InstanceObs::Missing { id } => {
             let launched = st.instance.as_ref().is_some_and(|s| s.launched_by_operator);
@@ -284,19 +335,42 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 // It existed once: a vanished instance is terminal and never silently replaced.
                 st.phase = Some(SandboxPhase::Failed);
                 st.failure_reason = Some("InstanceNotFound".into());
-                st.failure_message = Some(format!("instance {id} no longer exists in EC2; delete and recreate the Sandbox to launch a new one"));
+                st.failure_message = Some(format!(
+                    "instance {id} no longer exists in EC2; delete and recreate the Sandbox to launch a new one"
+                ));
             } else {
                 st.phase = Some(SandboxPhase::Provisioning);
             }
             let msg = format!("EC2 does not know instance {id}");
-            set(cs, cond::INSTANCE_RUNNING, FALSE, "InstanceNotFound", msg.clone());
-            set(cs, cond::READY, FALSE, "InstanceNotFound", format!("{msg}; nothing is launched in its place"));
+            set(
+                cs,
+                cond::INSTANCE_RUNNING,
+                FALSE,
+                "InstanceNotFound",
+                msg.clone(),
+            );
+            set(
+                cs,
+                cond::READY,
+                FALSE,
+                "InstanceNotFound",
+                format!("{msg}; nothing is launched in its place"),
+            );
             st.conditions = std::mem::take(cs);
-            return Decision { status: st, actions, notes, requeue: i.settings.resync };
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: i.settings.resync,
+            };
         }
         InstanceObs::Found(inst) => inst,
     };
-    let launched_by_operator = st.instance.as_ref().map(|s| s.launched_by_operator).unwrap_or(i.spec.launch.is_some());
+    let launched_by_operator = st
+        .instance
+        .as_ref()
+        .map(|s| s.launched_by_operator)
+        .unwrap_or(i.spec.launch.is_some());
     let prev_state = st.instance.as_ref().and_then(|s| s.state.clone());
     st.instance = Some(instance_status(instance, launched_by_operator));
     if prev_state.as_deref() != Some(instance.state.as_str()) {
@@ -321,28 +395,75 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 "instance {id} was terminated outside the operator; it is not relaunched: delete and recreate the Sandbox for a new one"
             ));
             if !matches!(prev_state.as_deref(), Some("shutting-down" | "terminated")) {
-                notes.push(Note { warning: true, reason: "InstanceTerminated", message: format!("instance {id} was terminated outside the operator; not relaunching") });
+                notes.push(Note {
+                    warning: true,
+                    reason: "InstanceTerminated",
+                    message: format!(
+                        "instance {id} was terminated outside the operator; not relaunching"
+                    ),
+                });
             }
-            set(cs, cond::INSTANCE_RUNNING, FALSE, "InstanceTerminated", format!("instance {id} is {}", instance.state.as_str()));
-            set(cs, cond::AGENT_HEALTHY, UNKNOWN, "InstanceNotRunning", "the agent is not probed while the instance is not running".into());
-            set(cs, cond::READY, FALSE, "InstanceTerminated", format!("instance {id} was terminated outside the operator"));
+            set(
+                cs,
+                cond::INSTANCE_RUNNING,
+                FALSE,
+                "InstanceTerminated",
+                format!("instance {id} is {}", instance.state.as_str()),
+            );
+            set(
+                cs,
+                cond::AGENT_HEALTHY,
+                UNKNOWN,
+                "InstanceNotRunning",
+                "the agent is not probed while the instance is not running".into(),
+            );
+            set(
+                cs,
+                cond::READY,
+                FALSE,
+                "InstanceTerminated",
+                format!("instance {id} was terminated outside the operator"),
+            );
             st.agent = clear_agent(st.agent.take());
             st.conditions = std::mem::take(cs);
-            return Decision { status: st, actions, notes, requeue: i.settings.resync };
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: i.settings.resync,
+            };
         }
         InstanceState::Pending => {
             st.phase = Some(SandboxPhase::Provisioning);
-            set(cs, cond::INSTANCE_RUNNING, FALSE, "Pending", format!("instance {id} is pending"));
+            set(
+                cs,
+                cond::INSTANCE_RUNNING,
+                FALSE,
+                "Pending",
+                format!("instance {id} is pending"),
+            );
             requeue = i.settings.poll;
         }
         InstanceState::Stopping => {
             st.phase = Some(SandboxPhase::Stopped);
-            set(cs, cond::INSTANCE_RUNNING, FALSE, "Stopping", format!("instance {id} is stopping"));
+            set(
+                cs,
+                cond::INSTANCE_RUNNING,
+                FALSE,
+                "Stopping",
+                format!("instance {id} is stopping"),
+            );
             requeue = i.settings.poll;
         }
         InstanceState::Stopped => {
             st.phase = Some(SandboxPhase::Stopped);
-            set(cs, cond::INSTANCE_RUNNING, FALSE, "Stopped", format!("instance {id} is stopped"));
+            set(
+                cs,
+                cond::INSTANCE_RUNNING,
+                FALSE,
+                "Stopped",
+                format!("instance {id} is stopped"),
+            );
             if st.stop_reason.is_none() {
                 // Nobody here asked for it: stopped outside the operator.
                 st.stop_reason = Some(stop_reason::EXTERNAL.into());
@@ -355,20 +476,39 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 } else {
                     StartWhy::Requested
                 };
-                actions.push(Action::Start { id: id.clone(), why });
+                actions.push(Action::Start {
+                    id: id.clone(),
+                    why,
+                });
                 requeue = i.settings.poll;
             }
         }
         InstanceState::Running => {
-            set(cs, cond::INSTANCE_RUNNING, TRUE, "Running", format!("instance {id} is running"));
+            set(
+                cs,
+                cond::INSTANCE_RUNNING,
+                TRUE,
+                "Running",
+                format!("instance {id} is running"),
+            );
             if !want_running && !observe_only {
-                let reason = if auto_stopped { stop_reason::IDLE } else { stop_reason::REQUESTED };
-                actions.push(Action::Stop { id: id.clone(), reason });
+                let reason = if auto_stopped {
+                    stop_reason::IDLE
+                } else {
+                    stop_reason::REQUESTED
+                };
+                actions.push(Action::Stop {
+                    id: id.clone(),
+                    reason,
+                });
                 requeue = i.settings.poll;
             }
         }
     }
-    if woken && (instance.state == InstanceState::Running || actions.iter().any(|a| matches!(a, Action::Start { .. }))) {
+    if woken
+        && (instance.state == InstanceState::Running
+            || actions.iter().any(|a| matches!(a, Action::Start { .. })))
+    {
         st.last_start_request = i.start_request.map(str::to_string);
     }
     if instance.state == InstanceState::Running {
@@ -383,7 +523,8 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         }
     }
 
-    let running = instance.state == InstanceState::Running && !actions.iter().any(|a| matches!(a, Action::Stop { .. }));
+    let running = instance.state == InstanceState::Running
+        && !actions.iter().any(|a| matches!(a, Action::Stop { .. }));
 
     // ---- The agent. ----
     st.no_vnc_url = instance
@@ -395,7 +536,13 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     if !running {
         st.agent = clear_agent(st.agent.take());
         st.idle_since = None;
-        set(cs, cond::AGENT_HEALTHY, UNKNOWN, "InstanceNotRunning", "the agent is not probed while the instance is not running".into());
+        set(
+            cs,
+            cond::AGENT_HEALTHY,
+            UNKNOWN,
+            "InstanceNotRunning",
+            "the agent is not probed while the instance is not running".into(),
+        );
     } else {
         let mut agent = st.agent.take().unwrap_or(AgentStatus {
             health: AgentHealth::Unknown,
@@ -419,7 +566,13 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             ProbeObs::Misconfigured { reason, message } => {
                 agent.health = AgentHealth::Unknown;
                 agent.message = Some(message.clone());
-                set(cs, cond::AGENT_HEALTHY, FALSE, reason_static(reason), message.clone());
+                set(
+                    cs,
+                    cond::AGENT_HEALTHY,
+                    FALSE,
+                    reason_static(reason),
+                    message.clone(),
+                );
             }
             ProbeObs::Failed(err) => {
                 agent.consecutive_failures += 1;
@@ -429,13 +582,34 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                         notes.push(Note {
                             warning: true,
                             reason: "AgentUnhealthy",
-                            message: format!("{} consecutive probes failed: {err}", agent.consecutive_failures),
+                            message: format!(
+                                "{} consecutive probes failed: {err}",
+                                agent.consecutive_failures
+                            ),
                         });
                     }
                     agent.health = AgentHealth::Unhealthy;
-                    set(cs, cond::AGENT_HEALTHY, FALSE, "ProbeFailed", format!("{} consecutive probes failed; last: {err}", agent.consecutive_failures));
+                    set(
+                        cs,
+                        cond::AGENT_HEALTHY,
+                        FALSE,
+                        "ProbeFailed",
+                        format!(
+                            "{} consecutive probes failed; last: {err}",
+                            agent.consecutive_failures
+                        ),
+                    );
                 } else if conditions::get(cs, cond::AGENT_HEALTHY).is_none() {
-                    set(cs, cond::AGENT_HEALTHY, UNKNOWN, "Probing", format!("probe failed ({} of {threshold} allowed): {err}", agent.consecutive_failures));
+                    set(
+                        cs,
+                        cond::AGENT_HEALTHY,
+                        UNKNOWN,
+                        "Probing",
+                        format!(
+                            "probe failed ({} of {threshold} allowed): {err}",
+                            agent.consecutive_failures
+                        ),
+                    );
                 }
             }
             ProbeObs::Report(r) => {
@@ -447,7 +621,10 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 agent.cpu_percent = Some(r.cpu.round() as i32);
                 agent.memory_percent = Some(r.memory_percent().round() as i32);
                 agent.disk_percent = Some(r.disk_percent().round() as i32);
-                agent.browser_status = r.browser_status.clone().or_else(|| r.adspower_status.clone());
+                agent.browser_status = r
+                    .browser_status
+                    .clone()
+                    .or_else(|| r.adspower_status.clone());
                 agent.up_since = (r.uptime > 0.0).then(|| {
                     let up = now.as_second() - r.uptime as i64;
                     // Rounded to the minute so the value is stable across probes.
@@ -457,16 +634,33 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 agent.agent_version = r.agent_version.clone();
                 let (health, reason, message) = judge_report(r);
                 if was_unhealthy && health != AgentHealth::Unhealthy {
-                    notes.push(Note { warning: false, reason: "AgentRecovered", message: "the agent answers and reports healthy again".into() });
+                    notes.push(Note {
+                        warning: false,
+                        reason: "AgentRecovered",
+                        message: "the agent answers and reports healthy again".into(),
+                    });
                 }
                 agent.health = health;
                 agent.message = (!message.is_empty()).then(|| message.clone());
-                let status = if health == AgentHealth::Unhealthy { FALSE } else { TRUE };
+                let status = if health == AgentHealth::Unhealthy {
+                    FALSE
+                } else {
+                    TRUE
+                };
                 set(cs, cond::AGENT_HEALTHY, status, reason, message);
             }
         }
-        if agent.health == AgentHealth::Unknown && conditions::get(cs, cond::AGENT_HEALTHY).is_none_or(|c| c.reason == "InstanceNotRunning") {
-            set(cs, cond::AGENT_HEALTHY, UNKNOWN, "AwaitingFirstProbe", "waiting for the agent's first answer".into());
+        if agent.health == AgentHealth::Unknown
+            && conditions::get(cs, cond::AGENT_HEALTHY)
+                .is_none_or(|c| c.reason == "InstanceNotRunning")
+        {
+            set(
+                cs,
+                cond::AGENT_HEALTHY,
+                UNKNOWN,
+                "AwaitingFirstProbe",
+                "waiting for the agent's first answer".into(),
+            );
         }
         st.agent = Some(agent);
     }
@@ -479,7 +673,10 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     match (&i.spec.auto_stop, running) {
         (Some(auto), true) => {
             let idle_after = parse_duration(&auto.idle_after).unwrap_or(Duration::from_secs(1800));
-            let deploying = st.deploy.as_ref().is_some_and(|d| deploy_state::in_progress(&d.state));
+            let deploying = st
+                .deploy
+                .as_ref()
+                .is_some_and(|d| deploy_state::in_progress(&d.state));
             if let Some(r) = report {
                 if r.active_workers == Some(0) && !r.deploy_running() && !deploying {
                     if st.idle_since.is_none() {
@@ -493,27 +690,75 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 Some(since_t) => {
                     let idle_for = since(now, since_t);
                     if idle_for >= idle_after && !observe_only {
-                        actions.push(Action::Stop { id: id.clone(), reason: stop_reason::IDLE });
+                        actions.push(Action::Stop {
+                            id: id.clone(),
+                            reason: stop_reason::IDLE,
+                        });
                         st.stop_reason = Some(stop_reason::IDLE.into());
                         notes.push(Note {
                             warning: false,
                             reason: "IdleStop",
-                            message: format!("no active workers for {}s (idleAfter {}): stopping instance {id}", idle_for.as_secs(), auto.idle_after),
+                            message: format!(
+                                "no active workers for {}s (idleAfter {}): stopping instance {id}",
+                                idle_for.as_secs(),
+                                auto.idle_after
+                            ),
                         });
-                        set(cs, cond::IDLE, TRUE, "IdleStopped", format!("stopped after no active workers for {}", auto.idle_after));
+                        set(
+                            cs,
+                            cond::IDLE,
+                            TRUE,
+                            "IdleStopped",
+                            format!("stopped after no active workers for {}", auto.idle_after),
+                        );
                     } else {
-                        set(cs, cond::IDLE, TRUE, "NoActiveWorkers", format!("no active workers since {}; stops after {}", since_t.0, auto.idle_after));
-                        requeue = requeue.min(idle_after.saturating_sub(idle_for).max(Duration::from_secs(1)));
+                        set(
+                            cs,
+                            cond::IDLE,
+                            TRUE,
+                            "NoActiveWorkers",
+                            format!(
+                                "no active workers since {}; stops after {}",
+                                since_t.0, auto.idle_after
+                            ),
+                        );
+                        requeue = requeue.min(
+                            idle_after
+                                .saturating_sub(idle_for)
+                                .max(Duration::from_secs(1)),
+                        );
                     }
                 }
-                None => set(cs, cond::IDLE, FALSE, "ActiveWorkers", "the agent reports active workers (or has not reported yet)".into()),
+                None => set(
+                    cs,
+                    cond::IDLE,
+                    FALSE,
+                    "ActiveWorkers",
+                    "the agent reports active workers (or has not reported yet)".into(),
+                ),
             }
         }
         (Some(auto), false) => {
             if st.stop_reason.as_deref() == Some(stop_reason::IDLE) {
-                set(cs, cond::IDLE, TRUE, "IdleStopped", format!("stopped after no active workers for {}; annotate {} to start it", auto.idle_after, crate::api::START_REQUESTED_ANNOTATION));
+                set(
+                    cs,
+                    cond::IDLE,
+                    TRUE,
+                    "IdleStopped",
+                    format!(
+                        "stopped after no active workers for {}; annotate {} to start it",
+                        auto.idle_after,
+                        crate::api::START_REQUESTED_ANNOTATION
+                    ),
+                );
             } else {
-                set(cs, cond::IDLE, FALSE, "NotRunning", "the instance is not running".into());
+                set(
+                    cs,
+                    cond::IDLE,
+                    FALSE,
+                    "NotRunning",
+                    "the instance is not running".into(),
+                );
             }
         }
         (None, _) => {
@@ -528,17 +773,37 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     let reported_tag = st.agent.as_ref().and_then(|a| a.image_tag.clone());
     match &desired_tag {
         None => {
-            set(cs, cond::IMAGE_UP_TO_DATE, TRUE, "NoImageDeclared", "spec.image is not set: the sandbox keeps whatever it runs".into());
+            set(
+                cs,
+                cond::IMAGE_UP_TO_DATE,
+                TRUE,
+                "NoImageDeclared",
+                "spec.image is not set: the sandbox keeps whatever it runs".into(),
+            );
         }
         Some(tag) if !running || stopping_now => {
             if reported_tag.as_deref() == Some(tag) {
-                set(cs, cond::IMAGE_UP_TO_DATE, TRUE, "UpToDate", format!("running {tag}"));
-            } else if conditions::get(cs, cond::IMAGE_UP_TO_DATE).is_none_or(|c| c.status != FALSE) {
-                set(cs, cond::IMAGE_UP_TO_DATE, UNKNOWN, "InstanceNotRunning", format!("{tag} is deployed when the instance runs"));
+                set(
+                    cs,
+                    cond::IMAGE_UP_TO_DATE,
+                    TRUE,
+                    "UpToDate",
+                    format!("running {tag}"),
+                );
+            } else if conditions::get(cs, cond::IMAGE_UP_TO_DATE).is_none_or(|c| c.status != FALSE)
+            {
+                set(
+                    cs,
+                    cond::IMAGE_UP_TO_DATE,
+                    UNKNOWN,
+                    "InstanceNotRunning",
+                    format!("{tag} is deployed when the instance runs"),
+                );
             }
         }
         Some(tag) => {
-            let (acts, image_cond, deploy_requeue) = image_step(&mut st, tag, report, i, &mut notes);
+            let (acts, image_cond, deploy_requeue) =
+                image_step(&mut st, tag, report, i, &mut notes);
             actions.extend(acts);
             let (status, reason, message) = image_cond;
             set(cs, cond::IMAGE_UP_TO_DATE, status, reason, message);
@@ -549,7 +814,11 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     // ---- Phase and Ready. ----
-    let deploying = st.deploy.as_ref().is_some_and(|d| deploy_state::in_progress(&d.state)) && running;
+    let deploying = st
+        .deploy
+        .as_ref()
+        .is_some_and(|d| deploy_state::in_progress(&d.state))
+        && running;
     let health = st.agent.as_ref().map(|a| a.health);
     if running {
         st.failure_reason = None;
@@ -563,18 +832,31 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 _ => SandboxPhase::Provisioning,
             }
         });
-    } else if instance.state == InstanceState::Stopped || instance.state == InstanceState::Stopping {
+    } else if instance.state == InstanceState::Stopped || instance.state == InstanceState::Stopping
+    {
         st.failure_reason = None;
         st.failure_message = None;
     }
-    let (ready, reason, message) = ready_summary(&st, cs, want_running && !stopping_now, observe_only, instance);
+    let (ready, reason, message) = ready_summary(
+        &st,
+        cs,
+        want_running && !stopping_now,
+        observe_only,
+        instance,
+    );
     set(cs, cond::READY, ready, reason, message);
     if running {
-        let interval = parse_duration(&i.spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
+        let interval =
+            parse_duration(&i.spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
         requeue = requeue.min(interval);
     }
     st.conditions = std::mem::take(cs);
-    Decision { status: st, actions, notes, requeue }
+    Decision {
+        status: st,
+        actions,
+        notes,
+        requeue,
+    }
 }
 
 fn clear_agent(agent: Option<AgentStatus>) -> Option<AgentStatus> {
@@ -614,23 +896,44 @@ pub fn judge_report(r: &HealthReport) -> (AgentHealth, &'static str, String) {
         .collect();
     let status_ok = matches!(r.status.as_str(), "ok" | "healthy" | "degraded" | "");
     if !failing.is_empty() {
-        return (AgentHealth::Unhealthy, "ChecksFailing", format!("failing checks: {}", failing.join("; ")));
+        return (
+            AgentHealth::Unhealthy,
+            "ChecksFailing",
+            format!("failing checks: {}", failing.join("; ")),
+        );
     }
     if !status_ok {
-        return (AgentHealth::Unhealthy, "AgentReportsUnhealthy", format!("the agent reports status {:?}", r.status));
+        return (
+            AgentHealth::Unhealthy,
+            "AgentReportsUnhealthy",
+            format!("the agent reports status {:?}", r.status),
+        );
     }
     if r.degraded() {
         return (
             AgentHealth::Degraded,
             "Degraded",
-            format!("disk at {:.0}%, memory at {:.0}% (90% or more is degraded)", r.disk_percent(), r.memory_percent()),
+            format!(
+                "disk at {:.0}%, memory at {:.0}% (90% or more is degraded)",
+                r.disk_percent(),
+                r.memory_percent()
+            ),
         );
     }
-    let warnings: Vec<String> = r.warning_checks().iter().filter(|c| c.message != "not configured").map(|c| format!("{}: {}", c.name, c.message)).collect();
+    let warnings: Vec<String> = r
+        .warning_checks()
+        .iter()
+        .filter(|c| c.message != "not configured")
+        .map(|c| format!("{}: {}", c.name, c.message))
+        .collect();
     if warnings.is_empty() {
         (AgentHealth::Healthy, "Healthy", String::new())
     } else {
-        (AgentHealth::Healthy, "HealthyWithWarnings", format!("warnings: {}", warnings.join("; ")))
+        (
+            AgentHealth::Healthy,
+            "HealthyWithWarnings",
+            format!("warnings: {}", warnings.join("; ")),
+        )
     }
 }
 
@@ -647,22 +950,43 @@ fn image_step(
     let now = i.now;
     let observe_only = i.spec.management_policy == ManagementPolicy::ObserveOnly;
     let reported = st.agent.as_ref().and_then(|a| a.image_tag.clone());
-    let healthy = st.agent.as_ref().is_some_and(|a| matches!(a.health, AgentHealth::Healthy | AgentHealth::Degraded));
+    let healthy = st
+        .agent
+        .as_ref()
+        .is_some_and(|a| matches!(a.health, AgentHealth::Healthy | AgentHealth::Degraded));
     let poll = Some(i.settings.poll);
 
-    // Same tag as the last deploy record?
-    let record = st.deploy.clone().filter(|d| d.tag == tag);
+    // Same tag as the last deploy record? A failed one counts only for the attempt it answered:
+    // a new attempt marker (a SandboxDeploy's retry) starts afresh.
+    let record = st.deploy.clone().filter(|d| {
+        d.tag == tag
+            && !(matches!(
+                d.state.as_str(),
+                deploy_state::FAILED | deploy_state::ROLLED_BACK
+            ) && i.deploy_attempt.is_some()
+                && d.attempt.as_deref() != i.deploy_attempt)
+    });
     if let Some(d) = &record
         && !deploy_state::in_progress(&d.state)
     {
         if reported.as_deref() == Some(tag) {
             return (vec![], (TRUE, "UpToDate", format!("running {tag}")), None);
         }
-        if matches!(d.state.as_str(), deploy_state::FAILED | deploy_state::ROLLED_BACK) {
+        if matches!(
+            d.state.as_str(),
+            deploy_state::FAILED | deploy_state::ROLLED_BACK
+        ) {
             // Never retried in a loop: a new tag (or deleting status.deploy) tries again.
             return (
                 vec![],
-                (FALSE, "DeployFailed", format!("deploying {tag} failed and is not retried: {}", d.message.clone().unwrap_or_default())),
+                (
+                    FALSE,
+                    "DeployFailed",
+                    format!(
+                        "deploying {tag} failed and is not retried: {}",
+                        d.message.clone().unwrap_or_default()
+                    ),
+                ),
                 None,
             );
         }
@@ -671,7 +995,18 @@ fn image_step(
         return (vec![], (TRUE, "UpToDate", format!("running {tag}")), None);
     }
     if observe_only {
-        return (vec![], (FALSE, "ObserveOnly", format!("the agent runs {}, the spec says {tag}; ObserveOnly never deploys", reported.as_deref().unwrap_or("an unknown tag"))), None);
+        return (
+            vec![],
+            (
+                FALSE,
+                "ObserveOnly",
+                format!(
+                    "the agent runs {}, the spec says {tag}; ObserveOnly never deploys",
+                    reported.as_deref().unwrap_or("an unknown tag")
+                ),
+            ),
+            None,
+        );
     }
     let Some(report) = report else {
         // No fresh report this round: wait for the next probe.
@@ -679,7 +1014,11 @@ fn image_step(
             Some(d) => format!("deploying {tag}: {}", d.state),
             None => format!("waiting for the agent before deploying {tag}"),
         };
-        let reason = if record.is_some() { "Deploying" } else { "Pending" };
+        let reason = if record.is_some() {
+            "Deploying"
+        } else {
+            "Pending"
+        };
         return (vec![], (FALSE, reason, msg), poll);
     };
     let mut d = match record {
@@ -691,6 +1030,7 @@ fn image_step(
                 previous_tag: reported.clone(),
                 state: deploy_state::DRAINING.into(),
                 id: None,
+                attempt: i.deploy_attempt.map(str::to_string),
                 message: Some("waiting for active workers to finish".into()),
                 started_at: Some(time(now)),
                 finished_at: None,
@@ -698,11 +1038,26 @@ fn image_step(
             notes.push(Note {
                 warning: false,
                 reason: "DeployStarted",
-                message: format!("deploying {tag} (from {}): draining", reported.as_deref().unwrap_or("unknown")),
+                message: format!(
+                    "deploying {tag} (from {}): draining",
+                    reported.as_deref().unwrap_or("unknown")
+                ),
             });
             st.deploy = Some(d.clone());
-            let actions = if report.is_agent() { vec![Action::Drain] } else { vec![] };
-            return (actions, (FALSE, "Draining", format!("draining before deploying {tag}")), poll);
+            let actions = if report.is_agent() {
+                vec![Action::Drain]
+            } else {
+                vec![]
+            };
+            return (
+                actions,
+                (
+                    FALSE,
+                    "Draining",
+                    format!("draining before deploying {tag}"),
+                ),
+                poll,
+            );
         }
     };
     let started = d.started_at.clone().unwrap_or(time(now));
@@ -719,15 +1074,35 @@ fn image_step(
             if report.is_deploy_safe() && !report.deploy_running() {
                 d.state = deploy_state::DEPLOYING.into();
                 d.message = Some("asked the agent to deploy".into());
-                actions.push(Action::Deploy { tag: tag.to_string() });
+                actions.push(Action::Deploy {
+                    tag: tag.to_string(),
+                });
                 out = (FALSE, "Deploying", format!("deploying {tag}"));
             } else if elapsed >= i.settings.drain_timeout {
-                let msg = format!("active workers did not drain within {}s", i.settings.drain_timeout.as_secs());
+                let msg = format!(
+                    "active workers did not drain within {}s",
+                    i.settings.drain_timeout.as_secs()
+                );
                 finish(&mut d, deploy_state::FAILED, msg.clone());
-                notes.push(Note { warning: true, reason: "DeployFailed", message: format!("deploying {tag}: {msg}") });
-                out = (FALSE, "DeployFailed", format!("deploying {tag} failed: {msg}"));
+                notes.push(Note {
+                    warning: true,
+                    reason: "DeployFailed",
+                    message: format!("deploying {tag}: {msg}"),
+                });
+                out = (
+                    FALSE,
+                    "DeployFailed",
+                    format!("deploying {tag} failed: {msg}"),
+                );
             } else {
-                out = (FALSE, "Draining", format!("waiting for {} active workers to finish before deploying {tag}", report.active_workers.unwrap_or(0)));
+                out = (
+                    FALSE,
+                    "Draining",
+                    format!(
+                        "waiting for {} active workers to finish before deploying {tag}",
+                        report.active_workers.unwrap_or(0)
+                    ),
+                );
             }
         }
         _ => {
@@ -736,13 +1111,26 @@ fn image_step(
             match agent_deploy.map(|ad| ad.state) {
                 Some(DeployState::Succeeded) | None if report.image_tag.as_deref() == Some(tag) => {
                     if healthy {
-                        finish(&mut d, deploy_state::SUCCEEDED, format!("running {tag} and healthy"));
-                        notes.push(Note { warning: false, reason: "DeploySucceeded", message: format!("now running {tag}") });
+                        finish(
+                            &mut d,
+                            deploy_state::SUCCEEDED,
+                            format!("running {tag} and healthy"),
+                        );
+                        notes.push(Note {
+                            warning: false,
+                            reason: "DeploySucceeded",
+                            message: format!("now running {tag}"),
+                        });
                         out = (TRUE, "UpToDate", format!("running {tag}"));
                     } else {
                         d.state = deploy_state::VERIFYING.into();
-                        d.message = Some("running the new tag; waiting for a healthy report".into());
-                        out = (FALSE, "Verifying", format!("waiting for a healthy report on {tag}"));
+                        d.message =
+                            Some("running the new tag; waiting for a healthy report".into());
+                        out = (
+                            FALSE,
+                            "Verifying",
+                            format!("waiting for a healthy report on {tag}"),
+                        );
                     }
                 }
                 Some(DeployState::Failed) | Some(DeployState::RolledBack) => {
@@ -754,13 +1142,22 @@ fn image_step(
                     };
                     d.id = Some(ad.id.clone());
                     finish(&mut d, state, format!("{word}: {}", ad.message));
-                    notes.push(Note { warning: true, reason: "DeployFailed", message: format!("deploying {tag} {word}: {}", ad.message) });
-                    out = (FALSE, "DeployFailed", format!("deploying {tag} {word}: {}", ad.message));
+                    notes.push(Note {
+                        warning: true,
+                        reason: "DeployFailed",
+                        message: format!("deploying {tag} {word}: {}", ad.message),
+                    });
+                    out = (
+                        FALSE,
+                        "DeployFailed",
+                        format!("deploying {tag} {word}: {}", ad.message),
+                    );
                 }
                 _ => {
                     if let Some(ad) = agent_deploy {
                         d.id = Some(ad.id.clone());
-                        d.message = Some(format!("agent step {}: {}", ad.step.as_str(), ad.message));
+                        d.message =
+                            Some(format!("agent step {}: {}", ad.step.as_str(), ad.message));
                     }
                     out = (FALSE, "Deploying", format!("deploying {tag}"));
                 }
@@ -768,9 +1165,21 @@ fn image_step(
             if deploy_state::in_progress(&d.state) && elapsed >= i.settings.deploy_deadline {
                 let msg = format!("not done within {}s", i.settings.deploy_deadline.as_secs());
                 finish(&mut d, deploy_state::FAILED, msg.clone());
-                notes.push(Note { warning: true, reason: "DeployFailed", message: format!("deploying {tag}: {msg}") });
+                notes.push(Note {
+                    warning: true,
+                    reason: "DeployFailed",
+                    message: format!("deploying {tag}: {msg}"),
+                });
                 st.deploy = Some(d);
-                return (actions, (FALSE, "DeployFailed", format!("deploying {tag} failed: {msg}")), None);
+                return (
+                    actions,
+                    (
+                        FALSE,
+                        "DeployFailed",
+                        format!("deploying {tag} failed: {msg}"),
+                    ),
+                    None,
+                );
             }
         }
     }
@@ -790,29 +1199,61 @@ fn ready_summary(
     if !want_running && !observe_only {
         return match instance.state {
             InstanceState::Stopped => match st.stop_reason.as_deref() {
-                Some(stop_reason::IDLE) => (TRUE, "IdleStopped", "stopped by auto-stop, as configured".into()),
+                Some(stop_reason::IDLE) => (
+                    TRUE,
+                    "IdleStopped",
+                    "stopped by auto-stop, as configured".into(),
+                ),
                 _ => (TRUE, "Stopped", "stopped, as declared".into()),
             },
-            _ => (FALSE, "Stopping", format!("instance {} is {}; stopping", instance.id, instance.state.as_str())),
+            _ => (
+                FALSE,
+                "Stopping",
+                format!(
+                    "instance {} is {}; stopping",
+                    instance.id,
+                    instance.state.as_str()
+                ),
+            ),
         };
     }
     if !running {
-        return (FALSE, "InstanceNotRunning", format!("instance {} is {}", instance.id, instance.state.as_str()));
+        return (
+            FALSE,
+            "InstanceNotRunning",
+            format!("instance {} is {}", instance.id, instance.state.as_str()),
+        );
     }
     let agent = conditions::get(cs, cond::AGENT_HEALTHY);
     if agent.is_none_or(|c| c.status != TRUE) {
         let msg = agent.map(|c| c.message.clone()).unwrap_or_default();
-        let reason = if agent.is_some_and(|c| c.status == FALSE) { "AgentUnhealthy" } else { "AwaitingAgent" };
+        let reason = if agent.is_some_and(|c| c.status == FALSE) {
+            "AgentUnhealthy"
+        } else {
+            "AwaitingAgent"
+        };
         return (FALSE, reason, msg);
     }
-    if st.deploy.as_ref().is_some_and(|d| deploy_state::in_progress(&d.state)) {
-        return (FALSE, "Deploying", "a worker image deploy is under way".into());
+    if st
+        .deploy
+        .as_ref()
+        .is_some_and(|d| deploy_state::in_progress(&d.state))
+    {
+        return (
+            FALSE,
+            "Deploying",
+            "a worker image deploy is under way".into(),
+        );
     }
     let image = conditions::get(cs, cond::IMAGE_UP_TO_DATE);
     if let Some(c) = image.filter(|c| c.status != TRUE) {
         return (FALSE, "ImageNotUpToDate", c.message.clone());
     }
-    (TRUE, "Active", "running, agent healthy, image up to date".into())
+    (
+        TRUE,
+        "Active",
+        "running, agent healthy, image up to date".into(),
+    )
 }
 
 /// Whether `new` differs from `old` in a way worth a status write. Values that move on every
@@ -837,7 +1278,11 @@ pub fn material_change(old: &SandboxStatus, new: &SandboxStatus) -> bool {
         (a, b) => a.is_some() != b.is_some(),
     };
     match (&old.agent, &new.agent) {
-        (Some(o), Some(n)) => moved(o.cpu_percent, n.cpu_percent) || moved(o.memory_percent, n.memory_percent) || moved(o.disk_percent, n.disk_percent),
+        (Some(o), Some(n)) => {
+            moved(o.cpu_percent, n.cpu_percent)
+                || moved(o.memory_percent, n.memory_percent)
+                || moved(o.disk_percent, n.disk_percent)
+        }
         _ => false,
     }
 }
@@ -886,8 +1331,14 @@ pub fn agent_url(spec: &SandboxSpec, inst: &Instance) -> Option<String> {
     if let Some(url) = &spec.agent.url {
         return Some(url.trim_end_matches('/').to_string());
     }
-    let template = spec.agent.url_template.as_deref().unwrap_or("http://{privateIp}:{port}");
-    let mut out = template.replace("{port}", &spec.agent.port.to_string()).replace("{instanceId}", &inst.id);
+    let template = spec
+        .agent
+        .url_template
+        .as_deref()
+        .unwrap_or("http://{privateIp}:{port}");
+    let mut out = template
+        .replace("{port}", &spec.agent.port.to_string())
+        .replace("{instanceId}", &inst.id);
     for (key, value) in [
         ("{privateIp}", &inst.private_ip),
         ("{publicIp}", &inst.public_ip),

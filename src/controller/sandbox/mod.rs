@@ -21,18 +21,21 @@ use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Fin, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::agent::client::{AgentClient, AgentError, AgentToken, Timeouts};
 use crate::api::{
-    AgentHealth, SANDBOX_FINALIZER, START_REQUESTED_ANNOTATION, Sandbox, SandboxPhase, SandboxSpec, SandboxStatus,
+    AgentHealth, SANDBOX_FINALIZER, START_REQUESTED_ANNOTATION, Sandbox, SandboxPhase, SandboxSpec,
+    SandboxStatus,
 };
 use crate::ec2::{self, Ec2, Ec2Error, InstanceState, LaunchRequest};
 use crate::metrics::{Metrics, SandboxLabels};
 use crate::util::parse_duration;
-use decide::{Action, DeleteStep, Inputs, InstanceObs, Note, ProbeObs, Rejection, Settings, StartWhy};
+use decide::{
+    Action, DeleteStep, Inputs, InstanceObs, Note, ProbeObs, Rejection, Settings, StartWhy,
+};
 
 /// The field manager for status writes.
 pub const MANAGER: &str = "sandbox-operator";
@@ -134,28 +137,48 @@ pub struct Context {
     rejections: Mutex<HashMap<String, (Option<i64>, Rejection)>>,
     /// Which Sandbox an instance belongs to, for mapping EC2 changes back.
     owners: Mutex<HashMap<String, ObjectRef<Sandbox>>>,
+    /// The status last written per UID, with the resourceVersion the write produced: a
+    /// reconcile that starts before the watch delivers that write uses it instead of the stale
+    /// copy in the cache.
+    written: Mutex<HashMap<String, (u64, SandboxStatus)>>,
 }
 
 impl Context {
     /// Creates the controller's context.
-    pub fn new(client: Client, ec2: Ec2, metrics: Arc<Metrics>, settings: ControllerSettings) -> Arc<Self> {
-        let reporter = Reporter { controller: settings.reporter.clone(), instance: std::env::var("POD_NAME").ok() };
+    pub fn new(
+        client: Client,
+        ec2: Ec2,
+        metrics: Arc<Metrics>,
+        settings: ControllerSettings,
+    ) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: settings.reporter.clone(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Arc::new(Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             ec2,
             settings,
             metrics,
-            http: reqwest::Client::builder().pool_max_idle_per_host(2).build().expect("building the agent HTTP client"),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(2)
+                .build()
+                .expect("building the agent HTTP client"),
             last_probe: Mutex::default(),
             rejections: Mutex::default(),
             owners: Mutex::default(),
+            written: Mutex::default(),
         })
     }
 
     async fn publish(&self, obj: &Sandbox, note: &Note) {
         let ev = KEvent {
-            type_: if note.warning { EventType::Warning } else { EventType::Normal },
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: note.reason.into(),
             note: Some(note.message.clone()),
             action: note.reason.into(),
@@ -173,7 +196,11 @@ fn key(obj: &Sandbox) -> String {
 
 /// Runs the Sandbox controller until `shutdown` resolves. Sandboxes in every namespace the
 /// client may list (or one namespace when `namespace` is set).
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let api: Api<Sandbox> = match &namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
@@ -185,10 +212,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(
-            predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
-            Default::default(),
-        );
+        .predicate_filter(spec_annotations_finalizers, Default::default());
     let changes = {
         let ctx = ctx.clone();
         ctx.ec2.changes().filter_map(move |id| {
@@ -196,7 +220,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
             async move { owner }
         })
     };
-    tokio::spawn(orphan_sweep(ctx.clone(), reader.clone()));
+    tokio::spawn(orphan_sweep(ctx.clone(), namespace.clone()));
     tokio::spawn(phase_gauges(ctx.clone(), reader.clone()));
     Controller::for_stream(stream, reader)
         .reconcile_on(changes)
@@ -206,10 +230,28 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
         .await;
 }
 
+/// What wakes the controller: the generation (spec and deletion), the annotations (the start
+/// request) and the finalizers; status-only writes do not.
+fn spec_annotations_finalizers(s: &Sandbox) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.metadata.generation.hash(&mut h);
+    s.metadata.annotations.hash(&mut h);
+    s.metadata.finalizers.hash(&mut h);
+    s.metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .hash(&mut h);
+    Some(h.finish())
+}
+
 /// The reconcile entry point: the finalizer helper, then apply or clean up.
 pub async fn reconcile(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ctx.metrics.reconciled(CONTROLLER);
-    let ns = obj.namespace().ok_or_else(|| Error::Malformed(obj.name_any()))?;
+    let ns = obj
+        .namespace()
+        .ok_or_else(|| Error::Malformed(obj.name_any()))?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let object = key(&obj);
     finalizer(&api, SANDBOX_FINALIZER, obj, |event| async {
@@ -220,8 +262,12 @@ pub async fn reconcile(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, 
     })
     .await
     .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer { object, message: other.to_string() },
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer {
+            object,
+            message: other.to_string(),
+        },
     })
 }
 
@@ -233,9 +279,16 @@ pub fn error_policy(obj: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Requeu
     }
     ctx.metrics.reconcile_failed(CONTROLLER, err.kind());
     warn!(sandbox = %key(&obj), error = %err, "reconcile failed; will retry");
-    let jitter = Duration::from_millis(u64::from(obj.uid().map(|u| u.bytes().map(u32::from).sum::<u32>()).unwrap_or(0) % 1000));
+    let jitter = Duration::from_millis(u64::from(
+        obj.uid()
+            .map(|u| u.bytes().map(u32::from).sum::<u32>())
+            .unwrap_or(0)
+            % 1000,
+    ));
     match err {
-        Error::Ec2 { source, .. } if source.is_transient() => Requeue::requeue(Duration::from_secs(3) + jitter),
+        Error::Ec2 { source, .. } if source.is_transient() => {
+            Requeue::requeue(Duration::from_secs(3) + jitter)
+        }
         _ => Requeue::requeue(Duration::from_secs(10) + jitter),
     }
 }
@@ -250,13 +303,24 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let uid = obj.uid().ok_or_else(|| Error::Malformed(object.clone()))?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
-    let status = obj.status.clone().unwrap_or_default();
+    let status = fresh_status(&obj, &ctx, &uid);
     let spec = &obj.spec;
     let generation = obj.metadata.generation;
     let settings = &ctx.settings.decide;
-    let in_flight = status.instance.as_ref().and_then(|i| i.state.as_deref()).is_some_and(|s| matches!(s, "pending" | "stopping" | "shutting-down"))
-        || status.deploy.as_ref().is_some_and(|d| decide::deploy_state::in_progress(&d.state));
-    let max_age = if in_flight { settings.poll } else { ctx.settings.decide.resync.min(Duration::from_secs(30)) };
+    let in_flight = status
+        .instance
+        .as_ref()
+        .and_then(|i| i.state.as_deref())
+        .is_some_and(|s| matches!(s, "pending" | "stopping" | "shutting-down"))
+        || status
+            .deploy
+            .as_ref()
+            .is_some_and(|d| decide::deploy_state::in_progress(&d.state));
+    let max_age = if in_flight {
+        settings.poll
+    } else {
+        ctx.settings.decide.resync.min(Duration::from_secs(30))
+    };
 
     // Forget a launch refusal once the spec changed.
     let rejection = {
@@ -273,14 +337,25 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
 
     // ---- Which instance? ----
     let mut launched_now = false;
-    let instance_id = match (&spec.instance_id, status.instance.as_ref().map(|i| i.id.clone())) {
+    let instance_id = match (
+        &spec.instance_id,
+        status.instance.as_ref().map(|i| i.id.clone()),
+    ) {
         (Some(id), _) => Some(id.clone()),
         (None, Some(id)) => Some(id),
         (None, None) if rejection.is_some() => None,
         (None, None) => {
             // Before launching, look for an instance this Sandbox launched already (a crash
             // between RunInstances and the status write).
-            let found = ctx.ec2.find_by_uid(&uid).await.map_err(|source| Error::Ec2 { what: "looking up the instance by UID tag", object: object.clone(), source })?;
+            let found = ctx
+                .ec2
+                .find_by_uid(&uid)
+                .await
+                .map_err(|source| Error::Ec2 {
+                    what: "looking up the instance by UID tag",
+                    object: object.clone(),
+                    source,
+                })?;
             match found {
                 Some(inst) => {
                     info!(sandbox = %object, instance = %inst.id, "found the instance launched earlier by UID tag");
@@ -291,10 +366,27 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                         launched_now = true;
                         Some(id)
                     }
-                    Err(Error::Ec2 { source: Ec2Error::Rejected { code, message, .. }, .. }) => {
-                        let rej = Rejection { code: code.clone(), message: message.clone() };
-                        ctx.publish(&obj, &Note { warning: true, reason: "LaunchFailed", message: format!("EC2 refused RunInstances: {code}: {message}") }).await;
-                        ctx.rejections.lock().expect("rejections").insert(uid.clone(), (generation, rej));
+                    Err(Error::Ec2 {
+                        source: Ec2Error::Rejected { code, message, .. },
+                        ..
+                    }) => {
+                        let rej = Rejection {
+                            code: code.clone(),
+                            message: message.clone(),
+                        };
+                        ctx.publish(
+                            &obj,
+                            &Note {
+                                warning: true,
+                                reason: "LaunchFailed",
+                                message: format!("EC2 refused RunInstances: {code}: {message}"),
+                            },
+                        )
+                        .await;
+                        ctx.rejections
+                            .lock()
+                            .expect("rejections")
+                            .insert(uid.clone(), (generation, rej));
                         None
                     }
                     Err(e) => return Err(e),
@@ -302,14 +394,34 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
             }
         }
     };
-    let rejection = ctx.rejections.lock().expect("rejections").get(&uid).map(|(_, r)| r.clone());
+    let rejection = ctx
+        .rejections
+        .lock()
+        .expect("rejections")
+        .get(&uid)
+        .map(|(_, r)| r.clone());
 
     let observed = match &instance_id {
         None => InstanceObs::NoInstance,
         Some(id) => {
-            ctx.owners.lock().expect("owners").insert(id.clone(), ObjectRef::from_obj(&*obj));
-            let age = if launched_now { Duration::ZERO } else { max_age };
-            match ctx.ec2.describe(id, age).await.map_err(|source| Error::Ec2 { what: "describing the instance", object: object.clone(), source })? {
+            ctx.owners
+                .lock()
+                .expect("owners")
+                .insert(id.clone(), ObjectRef::from_obj(&*obj));
+            let age = if launched_now {
+                Duration::ZERO
+            } else {
+                max_age
+            };
+            match ctx
+                .ec2
+                .describe(id, age)
+                .await
+                .map_err(|source| Error::Ec2 {
+                    what: "describing the instance",
+                    object: object.clone(),
+                    source,
+                })? {
                 Some(i) => InstanceObs::Found(i),
                 None => InstanceObs::Missing { id: id.clone() },
             }
@@ -324,10 +436,13 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         && inst.state == InstanceState::Running
     {
         agent_url = decide::agent_url(spec, inst);
-        let interval = parse_duration(&spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
+        let interval =
+            parse_duration(&spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
         let due = {
             let lp = ctx.last_probe.lock().expect("last_probe");
-            lp.get(&uid).is_none_or(|t| t.elapsed() + Duration::from_millis(250) >= interval) || in_flight
+            lp.get(&uid)
+                .is_none_or(|t| t.elapsed() + Duration::from_millis(250) >= interval)
+                || in_flight
         };
         if due {
             match agent_client_for(&obj, agent_url.as_deref(), &ctx).await {
@@ -336,7 +451,9 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                         Ok(r) => ProbeObs::Report(Box::new(r)),
                         Err(AgentError::Unauthorized { .. }) => ProbeObs::Misconfigured {
                             reason: "Unauthorized".into(),
-                            message: "the agent refused the token (401): check spec.agent.tokenSecretRef".into(),
+                            message:
+                                "the agent refused the token (401): check spec.agent.tokenSecretRef"
+                                    .into(),
                         },
                         Err(e) => ProbeObs::Failed(e.to_string()),
                     };
@@ -344,16 +461,27 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                 }
                 Err(p) => probe = p,
             }
-            ctx.last_probe.lock().expect("last_probe").insert(uid.clone(), Instant::now());
+            ctx.last_probe
+                .lock()
+                .expect("last_probe")
+                .insert(uid.clone(), Instant::now());
             record_probe(&ctx, &obj, &probe);
         }
     }
 
-    let start_request = obj.annotations().get(START_REQUESTED_ANNOTATION).map(String::as_str);
+    let start_request = obj
+        .annotations()
+        .get(START_REQUESTED_ANNOTATION)
+        .map(String::as_str);
+    let deploy_attempt = obj
+        .annotations()
+        .get(crate::api::DEPLOY_ATTEMPT_ANNOTATION)
+        .map(String::as_str);
     let inputs = Inputs {
         spec,
         generation,
         start_request,
+        deploy_attempt,
         status: &status,
         instance: &observed,
         probe: &probe,
@@ -364,7 +492,17 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     };
     let mut decision = decide::decide(&inputs);
     if launched_now {
-        decision.notes.insert(0, Note { warning: false, reason: "Launched", message: format!("launched instance {}", instance_id.clone().unwrap_or_default()) });
+        decision.notes.insert(
+            0,
+            Note {
+                warning: false,
+                reason: "Launched",
+                message: format!(
+                    "launched instance {}",
+                    instance_id.clone().unwrap_or_default()
+                ),
+            },
+        );
         if let Some(i) = decision.status.instance.as_mut() {
             i.launched_by_operator = true;
         }
@@ -377,21 +515,45 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
             Action::Start { id, why } => match ctx.ec2.start(id).await {
                 Ok(()) => {
                     let (reason, message) = match why {
-                        StartWhy::Requested => ("Starting", format!("starting instance {id}: the spec says Running")),
-                        StartWhy::Woken => ("Waking", format!("starting instance {id}: a newer {START_REQUESTED_ANNOTATION}")),
-                        StartWhy::RestartAfterExternalStop => ("RestartingAfterExternalStop", format!("instance {id} was stopped outside the operator; starting it again because the spec says Running")),
+                        StartWhy::Requested => (
+                            "Starting",
+                            format!("starting instance {id}: the spec says Running"),
+                        ),
+                        StartWhy::Woken => (
+                            "Waking",
+                            format!("starting instance {id}: a newer {START_REQUESTED_ANNOTATION}"),
+                        ),
+                        StartWhy::RestartAfterExternalStop => (
+                            "RestartingAfterExternalStop",
+                            format!(
+                                "instance {id} was stopped outside the operator; starting it again because the spec says Running"
+                            ),
+                        ),
                     };
-                    decision.notes.push(Note { warning: *why == StartWhy::RestartAfterExternalStop, reason, message });
+                    decision.notes.push(Note {
+                        warning: *why == StartWhy::RestartAfterExternalStop,
+                        reason,
+                        message,
+                    });
                 }
                 Err(e) => ec2_error = Some(("starting the instance", e)),
             },
             Action::Stop { id, reason } => match ctx.ec2.stop(id).await {
-                Ok(()) => decision.notes.push(Note { warning: false, reason: "Stopping", message: format!("stopping instance {id} ({reason})") }),
+                Ok(()) => decision.notes.push(Note {
+                    warning: false,
+                    reason: "Stopping",
+                    message: format!("stopping instance {id} ({reason})"),
+                }),
                 Err(e) => ec2_error = Some(("stopping the instance", e)),
             },
             Action::Drain => {
                 if let Some(c) = &agent_client
-                    && let Err(e) = c.drain_with(&crate::agent::protocol::DrainRequest { wait: Some(false), timeout_seconds: None }).await
+                    && let Err(e) = c
+                        .drain_with(&crate::agent::protocol::DrainRequest {
+                            wait: Some(false),
+                            timeout_seconds: None,
+                        })
+                        .await
                 {
                     warn!(sandbox = %object, error = %e, "asking the agent to drain failed; waiting for active workers anyway");
                 }
@@ -399,25 +561,38 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
             Action::Deploy { tag } => {
                 let result = match &agent_client {
                     Some(c) => c.deploy(tag).await.map(|a| a.deploy_id),
-                    None => Err(AgentError::Transport { url: String::new(), op: "deploy", message: "no agent client".into() }),
+                    None => Err(AgentError::Transport {
+                        url: String::new(),
+                        op: "deploy",
+                        message: "no agent client".into(),
+                    }),
                 };
                 match result {
                     Ok(id) => {
                         if let Some(d) = decision.status.deploy.as_mut() {
                             d.id = id;
                         }
-                        decision.notes.push(Note { warning: false, reason: "Deploying", message: format!("asked the agent to deploy {tag}") });
+                        decision.notes.push(Note {
+                            warning: false,
+                            reason: "Deploying",
+                            message: format!("asked the agent to deploy {tag}"),
+                        });
                     }
                     Err(e) if e.running_deploy_id().is_some() => {
                         if let Some(d) = decision.status.deploy.as_mut() {
-                            d.message = Some(format!("the agent is busy with deploy {}", e.running_deploy_id().unwrap_or_default()));
+                            d.message = Some(format!(
+                                "the agent is busy with deploy {}",
+                                e.running_deploy_id().unwrap_or_default()
+                            ));
                             d.state = decide::deploy_state::DRAINING.into();
                         }
                     }
                     Err(e) => {
                         if let Some(d) = decision.status.deploy.as_mut() {
                             d.state = decide::deploy_state::DRAINING.into();
-                            d.message = Some(format!("asking the agent to deploy failed, will retry: {e}"));
+                            d.message = Some(format!(
+                                "asking the agent to deploy failed, will retry: {e}"
+                            ));
                         }
                     }
                 }
@@ -430,11 +605,21 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         ctx.publish(&obj, note).await;
     }
     if launched_now || decide::material_change(&status, &decision.status) {
-        write_status(&api, &obj, &decision.status, &ctx).await?;
+        let rv = write_status(&api, &obj, &decision.status, &ctx).await?;
+        if let Some(rv) = rv {
+            ctx.written
+                .lock()
+                .expect("written")
+                .insert(uid.clone(), (rv, decision.status.clone()));
+        }
     }
     update_gauges(&ctx, &obj, &decision.status);
     if let Some((what, source)) = ec2_error {
-        return Err(Error::Ec2 { what, object, source });
+        return Err(Error::Ec2 {
+            what,
+            object,
+            source,
+        });
     }
     if rejection.is_some() && instance_id.is_none() {
         // Refused by EC2: wait for the spec to change instead of retrying in a storm.
@@ -446,12 +631,19 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
 async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error> {
     let object = key(obj);
     let spec: &SandboxSpec = &obj.spec;
-    let l = spec.launch.as_ref().expect("launch is set when instanceId is not (CEL rule)");
+    let l = spec
+        .launch
+        .as_ref()
+        .expect("launch is set when instanceId is not (CEL rule)");
     let ns = obj.namespace().unwrap_or_default();
     let user_data = match &l.user_data_secret_ref {
         Some(r) => {
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-            let s = secrets.get(&r.name).await.map_err(|source| Error::Kube { what: "reading the user-data Secret", object: object.clone(), source })?;
+            let s = secrets.get(&r.name).await.map_err(|source| Error::Kube {
+                what: "reading the user-data Secret",
+                object: object.clone(),
+                source,
+            })?;
             s.data.and_then(|d| d.get(&r.key).cloned()).map(|b| {
                 use base64::Engine as _;
                 base64::engine::general_purpose::STANDARD.encode(b.0)
@@ -465,7 +657,8 @@ async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error
     tags.insert(ec2::TAG_NAMESPACE.into(), ns.clone());
     tags.insert(ec2::TAG_NAME.into(), obj.name_any());
     tags.insert(ec2::TAG_ENVIRONMENT.into(), spec.environment.to_string());
-    tags.entry("Name".into()).or_insert_with(|| format!("{ns}/{}", obj.name_any()));
+    tags.entry("Name".into())
+        .or_insert_with(|| format!("{ns}/{}", obj.name_any()));
     let req = LaunchRequest {
         client_token: client_token(uid),
         image_id: l.image_id.clone(),
@@ -479,12 +672,20 @@ async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error
         user_data_base64: user_data,
         tags,
     };
-    let inst = ctx.ec2.launch(&req).await.map_err(|source| Error::Ec2 { what: "launching the instance", object: object.clone(), source })?;
+    let inst = ctx.ec2.launch(&req).await.map_err(|source| Error::Ec2 {
+        what: "launching the instance",
+        object: object.clone(),
+        source,
+    })?;
     info!(sandbox = %object, instance = %inst.id, "launched");
     Ok(inst.id)
 }
 
-async fn agent_client_for(obj: &Sandbox, url: Option<&str>, ctx: &Context) -> Result<AgentClient, ProbeObs> {
+async fn agent_client_for(
+    obj: &Sandbox,
+    url: Option<&str>,
+    ctx: &Context,
+) -> Result<AgentClient, ProbeObs> {
     let Some(url) = url else {
         return Err(ProbeObs::Misconfigured {
             reason: "AgentUrlUnknown".into(),
@@ -498,11 +699,16 @@ async fn agent_client_for(obj: &Sandbox, url: Option<&str>, ctx: &Context) -> Re
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
             match secrets.get_opt(&r.name).await {
                 Ok(Some(s)) => match s.data.as_ref().and_then(|d| d.get(&r.key)) {
-                    Some(v) => Some(AgentToken::new(String::from_utf8_lossy(&v.0).trim().to_string())),
+                    Some(v) => Some(AgentToken::new(
+                        String::from_utf8_lossy(&v.0).trim().to_string(),
+                    )),
                     None => {
                         return Err(ProbeObs::Misconfigured {
                             reason: "TokenSecretKeyMissing".into(),
-                            message: format!("the agent token Secret {ns}/{} has no key {:?}", r.name, r.key),
+                            message: format!(
+                                "the agent token Secret {ns}/{} has no key {:?}",
+                                r.name, r.key
+                            ),
                         });
                     }
                 },
@@ -512,13 +718,26 @@ async fn agent_client_for(obj: &Sandbox, url: Option<&str>, ctx: &Context) -> Re
                         message: format!("the agent token Secret {ns}/{} does not exist", r.name),
                     });
                 }
-                Err(e) => return Err(ProbeObs::Failed(format!("reading the agent token Secret {ns}/{}: {e}", r.name))),
+                Err(e) => {
+                    return Err(ProbeObs::Failed(format!(
+                        "reading the agent token Secret {ns}/{}: {e}",
+                        r.name
+                    )));
+                }
             }
         }
     };
     let timeout = parse_duration(&obj.spec.agent.timeout).unwrap_or(Duration::from_secs(5));
-    let timeouts = Timeouts { health: timeout, ..Timeouts::default() };
-    AgentClient::with_http(ctx.http.clone(), url, token, timeouts).map_err(|e| ProbeObs::Misconfigured { reason: "AgentUrlInvalid".into(), message: e.to_string() })
+    let timeouts = Timeouts {
+        health: timeout,
+        ..Timeouts::default()
+    };
+    AgentClient::with_http(ctx.http.clone(), url, token, timeouts).map_err(|e| {
+        ProbeObs::Misconfigured {
+            reason: "AgentUrlInvalid".into(),
+            message: e.to_string(),
+        }
+    })
 }
 
 fn record_probe(ctx: &Context, _obj: &Sandbox, probe: &ProbeObs) {
@@ -532,29 +751,90 @@ fn record_probe(ctx: &Context, _obj: &Sandbox, probe: &ProbeObs) {
         ProbeObs::Failed(_) => "failed",
         ProbeObs::Misconfigured { .. } => "misconfigured",
     };
-    ctx.metrics.probes.get_or_create(&crate::metrics::ProbeLabels { result: result.into() }).inc();
+    ctx.metrics
+        .probes
+        .get_or_create(&crate::metrics::ProbeLabels {
+            result: result.into(),
+        })
+        .inc();
 }
 
 fn update_gauges(ctx: &Context, obj: &Sandbox, st: &SandboxStatus) {
-    let labels = SandboxLabels { namespace: obj.namespace().unwrap_or_default(), name: obj.name_any() };
+    let labels = SandboxLabels {
+        namespace: obj.namespace().unwrap_or_default(),
+        name: obj.name_any(),
+    };
     match st.agent.as_ref().filter(|a| a.cpu_percent.is_some()) {
         Some(a) => {
-            ctx.metrics.sandbox_cpu.get_or_create(&labels).set(f64::from(a.cpu_percent.unwrap_or(0)));
-            ctx.metrics.sandbox_memory.get_or_create(&labels).set(f64::from(a.memory_percent.unwrap_or(0)));
-            ctx.metrics.sandbox_disk.get_or_create(&labels).set(f64::from(a.disk_percent.unwrap_or(0)));
-            ctx.metrics.sandbox_active_workers.get_or_create(&labels).set(i64::from(a.active_workers.unwrap_or(0)));
+            ctx.metrics
+                .sandbox_cpu
+                .get_or_create(&labels)
+                .set(f64::from(a.cpu_percent.unwrap_or(0)));
+            ctx.metrics
+                .sandbox_memory
+                .get_or_create(&labels)
+                .set(f64::from(a.memory_percent.unwrap_or(0)));
+            ctx.metrics
+                .sandbox_disk
+                .get_or_create(&labels)
+                .set(f64::from(a.disk_percent.unwrap_or(0)));
+            ctx.metrics
+                .sandbox_active_workers
+                .get_or_create(&labels)
+                .set(i64::from(a.active_workers.unwrap_or(0)));
         }
         None => ctx.metrics.forget_sandbox(&labels.namespace, &labels.name),
     }
 }
 
-async fn write_status(api: &Api<Sandbox>, obj: &Sandbox, st: &SandboxStatus, ctx: &Context) -> Result<(), Error> {
+/// Writes the status (server-side apply, so fields this controller no longer sets are removed)
+/// and returns the resourceVersion the write produced.
+async fn write_status(
+    api: &Api<Sandbox>,
+    obj: &Sandbox,
+    st: &SandboxStatus,
+    ctx: &Context,
+) -> Result<Option<u64>, Error> {
     let patch = serde_json::json!({ "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "Sandbox", "status": st });
-    api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+    let out = api
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
         .await
-        .map_err(|source| Error::Kube { what: "writing status", object: key(obj), source })?;
-    ctx.metrics.status_writes.get_or_create(&crate::metrics::ControllerLabels { controller: CONTROLLER.into() }).inc();
-    Ok(())
+        .map_err(|source| Error::Kube {
+            what: "writing status",
+            object: key(obj),
+            source,
+        })?;
+    ctx.metrics
+        .status_writes
+        .get_or_create(&crate::metrics::ControllerLabels {
+            controller: CONTROLLER.into(),
+        })
+        .inc();
+    Ok(out.metadata.resource_version.and_then(|rv| rv.parse().ok()))
+}
+
+/// The status to decide from: the cached object's, unless this controller wrote a newer one
+/// that the watch has not delivered yet. (resourceVersions are etcd revisions: numbers that
+/// only grow; were one not a number, the cached copy is used.)
+fn fresh_status(obj: &Sandbox, ctx: &Context, uid: &str) -> SandboxStatus {
+    let cached_rv: Option<u64> = obj
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok());
+    let mut written = ctx.written.lock().expect("written");
+    match (written.get(uid), cached_rv) {
+        (Some((w_rv, st)), Some(c_rv)) if *w_rv > c_rv => st.clone(),
+        (Some(_), _) => {
+            written.remove(uid);
+            obj.status.clone().unwrap_or_default()
+        }
+        _ => obj.status.clone().unwrap_or_default(),
+    }
 }
 
 async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
@@ -563,7 +843,10 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = obj.uid().unwrap_or_default();
     let mut status = obj.status.clone().unwrap_or_default();
-    let id = match (&obj.spec.instance_id, status.instance.as_ref().map(|i| i.id.clone())) {
+    let id = match (
+        &obj.spec.instance_id,
+        status.instance.as_ref().map(|i| i.id.clone()),
+    ) {
         (Some(id), _) => Some(id.clone()),
         (None, Some(id)) => Some(id),
         // Launched but never recorded (a crash): find it by its UID tag.
@@ -571,12 +854,24 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
             .ec2
             .find_by_uid(&uid)
             .await
-            .map_err(|source| Error::Ec2 { what: "looking up the instance by UID tag", object: object.clone(), source })?
+            .map_err(|source| Error::Ec2 {
+                what: "looking up the instance by UID tag",
+                object: object.clone(),
+                source,
+            })?
             .map(|i| i.id),
     };
     let observed = match &id {
         None => InstanceObs::NoInstance,
-        Some(id) => match ctx.ec2.describe(id, ctx.settings.decide.poll).await.map_err(|source| Error::Ec2 { what: "describing the instance", object: object.clone(), source })? {
+        Some(id) => match ctx
+            .ec2
+            .describe(id, ctx.settings.decide.poll)
+            .await
+            .map_err(|source| Error::Ec2 {
+                what: "describing the instance",
+                object: object.clone(),
+                source,
+            })? {
             Some(i) => InstanceObs::Found(i),
             None => InstanceObs::Missing { id: id.clone() },
         },
@@ -585,50 +880,115 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
     if status.phase != Some(SandboxPhase::Terminating) && step != DeleteStep::Done {
         status.phase = Some(SandboxPhase::Terminating);
         if let InstanceObs::Found(i) = &observed {
-            status.instance = Some(decide::instance_status(i, status.instance.as_ref().is_some_and(|s| s.launched_by_operator)));
+            status.instance = Some(decide::instance_status(
+                i,
+                status
+                    .instance
+                    .as_ref()
+                    .is_some_and(|s| s.launched_by_operator),
+            ));
         }
         write_status(&api, &obj, &status, &ctx).await?;
     }
     match step {
         DeleteStep::Done => {
+            // An instance the operator launched and now leaves behind (Retain, or Stop once
+            // stopped) is released: its ownership tags go, so no orphan sweep touches it.
+            if let (Some(id), InstanceObs::Found(inst)) = (&id, &observed)
+                && obj.spec.management_policy == crate::api::ManagementPolicy::Full
+                && inst.state != InstanceState::Terminated
+                && inst.tags.get(ec2::TAG_MANAGED_BY).is_some()
+            {
+                ctx.ec2.release(id).await.map_err(|source| Error::Ec2 {
+                    what: "releasing the retained instance",
+                    object: object.clone(),
+                    source,
+                })?;
+                ctx.publish(&obj, &Note { warning: false, reason: "Released", message: format!("instance {id} is left as the deletion policy says, without the operator's ownership tags") }).await;
+            }
             if let Some(id) = &id {
                 ctx.ec2.untrack(id);
                 ctx.owners.lock().expect("owners").remove(id);
             }
             ctx.last_probe.lock().expect("last_probe").remove(&uid);
+            ctx.written.lock().expect("written").remove(&uid);
             ctx.rejections.lock().expect("rejections").remove(&uid);
             ctx.metrics.forget_sandbox(&ns, &obj.name_any());
             Ok(Requeue::await_change())
         }
-        DeleteStep::Wait => Ok(Requeue::requeue(ctx.settings.decide.poll)),
+        // An Err keeps the finalizer: the instance is not gone yet.
+        DeleteStep::Wait => Err(Error::Waiting {
+            object,
+            message: "waiting for the instance to finish terminating".into(),
+        }),
         DeleteStep::Stop(id) => {
-            ctx.ec2.stop(&id).await.map_err(|source| Error::Ec2 { what: "stopping the instance on delete", object: object.clone(), source })?;
-            ctx.publish(&obj, &Note { warning: false, reason: "Stopping", message: format!("deletionPolicy Stop: stopping instance {id}") }).await;
-            // Stopped (or stopping): the policy is carried out; one more pass removes the finalizer.
-            ctx.ec2.untrack(&id);
+            ctx.ec2.stop(&id).await.map_err(|source| Error::Ec2 {
+                what: "stopping the instance on delete",
+                object: object.clone(),
+                source,
+            })?;
+            ctx.publish(
+                &obj,
+                &Note {
+                    warning: false,
+                    reason: "Stopping",
+                    message: format!("deletionPolicy Stop: stopping instance {id}"),
+                },
+            )
+            .await;
+            ctx.ec2.release(&id).await.map_err(|source| Error::Ec2 {
+                what: "releasing the stopped instance",
+                object: object.clone(),
+                source,
+            })?;
             Ok(Requeue::await_change())
         }
         DeleteStep::Terminate(id) => {
-            ctx.ec2.terminate(&id).await.map_err(|source| Error::Ec2 { what: "terminating the instance", object: object.clone(), source })?;
-            ctx.publish(&obj, &Note { warning: false, reason: "Terminating", message: format!("deletionPolicy Terminate: terminating instance {id}") }).await;
+            ctx.ec2.terminate(&id).await.map_err(|source| Error::Ec2 {
+                what: "terminating the instance",
+                object: object.clone(),
+                source,
+            })?;
+            ctx.publish(
+                &obj,
+                &Note {
+                    warning: false,
+                    reason: "Terminating",
+                    message: format!("deletionPolicy Terminate: terminating instance {id}"),
+                },
+            )
+            .await;
             // Not done until EC2 says terminated: come back (an Err keeps the finalizer).
-            Err(Error::Waiting { object, message: format!("waiting for instance {id} to terminate") })
+            Err(Error::Waiting {
+                object,
+                message: format!("waiting for instance {id} to terminate"),
+            })
         }
     }
 }
 
 /// Finds instances the operator tagged whose Sandbox no longer exists: counts them, logs them,
 /// and terminates those it launched once they have been orphaned for the grace period.
-async fn orphan_sweep(ctx: Arc<Context>, store: Store<Sandbox>) {
+async fn orphan_sweep(ctx: Arc<Context>, namespace: Option<String>) {
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(ctx.settings.orphan_sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if store.wait_until_ready().await.is_err() {
-            return;
-        }
-        let uids: std::collections::HashSet<String> = store.state().iter().filter_map(|s| s.uid()).collect();
+        // One LIST per sweep, not the controller's cache: an instance is only called an orphan
+        // against an authoritative answer.
+        let api: Api<Sandbox> = match &namespace {
+            Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+            None => Api::all(ctx.client.clone()),
+        };
+        let uids: std::collections::HashSet<String> =
+            match api.list_metadata(&Default::default()).await {
+                Ok(list) => list.items.iter().filter_map(|s| s.uid()).collect(),
+                Err(e) => {
+                    warn!(error = %e, "orphan sweep: listing Sandboxes failed");
+                    continue;
+                }
+            };
         let instances = match ctx.ec2.list_managed().await {
             Ok(v) => v,
             Err(e) => {
@@ -636,30 +996,62 @@ async fn orphan_sweep(ctx: Arc<Context>, store: Store<Sandbox>) {
                 continue;
             }
         };
+        tracing::debug!(
+            instances = instances.len(),
+            sandboxes = uids.len(),
+            "orphan sweep"
+        );
         let mut orphans = 0;
         let mut seen = std::collections::HashSet::new();
         for inst in instances {
-            if matches!(inst.state, InstanceState::Terminated | InstanceState::ShuttingDown) {
+            if matches!(
+                inst.state,
+                InstanceState::Terminated | InstanceState::ShuttingDown
+            ) {
                 continue;
             }
-            let Some(uid) = inst.tags.get(ec2::TAG_UID) else { continue };
+            let Some(uid) = inst.tags.get(ec2::TAG_UID) else {
+                continue;
+            };
             if uids.contains(uid) {
+                continue;
+            }
+            // Watching one namespace, the operator knows only that namespace's Sandboxes.
+            if let Some(ns) = &namespace
+                && inst.tags.get(ec2::TAG_NAMESPACE) != Some(ns)
+            {
                 continue;
             }
             orphans += 1;
             seen.insert(inst.id.clone());
-            let since = *first_seen.entry(inst.id.clone()).or_insert_with(Instant::now);
+            let since = *first_seen
+                .entry(inst.id.clone())
+                .or_insert_with(Instant::now);
             let owner = format!(
                 "{}/{}",
-                inst.tags.get(ec2::TAG_NAMESPACE).map(String::as_str).unwrap_or("?"),
-                inst.tags.get(ec2::TAG_NAME).map(String::as_str).unwrap_or("?")
+                inst.tags
+                    .get(ec2::TAG_NAMESPACE)
+                    .map(String::as_str)
+                    .unwrap_or("?"),
+                inst.tags
+                    .get(ec2::TAG_NAME)
+                    .map(String::as_str)
+                    .unwrap_or("?")
             );
             match ctx.settings.orphan_grace {
-                Some(grace) if since.elapsed() >= grace => match ctx.ec2.terminate(&inst.id).await {
-                    Ok(()) => warn!(instance = %inst.id, sandbox = %owner, "terminated an orphaned instance (its Sandbox is gone)"),
-                    Err(e) => warn!(instance = %inst.id, error = %e, "terminating an orphaned instance failed"),
-                },
-                _ => warn!(instance = %inst.id, sandbox = %owner, "orphaned instance: tagged by the operator, but its Sandbox is gone"),
+                Some(grace) if since.elapsed() >= grace => {
+                    match ctx.ec2.terminate(&inst.id).await {
+                        Ok(()) => {
+                            warn!(instance = %inst.id, sandbox = %owner, "terminated an orphaned instance (its Sandbox is gone)")
+                        }
+                        Err(e) => {
+                            warn!(instance = %inst.id, error = %e, "terminating an orphaned instance failed")
+                        }
+                    }
+                }
+                _ => {
+                    warn!(instance = %inst.id, sandbox = %owner, "orphaned instance: tagged by the operator, but its Sandbox is gone")
+                }
             }
         }
         first_seen.retain(|id, _| seen.contains(id));
@@ -674,11 +1066,33 @@ async fn phase_gauges(ctx: Arc<Context>, store: Store<Sandbox>) {
         tick.tick().await;
         let mut counts: BTreeMap<String, i64> = BTreeMap::new();
         for s in store.state() {
-            let phase = s.status.as_ref().and_then(|st| st.phase).map(|p| format!("{p:?}")).unwrap_or_else(|| "Unknown".into());
+            let phase = s
+                .status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|| "Unknown".into());
             *counts.entry(phase).or_default() += 1;
         }
-        for phase in ["Provisioning", "Active", "Deploying", "Unhealthy", "Stopped", "Terminating", "Failed", "Unknown"] {
-            ctx.metrics.sandboxes.get_or_create(&crate::metrics::PhaseLabels { phase: phase.into() }).set(counts.get(phase).copied().unwrap_or(0));
+        for phase in [
+            "Provisioning",
+            "Active",
+            "Deploying",
+            "Unhealthy",
+            "Stopped",
+            "Terminating",
+            "Failed",
+            "Unknown",
+        ] {
+            ctx.metrics
+                .sandboxes
+                .get_or_create(&crate::metrics::PhaseLabels {
+                    phase: phase.into(),
+                })
+                .set(counts.get(phase).copied().unwrap_or(0));
         }
     }
 }
+
+#[cfg(test)]
+mod decide_tests;

@@ -603,9 +603,14 @@ class Faults:
         self.lock = threading.Lock()
         self.faults: list[dict[str, Any]] = []
         self.latency_ms: dict[str, float] = {}
+        # Added after the backend has acted, before the answer leaves: the window in which a
+        # client that is killed has changed EC2 without knowing it.
+        self.response_delay_ms: dict[str, float] = {}
 
     def add(self, body: dict[str, Any]) -> None:
-        unknown = set(body) - {"action", "code", "status", "message", "count", "latency_ms"}
+        unknown = set(body) - {
+            "action", "code", "status", "message", "count", "latency_ms", "response_delay_ms"
+        }
         if unknown:
             raise ValueError(f"unknown keys: {sorted(unknown)}")
         action = body.get("action")
@@ -613,8 +618,15 @@ class Faults:
             raise ValueError("action (an EC2 action name or \"*\") is required")
         code = body.get("code")
         latency = body.get("latency_ms")
-        if code is None and latency is None:
-            raise ValueError("give code (a fault) and/or latency_ms")
+        response_delay = body.get("response_delay_ms")
+        if code is None and latency is None and response_delay is None:
+            raise ValueError("give code (a fault), latency_ms and/or response_delay_ms")
+        if response_delay is not None and (
+            not isinstance(response_delay, (int, float))
+            or isinstance(response_delay, bool)
+            or response_delay < 0
+        ):
+            raise ValueError("response_delay_ms must be a number >= 0")
         fault = None
         if code is not None:
             if not isinstance(code, str) or not code:
@@ -649,11 +661,21 @@ class Faults:
                     self.latency_ms[action] = float(latency)
                 else:
                     self.latency_ms.pop(action, None)
+            if response_delay is not None:
+                if response_delay > 0:
+                    self.response_delay_ms[action] = float(response_delay)
+                else:
+                    self.response_delay_ms.pop(action, None)
 
     def clear(self) -> None:
         with self.lock:
             self.faults.clear()
             self.latency_ms.clear()
+            self.response_delay_ms.clear()
+
+    def response_delay_for(self, action: str) -> float:
+        with self.lock:
+            return self.response_delay_ms.get(action, self.response_delay_ms.get("*", 0.0))
 
     def latency_for(self, action: str) -> float:
         with self.lock:
@@ -673,7 +695,11 @@ class Faults:
 
     def as_dict(self) -> dict[str, Any]:
         with self.lock:
-            return {"faults": [dict(f) for f in self.faults], "latency_ms": dict(self.latency_ms)}
+            return {
+                "faults": [dict(f) for f in self.faults],
+                "latency_ms": dict(self.latency_ms),
+                "response_delay_ms": dict(self.response_delay_ms),
+            }
 
 
 class Counts:
@@ -802,6 +828,9 @@ class EndpointApp:
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         with self.moto_lock:
             chunks = list(self.moto_app(environ, start_response))
+        delay = self.faults.response_delay_for(action)
+        if delay > 0:
+            time.sleep(delay / 1000.0)
         return chunks
 
     # ---- control API

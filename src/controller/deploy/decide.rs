@@ -1,0 +1,636 @@
+//! The SandboxDeploy controller's decisions, as a pure function of plain data: the deploy's
+//! spec and status, what each target Sandbox reports, which sandboxes newer deploys claim, and
+//! the clock. The reconciler gathers the inputs, carries out the actions and writes the status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::conditions::{self, Desired, FALSE, TRUE};
+use crate::api::{
+    DeployPhase, DeployTarget, FailurePolicy, SandboxDeploySpec, SandboxDeployStatus, TargetPhase,
+};
+use crate::controller::sandbox::decide::deploy_state;
+use crate::util::parse_duration;
+
+/// Condition types.
+pub mod cond {
+    /// Rolling out (or waiting to).
+    pub const PROGRESSING: &str = "Progressing";
+    /// Finished with every target updated.
+    pub const COMPLETE: &str = "Complete";
+    /// A target failed.
+    pub const FAILED: &str = "Failed";
+    /// The summary.
+    pub const READY: &str = "Ready";
+}
+
+/// What one target Sandbox looks like now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TargetObs {
+    /// The Sandbox exists.
+    pub exists: bool,
+    /// `spec.image.tag`.
+    pub spec_tag: Option<String>,
+    /// The tag the agent reports running.
+    pub reported_tag: Option<String>,
+    /// The instance runs and the spec wants it running.
+    pub running: bool,
+    /// The Sandbox's own record of its last image deploy: (tag, state, attempt, message).
+    pub deploy: Option<(String, String, Option<String>, Option<String>)>,
+    /// The Sandbox's Ready condition is True.
+    pub ready: bool,
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Clone, Debug)]
+pub struct Inputs<'a> {
+    /// The spec.
+    pub spec: &'a SandboxDeploySpec,
+    /// The status as last written.
+    pub status: &'a SandboxDeployStatus,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The deploy's UID (attempt markers derive from it).
+    pub uid: &'a str,
+    /// The abort annotation is "true".
+    pub abort: bool,
+    /// The retry annotation's value.
+    pub retry: Option<&'a str>,
+    /// Sandboxes (by name) that the selector picks now, with what they look like: used when the
+    /// rollout starts.
+    pub selected: &'a BTreeMap<String, TargetObs>,
+    /// What each target looks like now, by name.
+    pub observed: &'a BTreeMap<String, TargetObs>,
+    /// Sandboxes a newer, still running deploy targets.
+    pub claimed_by_newer: &'a BTreeSet<String>,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// Something the reconciler must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Set the Sandbox's `spec.image.tag` (server-side apply, the deploy field manager), with
+    /// the attempt marker that lets the Sandbox controller retry a tag it failed before.
+    SetTag {
+        /// The Sandbox.
+        sandbox: String,
+        /// The tag.
+        tag: String,
+        /// The attempt marker.
+        attempt: String,
+    },
+}
+
+/// An Event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// The message.
+    pub message: String,
+}
+
+/// What [`decide`] returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The status to write.
+    pub status: SandboxDeployStatus,
+    /// What to do.
+    pub actions: Vec<Action>,
+    /// Events.
+    pub notes: Vec<Note>,
+    /// When to look again (None: only on change).
+    pub requeue: Option<Duration>,
+}
+
+/// Whether a deploy phase is final.
+pub fn finished(phase: Option<DeployPhase>) -> bool {
+    matches!(
+        phase,
+        Some(
+            DeployPhase::Succeeded
+                | DeployPhase::Failed
+                | DeployPhase::Aborted
+                | DeployPhase::Superseded
+        )
+    )
+}
+
+fn target_done(p: TargetPhase) -> bool {
+    matches!(
+        p,
+        TargetPhase::Succeeded
+            | TargetPhase::Failed
+            | TargetPhase::RolledBack
+            | TargetPhase::Deferred
+            | TargetPhase::Superseded
+    )
+}
+
+fn in_flight(p: TargetPhase) -> bool {
+    matches!(
+        p,
+        TargetPhase::Draining | TargetPhase::Deploying | TargetPhase::Verifying
+    )
+}
+
+fn failed(p: TargetPhase) -> bool {
+    matches!(p, TargetPhase::Failed | TargetPhase::RolledBack)
+}
+
+/// The wave size for `total` targets: a count, or a percent of the targets rounded up; at
+/// least 1.
+pub fn wave_size(max_unavailable: &IntOrString, total: usize) -> usize {
+    let n = match max_unavailable {
+        IntOrString::Int(n) => (*n).max(1) as usize,
+        IntOrString::String(s) => {
+            let pct: usize = s.trim_end_matches('%').parse().unwrap_or(100);
+            (total * pct).div_ceil(100)
+        }
+    };
+    n.max(1)
+}
+
+fn attempt_marker(uid: &str, retry: Option<&str>) -> String {
+    match retry {
+        Some(r) => format!("{uid}/{r}"),
+        None => format!("{uid}/0"),
+    }
+}
+
+/// The decision for one SandboxDeploy.
+pub fn decide(i: &Inputs<'_>) -> Decision {
+    let mut st = i.status.clone();
+    st.observed_generation = i.generation;
+    let now = i.now;
+    let mut actions = Vec::new();
+    let mut notes = Vec::new();
+    let tag = i.spec.image.tag.clone();
+    let mut cs = std::mem::take(&mut st.conditions);
+    let set = |cs: &mut Vec<_>, t, s, r, m: String| {
+        conditions::set(
+            cs,
+            Desired {
+                type_: t,
+                status: s,
+                reason: r,
+                message: m,
+            },
+            i.generation,
+            now,
+        );
+    };
+
+    // A retry puts the failed targets back in line, once per annotation value.
+    let retry_new = i
+        .retry
+        .is_some_and(|r| !r.is_empty() && st.last_retry.as_deref() != Some(r));
+    if retry_new && st.targets.iter().any(|t| failed(t.phase)) && !i.abort {
+        let next_wave = st.targets.iter().filter_map(|t| t.wave).max().unwrap_or(0) + 1;
+        let size = wave_size(&i.spec.strategy.max_unavailable, st.targets.len());
+        let mut k = 0;
+        for t in st.targets.iter_mut().filter(|t| failed(t.phase)) {
+            t.phase = TargetPhase::Pending;
+            t.wave = Some(next_wave + (k / size) as i32);
+            t.started_at = None;
+            t.finished_at = None;
+            t.message = Some("retrying".into());
+            k += 1;
+        }
+        st.phase = Some(DeployPhase::Progressing);
+        st.finished_at = None;
+        notes.push(Note {
+            warning: false,
+            reason: "Retrying",
+            message: format!("retrying {k} failed targets"),
+        });
+    }
+    if i.retry.is_some() && retry_new {
+        st.last_retry = i.retry.map(str::to_string);
+    }
+    let attempt = attempt_marker(i.uid, st.last_retry.as_deref());
+
+    if finished(st.phase) {
+        st.conditions = cs;
+        return Decision {
+            status: st,
+            actions,
+            notes,
+            requeue: None,
+        };
+    }
+
+    // ---- Before the first wave. ----
+    if st.started_at.is_none() {
+        if i.abort {
+            st.phase = Some(DeployPhase::Aborted);
+            st.finished_at = Some(Time(now));
+            st.message = Some("aborted before it started".into());
+            finish_conditions(&mut cs, &st, i, now);
+            st.conditions = cs;
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: None,
+            };
+        }
+        if i.spec.paused {
+            st.phase = Some(DeployPhase::AwaitingApproval);
+            st.message = Some(format!(
+                "waiting for approval: set spec.paused to false to roll out {tag}"
+            ));
+            set(
+                &mut cs,
+                cond::PROGRESSING,
+                FALSE,
+                "AwaitingApproval",
+                st.message.clone().unwrap(),
+            );
+            set(
+                &mut cs,
+                cond::READY,
+                FALSE,
+                "AwaitingApproval",
+                st.message.clone().unwrap(),
+            );
+            st.conditions = cs;
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: None,
+            };
+        }
+        // Start: choose the targets now, in name order, in waves.
+        let size = wave_size(&i.spec.strategy.max_unavailable, i.selected.len());
+        st.targets = i
+            .selected
+            .iter()
+            .enumerate()
+            .map(|(n, (name, obs))| DeployTarget {
+                name: name.clone(),
+                phase: TargetPhase::Pending,
+                from_tag: obs.spec_tag.clone().or_else(|| obs.reported_tag.clone()),
+                wave: Some((n / size) as i32 + 1),
+                started_at: None,
+                finished_at: None,
+                message: None,
+            })
+            .collect();
+        st.started_at = Some(Time(now));
+        st.total = st.targets.len() as i32;
+        st.phase = Some(DeployPhase::Progressing);
+        if st.targets.is_empty() {
+            st.phase = Some(DeployPhase::Succeeded);
+            st.finished_at = Some(Time(now));
+            st.message = Some("the selector matched no sandboxes: nothing to do".into());
+            notes.push(Note {
+                warning: false,
+                reason: "NoTargets",
+                message: st.message.clone().unwrap(),
+            });
+            finish_conditions(&mut cs, &st, i, now);
+            st.conditions = cs;
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: None,
+            };
+        }
+        let waves = st.targets.iter().filter_map(|t| t.wave).max().unwrap_or(1);
+        notes.push(Note {
+            warning: false,
+            reason: "RolloutStarted",
+            message: format!(
+                "rolling {tag} to {} sandboxes in {waves} waves of at most {size}",
+                st.targets.len()
+            ),
+        });
+    }
+
+    // ---- Follow every started target. ----
+    let deadline =
+        parse_duration(&i.spec.strategy.target_deadline).unwrap_or(Duration::from_secs(900));
+    let empty = TargetObs::default();
+    for t in st.targets.iter_mut() {
+        let obs = i.observed.get(&t.name).unwrap_or(&empty);
+        if t.phase == TargetPhase::Pending && i.claimed_by_newer.contains(&t.name) {
+            t.phase = TargetPhase::Superseded;
+            t.message = Some("a newer SandboxDeploy took this sandbox over".into());
+            continue;
+        }
+        if !in_flight(t.phase) {
+            continue;
+        }
+        let fail = |t: &mut DeployTarget, msg: String, notes: &mut Vec<Note>| {
+            t.phase = TargetPhase::Failed;
+            t.finished_at = Some(Time(now));
+            notes.push(Note {
+                warning: true,
+                reason: "TargetFailed",
+                message: format!("{}: {msg}", t.name),
+            });
+            t.message = Some(msg);
+        };
+        if !obs.exists {
+            fail(t, "the Sandbox was deleted".into(), &mut notes);
+            continue;
+        }
+        if obs.spec_tag.as_deref() != Some(tag.as_str()) {
+            t.phase = TargetPhase::Superseded;
+            t.finished_at = Some(Time(now));
+            t.message = Some(format!(
+                "spec.image.tag was changed to {} by someone else",
+                obs.spec_tag.as_deref().unwrap_or("nothing")
+            ));
+            continue;
+        }
+        let record = obs
+            .deploy
+            .as_ref()
+            .filter(|(dt, _, att, _)| dt == &tag && att.as_deref().is_none_or(|a| a == attempt));
+        match record.map(|(_, s, _, m)| (s.as_str(), m.clone())) {
+            Some((deploy_state::DRAINING, _)) => t.phase = TargetPhase::Draining,
+            Some((deploy_state::DEPLOYING, _)) => t.phase = TargetPhase::Deploying,
+            Some((deploy_state::VERIFYING, _)) => t.phase = TargetPhase::Verifying,
+            Some((deploy_state::SUCCEEDED, _)) => {
+                t.phase = TargetPhase::Succeeded;
+                t.finished_at = Some(Time(now));
+                t.message = Some(format!("running {tag}"));
+            }
+            Some((deploy_state::FAILED | deploy_state::ROLLED_BACK, m)) => {
+                let why = m.unwrap_or_else(|| "the deploy failed".into());
+                match (&t.from_tag, i.spec.strategy.auto_rollback) {
+                    (Some(from), true) if from != &tag => {
+                        actions.push(Action::SetTag {
+                            sandbox: t.name.clone(),
+                            tag: from.clone(),
+                            attempt: attempt.clone(),
+                        });
+                        t.phase = TargetPhase::RolledBack;
+                        t.finished_at = Some(Time(now));
+                        notes.push(Note {
+                            warning: true,
+                            reason: "TargetRolledBack",
+                            message: format!("{}: {why}; set back to {from}", t.name),
+                        });
+                        t.message = Some(format!("{why}; set back to {from}"));
+                    }
+                    _ => fail(t, why, &mut notes),
+                }
+            }
+            _ => {
+                if obs.reported_tag.as_deref() == Some(tag.as_str())
+                    && obs.ready
+                    && record.is_none()
+                {
+                    t.phase = TargetPhase::Succeeded;
+                    t.finished_at = Some(Time(now));
+                    t.message = Some(format!("already running {tag}"));
+                } else if !obs.running {
+                    t.phase = TargetPhase::Deferred;
+                    t.message = Some(format!("stopped: it gets {tag} when it starts"));
+                }
+            }
+        }
+        if in_flight(t.phase)
+            && let Some(start) = &t.started_at
+            && now.as_second() - start.0.as_second() >= deadline.as_secs() as i64
+        {
+            fail(
+                t,
+                format!(
+                    "not done within targetDeadline {}",
+                    i.spec.strategy.target_deadline
+                ),
+                &mut notes,
+            );
+        }
+    }
+
+    // ---- Abort, halt, pause, next wave. ----
+    let any_failed = st.targets.iter().any(|t| failed(t.phase));
+    let flying = st.targets.iter().any(|t| in_flight(t.phase));
+    let current = st.wave.unwrap_or(0);
+    let wave_done = st
+        .targets
+        .iter()
+        .filter(|t| t.wave == Some(current))
+        .all(|t| target_done(t.phase) || t.phase == TargetPhase::Pending && current == 0);
+    let pending: Vec<i32> = st
+        .targets
+        .iter()
+        .filter(|t| t.phase == TargetPhase::Pending)
+        .filter_map(|t| t.wave)
+        .collect();
+    if i.abort {
+        st.phase = Some(DeployPhase::Aborted);
+        st.finished_at = Some(Time(now));
+        st.message = Some(if flying {
+            "aborted: no new target starts; those deploying finish on their own".into()
+        } else {
+            "aborted".into()
+        });
+        notes.push(Note {
+            warning: true,
+            reason: "Aborted",
+            message: st.message.clone().unwrap(),
+        });
+    } else if any_failed
+        && i.spec.strategy.failure_policy == FailurePolicy::Halt
+        && !pending.is_empty()
+    {
+        if !flying {
+            st.phase = Some(DeployPhase::Failed);
+            st.finished_at = Some(Time(now));
+            st.message = Some(format!(
+                "halted after a failure; {} targets left pending",
+                pending.len()
+            ));
+            notes.push(Note {
+                warning: true,
+                reason: "Halted",
+                message: st.message.clone().unwrap(),
+            });
+        }
+    } else if wave_done && !pending.is_empty() {
+        let next = pending.iter().copied().min().unwrap_or(current + 1);
+        if i.spec.paused {
+            st.phase = Some(DeployPhase::Paused);
+            st.message = Some(format!("paused before wave {next}"));
+        } else {
+            st.phase = Some(DeployPhase::Progressing);
+            st.wave = Some(next);
+            let mut started = 0;
+            for t in st
+                .targets
+                .iter_mut()
+                .filter(|t| t.wave == Some(next) && t.phase == TargetPhase::Pending)
+            {
+                let obs = i.observed.get(&t.name).unwrap_or(&empty);
+                if !obs.exists {
+                    t.phase = TargetPhase::Failed;
+                    t.message = Some("the Sandbox was deleted".into());
+                    continue;
+                }
+                actions.push(Action::SetTag {
+                    sandbox: t.name.clone(),
+                    tag: tag.clone(),
+                    attempt: attempt.clone(),
+                });
+                t.started_at = Some(Time(now));
+                if obs.running {
+                    t.phase = TargetPhase::Draining;
+                    t.message = Some(format!("deploying {tag}"));
+                } else {
+                    t.phase = TargetPhase::Deferred;
+                    t.finished_at = Some(Time(now));
+                    t.message = Some(format!("stopped: it gets {tag} when it starts"));
+                }
+                started += 1;
+            }
+            st.message = Some(format!("wave {next}: {started} targets"));
+            notes.push(Note {
+                warning: false,
+                reason: "WaveStarted",
+                message: format!("wave {next}: deploying {tag} to {started} sandboxes"),
+            });
+        }
+    } else if pending.is_empty() && !flying {
+        let superseded = st
+            .targets
+            .iter()
+            .filter(|t| t.phase == TargetPhase::Superseded)
+            .count();
+        st.finished_at = Some(Time(now));
+        st.phase = Some(if any_failed {
+            DeployPhase::Failed
+        } else if superseded > 0 {
+            // Nothing is left to this one: a newer deploy took over what it had not done.
+            DeployPhase::Superseded
+        } else {
+            DeployPhase::Succeeded
+        });
+        st.message = Some(match st.phase {
+            Some(DeployPhase::Failed) => "finished with failed targets".into(),
+            Some(DeployPhase::Superseded) => "a newer deploy took over every target".into(),
+            _ => format!("{tag} rolled out"),
+        });
+        notes.push(Note {
+            warning: any_failed,
+            reason: if any_failed {
+                "RolloutFailed"
+            } else {
+                "RolloutFinished"
+            },
+            message: st.message.clone().unwrap(),
+        });
+    } else if i.spec.paused && !flying {
+        st.phase = Some(DeployPhase::Paused);
+    } else {
+        st.phase = Some(DeployPhase::Progressing);
+    }
+
+    st.total = st.targets.len() as i32;
+    st.updated = st
+        .targets
+        .iter()
+        .filter(|t| t.phase == TargetPhase::Succeeded)
+        .count() as i32;
+    st.failed = st.targets.iter().filter(|t| failed(t.phase)).count() as i32;
+    if finished(st.phase) {
+        finish_conditions(&mut cs, &st, i, now);
+    } else {
+        let msg = format!("{}/{} updated", st.updated, st.total);
+        match st.phase {
+            Some(DeployPhase::Paused) => {
+                set(
+                    &mut cs,
+                    cond::PROGRESSING,
+                    FALSE,
+                    "Paused",
+                    st.message.clone().unwrap_or_default(),
+                );
+                set(&mut cs, cond::READY, FALSE, "Paused", msg);
+            }
+            _ => {
+                set(&mut cs, cond::PROGRESSING, TRUE, "Progressing", msg.clone());
+                set(&mut cs, cond::READY, FALSE, "Progressing", msg);
+            }
+        }
+        if st.failed > 0 {
+            set(
+                &mut cs,
+                cond::FAILED,
+                TRUE,
+                "TargetFailed",
+                format!("{} targets failed", st.failed),
+            );
+        }
+    }
+    st.conditions = cs;
+    let requeue = (!finished(st.phase)).then_some(Duration::from_secs(2));
+    Decision {
+        status: st,
+        actions,
+        notes,
+        requeue,
+    }
+}
+
+fn finish_conditions(
+    cs: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    st: &SandboxDeployStatus,
+    i: &Inputs<'_>,
+    now: Timestamp,
+) {
+    let set = |cs: &mut Vec<_>, t, s, r, m: String| {
+        conditions::set(
+            cs,
+            Desired {
+                type_: t,
+                status: s,
+                reason: r,
+                message: m,
+            },
+            i.generation,
+            now,
+        );
+    };
+    let msg = st.message.clone().unwrap_or_default();
+    let counts = format!("{}/{} updated, {} failed", st.updated, st.total, st.failed);
+    match st.phase {
+        Some(DeployPhase::Succeeded) => {
+            set(cs, cond::PROGRESSING, FALSE, "Finished", counts.clone());
+            set(cs, cond::COMPLETE, TRUE, "Succeeded", msg.clone());
+            set(cs, cond::FAILED, FALSE, "NoFailures", counts.clone());
+            set(cs, cond::READY, TRUE, "Succeeded", msg);
+        }
+        Some(DeployPhase::Failed) => {
+            set(cs, cond::PROGRESSING, FALSE, "Finished", counts.clone());
+            set(cs, cond::COMPLETE, FALSE, "Failed", counts.clone());
+            set(cs, cond::FAILED, TRUE, "TargetFailed", msg.clone());
+            set(cs, cond::READY, FALSE, "Failed", msg);
+        }
+        Some(DeployPhase::Aborted) => {
+            set(cs, cond::PROGRESSING, FALSE, "Aborted", msg.clone());
+            set(cs, cond::COMPLETE, FALSE, "Aborted", counts);
+            set(cs, cond::READY, FALSE, "Aborted", msg);
+        }
+        Some(DeployPhase::Superseded) => {
+            set(cs, cond::PROGRESSING, FALSE, "Superseded", msg.clone());
+            set(cs, cond::COMPLETE, FALSE, "Superseded", counts);
+            set(cs, cond::READY, TRUE, "Superseded", msg);
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,697 @@
+//! Unit tests of the Sandbox decisions: every phase transition, from plain data.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::decide::*;
+use crate::agent::protocol::{Check, DeployInfo, DeployState, DeployStep, HealthReport};
+use crate::api::conditions;
+use crate::api::{
+    AgentHealth, AutoStopSpec, DeletionPolicy, Environment, ImageSpec, ManagementPolicy,
+    PowerState, SandboxPhase, SandboxSpec, SandboxStatus,
+};
+use crate::ec2::{Instance, InstanceState};
+
+fn t(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + secs).unwrap()
+}
+
+fn spec() -> SandboxSpec {
+    serde_json::from_value(serde_json::json!({
+        "environment": "staging",
+        "instanceType": "t3.large",
+        "launch": {"imageId": "ami-0123456789abcdef0"},
+    }))
+    .unwrap()
+}
+
+fn adopted_spec() -> SandboxSpec {
+    SandboxSpec {
+        launch: None,
+        instance_id: Some("i-0123456789abcdef0".into()),
+        ..spec()
+    }
+}
+
+fn inst(state: InstanceState) -> Instance {
+    Instance {
+        id: "i-0123456789abcdef0".into(),
+        state,
+        instance_type: Some("t3.large".into()),
+        private_ip: Some("10.0.0.5".into()),
+        public_ip: Some("54.1.2.3".into()),
+        private_dns: None,
+        public_dns: None,
+        availability_zone: Some("us-east-1a".into()),
+        launch_time: Some(t(-100)),
+        spot: false,
+        tags: BTreeMap::new(),
+    }
+}
+
+fn report(active: u32, tag: &str) -> HealthReport {
+    HealthReport {
+        status: "ok".into(),
+        cpu: 12.0,
+        memory_total_mb: 8000.0,
+        memory_used_mb: 2000.0,
+        disk_total_gb: 100.0,
+        disk_used_gb: 20.0,
+        active_workers: Some(active),
+        uptime: 3600.0,
+        image_tag: Some(tag.into()),
+        agent_version: Some("0.1.0".into()),
+        ..Default::default()
+    }
+}
+
+struct Case {
+    spec: SandboxSpec,
+    status: SandboxStatus,
+    instance: InstanceObs,
+    probe: ProbeObs,
+    start_request: Option<String>,
+    deploy_attempt: Option<String>,
+    rejection: Option<Rejection>,
+    now: Timestamp,
+    settings: Settings,
+}
+
+impl Case {
+    fn new(instance: InstanceObs) -> Self {
+        Self {
+            spec: spec(),
+            status: SandboxStatus::default(),
+            instance,
+            probe: ProbeObs::NotProbed,
+            start_request: None,
+            deploy_attempt: None,
+            rejection: None,
+            now: t(0),
+            settings: Settings::default(),
+        }
+    }
+    fn run(&self) -> Decision {
+        decide(&Inputs {
+            spec: &self.spec,
+            generation: Some(1),
+            start_request: self.start_request.as_deref(),
+            deploy_attempt: self.deploy_attempt.as_deref(),
+            status: &self.status,
+            instance: &self.instance,
+            probe: &self.probe,
+            agent_url: Some("http://10.0.0.5:8000"),
+            launch_rejection: self.rejection.as_ref(),
+            now: self.now,
+            settings: &self.settings,
+        })
+    }
+    /// Runs, then carries the status forward (as the reconciler writes it) for the next step.
+    fn step(&mut self) -> Decision {
+        let d = self.run();
+        self.status = d.status.clone();
+        d
+    }
+}
+
+fn cond<'a>(
+    d: &'a Decision,
+    t: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    conditions::get(&d.status.conditions, t)
+        .unwrap_or_else(|| panic!("no {t} condition in {:?}", d.status.conditions))
+}
+
+#[test]
+fn no_instance_is_provisioning() {
+    let d = Case::new(InstanceObs::NoInstance).run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Provisioning));
+    assert_eq!(cond(&d, cond::READY).status, "False");
+    assert_eq!(cond(&d, cond::READY).reason, "Launching");
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn launch_refused_by_aws_is_reported_with_aws_reason() {
+    let mut c = Case::new(InstanceObs::NoInstance);
+    c.rejection = Some(Rejection {
+        code: "InvalidAMIID.NotFound".into(),
+        message: "The image id does not exist".into(),
+    });
+    let d = c.run();
+    assert_eq!(cond(&d, cond::READY).reason, "LaunchFailed");
+    assert!(
+        cond(&d, cond::READY)
+            .message
+            .contains("InvalidAMIID.NotFound")
+    );
+    assert!(
+        cond(&d, cond::INSTANCE_RUNNING)
+            .message
+            .contains("The image id does not exist")
+    );
+}
+
+#[test]
+fn adopting_an_unknown_id_is_not_ready_and_launches_nothing() {
+    let mut c = Case::new(InstanceObs::Missing {
+        id: "i-0123456789abcdef0".into(),
+    });
+    c.spec = adopted_spec();
+    let d = c.run();
+    assert_eq!(cond(&d, cond::READY).reason, "InstanceNotFound");
+    assert!(d.actions.is_empty());
+    assert_ne!(d.status.phase, Some(SandboxPhase::Failed));
+}
+
+#[test]
+fn a_launched_instance_that_vanished_is_failed_not_replaced() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.step();
+    c.instance = InstanceObs::Missing {
+        id: "i-0123456789abcdef0".into(),
+    };
+    let d = c.run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Failed));
+    assert_eq!(d.status.failure_reason.as_deref(), Some("InstanceNotFound"));
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn pending_is_provisioning_and_polls() {
+    let d = Case::new(InstanceObs::Found(inst(InstanceState::Pending))).run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Provisioning));
+    assert_eq!(cond(&d, cond::INSTANCE_RUNNING).reason, "Pending");
+    assert_eq!(d.requeue, Settings::default().poll);
+}
+
+#[test]
+fn running_with_a_healthy_agent_is_active_and_ready() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.probe = ProbeObs::Report(Box::new(report(1, "v1")));
+    let d = c.run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Active));
+    assert_eq!(cond(&d, cond::READY).status, "True");
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).status, "True");
+    assert_eq!(cond(&d, cond::INSTANCE_RUNNING).status, "True");
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "NoImageDeclared");
+    assert!(d.status.last_started_at.is_some());
+    assert_eq!(
+        d.status.no_vnc_url.as_deref(),
+        Some("http://54.1.2.3:6080/vnc.html")
+    );
+    let agent = d.status.agent.unwrap();
+    assert_eq!(agent.memory_percent, Some(25));
+    assert_eq!(agent.active_workers, Some(1));
+}
+
+#[test]
+fn running_before_the_first_probe_is_provisioning() {
+    let d = Case::new(InstanceObs::Found(inst(InstanceState::Running))).run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Provisioning));
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).reason, "AwaitingFirstProbe");
+    assert_eq!(cond(&d, cond::READY).status, "False");
+}
+
+#[test]
+fn spec_stopped_stops_a_running_instance_then_reads_ready_when_stopped() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.power_state = PowerState::Stopped;
+    let d = c.step();
+    assert_eq!(
+        d.actions,
+        vec![Action::Stop {
+            id: "i-0123456789abcdef0".into(),
+            reason: stop_reason::REQUESTED
+        }]
+    );
+    assert_eq!(
+        d.status.stop_reason.as_deref(),
+        Some(stop_reason::REQUESTED)
+    );
+    c.instance = InstanceObs::Found(inst(InstanceState::Stopping));
+    let d = c.step();
+    assert!(d.actions.is_empty());
+    assert_eq!(d.status.phase, Some(SandboxPhase::Stopped));
+    assert_eq!(cond(&d, cond::READY).status, "False");
+    c.instance = InstanceObs::Found(inst(InstanceState::Stopped));
+    let d = c.step();
+    assert!(d.actions.is_empty(), "no start while the spec says Stopped");
+    assert_eq!(cond(&d, cond::READY).status, "True");
+    assert_eq!(cond(&d, cond::READY).reason, "Stopped");
+    assert!(d.status.last_stopped_at.is_some());
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).status, "Unknown");
+}
+
+#[test]
+fn spec_running_starts_a_stopped_instance() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
+    c.status.stop_reason = Some(stop_reason::REQUESTED.into());
+    let d = c.run();
+    assert_eq!(
+        d.actions,
+        vec![Action::Start {
+            id: "i-0123456789abcdef0".into(),
+            why: StartWhy::Requested
+        }]
+    );
+}
+
+#[test]
+fn an_external_stop_is_undone_with_its_own_reason() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    c.step();
+    c.probe = ProbeObs::NotProbed;
+    c.instance = InstanceObs::Found(inst(InstanceState::Stopped));
+    let d = c.run();
+    assert_eq!(
+        d.actions,
+        vec![Action::Start {
+            id: "i-0123456789abcdef0".into(),
+            why: StartWhy::RestartAfterExternalStop
+        }]
+    );
+}
+
+#[test]
+fn an_external_terminate_is_failed_and_never_relaunched() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.step();
+    c.instance = InstanceObs::Found(inst(InstanceState::Terminated));
+    let d = c.step();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Failed));
+    assert_eq!(
+        d.status.failure_reason.as_deref(),
+        Some("InstanceTerminated")
+    );
+    assert!(d.actions.is_empty());
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.reason == "InstanceTerminated" && n.warning)
+    );
+    // Seen again: no second event.
+    let d = c.run();
+    assert!(d.notes.is_empty());
+}
+
+#[test]
+fn unhealthy_only_after_failure_threshold_and_back_on_success() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    c.step();
+    c.probe = ProbeObs::Failed("connection refused".into());
+    for n in 1..3 {
+        let d = c.step();
+        assert_eq!(
+            d.status.phase,
+            Some(SandboxPhase::Active),
+            "after {n} failures"
+        );
+        assert_eq!(cond(&d, cond::AGENT_HEALTHY).status, "True");
+        assert_eq!(d.status.agent.as_ref().unwrap().consecutive_failures, n);
+    }
+    let d = c.step();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Unhealthy));
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).status, "False");
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).reason, "ProbeFailed");
+    assert!(d.notes.iter().any(|n| n.reason == "AgentUnhealthy"));
+    assert_eq!(cond(&d, cond::READY).status, "False");
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.step();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Active));
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).status, "True");
+    assert!(d.notes.iter().any(|n| n.reason == "AgentRecovered"));
+}
+
+#[test]
+fn no_health_verdict_while_not_running() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
+    c.spec.power_state = PowerState::Stopped;
+    c.status.stop_reason = Some(stop_reason::REQUESTED.into());
+    let d = c.run();
+    assert_ne!(d.status.phase, Some(SandboxPhase::Unhealthy));
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).status, "Unknown");
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).reason, "InstanceNotRunning");
+}
+
+#[test]
+fn disk_at_ninety_percent_reads_degraded() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    let mut r = report(0, "v1");
+    r.disk_used_gb = 93.0;
+    r.checks = vec![Check::fail("disk", "93% used")];
+    c.probe = ProbeObs::Report(Box::new(r));
+    let d = c.run();
+    assert_eq!(
+        d.status.agent.as_ref().unwrap().health,
+        AgentHealth::Degraded
+    );
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).reason, "Degraded");
+    assert_eq!(d.status.phase, Some(SandboxPhase::Active));
+}
+
+#[test]
+fn a_failing_check_makes_the_agent_unhealthy_and_names_the_check() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    let mut r = report(0, "v1");
+    r.checks = vec![
+        Check::pass("display", ":99 up"),
+        Check::fail("vnc", "x11vnc is not running"),
+    ];
+    c.probe = ProbeObs::Report(Box::new(r));
+    let d = c.run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Unhealthy));
+    let m = &cond(&d, cond::AGENT_HEALTHY).message;
+    assert!(m.contains("vnc: x11vnc is not running"), "{m}");
+}
+
+#[test]
+fn the_old_health_server_json_is_healthy() {
+    let old: HealthReport = serde_json::from_value(serde_json::json!({
+        "status": "ok", "cpu": 5.5, "memoryTotalMb": 7900, "memoryUsedMb": 3000, "diskTotalGb": 50,
+        "diskUsedGb": 20, "adspowerStatus": "running", "activeProfiles": 1, "activeWorkers": 0, "uptime": 1000
+    }))
+    .unwrap();
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.probe = ProbeObs::Report(Box::new(old));
+    let d = c.run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Active));
+    assert_eq!(
+        d.status.agent.unwrap().browser_status.as_deref(),
+        Some("running")
+    );
+}
+
+#[test]
+fn missing_token_secret_is_reported_by_name() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.probe = ProbeObs::Misconfigured {
+        reason: "TokenSecretMissing".into(),
+        message: "the agent token Secret ns/agent-token does not exist".into(),
+    };
+    let d = c.run();
+    assert_eq!(cond(&d, cond::AGENT_HEALTHY).reason, "TokenSecretMissing");
+    assert!(
+        cond(&d, cond::AGENT_HEALTHY)
+            .message
+            .contains("ns/agent-token")
+    );
+}
+
+#[test]
+fn auto_stop_after_idle_period_and_wake_by_annotation() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.auto_stop = Some(AutoStopSpec {
+        idle_after: "10m".into(),
+    });
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.step();
+    assert_eq!(d.status.idle_since.as_ref().map(|t| t.0), Some(t(0)));
+    assert_eq!(cond(&d, cond::IDLE).status, "True");
+    assert!(d.actions.is_empty());
+    assert!(d.requeue <= Duration::from_secs(600));
+    // An active worker resets the clock.
+    c.now = t(300);
+    c.probe = ProbeObs::Report(Box::new(report(2, "v1")));
+    let d = c.step();
+    assert_eq!(d.status.idle_since, None);
+    assert_eq!(cond(&d, cond::IDLE).status, "False");
+    // Idle again from 400; at 1000 it has been idle for 600 s: stop.
+    c.now = t(400);
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    c.step();
+    c.now = t(999);
+    assert!(c.run().actions.is_empty());
+    c.now = t(1000);
+    let d = c.step();
+    assert_eq!(
+        d.actions,
+        vec![Action::Stop {
+            id: "i-0123456789abcdef0".into(),
+            reason: stop_reason::IDLE
+        }]
+    );
+    assert_eq!(d.status.stop_reason.as_deref(), Some(stop_reason::IDLE));
+    assert!(d.notes.iter().any(|n| n.reason == "IdleStop"));
+    // Stopped by auto-stop: stays stopped although the spec says Running.
+    c.probe = ProbeObs::NotProbed;
+    c.instance = InstanceObs::Found(inst(InstanceState::Stopped));
+    let d = c.step();
+    assert!(d.actions.is_empty());
+    assert_eq!(cond(&d, cond::IDLE).reason, "IdleStopped");
+    assert_eq!(cond(&d, cond::READY).status, "True");
+    // A start request wakes it once.
+    c.start_request = Some("2026-11-22T10:00:00Z".into());
+    let d = c.step();
+    assert_eq!(
+        d.actions,
+        vec![Action::Start {
+            id: "i-0123456789abcdef0".into(),
+            why: StartWhy::Woken
+        }]
+    );
+    assert_eq!(
+        d.status.last_start_request.as_deref(),
+        Some("2026-11-22T10:00:00Z")
+    );
+    assert_eq!(d.status.stop_reason, None);
+}
+
+fn deploy_info(tag: &str, state: DeployState) -> DeployInfo {
+    DeployInfo {
+        id: "d-1".into(),
+        tag: tag.into(),
+        previous_tag: Some("v1".into()),
+        state,
+        step: DeployStep::HealthCheck,
+        message: match state {
+            DeployState::RolledBack => "health check failed; rolled back to v1".into(),
+            _ => String::new(),
+        },
+        started_at: t(0),
+        finished_at: None,
+        steps: vec![],
+    }
+}
+
+#[test]
+fn image_deploy_drains_deploys_and_verifies() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    c.probe = ProbeObs::Report(Box::new(report(1, "v1")));
+    let d = c.step();
+    assert_eq!(d.actions, vec![Action::Drain]);
+    assert_eq!(d.status.phase, Some(SandboxPhase::Deploying));
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::DRAINING
+    );
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().previous_tag.as_deref(),
+        Some("v1")
+    );
+    // Still one worker: wait.
+    let d = c.step();
+    assert!(d.actions.is_empty());
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "Draining");
+    // Drained: deploy.
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.step();
+    assert_eq!(d.actions, vec![Action::Deploy { tag: "v2".into() }]);
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::DEPLOYING
+    );
+    // The agent reports it running, then done with the new tag.
+    let mut r = report(0, "v1");
+    r.deploy = Some(deploy_info("v2", DeployState::Running));
+    c.probe = ProbeObs::Report(Box::new(r));
+    let d = c.step();
+    assert!(d.actions.is_empty());
+    assert_eq!(d.status.phase, Some(SandboxPhase::Deploying));
+    let mut r = report(0, "v2");
+    r.deploy = Some(deploy_info("v2", DeployState::Succeeded));
+    c.probe = ProbeObs::Report(Box::new(r));
+    let d = c.step();
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::SUCCEEDED
+    );
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).status, "True");
+    assert_eq!(d.status.phase, Some(SandboxPhase::Active));
+    assert_eq!(cond(&d, cond::READY).status, "True");
+    assert!(d.notes.iter().any(|n| n.reason == "DeploySucceeded"));
+}
+
+#[test]
+fn a_rolled_back_deploy_is_recorded_and_not_retried() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    c.step(); // Draining
+    let d = c.step(); // Deploying
+    assert_eq!(d.actions, vec![Action::Deploy { tag: "v2".into() }]);
+    let mut r = report(0, "v1");
+    r.deploy = Some(deploy_info("v2", DeployState::RolledBack));
+    c.probe = ProbeObs::Report(Box::new(r.clone()));
+    let d = c.step();
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::ROLLED_BACK
+    );
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "DeployFailed");
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.reason == "DeployFailed" && n.warning)
+    );
+    for _ in 0..3 {
+        let d = c.step();
+        assert!(d.actions.is_empty(), "a failed tag must not be retried");
+        assert_eq!(d.status.phase, Some(SandboxPhase::Active));
+        assert_eq!(cond(&d, cond::READY).status, "False");
+    }
+    // A new attempt marker (a deploy's retry) tries the same tag again, once.
+    c.deploy_attempt = Some("deploy-uid/retry-1".into());
+    assert_eq!(c.step().actions, vec![Action::Drain]);
+    assert_eq!(
+        c.status.deploy.as_ref().unwrap().attempt.as_deref(),
+        Some("deploy-uid/retry-1")
+    );
+    // A new tag tries again.
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v3".into(),
+    });
+    assert_eq!(c.run().actions, vec![Action::Drain]);
+}
+
+#[test]
+fn a_drain_that_never_ends_fails_the_deploy() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    c.probe = ProbeObs::Report(Box::new(report(3, "v1")));
+    c.step();
+    c.now = t(301);
+    let d = c.step();
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::FAILED
+    );
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn observe_only_never_acts() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
+    c.spec = adopted_spec();
+    c.spec.management_policy = ManagementPolicy::ObserveOnly;
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    assert!(c.run().actions.is_empty());
+    c.instance = InstanceObs::Found(inst(InstanceState::Running));
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.run();
+    assert!(d.actions.is_empty());
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "ObserveOnly");
+}
+
+#[test]
+fn probe_noise_is_not_a_material_change() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let first = c.step().status;
+    let mut r = report(0, "v1");
+    r.cpu = 14.0; // 12 -> 14: noise
+    c.probe = ProbeObs::Report(Box::new(r));
+    c.now = t(30);
+    let second = c.run().status;
+    assert!(
+        !material_change(&first, &second),
+        "a probe that found nothing new must not write status"
+    );
+    let mut r = report(3, "v1"); // new active workers: a change
+    r.cpu = 14.0;
+    c.probe = ProbeObs::Report(Box::new(r));
+    assert!(material_change(&first, &c.run().status));
+    let mut r = report(0, "v1");
+    r.cpu = 60.0;
+    c.probe = ProbeObs::Report(Box::new(r));
+    assert!(material_change(&first, &c.run().status));
+}
+
+#[test]
+fn delete_follows_the_policy() {
+    let running = InstanceObs::Found(inst(InstanceState::Running));
+    let mut s = spec();
+    assert_eq!(
+        decide_delete(&s, &running),
+        DeleteStep::Terminate("i-0123456789abcdef0".into())
+    );
+    assert_eq!(
+        decide_delete(&s, &InstanceObs::Found(inst(InstanceState::ShuttingDown))),
+        DeleteStep::Wait
+    );
+    assert_eq!(
+        decide_delete(&s, &InstanceObs::Found(inst(InstanceState::Terminated))),
+        DeleteStep::Done
+    );
+    s.deletion_policy = Some(DeletionPolicy::Stop);
+    assert_eq!(
+        decide_delete(&s, &running),
+        DeleteStep::Stop("i-0123456789abcdef0".into())
+    );
+    assert_eq!(
+        decide_delete(&s, &InstanceObs::Found(inst(InstanceState::Stopped))),
+        DeleteStep::Done
+    );
+    s.deletion_policy = Some(DeletionPolicy::Retain);
+    assert_eq!(decide_delete(&s, &running), DeleteStep::Done);
+    // Adopted instances default to Retain.
+    assert_eq!(decide_delete(&adopted_spec(), &running), DeleteStep::Done);
+    assert_eq!(
+        decide_delete(&spec(), &InstanceObs::NoInstance),
+        DeleteStep::Done
+    );
+}
+
+#[test]
+fn agent_url_from_template_or_explicit() {
+    let mut s = spec();
+    assert_eq!(
+        agent_url(&s, &inst(InstanceState::Running)).as_deref(),
+        Some("http://10.0.0.5:8000")
+    );
+    s.agent.url_template = Some("https://{publicIp}:{port}/".into());
+    assert_eq!(
+        agent_url(&s, &inst(InstanceState::Running)).as_deref(),
+        Some("https://54.1.2.3:8000")
+    );
+    s.agent.url_template = Some("http://{publicDns}:{port}".into());
+    assert_eq!(
+        agent_url(&s, &inst(InstanceState::Running)),
+        None,
+        "no public DNS name"
+    );
+    s.agent.url = Some("http://127.0.0.1:9999".into());
+    assert_eq!(
+        agent_url(&s, &inst(InstanceState::Running)).as_deref(),
+        Some("http://127.0.0.1:9999")
+    );
+    let _ = Environment::Prod;
+}

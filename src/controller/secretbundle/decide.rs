@@ -1,0 +1,1618 @@
+//! The SecretBundle controller's decisions, as pure functions of plain data: the spec, the
+//! source Secrets' bytes, the Sandboxes as the Sandbox controller reported them, what each target
+//! answered last time and the clock. No client lives here; the reconciler gathers the inputs,
+//! pushes to the targets this module picks and writes the status it builds.
+//!
+//! Nothing here ever puts a secret value into a message: problems name keys and Secrets, and
+//! [`Content`]'s `Debug` shows key names and the hash only.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::agent::envfile;
+use crate::api::conditions::{self, Desired, FALSE, TRUE};
+use crate::api::{
+    BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment, SandboxSelector,
+    SecretBundleStatus, SecretSource,
+};
+
+/// Condition types.
+pub mod cond {
+    /// The summary: every target that can hold the content holds it.
+    pub const READY: &str = "Ready";
+    /// The warning: some targets are skipped or failing (present only then).
+    pub const DEGRADED: &str = "Degraded";
+}
+
+/// Ready reasons (CamelCase) that callers and tests match on.
+pub mod reason {
+    /// A key is not an environment variable name, or two sources define it, or a Fly.io token
+    /// is not a Fly.io token.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// A value cannot be an environment variable (not UTF-8, or a NUL byte).
+    pub const INVALID_VALUE: &str = "InvalidValue";
+    /// A source Secret does not exist.
+    pub const SOURCE_SECRET_MISSING: &str = "SourceSecretMissing";
+    /// A key listed in `sources[].keys` is not in its Secret.
+    pub const SOURCE_KEY_MISSING: &str = "SourceKeyMissing";
+    /// The sources hold no key at all (an empty `.env` would wipe every target).
+    pub const NO_KEYS: &str = "NoKeys";
+    /// Every target that can hold the content holds it.
+    pub const SYNCED: &str = "Synced";
+    /// Nothing matches and no Fly.io app is named.
+    pub const NO_TARGETS: &str = "NoTargets";
+    /// Some running targets do not hold the content yet.
+    pub const SYNCING: &str = "Syncing";
+    /// Some targets failed (retried with backoff).
+    pub const SYNC_FAILED: &str = "SyncFailed";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Content: the sources rendered into one `.env`.
+// ---------------------------------------------------------------------------------------------
+
+/// One source Secret as read: its data, or `None` when it does not exist.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SourceData {
+    /// The Secret's name.
+    pub name: String,
+    /// Its data (`None`: the Secret does not exist).
+    pub data: Option<BTreeMap<String, Vec<u8>>>,
+}
+
+impl fmt::Debug for SourceData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceData")
+            .field("name", &self.name)
+            .field(
+                "keys",
+                &self.data.as_ref().map(|d| d.keys().collect::<Vec<_>>()),
+            )
+            .finish()
+    }
+}
+
+/// The rendered bundle: the variables, the `.env` text and its sha256.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Content {
+    /// Key to value (sorted).
+    pub vars: BTreeMap<String, String>,
+    /// The `.env` text, as the agent writes it.
+    pub env: String,
+    /// sha256 (hex) of `env`'s bytes: the content hash.
+    pub hash: String,
+}
+
+impl fmt::Debug for Content {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Content")
+            .field("keys", &self.vars.keys().collect::<Vec<_>>())
+            .field("hash", &self.hash)
+            .finish()
+    }
+}
+
+impl Content {
+    /// The first 12 hex digits of the hash, for messages.
+    pub fn short_hash(&self) -> &str {
+        short(&self.hash)
+    }
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+/// Why the sources cannot be rendered. Messages name Secrets and keys, never values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceProblem {
+    /// A Secret key that is not an environment variable name.
+    InvalidKeyName {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// Two sources (or one source twice) define a key.
+    DuplicateKey {
+        /// The key.
+        key: String,
+        /// The Secret that defined it first.
+        first: String,
+        /// The Secret that defined it again.
+        second: String,
+    },
+    /// A source Secret does not exist.
+    SecretMissing {
+        /// The Secret.
+        secret: String,
+    },
+    /// A key listed in `keys` is not in the Secret.
+    KeyMissing {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// A value is not UTF-8.
+    NotUtf8 {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// A value holds a NUL byte (no environment variable can).
+    NulByte {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// The sources hold no key.
+    NoKeys,
+}
+
+impl SourceProblem {
+    /// The Ready reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SourceProblem::InvalidKeyName { .. } | SourceProblem::DuplicateKey { .. } => {
+                reason::INVALID_SPEC
+            }
+            SourceProblem::NotUtf8 { .. } | SourceProblem::NulByte { .. } => reason::INVALID_VALUE,
+            SourceProblem::SecretMissing { .. } => reason::SOURCE_SECRET_MISSING,
+            SourceProblem::KeyMissing { .. } => reason::SOURCE_KEY_MISSING,
+            SourceProblem::NoKeys => reason::NO_KEYS,
+        }
+    }
+}
+
+impl fmt::Display for SourceProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceProblem::InvalidKeyName { secret, key } => write!(
+                f,
+                "key {key:?} of Secret {secret} is not an environment variable name (letters, digits and _, not starting with a digit); list the valid keys in sources[].keys"
+            ),
+            SourceProblem::DuplicateKey { key, first, second } if first == second => {
+                write!(f, "key {key} is listed twice for Secret {first}")
+            }
+            SourceProblem::DuplicateKey { key, first, second } => write!(
+                f,
+                "key {key} is defined by Secret {first} and again by Secret {second}; a key may come from one source only"
+            ),
+            SourceProblem::SecretMissing { secret } => {
+                write!(f, "source Secret {secret} does not exist")
+            }
+            SourceProblem::KeyMissing { secret, key } => {
+                write!(f, "source Secret {secret} has no key {key}")
+            }
+            SourceProblem::NotUtf8 { secret, key } => {
+                write!(
+                    f,
+                    "the value of key {key} in Secret {secret} is not UTF-8 text"
+                )
+            }
+            SourceProblem::NulByte { secret, key } => write!(
+                f,
+                "the value of key {key} in Secret {secret} contains a NUL byte, which no environment variable can hold"
+            ),
+            SourceProblem::NoKeys => write!(
+                f,
+                "the sources hold no key; nothing is pushed (an empty .env would wipe every target)"
+            ),
+        }
+    }
+}
+
+/// Renders the sources. Every problem is reported (missing Secrets first), never a value.
+pub fn render(
+    sources: &[SecretSource],
+    data: &[SourceData],
+) -> Result<Content, Vec<SourceProblem>> {
+    let mut problems = Vec::new();
+    for src in sources {
+        let found = data.iter().find(|d| d.name == src.secret_name);
+        if found.and_then(|d| d.data.as_ref()).is_none() {
+            problems.push(SourceProblem::SecretMissing {
+                secret: src.secret_name.clone(),
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    let mut origin: BTreeMap<String, String> = BTreeMap::new();
+    for src in sources {
+        let secret = &src.secret_name;
+        let Some(d) = data
+            .iter()
+            .find(|d| &d.name == secret)
+            .and_then(|d| d.data.as_ref())
+        else {
+            continue;
+        };
+        let keys: Vec<&String> = match &src.keys {
+            Some(keys) => keys.iter().collect(),
+            None => d.keys().collect(),
+        };
+        for key in keys {
+            let Some(bytes) = d.get(key) else {
+                problems.push(SourceProblem::KeyMissing {
+                    secret: secret.clone(),
+                    key: key.clone(),
+                });
+                continue;
+            };
+            if !envfile::is_valid_key(key) {
+                problems.push(SourceProblem::InvalidKeyName {
+                    secret: secret.clone(),
+                    key: key.clone(),
+                });
+                continue;
+            }
+            if let Some(first) = origin.get(key) {
+                problems.push(SourceProblem::DuplicateKey {
+                    key: key.clone(),
+                    first: first.clone(),
+                    second: secret.clone(),
+                });
+                continue;
+            }
+            origin.insert(key.clone(), secret.clone());
+            let Ok(value) = std::str::from_utf8(bytes) else {
+                problems.push(SourceProblem::NotUtf8 {
+                    secret: secret.clone(),
+                    key: key.clone(),
+                });
+                continue;
+            };
+            if value.contains('\0') {
+                problems.push(SourceProblem::NulByte {
+                    secret: secret.clone(),
+                    key: key.clone(),
+                });
+                continue;
+            }
+            vars.insert(key.clone(), value.to_string());
+        }
+    }
+    if problems.is_empty() && vars.is_empty() {
+        problems.push(SourceProblem::NoKeys);
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let env = envfile::render(&vars);
+    let hash = envfile::sha256_hex(env.as_bytes());
+    Ok(Content { vars, env, hash })
+}
+
+/// One message for a list of problems: the first few, and how many more.
+pub fn problems_message(problems: &[SourceProblem]) -> String {
+    let mut msg = problems
+        .iter()
+        .take(5)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > 5 {
+        msg.push_str(&format!(" (and {} more)", problems.len() - 5));
+    }
+    msg.push_str("; nothing is pushed");
+    msg
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selectors.
+// ---------------------------------------------------------------------------------------------
+
+/// Whether `sel` selects a Sandbox with these labels and environment.
+pub fn selects(sel: &SandboxSelector, labels: &BTreeMap<String, String>, env: Environment) -> bool {
+    sel.environment.is_none_or(|e| e == env)
+        && sel
+            .match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+        && sel
+            .match_expressions
+            .iter()
+            .all(|r| requirement_holds(r, labels))
+}
+
+fn requirement_holds(r: &LabelSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
+    let values = r.values.as_deref().unwrap_or_default();
+    let v = labels.get(&r.key);
+    match r.operator.as_str() {
+        "In" => v.is_some_and(|v| values.contains(v)),
+        "NotIn" => v.is_none_or(|v| !values.contains(v)),
+        "Exists" => v.is_some(),
+        "DoesNotExist" => v.is_none(),
+        // An operator the API would refuse selects nothing rather than everything.
+        _ => false,
+    }
+}
+
+/// A bundle as another bundle sees it, to settle which one owns a sandbox's env file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claim<'a> {
+    /// The bundle's name.
+    pub name: &'a str,
+    /// Its creation time.
+    pub created: Option<Timestamp>,
+    /// Its sandbox selector (`None`: it has no sandbox targets).
+    pub selector: Option<&'a SandboxSelector>,
+}
+
+/// The bundle that owns the env file of a sandbox several bundles select: the oldest (then the
+/// first by name). Only one bundle may write a sandbox's env file, or they would overwrite each
+/// other forever.
+pub fn owner<'a>(
+    claims: &[Claim<'a>],
+    labels: &BTreeMap<String, String>,
+    env: Environment,
+) -> Option<&'a str> {
+    claims
+        .iter()
+        .filter(|c| c.selector.is_some_and(|s| selects(s, labels, env)))
+        .min_by(|a, b| {
+            let ka = (a.created.unwrap_or(Timestamp::MAX), a.name);
+            let kb = (b.created.unwrap_or(Timestamp::MAX), b.name);
+            ka.cmp(&kb)
+        })
+        .map(|c| c.name)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets.
+// ---------------------------------------------------------------------------------------------
+
+/// A target's identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TargetKey {
+    /// A Sandbox, by name.
+    Sandbox(String),
+    /// A Fly.io app, by name.
+    FlyApp(String),
+}
+
+impl TargetKey {
+    /// The kind, as status names it.
+    pub fn kind(&self) -> BundleTargetKind {
+        match self {
+            TargetKey::Sandbox(_) => BundleTargetKind::Sandbox,
+            TargetKey::FlyApp(_) => BundleTargetKind::FlyApp,
+        }
+    }
+
+    /// The Sandbox's or the app's name.
+    pub fn name(&self) -> &str {
+        match self {
+            TargetKey::Sandbox(n) | TargetKey::FlyApp(n) => n,
+        }
+    }
+
+    fn of(entry: &BundleTargetStatus) -> TargetKey {
+        match entry.kind {
+            BundleTargetKind::Sandbox => TargetKey::Sandbox(entry.name.clone()),
+            BundleTargetKind::FlyApp => TargetKey::FlyApp(entry.name.clone()),
+        }
+    }
+}
+
+impl fmt::Display for TargetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetKey::Sandbox(n) => write!(f, "sandbox {n}"),
+            TargetKey::FlyApp(n) => write!(f, "Fly.io app {n}"),
+        }
+    }
+}
+
+/// A selected Sandbox, as the Sandbox controller last reported it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SandboxObs {
+    /// The Sandbox's name.
+    pub name: String,
+    /// `status.instance.state` (EC2's state name), if reported.
+    pub instance_state: Option<String>,
+    /// The agent URL (`status.agent.url`, else `spec.agent.url`).
+    pub agent_url: Option<String>,
+    /// The env hash the agent last reported (`status.agent.envSha256`).
+    pub reported_hash: Option<String>,
+    /// When the agent last answered (`status.agent.lastSeen`).
+    pub reported_at: Option<Timestamp>,
+    /// The older bundle that owns this sandbox's env file, when it is not this one.
+    pub claimed_by: Option<String>,
+    /// A fingerprint of what matters for retrying (state, URL, health): a failed push is
+    /// retried at once, without waiting for its backoff, when it changes.
+    pub fingerprint: u64,
+}
+
+/// Why a Fly.io app cannot be pushed to, whatever is tried: it waits for an edit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlyBlock {
+    /// The token Secret, its key, or the token's format is wrong (Ready reason InvalidSpec).
+    Credential(String),
+    /// A value cannot pass through `flyctl secrets import` unchanged.
+    Value(String),
+}
+
+/// A Fly.io app target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlyObs {
+    /// The app.
+    pub app: String,
+    /// Why it cannot be pushed to, if so.
+    pub blocked: Option<FlyBlock>,
+    /// A fingerprint of the credential (a changed token retries at once).
+    pub fingerprint: u64,
+}
+
+/// What the reconciler remembers about one target between reconciles (in memory only: after a
+/// restart every target is tried once more).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// No attempt before this time.
+    pub retry_at: Option<Timestamp>,
+    /// The content hash the last outcome was for.
+    pub hash: Option<String>,
+    /// The bundle generation the last outcome was for.
+    pub generation: Option<i64>,
+    /// The target's fingerprint when the last outcome came.
+    pub fingerprint: u64,
+    /// The last outcome was a skip (the Fly.io app does not exist).
+    pub skipped: bool,
+    /// The last outcome's message (never a value).
+    pub message: Option<String>,
+}
+
+/// What a push to one target gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The target holds content with this hash.
+    Synced {
+        /// The hash the target acknowledged.
+        hash: String,
+    },
+    /// It failed; retried with backoff.
+    Failed {
+        /// What went wrong (scrubbed).
+        message: String,
+    },
+    /// Skipped on purpose (the Fly.io app does not exist); retried on refresh or a change.
+    Skipped {
+        /// Why (scrubbed).
+        message: String,
+    },
+}
+
+/// Timings of the decisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The first retry delay after a failure; doubled per failure.
+    pub retry_base: Duration,
+    /// The longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The delay before retry number `failures` (1-based): doubling from the base, capped.
+pub fn backoff(settings: &Settings, failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    settings
+        .retry_base
+        .saturating_mul(1u32 << exp)
+        .min(settings.retry_max)
+}
+
+/// Everything [`plan`] looks at.
+#[derive(Clone, Debug)]
+pub struct Inputs<'a> {
+    /// The content to push.
+    pub content: &'a Content,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The selected Sandboxes (deleting ones left out).
+    pub sandboxes: &'a [SandboxObs],
+    /// The Fly.io apps, in spec order.
+    pub fly_apps: &'a [FlyObs],
+    /// The status as last written.
+    pub status: &'a SecretBundleStatus,
+    /// Memory per target.
+    pub memory: &'a BTreeMap<TargetKey, Memory>,
+    /// `spec.refreshInterval`.
+    pub refresh: Duration,
+    /// Now (whole seconds).
+    pub now: Timestamp,
+    /// Timings.
+    pub settings: &'a Settings,
+}
+
+/// Why a target is pushed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// It never received this content (new target or new content).
+    Outdated,
+    /// Its agent reports a different env hash than what was pushed.
+    Drift,
+    /// The last attempt failed or was skipped, and its wait is over.
+    Retry,
+}
+
+/// One target's standing before any push.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assessment {
+    /// The target.
+    pub key: TargetKey,
+    /// Its status entry if nothing is pushed.
+    pub entry: BundleTargetStatus,
+    /// Push now, and why.
+    pub push: Option<Why>,
+    /// Look again at this time (a backoff or refresh ends).
+    pub wake_at: Option<Timestamp>,
+    /// While in this state, the bundle is not Ready (stopped sandboxes and skipped apps do not
+    /// hold Ready back).
+    pub blocks_ready: bool,
+    /// A credential problem (Ready reason InvalidSpec), if any.
+    pub invalid_credential: Option<String>,
+}
+
+/// The targets' standing: which to push now and when to look again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// One per target, sandboxes (by name) then Fly.io apps (by name).
+    pub targets: Vec<Assessment>,
+    /// When to look again if nothing else happens.
+    pub requeue: Duration,
+}
+
+impl Plan {
+    /// The targets to push now.
+    pub fn pushes(&self) -> impl Iterator<Item = &Assessment> {
+        self.targets.iter().filter(|a| a.push.is_some())
+    }
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t.saturating_add(d).unwrap_or(Timestamp::MAX)
+}
+
+fn until(now: Timestamp, t: Timestamp) -> Duration {
+    Duration::try_from(now.duration_until(t)).unwrap_or(Duration::ZERO)
+}
+
+/// Decides, for every target, whether to push now.
+pub fn plan(inp: &Inputs<'_>) -> Plan {
+    let previous: BTreeMap<TargetKey, &BundleTargetStatus> = inp
+        .status
+        .targets
+        .iter()
+        .map(|e| (TargetKey::of(e), e))
+        .collect();
+    let mut targets = Vec::new();
+    for s in inp.sandboxes {
+        let key = TargetKey::Sandbox(s.name.clone());
+        let prev = previous.get(&key).copied();
+        let mem = relevant_memory(inp, &key, s.fingerprint);
+        targets.push(assess_sandbox(inp, key, s, prev, mem));
+    }
+    for f in inp.fly_apps {
+        let key = TargetKey::FlyApp(f.app.clone());
+        let prev = previous.get(&key).copied();
+        let mem = relevant_memory(inp, &key, f.fingerprint);
+        targets.push(assess_fly(inp, key, f, prev, mem));
+    }
+    targets.sort_by(|a, b| a.key.cmp(&b.key));
+    targets.dedup_by(|a, b| a.key == b.key);
+    // Look again when the first wait ends, and at least every refreshInterval (drift, skipped
+    // apps, and anything a missed watch event hid).
+    let requeue = targets
+        .iter()
+        .filter_map(|a| a.wake_at)
+        .map(|t| until(inp.now, t))
+        .min()
+        .unwrap_or(inp.refresh)
+        .min(inp.refresh)
+        .max(Duration::from_secs(1));
+    Plan { targets, requeue }
+}
+
+/// The memory of a target, if it still applies: same content, same generation, same
+/// fingerprint. Anything else earns an immediate attempt.
+fn relevant_memory<'a>(inp: &Inputs<'a>, key: &TargetKey, fingerprint: u64) -> Option<&'a Memory> {
+    inp.memory.get(key).filter(|m| {
+        m.hash.as_deref() == Some(inp.content.hash.as_str())
+            && m.generation == inp.generation
+            && m.fingerprint == fingerprint
+    })
+}
+
+fn entry(key: &TargetKey, prev: Option<&BundleTargetStatus>) -> BundleTargetStatus {
+    BundleTargetStatus {
+        kind: key.kind(),
+        name: key.name().to_string(),
+        synced_hash: prev.and_then(|p| p.synced_hash.clone()),
+        synced_at: prev.and_then(|p| p.synced_at.clone()),
+        state: BundleTargetState::Pending,
+        message: None,
+    }
+}
+
+/// Applies the backoff gate to a push: wait while the last failure's delay runs.
+fn gate(inp: &Inputs<'_>, a: &mut Assessment, mem: Option<&Memory>, why: Why) {
+    if let Some(m) = mem
+        && let Some(at) = m.retry_at
+        && at > inp.now
+    {
+        a.entry.state = if m.skipped {
+            BundleTargetState::Skipped
+        } else {
+            BundleTargetState::Failed
+        };
+        a.entry.message = m.message.clone();
+        a.wake_at = Some(at);
+        a.blocks_ready = !m.skipped;
+        a.push = None;
+        return;
+    }
+    a.push = Some(if mem.is_some_and(|m| m.retry_at.is_some()) {
+        Why::Retry
+    } else {
+        why
+    });
+    a.entry.state = BundleTargetState::Pending;
+    a.entry.message = Some(format!("syncing content {}", inp.content.short_hash()));
+    a.blocks_ready = true;
+}
+
+fn assess_sandbox(
+    inp: &Inputs<'_>,
+    key: TargetKey,
+    s: &SandboxObs,
+    prev: Option<&BundleTargetStatus>,
+    mem: Option<&Memory>,
+) -> Assessment {
+    let hash = inp.content.hash.as_str();
+    let mut a = Assessment {
+        entry: entry(&key, prev),
+        key,
+        push: None,
+        wake_at: None,
+        blocks_ready: false,
+        invalid_credential: None,
+    };
+    if let Some(owner) = &s.claimed_by {
+        a.entry.state = BundleTargetState::Skipped;
+        a.entry.message = Some(format!(
+            "SecretBundle {owner} also selects this sandbox and, created first, owns its env file; combine the sources into one bundle"
+        ));
+        return a;
+    }
+    if s.instance_state.as_deref() != Some("running") {
+        a.entry.state = BundleTargetState::Pending;
+        a.entry.message = Some(match &s.instance_state {
+            None => "waiting for the Sandbox controller to report the instance".into(),
+            Some(st) => format!("instance is {st}; synced when it runs"),
+        });
+        return a;
+    }
+    if s.agent_url.is_none() {
+        a.entry.state = BundleTargetState::Pending;
+        a.entry.message = Some("waiting for the agent URL (status.agent.url)".into());
+        return a;
+    }
+    let synced = prev.and_then(|p| p.synced_hash.as_deref()) == Some(hash);
+    if synced {
+        let synced_at = prev.and_then(|p| p.synced_at.as_ref()).map(|t| t.0);
+        // Drift: the agent, asked after the push, reports a different file.
+        let drift = match (&s.reported_hash, s.reported_at) {
+            (Some(h), Some(at)) => h != hash && synced_at.is_none_or(|t| at > t),
+            _ => false,
+        };
+        if !drift {
+            a.entry.state = BundleTargetState::Synced;
+            return a;
+        }
+        // Corrected at most once per refreshInterval, so two writers cannot fight in a storm.
+        let due = synced_at.map_or(inp.now, |t| add(t, inp.refresh));
+        if due > inp.now {
+            a.entry.state = BundleTargetState::Pending;
+            a.entry.message = Some(format!(
+                "the agent reports env sha256 {}, not {}; corrected at {due}",
+                short(s.reported_hash.as_deref().unwrap_or_default()),
+                inp.content.short_hash()
+            ));
+            a.wake_at = Some(due);
+            a.blocks_ready = true;
+            return a;
+        }
+        gate(inp, &mut a, mem, Why::Drift);
+        return a;
+    }
+    if s.reported_hash.as_deref() == Some(hash) {
+        // The agent already holds this content (for example after the bundle's status was lost):
+        // record it instead of rewriting the file and restarting services.
+        a.entry.state = BundleTargetState::Synced;
+        a.entry.synced_hash = Some(hash.to_string());
+        a.entry.synced_at = Some(Time(s.reported_at.unwrap_or(inp.now)));
+        a.entry.message = None;
+        return a;
+    }
+    gate(inp, &mut a, mem, Why::Outdated);
+    a
+}
+
+fn assess_fly(
+    inp: &Inputs<'_>,
+    key: TargetKey,
+    f: &FlyObs,
+    prev: Option<&BundleTargetStatus>,
+    mem: Option<&Memory>,
+) -> Assessment {
+    let hash = inp.content.hash.as_str();
+    let mut a = Assessment {
+        entry: entry(&key, prev),
+        key,
+        push: None,
+        wake_at: None,
+        blocks_ready: false,
+        invalid_credential: None,
+    };
+    match &f.blocked {
+        Some(FlyBlock::Credential(m)) => {
+            a.entry.state = BundleTargetState::Failed;
+            a.entry.message = Some(m.clone());
+            a.blocks_ready = true;
+            a.invalid_credential = Some(format!("Fly.io app {}: {m}", f.app));
+            return a;
+        }
+        Some(FlyBlock::Value(m)) => {
+            a.entry.state = BundleTargetState::Failed;
+            a.entry.message = Some(m.clone());
+            a.blocks_ready = true;
+            return a;
+        }
+        None => {}
+    }
+    if prev.and_then(|p| p.synced_hash.as_deref()) == Some(hash) {
+        // flyctl reports no digest that could show drift: what was imported stays imported.
+        a.entry.state = BundleTargetState::Synced;
+        return a;
+    }
+    // A skipped app is tried again once per refreshInterval (not in a storm).
+    if let Some(m) = mem
+        && m.skipped
+        && m.retry_at.is_none_or(|t| t > inp.now)
+    {
+        a.entry.state = BundleTargetState::Skipped;
+        a.entry.message = m.message.clone();
+        a.wake_at = m.retry_at;
+        return a;
+    }
+    gate(inp, &mut a, mem, Why::Outdated);
+    a
+}
+
+/// Updates a target's memory with the outcome of a push.
+pub fn remember(mem: &mut Memory, outcome: &Outcome, inp: &Inputs<'_>, fingerprint: u64) {
+    mem.hash = Some(inp.content.hash.clone());
+    mem.generation = inp.generation;
+    mem.fingerprint = fingerprint;
+    match outcome {
+        Outcome::Synced { .. } => {
+            mem.failures = 0;
+            mem.retry_at = None;
+            mem.skipped = false;
+            mem.message = None;
+        }
+        Outcome::Failed { message } => {
+            mem.failures = if mem.skipped { 1 } else { mem.failures + 1 };
+            mem.retry_at = Some(add(inp.now, backoff(inp.settings, mem.failures)));
+            mem.skipped = false;
+            mem.message = Some(message.clone());
+        }
+        Outcome::Skipped { message } => {
+            mem.failures = 0;
+            mem.retry_at = Some(add(inp.now, inp.refresh));
+            mem.skipped = true;
+            mem.message = Some(message.clone());
+        }
+    }
+}
+
+/// A target's status entry after a push.
+pub fn entry_after(a: &Assessment, outcome: &Outcome, inp: &Inputs<'_>) -> BundleTargetStatus {
+    let mut e = a.entry.clone();
+    match outcome {
+        Outcome::Synced { hash } if *hash == inp.content.hash => {
+            e.state = BundleTargetState::Synced;
+            e.synced_hash = Some(hash.clone());
+            e.synced_at = Some(Time(inp.now));
+            e.message = None;
+        }
+        Outcome::Synced { hash } => {
+            e.state = BundleTargetState::Failed;
+            e.message = Some(format!(
+                "the target acknowledged content {} instead of {}",
+                short(hash),
+                inp.content.short_hash()
+            ));
+        }
+        Outcome::Failed { message } => {
+            e.state = BundleTargetState::Failed;
+            e.message = Some(message.clone());
+        }
+        Outcome::Skipped { message } => {
+            e.state = BundleTargetState::Skipped;
+            e.message = Some(message.clone());
+        }
+    }
+    e
+}
+
+/// Whether an outcome counts against Ready.
+pub fn outcome_blocks_ready(outcome: &Outcome, inp: &Inputs<'_>) -> bool {
+    match outcome {
+        Outcome::Synced { hash } => *hash != inp.content.hash,
+        Outcome::Failed { .. } => true,
+        Outcome::Skipped { .. } => false,
+    }
+}
+
+/// A target as the summary sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Standing {
+    /// Its status entry.
+    pub entry: BundleTargetStatus,
+    /// Whether it holds Ready back.
+    pub blocks_ready: bool,
+}
+
+/// Builds the status from the targets' standing (content valid).
+pub fn summarize(
+    old: &SecretBundleStatus,
+    generation: Option<i64>,
+    content: &Content,
+    targets: Vec<Standing>,
+    invalid_credentials: &[String],
+    now: Timestamp,
+) -> SecretBundleStatus {
+    let mut st = old.clone();
+    st.observed_generation = generation;
+    st.content_hash = Some(content.hash.clone());
+    st.keys = content.vars.keys().cloned().collect();
+    st.key_count = i32::try_from(content.vars.len()).unwrap_or(i32::MAX);
+    st.total_targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
+    st.synced_targets = i32::try_from(
+        targets
+            .iter()
+            .filter(|t| t.entry.state == BundleTargetState::Synced)
+            .count(),
+    )
+    .unwrap_or(i32::MAX);
+    let names = |pred: &dyn Fn(&Standing) -> bool| -> Vec<String> {
+        targets
+            .iter()
+            .filter(|t| pred(t))
+            .map(|t| match t.entry.kind {
+                BundleTargetKind::Sandbox => format!("sandbox {}", t.entry.name),
+                BundleTargetKind::FlyApp => format!("Fly.io app {}", t.entry.name),
+            })
+            .collect()
+    };
+    let failed = names(&|t| t.entry.state == BundleTargetState::Failed);
+    let skipped = names(&|t| t.entry.state == BundleTargetState::Skipped);
+    let waiting = names(&|t| t.entry.state == BundleTargetState::Pending && t.blocks_ready);
+    let parked = names(&|t| t.entry.state == BundleTargetState::Pending && !t.blocks_ready);
+    let total = targets.len();
+    let synced = total - failed.len() - skipped.len() - waiting.len() - parked.len();
+    st.targets = targets.into_iter().map(|t| t.entry).collect();
+
+    let hash = content.short_hash();
+    let (status, why, message) = if !invalid_credentials.is_empty() {
+        (
+            FALSE,
+            reason::INVALID_SPEC,
+            format!(
+                "{}; that target waits for an edit",
+                list(invalid_credentials)
+            ),
+        )
+    } else if !failed.is_empty() {
+        (
+            FALSE,
+            reason::SYNC_FAILED,
+            format!(
+                "{} of {total} targets failed to take content {hash}: {}",
+                failed.len(),
+                list(&failed)
+            ),
+        )
+    } else if !waiting.is_empty() {
+        (
+            FALSE,
+            reason::SYNCING,
+            format!(
+                "{synced} of {total} targets hold content {hash}; waiting for {}",
+                list(&waiting)
+            ),
+        )
+    } else if total == 0 {
+        (
+            TRUE,
+            reason::NO_TARGETS,
+            "no Sandbox matches the selector and no Fly.io app is named".to_string(),
+        )
+    } else {
+        let mut m = format!("{synced} of {total} targets hold content {hash}");
+        if !parked.is_empty() {
+            m.push_str(&format!(
+                "; {} when they run: {}",
+                parked.len(),
+                list(&parked)
+            ));
+        }
+        if !skipped.is_empty() {
+            m.push_str(&format!("; skipped: {}", list(&skipped)));
+        }
+        (TRUE, reason::SYNCED, m)
+    };
+    conditions::set(
+        &mut st.conditions,
+        Desired {
+            type_: cond::READY,
+            status,
+            reason: why,
+            message,
+        },
+        generation,
+        now,
+    );
+    let degraded = if !failed.is_empty() || !invalid_credentials.is_empty() {
+        let mut all = failed.clone();
+        all.extend(skipped.iter().cloned());
+        Some(("TargetsFailed", format!("failing: {}", list(&all))))
+    } else if !skipped.is_empty() {
+        Some(("TargetsSkipped", format!("skipped: {}", list(&skipped))))
+    } else {
+        None
+    };
+    match degraded {
+        Some((why, message)) => {
+            conditions::set(
+                &mut st.conditions,
+                Desired {
+                    type_: cond::DEGRADED,
+                    status: TRUE,
+                    reason: why,
+                    message,
+                },
+                generation,
+                now,
+            );
+        }
+        None => {
+            conditions::remove(&mut st.conditions, cond::DEGRADED);
+        }
+    }
+    st
+}
+
+/// The status when the sources cannot be rendered: Ready False naming the problem, the targets
+/// left as they are (they keep the last content they took).
+pub fn summarize_invalid(
+    old: &SecretBundleStatus,
+    generation: Option<i64>,
+    problems: &[SourceProblem],
+    now: Timestamp,
+) -> SecretBundleStatus {
+    let mut st = old.clone();
+    st.observed_generation = generation;
+    let why = problems
+        .first()
+        .map_or(reason::INVALID_SPEC, SourceProblem::reason);
+    conditions::set(
+        &mut st.conditions,
+        Desired {
+            type_: cond::READY,
+            status: FALSE,
+            reason: why,
+            message: problems_message(problems),
+        },
+        generation,
+        now,
+    );
+    st
+}
+
+fn list(names: &[String]) -> String {
+    let mut out = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 5 {
+        out.push_str(&format!(" and {} more", names.len() - 5));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(name: &str, keys: Option<&[&str]>) -> SecretSource {
+        SecretSource {
+            secret_name: name.into(),
+            keys: keys.map(|k| k.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    fn data(name: &str, kv: &[(&str, &str)]) -> SourceData {
+        SourceData {
+            name: name.into(),
+            data: Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                    .collect(),
+            ),
+        }
+    }
+
+    const SECRET_VALUE: &str = "hunter2-s3cr3t-value";
+
+    #[test]
+    fn renders_sorted_and_round_trips_through_the_agents_parser() {
+        let nasty = [
+            "plain",
+            "",
+            " leading and trailing spaces ",
+            "quote\" and 'single' and \\ backslash",
+            "multi\nline\nvalue\n",
+            "\r\n windows \r\n",
+            "$HOME and ${PATH} and `cmd` and $(cmd)",
+            "# not a comment",
+            "a=b=c",
+            "\"\"\"triple\"\"\"",
+            "tab\there",
+            "ünïcødé ✓",
+            "-----BEGIN KEY-----\nMIIB\n-----END KEY-----",
+        ];
+        let kv: Vec<(String, String)> = nasty
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("K_{i:02}"), v.to_string()))
+            .collect();
+        let pairs: Vec<(&str, &str)> = kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let c = render(&[src("s", None)], &[data("s", &pairs)]).unwrap();
+        let parsed = envfile::parse(&c.env).unwrap().to_map();
+        assert_eq!(parsed, c.vars);
+        assert_eq!(c.vars.len(), nasty.len());
+        // Sorted keys, one file, deterministic hash.
+        let keys: Vec<String> = envfile::parse(&c.env)
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        let again = render(&[src("s", None)], &[data("s", &pairs)]).unwrap();
+        assert_eq!(again.hash, c.hash);
+        assert_eq!(c.hash, envfile::sha256_hex(c.env.as_bytes()));
+        // The Debug form shows keys and the hash, never a value.
+        let dbg = format!("{c:?}");
+        assert!(
+            dbg.contains("K_00") && !dbg.contains("leading and trailing"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn order_of_sources_does_not_change_the_hash() {
+        let a = data("a", &[("A", "1"), ("Z", "2")]);
+        let b = data("b", &[("M", "3")]);
+        let c1 = render(&[src("a", None), src("b", None)], &[a.clone(), b.clone()]).unwrap();
+        let c2 = render(&[src("b", None), src("a", None)], &[b, a]).unwrap();
+        assert_eq!(c1.hash, c2.hash);
+    }
+
+    #[test]
+    fn subsets_pick_only_listed_keys() {
+        let c = render(
+            &[src("a", Some(&["B"]))],
+            &[data("a", &[("A", "1"), ("B", "2")])],
+        )
+        .unwrap();
+        assert_eq!(c.vars.keys().collect::<Vec<_>>(), ["B"]);
+    }
+
+    #[test]
+    fn duplicate_keys_are_an_error_naming_the_key_never_the_value() {
+        let err = render(
+            &[src("a", None), src("b", None)],
+            &[
+                data("a", &[("DB_URL", SECRET_VALUE)]),
+                data("b", &[("DB_URL", SECRET_VALUE), ("OK", "x")]),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            vec![SourceProblem::DuplicateKey {
+                key: "DB_URL".into(),
+                first: "a".into(),
+                second: "b".into()
+            }]
+        );
+        assert_eq!(err[0].reason(), reason::INVALID_SPEC);
+        let msg = problems_message(&err);
+        assert!(msg.contains("DB_URL") && msg.contains("Secret a") && msg.contains("Secret b"));
+        assert!(!msg.contains(SECRET_VALUE), "{msg}");
+        // A key listed twice for one source, too.
+        let err = render(&[src("a", Some(&["K", "K"]))], &[data("a", &[("K", "v")])]).unwrap_err();
+        assert!(matches!(&err[0], SourceProblem::DuplicateKey { key, .. } if key == "K"));
+    }
+
+    #[test]
+    fn invalid_key_names_are_an_error_naming_the_key() {
+        for bad in ["my-key", "1ABC", "tls.crt", "has space", ""] {
+            let err = render(&[src("s", None)], &[data("s", &[(bad, SECRET_VALUE)])]).unwrap_err();
+            assert_eq!(err[0].reason(), reason::INVALID_SPEC, "{bad}");
+            let msg = problems_message(&err);
+            assert!(msg.contains(&format!("{bad:?}")), "{msg}");
+            assert!(!msg.contains(SECRET_VALUE), "{msg}");
+        }
+    }
+
+    #[test]
+    fn missing_sources_values_and_empty_bundles() {
+        let err = render(
+            &[src("gone", None), src("here", None)],
+            &[
+                SourceData {
+                    name: "gone".into(),
+                    data: None,
+                },
+                data("here", &[("A", "1")]),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            vec![SourceProblem::SecretMissing {
+                secret: "gone".into()
+            }]
+        );
+        assert_eq!(err[0].reason(), "SourceSecretMissing");
+        assert!(problems_message(&err).contains("gone"));
+
+        let err = render(&[src("s", Some(&["NOPE"]))], &[data("s", &[("A", "1")])]).unwrap_err();
+        assert_eq!(err[0].reason(), "SourceKeyMissing");
+
+        let mut d = data("s", &[]);
+        d.data
+            .as_mut()
+            .unwrap()
+            .insert("BIN".into(), vec![0xff, 0xfe]);
+        let err = render(&[src("s", None)], &[d]).unwrap_err();
+        assert_eq!(err[0].reason(), reason::INVALID_VALUE);
+
+        let err = render(&[src("s", None)], &[data("s", &[("N", "a\0b")])]).unwrap_err();
+        assert!(matches!(err[0], SourceProblem::NulByte { .. }));
+
+        let err = render(&[src("s", None)], &[data("s", &[])]).unwrap_err();
+        assert_eq!(err, vec![SourceProblem::NoKeys]);
+    }
+
+    #[test]
+    fn selectors() {
+        let labels: BTreeMap<String, String> = [("app", "worker"), ("tier", "gold")]
+            .map(|(k, v)| (k.into(), v.into()))
+            .into();
+        let mut sel = SandboxSelector::default();
+        assert!(selects(&sel, &labels, Environment::Staging));
+        sel.match_labels.insert("app".into(), "worker".into());
+        assert!(selects(&sel, &labels, Environment::Staging));
+        sel.environment = Some(Environment::Prod);
+        assert!(!selects(&sel, &labels, Environment::Staging));
+        sel.environment = None;
+        let req = |op: &str, vals: &[&str]| LabelSelectorRequirement {
+            key: "tier".into(),
+            operator: op.into(),
+            values: Some(vals.iter().map(|s| s.to_string()).collect()),
+        };
+        sel.match_expressions = vec![req("In", &["gold", "silver"])];
+        assert!(selects(&sel, &labels, Environment::Dev));
+        sel.match_expressions = vec![req("NotIn", &["gold"])];
+        assert!(!selects(&sel, &labels, Environment::Dev));
+        sel.match_expressions = vec![req("Exists", &[])];
+        assert!(selects(&sel, &labels, Environment::Dev));
+        sel.match_expressions = vec![req("DoesNotExist", &[])];
+        assert!(!selects(&sel, &labels, Environment::Dev));
+        sel.match_expressions = vec![req("Bogus", &[])];
+        assert!(!selects(&sel, &labels, Environment::Dev));
+    }
+
+    #[test]
+    fn the_oldest_bundle_owns_a_shared_sandbox() {
+        let labels: BTreeMap<String, String> = [("app".to_string(), "w".to_string())].into();
+        let all = SandboxSelector::default();
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
+        let claims = [
+            Claim {
+                name: "young",
+                created: Some(t1),
+                selector: Some(&all),
+            },
+            Claim {
+                name: "old",
+                created: Some(t0),
+                selector: Some(&all),
+            },
+            Claim {
+                name: "fly-only",
+                created: None,
+                selector: None,
+            },
+        ];
+        assert_eq!(owner(&claims, &labels, Environment::Dev), Some("old"));
+    }
+
+    // ---- planning ----
+
+    fn content() -> Content {
+        render(&[src("s", None)], &[data("s", &[("A", "1")])]).unwrap()
+    }
+
+    fn now() -> Timestamp {
+        "2026-03-01T12:00:00Z".parse().unwrap()
+    }
+
+    fn sbx(name: &str, state: &str) -> SandboxObs {
+        SandboxObs {
+            name: name.into(),
+            instance_state: Some(state.into()),
+            agent_url: Some(format!("http://{name}:8000")),
+            reported_hash: None,
+            reported_at: None,
+            claimed_by: None,
+            fingerprint: 7,
+        }
+    }
+
+    fn synced_entry(name: &str, hash: &str, at: Timestamp) -> BundleTargetStatus {
+        BundleTargetStatus {
+            kind: BundleTargetKind::Sandbox,
+            name: name.into(),
+            synced_hash: Some(hash.into()),
+            synced_at: Some(Time(at)),
+            state: BundleTargetState::Synced,
+            message: None,
+        }
+    }
+
+    struct Case {
+        content: Content,
+        sandboxes: Vec<SandboxObs>,
+        fly: Vec<FlyObs>,
+        status: SecretBundleStatus,
+        memory: BTreeMap<TargetKey, Memory>,
+        now: Timestamp,
+        settings: Settings,
+    }
+
+    impl Case {
+        fn new() -> Self {
+            Self {
+                content: content(),
+                sandboxes: vec![],
+                fly: vec![],
+                status: SecretBundleStatus::default(),
+                memory: BTreeMap::new(),
+                now: now(),
+                settings: Settings::default(),
+            }
+        }
+        fn inputs(&self) -> Inputs<'_> {
+            Inputs {
+                content: &self.content,
+                generation: Some(1),
+                sandboxes: &self.sandboxes,
+                fly_apps: &self.fly,
+                status: &self.status,
+                memory: &self.memory,
+                refresh: Duration::from_secs(3600),
+                now: self.now,
+                settings: &self.settings,
+            }
+        }
+        fn plan(&self) -> Plan {
+            plan(&self.inputs())
+        }
+    }
+
+    fn pushed(p: &Plan) -> Vec<String> {
+        p.pushes().map(|a| a.key.name().to_string()).collect()
+    }
+
+    #[test]
+    fn running_sandboxes_without_the_content_are_pushed_stopped_ones_wait() {
+        let mut c = Case::new();
+        c.sandboxes = vec![
+            sbx("a", "running"),
+            sbx("b", "stopped"),
+            sbx("c", "running"),
+        ];
+        c.sandboxes.push(SandboxObs {
+            instance_state: None,
+            ..sbx("d", "x")
+        });
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["a", "c"]);
+        let b = p.targets.iter().find(|a| a.key.name() == "b").unwrap();
+        assert_eq!(b.entry.state, BundleTargetState::Pending);
+        assert!(!b.blocks_ready);
+        assert!(b.entry.message.as_deref().unwrap().contains("stopped"));
+        assert_eq!(p.requeue, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn synced_sandboxes_stay_put_and_drift_is_corrected_once_per_refresh() {
+        let mut c = Case::new();
+        let h = c.content.hash.clone();
+        let pushed_at = now() - Duration::from_secs(600);
+        c.status.targets = vec![synced_entry("a", &h, pushed_at)];
+        c.sandboxes = vec![sbx("a", "running")];
+        assert!(pushed(&c.plan()).is_empty());
+
+        // A stale report (taken before the push) is not drift.
+        c.sandboxes[0].reported_hash = Some("old".into());
+        c.sandboxes[0].reported_at = Some(pushed_at - Duration::from_secs(5));
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Synced);
+
+        // A report after the push with another hash is drift, corrected when the last push is
+        // a refreshInterval old.
+        c.sandboxes[0].reported_at = Some(pushed_at + Duration::from_secs(5));
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Pending);
+        assert_eq!(p.requeue, Duration::from_secs(3000));
+        c.now = pushed_at + Duration::from_secs(3600);
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["a"]);
+        assert_eq!(p.targets[0].push, Some(Why::Drift));
+    }
+
+    #[test]
+    fn an_agent_already_holding_the_content_is_recorded_not_rewritten() {
+        let mut c = Case::new();
+        c.sandboxes = vec![sbx("a", "running")];
+        c.sandboxes[0].reported_hash = Some(c.content.hash.clone());
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Synced);
+        assert_eq!(
+            p.targets[0].entry.synced_hash.as_ref(),
+            Some(&c.content.hash)
+        );
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_and_a_changed_sandbox_retries_at_once() {
+        let mut c = Case::new();
+        c.sandboxes = vec![sbx("a", "running")];
+        let key = TargetKey::Sandbox("a".into());
+        let mut mem = Memory::default();
+        let mut delays = vec![];
+        for _ in 0..8 {
+            let inp = c.inputs();
+            remember(
+                &mut mem,
+                &Outcome::Failed {
+                    message: "agent down".into(),
+                },
+                &inp,
+                7,
+            );
+            delays.push(until(c.now, mem.retry_at.unwrap()).as_secs());
+        }
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
+        c.memory.insert(key.clone(), mem.clone());
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Failed);
+        assert_eq!(p.targets[0].entry.message.as_deref(), Some("agent down"));
+        assert_eq!(p.requeue, Duration::from_secs(300));
+        // The wait is over: retried.
+        c.now = mem.retry_at.unwrap();
+        assert_eq!(c.plan().targets[0].push, Some(Why::Retry));
+        // The sandbox changed (say its agent came back): retried at once.
+        c.now = now();
+        c.sandboxes[0].fingerprint = 8;
+        assert_eq!(pushed(&c.plan()), ["a"]);
+        // New content: retried at once.
+        c.sandboxes[0].fingerprint = 7;
+        c.content = render(&[src("s", None)], &[data("s", &[("A", "2")])]).unwrap();
+        assert_eq!(pushed(&c.plan()), ["a"]);
+    }
+
+    #[test]
+    fn skipped_fly_apps_wait_for_refresh_or_a_change() {
+        let mut c = Case::new();
+        c.fly = vec![FlyObs {
+            app: "gone".into(),
+            blocked: None,
+            fingerprint: 1,
+        }];
+        assert_eq!(pushed(&c.plan()), ["gone"]);
+        let mut mem = Memory::default();
+        remember(
+            &mut mem,
+            &Outcome::Skipped {
+                message: "no such app".into(),
+            },
+            &c.inputs(),
+            1,
+        );
+        c.memory.insert(TargetKey::FlyApp("gone".into()), mem);
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Skipped);
+        assert!(!p.targets[0].blocks_ready);
+        assert_eq!(p.requeue, Duration::from_secs(3600));
+        c.now = now() + Duration::from_secs(3600);
+        assert_eq!(pushed(&c.plan()), ["gone"]);
+    }
+
+    #[test]
+    fn blocked_fly_apps_are_never_pushed() {
+        let mut c = Case::new();
+        c.fly = vec![FlyObs {
+            app: "app".into(),
+            blocked: Some(FlyBlock::Credential("token is empty".into())),
+            fingerprint: 1,
+        }];
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Failed);
+        assert!(p.targets[0].invalid_credential.is_some());
+    }
+
+    #[test]
+    fn claimed_sandboxes_are_skipped() {
+        let mut c = Case::new();
+        c.sandboxes = vec![SandboxObs {
+            claimed_by: Some("older".into()),
+            ..sbx("a", "running")
+        }];
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Skipped);
+    }
+
+    #[test]
+    fn summary_conditions() {
+        let c = content();
+        let old = SecretBundleStatus::default();
+        let e = |name: &str, state| Standing {
+            entry: BundleTargetStatus {
+                kind: BundleTargetKind::Sandbox,
+                name: name.into(),
+                synced_hash: None,
+                synced_at: None,
+                state,
+                message: None,
+            },
+            blocks_ready: state != BundleTargetState::Skipped,
+        };
+        let st = summarize(
+            &old,
+            Some(2),
+            &c,
+            vec![
+                e("a", BundleTargetState::Synced),
+                e("b", BundleTargetState::Synced),
+            ],
+            &[],
+            now(),
+        );
+        assert_eq!(
+            (st.synced_targets, st.total_targets, st.key_count),
+            (2, 2, 1)
+        );
+        assert_eq!(st.keys, ["A"]);
+        assert_eq!(st.content_hash.as_ref(), Some(&c.hash));
+        assert!(conditions::is_true(&st.conditions, cond::READY));
+        assert!(conditions::get(&st.conditions, cond::DEGRADED).is_none());
+        // Unchanged input: unchanged status (so no write).
+        let again = summarize(
+            &st,
+            Some(2),
+            &c,
+            vec![
+                e("a", BundleTargetState::Synced),
+                e("b", BundleTargetState::Synced),
+            ],
+            &[],
+            now() + Duration::from_secs(60),
+        );
+        assert_eq!(again, st);
+
+        let st = summarize(
+            &st,
+            Some(2),
+            &c,
+            vec![
+                e("a", BundleTargetState::Synced),
+                e("b", BundleTargetState::Skipped),
+            ],
+            &[],
+            now(),
+        );
+        assert!(conditions::is_true(&st.conditions, cond::READY));
+        let d = conditions::get(&st.conditions, cond::DEGRADED).unwrap();
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            (TRUE, "TargetsSkipped")
+        );
+
+        let st = summarize(
+            &st,
+            Some(2),
+            &c,
+            vec![
+                e("a", BundleTargetState::Failed),
+                e("b", BundleTargetState::Synced),
+            ],
+            &[],
+            now(),
+        );
+        let r = conditions::get(&st.conditions, cond::READY).unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            (FALSE, reason::SYNC_FAILED)
+        );
+        assert!(r.message.contains("sandbox a"));
+
+        let st = summarize(
+            &st,
+            Some(2),
+            &c,
+            vec![],
+            &["Fly.io app x: bad token".into()],
+            now(),
+        );
+        let r = conditions::get(&st.conditions, cond::READY).unwrap();
+        assert_eq!(r.reason, reason::INVALID_SPEC);
+
+        let st = summarize_invalid(
+            &st,
+            Some(3),
+            &[SourceProblem::SecretMissing {
+                secret: "db".into(),
+            }],
+            now(),
+        );
+        let r = conditions::get(&st.conditions, cond::READY).unwrap();
+        assert_eq!(r.reason, "SourceSecretMissing");
+        assert!(r.message.contains("db"));
+        assert_eq!(st.observed_generation, Some(3));
+    }
+}

@@ -1,0 +1,988 @@
+//! The layer's moving parts: the paced, retried call; the batch handlers behind the public
+//! methods; the periodic refresh; the changes stream.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{Filter, InstanceStateChange, Reservation};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, warn};
+
+use super::batch::chunks;
+use super::cache::Cache;
+use super::convert;
+use super::error::{Class, Failure, is_instance_id};
+use super::limiter::{Limiter, backoff, jitter};
+use super::metrics::{Metrics, Outcome};
+use super::{
+    Ec2Error, Ec2Settings, Instance, InstanceState, LaunchRequest, MANAGED_BY_VALUE,
+    MAX_FILTER_VALUES, MAX_IDS_PER_CALL, MAX_RESULTS, TAG_MANAGED_BY, TAG_UID,
+};
+
+/// Attempts per call, the first included, for throttling and server trouble.
+const MAX_ATTEMPTS: u32 = 5;
+/// Backoff before the first retry (then doubling: 250 ms, 0.5 s, 1 s, 2 s, with jitter).
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// Longest backoff between two attempts.
+const BACKOFF_CAP: Duration = Duration::from_secs(8);
+/// Tokens a DescribeInstances by `InstanceIds` takes (AWS's bucket for unfiltered,
+/// unpaginated describes is half the size of the one for filtered ones).
+const UNFILTERED_COST: f64 = 2.0;
+
+/// Start, stop or terminate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Power {
+    Start,
+    Stop,
+    Terminate,
+}
+
+impl Power {
+    fn action(self) -> &'static str {
+        match self {
+            Self::Start => "StartInstances",
+            Self::Stop => "StopInstances",
+            Self::Terminate => "TerminateInstances",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Bucket {
+    Describe,
+    Mutate,
+    Run,
+}
+
+/// What a describe of some ids found.
+#[derive(Debug, Default)]
+struct DescribeOutcome {
+    found: HashMap<String, Instance>,
+    /// Ids refused as such (malformed).
+    rejected: HashMap<String, Ec2Error>,
+}
+
+/// Everything the background tasks share.
+pub(crate) struct Core {
+    client: aws_sdk_ec2::Client,
+    pub(crate) settings: Ec2Settings,
+    describe_limiter: Limiter,
+    mutate_limiter: Limiter,
+    run_limiter: Limiter,
+    cache: Mutex<Cache>,
+    pub(crate) metrics: Metrics,
+    changes: broadcast::Sender<String>,
+    /// Root device name per AMI.
+    root_devices: Mutex<HashMap<String, String>>,
+}
+
+/// The error for an id that is not an instance id, as EC2 words it.
+pub(crate) fn malformed(action: &'static str, id: &str) -> Ec2Error {
+    Ec2Error::Rejected {
+        action,
+        code: "InvalidInstanceID.Malformed".to_owned(),
+        message: format!("Invalid id: \"{id}\" (expecting \"i-...\")"),
+        request_id: None,
+    }
+}
+
+impl Core {
+    pub(crate) fn new(client: aws_sdk_ec2::Client, settings: Ec2Settings) -> Self {
+        let b = &settings.buckets;
+        Self {
+            client,
+            describe_limiter: Limiter::new(b.describe, b.max_wait),
+            mutate_limiter: Limiter::new(b.mutate, b.max_wait),
+            run_limiter: Limiter::new(b.run, b.max_wait),
+            settings,
+            cache: Mutex::new(Cache::default()),
+            metrics: Metrics::default(),
+            changes: super::changes_channel(),
+            root_devices: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().expect("EC2 cache lock")
+    }
+
+    fn limiter(&self, bucket: Bucket) -> &Limiter {
+        match bucket {
+            Bucket::Describe => &self.describe_limiter,
+            Bucket::Mutate => &self.mutate_limiter,
+            Bucket::Run => &self.run_limiter,
+        }
+    }
+
+    fn ids_per_call(&self) -> usize {
+        self.settings.max_batch.clamp(1, MAX_IDS_PER_CALL)
+    }
+
+    pub(crate) fn tracked(&self) -> usize {
+        self.cache().len()
+    }
+
+    /// Tracks `id` and answers from the view if its observation is young enough.
+    pub(crate) fn track_and_lookup(&self, id: &str, max_age: Duration) -> Option<Option<Instance>> {
+        let (hit, len) = {
+            let mut cache = self.cache();
+            cache.track(id);
+            (cache.fresh(id, max_age, Instant::now()), cache.len())
+        };
+        self.metrics.set_tracked(len);
+        hit
+    }
+
+    pub(crate) fn untrack(&self, id: &str) {
+        let len = {
+            let mut cache = self.cache();
+            cache.untrack(id);
+            cache.len()
+        };
+        self.metrics.set_tracked(len);
+    }
+
+    /// Applies an observation to the view; announces a change; answers what callers see.
+    fn observe(&self, id: &str, instance: Option<Instance>, at: Instant) -> Option<Instance> {
+        let applied = self.cache().observe(id, instance, at, Instant::now());
+        if applied.changed {
+            let _ = self.changes.send(id.to_owned());
+        }
+        applied.instance
+    }
+
+    fn record_state(&self, id: &str, state: InstanceState, at: Instant) {
+        let changed = self.cache().record_state(id, state, at);
+        if changed {
+            let _ = self.changes.send(id.to_owned());
+        }
+    }
+
+    /// Converts the instances of DescribeInstances pages, noting spot requests.
+    fn ingest<'a>(&self, reservations: impl IntoIterator<Item = &'a Reservation>) -> Vec<Instance> {
+        let mut out = Vec::new();
+        let mut spot = Vec::new();
+        for reservation in reservations {
+            for sdk in reservation.instances() {
+                if let Some((instance, request)) = convert::instance(sdk) {
+                    if let Some(request) = request
+                        && instance.state != InstanceState::Terminated
+                    {
+                        spot.push((instance.id.clone(), request));
+                    }
+                    out.push(instance);
+                }
+            }
+        }
+        if !spot.is_empty() {
+            let mut cache = self.cache();
+            for (id, request) in spot {
+                cache.note_spot_request(&id, &request);
+            }
+        }
+        out
+    }
+
+    /// One EC2 call: paced by the bucket, retried with backoff on throttling and server
+    /// trouble, every attempt counted. `instance` names the instance of a one-instance call.
+    async fn call<T, E, F, Fut>(
+        &self,
+        action: &'static str,
+        bucket: Bucket,
+        cost: f64,
+        instance: Option<&str>,
+        mut send: F,
+    ) -> Result<T, Ec2Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let limiter = self.limiter(bucket);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if !limiter.acquire(cost).await {
+                debug!(action, "client-side EC2 rate limit saturated");
+                return Err(Ec2Error::Throttled { action });
+            }
+            let err = match send().await {
+                Ok(out) => {
+                    self.metrics.call(action, Outcome::Ok);
+                    return Ok(out);
+                }
+                Err(err) => err,
+            };
+            let failure = Failure::from_sdk(&err);
+            if failure.class == Class::Throttled {
+                self.metrics.call(action, Outcome::Throttled);
+                limiter.drain();
+            } else {
+                self.metrics.call(action, Outcome::Error);
+            }
+            if failure.class.retry_here() && attempt < MAX_ATTEMPTS {
+                let delay = backoff(attempt - 1, BACKOFF_BASE, BACKOFF_CAP, jitter());
+                debug!(
+                    action,
+                    attempt,
+                    code = failure.code.as_deref().unwrap_or(""),
+                    message = %failure.message,
+                    ?delay,
+                    "transient EC2 error; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            return Err(failure.into_error(action, instance));
+        }
+    }
+
+    /// Paginated, filtered DescribeInstances (1,000 per page).
+    async fn describe_pages(&self, filters: Vec<Filter>) -> Result<Vec<Instance>, Ec2Error> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .call("DescribeInstances", Bucket::Describe, 1.0, None, || {
+                    self.client
+                        .describe_instances()
+                        .set_filters(Some(filters.clone()))
+                        .max_results(MAX_RESULTS)
+                        .set_next_token(token.clone())
+                        .send()
+                })
+                .await?;
+            out.extend(self.ingest(page.reservations()));
+            match page.next_token() {
+                Some(next) if !next.is_empty() => token = Some(next.to_owned()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Describes `ids`: up to 200 with one `instance-id`-filtered call (unknown ids are simply
+    /// absent), more by `InstanceIds` in calls of up to 1,000, dropping the ids that an
+    /// `InvalidInstanceID.NotFound` names and asking again.
+    async fn describe_ids(&self, ids: &[String]) -> Result<DescribeOutcome, Ec2Error> {
+        let mut outcome = DescribeOutcome::default();
+        let mut valid = Vec::with_capacity(ids.len());
+        for id in ids {
+            if is_instance_id(id) {
+                valid.push(id.clone());
+            } else {
+                outcome
+                    .rejected
+                    .insert(id.clone(), malformed("DescribeInstances", id));
+            }
+        }
+        if valid.is_empty() {
+            return Ok(outcome);
+        }
+        if valid.len() <= MAX_FILTER_VALUES {
+            self.describe_filtered(valid, &mut outcome).await?;
+        } else {
+            for chunk in chunks(&valid, self.ids_per_call()) {
+                self.describe_by_ids(chunk, &mut outcome).await?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn describe_filtered(
+        &self,
+        ids: Vec<String>,
+        outcome: &mut DescribeOutcome,
+    ) -> Result<(), Ec2Error> {
+        for chunk in chunks(&ids, MAX_FILTER_VALUES) {
+            let found = self
+                .describe_pages(vec![convert::filter("instance-id", chunk)])
+                .await?;
+            outcome
+                .found
+                .extend(found.into_iter().map(|i| (i.id.clone(), i)));
+        }
+        Ok(())
+    }
+
+    async fn describe_by_ids(
+        &self,
+        mut remaining: Vec<String>,
+        outcome: &mut DescribeOutcome,
+    ) -> Result<(), Ec2Error> {
+        while !remaining.is_empty() {
+            let result = self
+                .call(
+                    "DescribeInstances",
+                    Bucket::Describe,
+                    UNFILTERED_COST,
+                    None,
+                    || {
+                        self.client
+                            .describe_instances()
+                            .set_instance_ids(Some(remaining.clone()))
+                            .send()
+                    },
+                )
+                .await;
+            match result {
+                Ok(out) => {
+                    let found = self.ingest(out.reservations());
+                    outcome
+                        .found
+                        .extend(found.into_iter().map(|i| (i.id.clone(), i)));
+                    return Ok(());
+                }
+                Err(err)
+                    if matches!(
+                        err.code(),
+                        Some("InvalidInstanceID.NotFound" | "InvalidInstanceID.Malformed")
+                    ) =>
+                {
+                    let named: HashSet<String> = err
+                        .instance_ids()
+                        .into_iter()
+                        .filter(|id| remaining.contains(id))
+                        .collect();
+                    if named.is_empty() {
+                        // The message does not say which: ask with filters, which ignore
+                        // unknown ids.
+                        return self.describe_filtered(remaining, outcome).await;
+                    }
+                    debug!(unknown = ?named, "DescribeInstances named unknown ids; asking again without them");
+                    if err.code() == Some("InvalidInstanceID.Malformed") {
+                        for id in &named {
+                            outcome.rejected.insert(id.clone(), err.clone());
+                        }
+                    }
+                    remaining.retain(|id| !named.contains(id));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    /// The describe batcher's handler.
+    pub(crate) async fn describe_batch(
+        &self,
+        ids: Vec<String>,
+    ) -> HashMap<String, Result<Option<Instance>, Ec2Error>> {
+        let at = Instant::now();
+        match self.describe_ids(&ids).await {
+            Ok(mut outcome) => ids
+                .into_iter()
+                .map(|id| {
+                    let result = match outcome.rejected.remove(&id) {
+                        Some(err) => Err(err),
+                        None => Ok(self.observe(&id, outcome.found.remove(&id), at)),
+                    };
+                    (id, result)
+                })
+                .collect(),
+            Err(err) => ids.into_iter().map(|id| (id, Err(err.clone()))).collect(),
+        }
+    }
+
+    /// The find-by-UID batcher's handler: one call per 200 UIDs.
+    pub(crate) async fn find_batch(
+        &self,
+        uids: Vec<String>,
+    ) -> HashMap<String, Result<Option<Instance>, Ec2Error>> {
+        let mut results = HashMap::new();
+        for chunk in chunks(&uids, MAX_FILTER_VALUES) {
+            let at = Instant::now();
+            let filters = vec![
+                convert::filter(&format!("tag:{TAG_UID}"), chunk.clone()),
+                convert::filter("instance-state-name", convert::LIVE_STATES),
+            ];
+            match self.describe_pages(filters).await {
+                Ok(found) => {
+                    let mut newest: HashMap<String, Instance> = HashMap::new();
+                    for instance in found {
+                        let instance = match self.observe(&instance.id.clone(), Some(instance), at)
+                        {
+                            Some(i) => i,
+                            None => continue,
+                        };
+                        let Some(uid) = instance.tags.get(TAG_UID).cloned() else {
+                            continue;
+                        };
+                        match newest.get(&uid) {
+                            Some(best) if !is_newer(&instance, best) => {}
+                            _ => {
+                                newest.insert(uid, instance);
+                            }
+                        }
+                    }
+                    for uid in chunk {
+                        let found = newest.remove(&uid);
+                        results.insert(uid, Ok(found));
+                    }
+                }
+                Err(err) => {
+                    for uid in chunk {
+                        results.insert(uid, Err(err.clone()));
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// The start/stop/terminate batchers' handler: one call per 1,000 ids; ids that make the
+    /// merged call fail are told apart and the others sent again.
+    pub(crate) async fn power_batch(
+        &self,
+        op: Power,
+        ids: Vec<String>,
+    ) -> HashMap<String, Result<(), Ec2Error>> {
+        let mut results = HashMap::new();
+        let mut valid = Vec::with_capacity(ids.len());
+        for id in ids {
+            if is_instance_id(&id) {
+                valid.push(id);
+            } else {
+                let err = malformed(op.action(), &id);
+                results.insert(id, Err(err));
+            }
+        }
+        if op == Power::Terminate {
+            valid = self.cancel_spot_requests(valid, &mut results).await;
+        }
+        for mut remaining in chunks(&valid, self.ids_per_call()) {
+            while !remaining.is_empty() {
+                let at = Instant::now();
+                let err = match self.power_call(op, &remaining).await {
+                    Ok(changes) => {
+                        for (id, state) in changes {
+                            self.record_state(&id, state, at);
+                        }
+                        for id in remaining.drain(..) {
+                            results.insert(id, Ok(()));
+                        }
+                        break;
+                    }
+                    Err(err) => err,
+                };
+                if !may_concern_some(&err) {
+                    for id in remaining.drain(..) {
+                        results.insert(id, Err(err.clone()));
+                    }
+                    break;
+                }
+                if let [only] = remaining.as_slice() {
+                    let outcome = self.per_instance(op, only, err);
+                    results.insert(only.clone(), outcome);
+                    break;
+                }
+                let named: HashSet<String> = err
+                    .instance_ids()
+                    .into_iter()
+                    .filter(|id| remaining.contains(id))
+                    .collect();
+                if named.is_empty() {
+                    // Cannot tell which instance the error is about: one call each.
+                    debug!(action = op.action(), code = ?err.code(), "merged call failed; falling back to one call per instance");
+                    let singles = futures::future::join_all(
+                        remaining.iter().map(|id| self.power_one(op, id)),
+                    )
+                    .await;
+                    for (id, outcome) in remaining.drain(..).zip(singles) {
+                        results.insert(id, outcome);
+                    }
+                    break;
+                }
+                debug!(action = op.action(), code = ?err.code(), instances = ?named, "merged call failed for some instances; sending the others again");
+                for id in &named {
+                    results.insert(id.clone(), self.per_instance(op, id, err.clone()));
+                }
+                remaining.retain(|id| !named.contains(id));
+            }
+        }
+        results
+    }
+
+    async fn power_call(
+        &self,
+        op: Power,
+        ids: &[String],
+    ) -> Result<Vec<(String, InstanceState)>, Ec2Error> {
+        let instance = match ids {
+            [one] => Some(one.as_str()),
+            _ => None,
+        };
+        let list = Some(ids.to_vec());
+        let action = op.action();
+        let changes: Vec<InstanceStateChange> = match op {
+            Power::Start => self
+                .call(action, Bucket::Mutate, 1.0, instance, || {
+                    self.client
+                        .start_instances()
+                        .set_instance_ids(list.clone())
+                        .send()
+                })
+                .await?
+                .starting_instances()
+                .to_vec(),
+            Power::Stop => self
+                .call(action, Bucket::Mutate, 1.0, instance, || {
+                    self.client
+                        .stop_instances()
+                        .set_instance_ids(list.clone())
+                        .send()
+                })
+                .await?
+                .stopping_instances()
+                .to_vec(),
+            Power::Terminate => self
+                .call(action, Bucket::Mutate, 1.0, instance, || {
+                    self.client
+                        .terminate_instances()
+                        .set_instance_ids(list.clone())
+                        .send()
+                })
+                .await?
+                .terminating_instances()
+                .to_vec(),
+        };
+        Ok(changes.iter().filter_map(convert::state_change).collect())
+    }
+
+    async fn power_one(&self, op: Power, id: &str) -> Result<(), Ec2Error> {
+        let at = Instant::now();
+        match self.power_call(op, &[id.to_owned()]).await {
+            Ok(changes) => {
+                for (id, state) in changes {
+                    self.record_state(&id, state, at);
+                }
+                Ok(())
+            }
+            Err(err) => self.per_instance(op, id, err),
+        }
+    }
+
+    /// What an error that concerns one instance means for it.
+    fn per_instance(&self, op: Power, id: &str, err: Ec2Error) -> Result<(), Ec2Error> {
+        if err.code() == Some("InvalidInstanceID.NotFound") {
+            if self.cache().recently_launched(id, Instant::now()) {
+                return Err(Ec2Error::IncorrectState {
+                    action: op.action(),
+                    instance_id: id.to_owned(),
+                    message: format!(
+                        "instance {id} was launched moments ago and EC2 does not show it yet"
+                    ),
+                });
+            }
+            if op == Power::Terminate {
+                // Gone for good: what terminating wanted.
+                return Ok(());
+            }
+        }
+        match err {
+            Ec2Error::IncorrectState {
+                action, message, ..
+            } => Err(Ec2Error::IncorrectState {
+                action,
+                instance_id: id.to_owned(),
+                message,
+            }),
+            other => Err(other),
+        }
+    }
+
+    /// Cancels the persistent spot requests behind instances about to be terminated (else
+    /// EC2 would launch replacements). Returns the ids that may go on to be terminated.
+    async fn cancel_spot_requests(
+        &self,
+        ids: Vec<String>,
+        results: &mut HashMap<String, Result<(), Ec2Error>>,
+    ) -> Vec<String> {
+        let requests: Vec<(String, String)> = {
+            let cache = self.cache();
+            ids.iter()
+                .filter_map(|id| cache.spot_request(id).map(|r| (id.clone(), r)))
+                .collect()
+        };
+        if requests.is_empty() {
+            return ids;
+        }
+        let mut failed: HashSet<String> = HashSet::new();
+        match self.cancel(&requests).await {
+            Ok(()) => {}
+            Err(err)
+                if requests.len() > 1
+                    && err
+                        .code()
+                        .is_some_and(|c| c.starts_with("InvalidSpotInstanceRequestID")) =>
+            {
+                // One unknown request fails them all: cancel one by one.
+                for one in &requests {
+                    if let Err(err) = self.cancel(std::slice::from_ref(one)).await {
+                        failed.insert(one.0.clone());
+                        results.insert(one.0.clone(), Err(err));
+                    }
+                }
+            }
+            Err(err) => {
+                for (id, _) in &requests {
+                    failed.insert(id.clone());
+                    results.insert(id.clone(), Err(err.clone()));
+                }
+            }
+        }
+        ids.into_iter().filter(|id| !failed.contains(id)).collect()
+    }
+
+    /// Cancels the spot requests of `group` (instance id, request id); an unknown request of
+    /// a one-request group counts as cancelled.
+    async fn cancel(&self, group: &[(String, String)]) -> Result<(), Ec2Error> {
+        let request_ids: Vec<String> = group.iter().map(|(_, r)| r.clone()).collect();
+        let result = self
+            .call(
+                "CancelSpotInstanceRequests",
+                Bucket::Mutate,
+                1.0,
+                None,
+                || {
+                    self.client
+                        .cancel_spot_instance_requests()
+                        .set_spot_instance_request_ids(Some(request_ids.clone()))
+                        .send()
+                },
+            )
+            .await;
+        let gone = match &result {
+            Ok(_) => true,
+            Err(err) => {
+                group.len() == 1
+                    && err
+                        .code()
+                        .is_some_and(|c| c.starts_with("InvalidSpotInstanceRequestID"))
+            }
+        };
+        if gone {
+            let mut cache = self.cache();
+            for (id, _) in group {
+                cache.forget_spot_request(id);
+            }
+            return Ok(());
+        }
+        result.map(drop)
+    }
+
+    pub(crate) async fn launch(&self, req: &LaunchRequest) -> Result<Instance, Ec2Error> {
+        let root_device = match req.root_volume_size_gib {
+            Some(_) => Some(self.root_device_name(&req.image_id).await?),
+            None => None,
+        };
+        let at = Instant::now();
+        let out = self
+            .call("RunInstances", Bucket::Run, 1.0, None, || {
+                convert::run_instances(self.client.run_instances(), req, root_device.as_deref())
+                    .send()
+            })
+            .await?;
+        let Some((mut instance, spot_request)) =
+            out.instances().first().and_then(convert::instance)
+        else {
+            return Err(Ec2Error::Unavailable {
+                action: "RunInstances",
+                message: "RunInstances answered without an instance".to_owned(),
+            });
+        };
+        if instance.tags.is_empty() {
+            instance.tags = req.tags.clone();
+        }
+        let len = {
+            let mut cache = self.cache();
+            if let Some(request) = spot_request {
+                cache.note_spot_request(&instance.id, &request);
+            }
+            cache.launched(&instance, at);
+            cache.len()
+        };
+        self.metrics.set_tracked(len);
+        Ok(instance)
+    }
+
+    /// The AMI's root device name (for the root volume's size), cached per AMI.
+    async fn root_device_name(&self, image_id: &str) -> Result<String, Ec2Error> {
+        if let Some(device) = self
+            .root_devices
+            .lock()
+            .expect("root device lock")
+            .get(image_id)
+        {
+            return Ok(device.clone());
+        }
+        let out = self
+            .call("DescribeImages", Bucket::Describe, 1.0, None, || {
+                self.client.describe_images().image_ids(image_id).send()
+            })
+            .await?;
+        let device = out
+            .images()
+            .first()
+            .and_then(|i| i.root_device_name())
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| Ec2Error::Rejected {
+                action: "DescribeImages",
+                code: "InvalidAMIID.NotFound".to_owned(),
+                message: format!("The image id '[{image_id}]' does not exist"),
+                request_id: None,
+            })?
+            .to_owned();
+        self.root_devices
+            .lock()
+            .expect("root device lock")
+            .insert(image_id.to_owned(), device.clone());
+        Ok(device)
+    }
+
+    /// Removes the operator's ownership tags (managed-by and UID) from an instance it keeps
+    /// running or stopped after its Sandbox is deleted, so the orphan sweep never takes it for
+    /// an orphan. The namespace, name and environment tags stay, as a record.
+    pub(crate) async fn release(&self, id: &str) -> Result<(), Ec2Error> {
+        use aws_sdk_ec2::types::Tag;
+        self.call("DeleteTags", Bucket::Mutate, 1.0, Some(id), || {
+            self.client
+                .delete_tags()
+                .resources(id)
+                .tags(Tag::builder().key(super::TAG_MANAGED_BY).build())
+                .tags(Tag::builder().key(super::TAG_UID).build())
+                .send()
+        })
+        .await?;
+        self.untrack(id);
+        Ok(())
+    }
+
+    pub(crate) async fn list_managed(&self) -> Result<Vec<Instance>, Ec2Error> {
+        let at = Instant::now();
+        let found = self.describe_pages(vec![managed_filter()]).await?;
+        for instance in &found {
+            self.observe(&instance.id, Some(instance.clone()), at);
+        }
+        Ok(found)
+    }
+
+    /// Re-describes every tracked instance: the operator's own through the managed-by tag
+    /// (pages of 1,000) once there are more than 200 of them, the rest by id (200 per
+    /// filtered call, or 1,000 per `InstanceIds` call).
+    pub(crate) async fn refresh(&self) {
+        let at = Instant::now();
+        let targets = self.cache().refresh_targets(at);
+        if targets.is_empty() {
+            return;
+        }
+        let maybe_managed = targets.iter().filter(|(_, managed)| *managed).count();
+        let mut rest: Vec<String> = targets.into_iter().map(|(id, _)| id).collect();
+        if maybe_managed > MAX_FILTER_VALUES {
+            match self.describe_pages(vec![managed_filter()]).await {
+                Ok(found) => {
+                    let wanted: HashSet<&String> = rest.iter().collect();
+                    let mut seen = HashSet::new();
+                    for instance in found {
+                        if wanted.contains(&instance.id) {
+                            let id = instance.id.clone();
+                            self.observe(&id, Some(instance), at);
+                            seen.insert(id);
+                        }
+                    }
+                    rest.retain(|id| !seen.contains(id));
+                }
+                Err(err) => {
+                    warn!(error = %err, "EC2 refresh of managed instances failed; next try in one interval");
+                    return;
+                }
+            }
+        }
+        if rest.is_empty() {
+            return;
+        }
+        match self.describe_ids(&rest).await {
+            Ok(mut outcome) => {
+                for id in rest {
+                    if !outcome.rejected.contains_key(&id) {
+                        let found = outcome.found.remove(&id);
+                        self.observe(&id, found, at);
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, "EC2 refresh failed; next try in one interval");
+            }
+        }
+    }
+}
+
+fn managed_filter() -> Filter {
+    convert::filter(&format!("tag:{TAG_MANAGED_BY}"), [MANAGED_BY_VALUE])
+}
+
+/// Whether `a` was launched after `b` (ties: the larger id, so the choice is stable).
+fn is_newer(a: &Instance, b: &Instance) -> bool {
+    (a.launch_time, &a.id) > (b.launch_time, &b.id)
+}
+
+/// Errors of a merged call that may concern only some of its instances.
+fn may_concern_some(err: &Ec2Error) -> bool {
+    match err {
+        Ec2Error::IncorrectState { .. } => true,
+        Ec2Error::Rejected { code, .. } => {
+            code.starts_with("InvalidInstanceID")
+                || matches!(
+                    code.as_str(),
+                    "OperationNotPermitted"
+                        | "UnsupportedOperation"
+                        | "UnauthorizedOperation"
+                        | "InsufficientInstanceCapacity"
+                        | "IncorrectSpotRequestState"
+                )
+        }
+        _ => false,
+    }
+}
+
+/// Runs [`Core::refresh`] every `every` until `closed` closes.
+pub(crate) async fn refresh_loop(core: Arc<Core>, every: Duration, mut closed: mpsc::Receiver<()>) {
+    let every = every.max(Duration::from_millis(10));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = closed.recv() => return,
+            _ = ticks.tick() => {}
+        }
+        tokio::select! {
+            _ = closed.recv() => return,
+            () = core.refresh() => {}
+        }
+    }
+}
+
+/// The stream behind `Ec2::changes`.
+pub(crate) fn changes_stream(
+    core: &Arc<Core>,
+) -> impl futures::Stream<Item = String> + Send + Unpin + 'static {
+    let rx = core.changes.subscribe();
+    let weak = Arc::downgrade(core);
+    Box::pin(futures::stream::unfold(
+        (rx, weak, VecDeque::<String>::new()),
+        |(mut rx, weak, mut backlog)| async move {
+            loop {
+                if let Some(id) = backlog.pop_front() {
+                    return Some((id, (rx, weak, backlog)));
+                }
+                match rx.recv().await {
+                    Ok(id) => return Some((id, (rx, weak, backlog))),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        warn!(
+                            missed,
+                            "a subscriber of EC2 changes fell behind; handing it every tracked instance"
+                        );
+                        if let Some(core) = weak.upgrade() {
+                            let ids = core.cache().tracked_ids();
+                            backlog.extend(ids);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn inst(id: &str, secs: i64) -> Instance {
+        Instance {
+            id: id.to_owned(),
+            state: InstanceState::Running,
+            instance_type: None,
+            private_ip: None,
+            public_ip: None,
+            private_dns: None,
+            public_dns: None,
+            availability_zone: None,
+            launch_time: jiff::Timestamp::from_second(secs).ok(),
+            spot: false,
+            tags: BTreeMap::new(),
+        }
+    }
+
+    fn offline_core() -> Arc<Core> {
+        // A client that is never used to call anything.
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .build();
+        Arc::new(Core::new(
+            aws_sdk_ec2::Client::from_conf(config),
+            Ec2Settings::default(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_is_handed_every_tracked_id() {
+        use futures::StreamExt;
+        let core = offline_core();
+        let mut stream = changes_stream(&core);
+        let tracked = ["i-0000000a", "i-0000000b", "i-0000000c"];
+        for id in tracked {
+            core.track_and_lookup(id, Duration::ZERO);
+        }
+        for n in 0..super::super::CHANGES_CAPACITY + 10 {
+            let _ = core.changes.send(format!("i-{n:08x}"));
+        }
+        let mut first: Vec<String> = Vec::new();
+        for _ in 0..3 {
+            first.push(stream.next().await.unwrap());
+        }
+        first.sort();
+        assert_eq!(first, tracked);
+        // Then what is still buffered, and the end when the layer is gone.
+        assert!(stream.next().await.is_some());
+        drop(core);
+        let mut rest = 0;
+        while stream.next().await.is_some() {
+            rest += 1;
+        }
+        assert!(rest < super::super::CHANGES_CAPACITY);
+    }
+
+    #[test]
+    fn newest_by_launch_time_then_id() {
+        assert!(is_newer(&inst("i-00000001", 20), &inst("i-00000002", 10)));
+        assert!(!is_newer(&inst("i-00000001", 10), &inst("i-00000002", 10)));
+        assert!(is_newer(&inst("i-00000002", 10), &inst("i-00000001", 10)));
+    }
+
+    #[test]
+    fn which_merged_failures_are_told_apart() {
+        let rejected = |code: &str| Ec2Error::Rejected {
+            action: "StopInstances",
+            code: code.to_owned(),
+            message: String::new(),
+            request_id: None,
+        };
+        assert!(may_concern_some(&rejected("InvalidInstanceID.NotFound")));
+        assert!(may_concern_some(&rejected("UnauthorizedOperation")));
+        assert!(!may_concern_some(&rejected("AuthFailure")));
+        assert!(!may_concern_some(&Ec2Error::Throttled {
+            action: "StopInstances"
+        }));
+        assert!(may_concern_some(&Ec2Error::IncorrectState {
+            action: "StopInstances",
+            instance_id: String::new(),
+            message: String::new()
+        }));
+    }
+}
