@@ -52,9 +52,11 @@ demo:
 	@echo "agents and the operator, apply examples/ and show the fleet converging (issue 8)."
 	@exit 1
 
-bench:
-	@echo "make bench: not ready yet; the fleet benchmark arrives with the controllers (issue 9)."
-	@exit 1
+# The fleet benchmark (issue 9): release build, then every scenario once; figures beside their
+# targets on stdout and in target/bench/results.json. `make bench BENCH_ARGS=--quick`: a smoke run.
+bench: tools
+	$(CARGO) build --release --bins
+	"$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" $(BENCH_ARGS)
 
 clean-cache:
 	rm -rf "$(CACHE)"

@@ -47,10 +47,21 @@ install_venv() {
 }
 
 install_debs() {
-  if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then log "postgresql server present"; return; fi
+  # The ledger's PostgreSQL tests start their own server (initdb, postgres, pg_isready) on a free
+  # loopback port: only the binaries are needed.
+  local bin
+  for bin in /usr/lib/postgresql/*/bin; do
+    if [ -x "$bin/initdb" ] && [ -x "$bin/postgres" ] && [ -x "$bin/pg_isready" ]; then
+      log "postgresql server present in $bin"; return
+    fi
+  done
   log "installing postgresql from Debian's packages"
   export DEBIAN_FRONTEND=noninteractive
-  local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { log "need root or sudo to apt-get install postgresql"; return 1; }
+    sudo=sudo
+  fi
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends postgresql >/dev/null
 }
@@ -58,7 +69,7 @@ install_debs() {
 what=${*:-all}
 for w in $what; do
   case $w in
-    all) install_go; install_venv ;;
+    all) install_go; install_venv; install_debs ;;
     go) install_go ;;
     venv) install_venv ;;
     debs) install_debs ;;

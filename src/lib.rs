@@ -19,6 +19,9 @@ pub mod ledger;
 pub mod metrics;
 pub mod operator;
 pub mod util;
+pub mod webhook;
 
+#[cfg(feature = "testenv")]
+pub mod bench;
 #[cfg(feature = "testenv")]
 pub mod testenv;

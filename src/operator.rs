@@ -21,6 +21,9 @@ use crate::util::parse_duration;
 /// Settings of `sandbox-operator run`, from flags and environment variables.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
+    /// A YAML config file (the CI webhook's environments and secret; see README).
+    #[arg(long, env = "SANDBOX_OPERATOR_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// Address of the HTTP server for /healthz, /readyz, /metrics and the CI webhook.
     #[arg(
         long,
@@ -59,9 +62,25 @@ pub struct RunArgs {
     /// ("off" only reports them).
     #[arg(long, env = "SANDBOX_OPERATOR_ORPHAN_GRACE", default_value = "10m")]
     pub orphan_grace: String,
+    /// Finished SandboxDeploys kept per namespace; older ones are deleted.
+    #[arg(long, env = "SANDBOX_OPERATOR_DEPLOY_HISTORY", default_value_t = 50)]
+    pub deploy_history_limit: usize,
+    /// The flyctl binary SecretBundles push Fly.io secrets with (a name in PATH, or a path).
+    #[arg(long, env = "SANDBOX_OPERATOR_FLYCTL", default_value = "flyctl")]
+    pub flyctl: std::path::PathBuf,
+    /// Extra environment for flyctl, KEY=VALUE (repeatable); its environment is otherwise
+    /// cleared but for PATH, HOME, TMPDIR, TLS and proxy settings and the app's token.
+    #[arg(long = "flyctl-env", value_parser = key_value)]
+    pub flyctl_env: Vec<(String, String)>,
     /// How often to look for orphaned instances.
     #[arg(long, env = "SANDBOX_OPERATOR_ORPHAN_SWEEP", default_value = "2m", value_parser = duration)]
     pub orphan_sweep: Duration,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -101,6 +120,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Some(parse_duration(s).map_err(|e| RunError::Setting(format!("--orphan-grace: {e}")))?)
         }
     };
+    let config: crate::webhook::OperatorConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                RunError::Setting(format!("reading --config {}: {e}", path.display()))
+            })?;
+            serde_yaml::from_str(&text)
+                .map_err(|e| RunError::Setting(format!("--config {}: {e}", path.display())))?
+        }
+        None => Default::default(),
+    };
     let client = kube::Client::try_default().await?;
     let sdk = crate::ec2::sdk_client(args.ec2_endpoint.as_deref(), args.region.as_deref()).await;
     let ec2 = Ec2::new(
@@ -121,7 +150,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             addr: args.http_addr,
             source,
         })?;
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -129,6 +158,23 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             metrics: metrics.clone(),
             ready: ready.clone(),
         });
+    if let Some(webhook) = config.webhook.clone() {
+        // Bodies up to 1 MiB reach the handler, which answers 413 with a JSON reason above
+        // its own limit; larger ones are cut off by axum (also 413).
+        let limit = (webhook.max_body_bytes + 1).max(1 << 20);
+        app = app.merge(
+            Router::new()
+                .route(
+                    crate::webhook::PATH,
+                    axum::routing::post(crate::webhook::handle),
+                )
+                .layer(axum::extract::DefaultBodyLimit::max(limit))
+                .with_state(crate::webhook::WebhookState {
+                    config: webhook,
+                    client: client.clone(),
+                }),
+        );
+    }
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP server listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = {
@@ -153,16 +199,37 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         orphan_sweep_interval: args.orphan_sweep,
         ..ControllerSettings::default()
     };
-    let ctx = sandbox::Context::new(client, ec2, metrics, settings);
-    let shutdown = {
+    let ctx = sandbox::Context::new(client.clone(), ec2, metrics.clone(), settings);
+    let shutdown = || {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    let deploy_ctx = crate::controller::deploy::Context::new(
+        client.clone(),
+        metrics.clone(),
+        crate::controller::deploy::DeploySettings {
+            history_limit: args.deploy_history_limit,
+            ..Default::default()
+        },
+    );
     ready.store(true, Ordering::SeqCst);
     info!("controllers starting");
-    let controllers = tokio::spawn(sandbox::run(ctx, args.namespace.clone(), shutdown));
+    let bundle_ctx = crate::controller::secretbundle::Context::new(
+        client.clone(),
+        metrics.clone(),
+        crate::controller::secretbundle::ControllerSettings {
+            flyctl: args.flyctl.clone(),
+            flyctl_env: args.flyctl_env.clone(),
+            ..Default::default()
+        },
+    );
+    let controllers = tokio::spawn(futures::future::join3(
+        sandbox::run(ctx, args.namespace.clone(), shutdown()),
+        crate::controller::deploy::run(deploy_ctx, args.namespace.clone(), shutdown()),
+        crate::controller::secretbundle::run(bundle_ctx, args.namespace.clone(), shutdown()),
+    ));
     shutdown_signal().await;
     info!("shutting down");
     ready.store(false, Ordering::SeqCst);

@@ -81,3 +81,82 @@ pub struct SandboxSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<Environment>,
 }
+
+impl SandboxSelector {
+    /// Whether a Sandbox with these labels and this environment is selected.
+    pub fn matches(&self, labels: &BTreeMap<String, String>, environment: Environment) -> bool {
+        if self.environment.is_some_and(|e| e != environment) {
+            return false;
+        }
+        if !self
+            .match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+        {
+            return false;
+        }
+        self.match_expressions.iter().all(|req| {
+            let values = req.values.as_deref().unwrap_or_default();
+            let value = labels.get(&req.key);
+            match req.operator.as_str() {
+                "In" => value.is_some_and(|v| values.contains(v)),
+                "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                // The API server accepts only the four operators above.
+                _ => false,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn selector_matches_labels_expressions_and_environment() {
+        let empty = SandboxSelector::default();
+        assert!(empty.matches(&labels(&[]), Environment::Dev));
+        let s = SandboxSelector {
+            match_labels: labels(&[("fleet", "workers")]),
+            match_expressions: vec![
+                LabelSelectorRequirement {
+                    key: "tier".into(),
+                    operator: "In".into(),
+                    values: Some(vec!["a".into(), "b".into()]),
+                },
+                LabelSelectorRequirement {
+                    key: "canary".into(),
+                    operator: "DoesNotExist".into(),
+                    values: None,
+                },
+            ],
+            environment: Some(Environment::Staging),
+        };
+        assert!(s.matches(
+            &labels(&[("fleet", "workers"), ("tier", "a")]),
+            Environment::Staging
+        ));
+        assert!(!s.matches(
+            &labels(&[("fleet", "workers"), ("tier", "a")]),
+            Environment::Prod
+        ));
+        assert!(!s.matches(
+            &labels(&[("fleet", "workers"), ("tier", "c")]),
+            Environment::Staging
+        ));
+        assert!(!s.matches(
+            &labels(&[("fleet", "workers"), ("tier", "a"), ("canary", "1")]),
+            Environment::Staging
+        ));
+        assert!(!s.matches(&labels(&[("tier", "a")]), Environment::Staging));
+    }
+}

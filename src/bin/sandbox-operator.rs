@@ -24,6 +24,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Reports from the ledger: cost, fleet (the sandboxes table), deploy history.
+    Report(sandbox_operator::ledger::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,22 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sandbox-operator run: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Report(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("starting the async runtime");
+            match rt.block_on(sandbox_operator::ledger::run_report(args)) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sandbox-operator report: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -42,6 +42,10 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Handlers first: a signal that comes as soon as the line below is read must be handled.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let started = Instant::now();
     let (cp, ec2) = tokio::join!(
         ControlPlane::start(ControlPlaneOptions::default()),
@@ -65,8 +69,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "startupMs": started.elapsed().as_millis() as u64,
     });
     println!("{info}");
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
     let stdin_eof = async {
         if args.exit_on_stdin_eof {
             let mut buf = Vec::new();
@@ -77,7 +79,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = stdin_eof => {}
     }
     drop(ec2);

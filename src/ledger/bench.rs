@@ -44,7 +44,7 @@ pub fn synthetic_event(s: &Synthetic, n: usize) -> LedgerEvent {
     let sandbox = NamespacedName::new("fleet", name.clone());
     let instance_id = format!("i-{:017x}", sb);
     let instance_type = ["t3.medium", "t3.large", "t3.xlarge"][sb % 3].to_string();
-    let market = if sb % 4 == 0 {
+    let market = if sb.is_multiple_of(4) {
         Market::Spot
     } else {
         Market::OnDemand
@@ -109,7 +109,7 @@ pub fn synthetic_event(s: &Synthetic, n: usize) -> LedgerEvent {
         8 => ec2("StopInstances"),
         _ => state(
             "stopped",
-            Some(if round % 2 == 0 {
+            Some(if round.is_multiple_of(2) {
                 StopReason::Idle
             } else {
                 StopReason::Requested

@@ -8,6 +8,7 @@
 //! driver would do the same at run time, but it is not among the crate's sqlx features and
 //! decodes no timestamps; the macro keeps static types and costs nothing.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -229,10 +230,44 @@ impl Pool {
 // ---------------------------------------------------------------------------------------------
 // Writing
 
-const INSERT_EVENT: &str = "INSERT INTO ledger_events (event_key, at, kind, namespace, sandbox, \
-    environment, instance_id, action, state, deploy, tag, step, bundle, target_kind, target_name, \
-    content_hash, request_id, outcome, message, payload) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-    $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) ON CONFLICT (event_key) DO NOTHING";
+/// Events per INSERT statement (20 parameters each: well under both engines' limits). Measured:
+/// one row per statement is 2.5x slower on both; beyond 16 SQLite slows down again.
+const EVENT_CHUNK: usize = 16;
+const EVENT_PARAMS: usize = 20;
+
+/// `INSERT INTO ledger_events ... VALUES (...), (...) ... ON CONFLICT DO NOTHING RETURNING
+/// event_key` for `rows` rows: only placeholders vary, so the text is safe by construction.
+fn insert_events_sql(rows: usize) -> String {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=EVENT_CHUNK)
+            .map(|n| {
+                let mut sql = String::from(
+                    "INSERT INTO ledger_events (event_key, at, kind, namespace, sandbox, \
+                     environment, instance_id, action, state, deploy, tag, step, bundle, \
+                     target_kind, target_name, content_hash, request_id, outcome, message, \
+                     payload) VALUES ",
+                );
+                for r in 0..n {
+                    if r > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push('(');
+                    for c in 0..EVENT_PARAMS {
+                        if c > 0 {
+                            sql.push_str(", ");
+                        }
+                        sql.push_str(&format!("${}", r * EVENT_PARAMS + c + 1));
+                    }
+                    sql.push(')');
+                }
+                sql.push_str(" ON CONFLICT (event_key) DO NOTHING RETURNING event_key");
+                sql
+            })
+            .collect()
+    });
+    all[rows.min(EVENT_CHUNK)].clone()
+}
 
 const OPEN_INTERVAL: &str = "INSERT INTO power_intervals (instance_id, namespace, name, \
     instance_type, market, start_us, started_at) SELECT $1, $2, $3, $4, $5, $6, $7 WHERE NOT EXISTS \
@@ -375,75 +410,55 @@ impl Pool {
         with_pool!(self, pool => {
             let mut written = Written::default();
             let mut tx = pool.begin().await?;
-            for KeyedEvent { key, event } in events {
-                let c = columns(event);
-                let payload = serde_json::to_string(event)
-                    .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                let at = chrono(event.at());
-                let inserted = sqlx::query(INSERT_EVENT)
-                    .bind(key.as_str())
-                    .bind(at)
-                    .bind(event.kind())
-                    .bind(c.namespace)
-                    .bind(c.sandbox)
-                    .bind(c.environment)
-                    .bind(c.instance_id)
-                    .bind(c.action)
-                    .bind(c.state)
-                    .bind(c.deploy)
-                    .bind(c.tag)
-                    .bind(c.step)
-                    .bind(c.bundle)
-                    .bind(c.target_kind)
-                    .bind(c.target_name)
-                    .bind(c.content_hash)
-                    .bind(c.request_id)
-                    .bind(c.outcome)
-                    .bind(c.message)
-                    .bind(payload)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if inserted == 0 {
-                    continue;
+            for chunk in events.chunks(EVENT_CHUNK) {
+                let mut insert = sqlx::query(sqlx::AssertSqlSafe(insert_events_sql(chunk.len())));
+                for KeyedEvent { key, event } in chunk {
+                    let c = columns(event);
+                    let payload = serde_json::to_string(event)
+                        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                    insert = insert
+                        .bind(key.as_str())
+                        .bind(chrono(event.at()))
+                        .bind(event.kind())
+                        .bind(c.namespace)
+                        .bind(c.sandbox)
+                        .bind(c.environment)
+                        .bind(c.instance_id)
+                        .bind(c.action)
+                        .bind(c.state)
+                        .bind(c.deploy)
+                        .bind(c.tag)
+                        .bind(c.step)
+                        .bind(c.bundle)
+                        .bind(c.target_kind)
+                        .bind(c.target_name)
+                        .bind(c.content_hash)
+                        .bind(c.request_id)
+                        .bind(c.outcome)
+                        .bind(c.message)
+                        .bind(payload);
                 }
-                written.events += 1;
-                let LedgerEvent::InstanceState(s) = event else {
-                    continue;
-                };
-                let ns = s.sandbox.as_ref().map(|s| s.namespace.clone());
-                let name = s.sandbox.as_ref().map(|s| s.name.clone());
-                let market = market_str(s.market);
-                match s.power_effect() {
-                    PowerEffect::Start => {
-                        sqlx::query(OPEN_INTERVAL)
-                            .bind(s.instance_id.as_str())
-                            .bind(ns)
-                            .bind(name)
-                            .bind(s.instance_type.clone())
-                            .bind(market)
-                            .bind(us(s.at))
-                            .bind(at)
-                            .execute(&mut *tx)
-                            .await?;
+                let inserted: HashSet<String> = insert
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get::<String, _>(0))
+                    .collect::<Result<_, _>>()?;
+                written.events += inserted.len() as u64;
+                for KeyedEvent { key, event } in chunk {
+                    let LedgerEvent::InstanceState(s) = event else {
+                        continue;
+                    };
+                    if !inserted.contains(key) {
+                        continue; // written by an earlier attempt whose commit went through
                     }
-                    PowerEffect::Stop | PowerEffect::Terminate => {
-                        let terminate = s.power_effect() == PowerEffect::Terminate;
-                        let reason = if terminate {
-                            Some(StopReason::Terminated)
-                        } else {
-                            s.stop_reason
-                        };
-                        let closed = sqlx::query(CLOSE_INTERVAL)
-                            .bind(us(s.at))
-                            .bind(at)
-                            .bind(reason.map(|r| r.as_str()))
-                            .bind(s.instance_id.as_str())
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                        if closed == 0 && terminate {
-                            sqlx::query(TERMINATED_MARK)
+                    let at = chrono(s.at);
+                    let ns = s.sandbox.as_ref().map(|s| s.namespace.clone());
+                    let name = s.sandbox.as_ref().map(|s| s.name.clone());
+                    let market = market_str(s.market);
+                    match s.power_effect() {
+                        PowerEffect::Start => {
+                            sqlx::query(OPEN_INTERVAL)
                                 .bind(s.instance_id.as_str())
                                 .bind(ns)
                                 .bind(name)
@@ -454,8 +469,36 @@ impl Pool {
                                 .execute(&mut *tx)
                                 .await?;
                         }
+                        PowerEffect::Stop | PowerEffect::Terminate => {
+                            let terminate = s.power_effect() == PowerEffect::Terminate;
+                            let reason = if terminate {
+                                Some(StopReason::Terminated)
+                            } else {
+                                s.stop_reason
+                            };
+                            let closed = sqlx::query(CLOSE_INTERVAL)
+                                .bind(us(s.at))
+                                .bind(at)
+                                .bind(reason.map(|r| r.as_str()))
+                                .bind(s.instance_id.as_str())
+                                .execute(&mut *tx)
+                                .await?
+                                .rows_affected();
+                            if closed == 0 && terminate {
+                                sqlx::query(TERMINATED_MARK)
+                                    .bind(s.instance_id.as_str())
+                                    .bind(ns)
+                                    .bind(name)
+                                    .bind(s.instance_type.clone())
+                                    .bind(market)
+                                    .bind(us(s.at))
+                                    .bind(at)
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
+                        }
+                        PowerEffect::None => {}
                     }
-                    PowerEffect::None => {}
                 }
             }
             for op in sandboxes {

@@ -142,7 +142,7 @@ pub fn fold(
         environments: by_env
             .into_iter()
             .map(|((_, environment), mut records)| {
-                records.sort_by(|a, b| (b.1.started_at, b.0).cmp(&(a.1.started_at, a.0)));
+                records.sort_by_key(|(seq, r)| std::cmp::Reverse((r.started_at, *seq)));
                 records.truncate(limit);
                 EnvironmentDeploys {
                     environment,

@@ -71,6 +71,8 @@ pub struct LedgerMetrics {
     pub queue_depth: Gauge,
 }
 
+// The large variant is the common one: boxing it would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Event(KeyedEvent),
     Flush(oneshot::Sender<()>),
@@ -313,6 +315,7 @@ pub(crate) fn spawn(source: Source, options: WriterOptions) -> LedgerHandle {
         options,
         shared: shared.clone(),
         written_rows: HashMap::new(),
+        owns_pool: false,
     };
     tokio::spawn(writer.run());
     LedgerHandle { tx, shared }
@@ -325,6 +328,9 @@ struct Writer {
     shared: Arc<Shared>,
     /// The rows as last written, to skip upserts that change nothing.
     written_rows: HashMap<SandboxKey, SandboxRow>,
+    /// Whether the writer opened the pool itself (and so closes it when done). A pool it was
+    /// given belongs to the [`super::Ledger`] that gave it.
+    owns_pool: bool,
 }
 
 /// Retry state for one batch.
@@ -379,7 +385,7 @@ impl Writer {
             self.shared.metrics.queue_depth.set(self.rx.len() as i64);
             self.report_drops();
         }
-        if let Source::Ready(pool) = &self.source {
+        if let (Source::Ready(pool), true) = (&self.source, self.owns_pool) {
             pool.close().await;
         }
     }
@@ -522,6 +528,7 @@ impl Writer {
             }
             tracing::info!(ledger = %url.redacted(), "ledger database open, migrations applied");
             self.source = Source::Ready(pool);
+            self.owns_pool = true;
         }
         match &self.source {
             Source::Ready(pool) => Ok(pool),

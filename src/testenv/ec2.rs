@@ -368,6 +368,30 @@ impl CallCounts {
     }
 }
 
+/// One EC2 request as the endpoint logged it (see [`Ec2Endpoint::call_log`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CallLogEntry {
+    /// Arrival time, wall clock, Unix seconds.
+    pub t: f64,
+    /// The EC2 action.
+    pub action: String,
+    /// `accepted`, `throttled` or `faulted`.
+    pub outcome: String,
+    /// The request token bucket it drew from (see [`bucket`]).
+    pub bucket: String,
+    /// The instance ids it named (empty for `Describe*` calls, which keep only [`Self::n`]).
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// How many instance ids it named.
+    #[serde(default)]
+    pub n: usize,
+    /// Milliseconds from arrival to answer (waiting for moto's lock included).
+    pub ms: f64,
+    /// Milliseconds moto itself took (0 when the call never reached moto).
+    #[serde(default)]
+    pub moto_ms: f64,
+}
+
 /// Ids to launch instances with.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Ec2Defaults {
@@ -609,7 +633,24 @@ impl Ec2Endpoint {
             .and_then(|v| decode(v, "/calls"))
     }
 
-    /// Zeroes the call counts.
+    /// The EC2 requests that arrived at or after `since` (Unix seconds; 0 = all the endpoint
+    /// keeps, the last 100,000), oldest first. [`Self::reset_calls`] empties the log.
+    pub async fn call_log(&self, since: f64) -> Result<Vec<CallLogEntry>, Ec2EndpointError> {
+        #[derive(Deserialize)]
+        struct Log {
+            entries: Vec<CallLogEntry>,
+        }
+        self.control(
+            reqwest::Method::GET,
+            &format!("/calls/log?since={since:.6}"),
+            None,
+        )
+        .await
+        .and_then(|v| decode::<Log>(v, "/calls/log"))
+        .map(|l| l.entries)
+    }
+
+    /// Zeroes the call counts and empties the call log.
     pub async fn reset_calls(&self) -> Result<(), Ec2EndpointError> {
         self.control(reqwest::Method::POST, "/calls/reset", None)
             .await

@@ -244,8 +244,7 @@ fn sample_events() -> Vec<LedgerEvent> {
             bundle: NamespacedName::new("fleet", "worker-env"),
             target_kind: SecretTargetKind::FlyApp,
             target_name: "valet-worker-stg".into(),
-            content_hash: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-                .into(),
+            content_hash: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into(),
             keys: vec!["REDIS_URL".into(), "API_KEY".into()],
             outcome: Outcome::Succeeded,
             message: None,
@@ -269,7 +268,10 @@ async fn events_round_trip(db: Db) {
         e.sanitize();
     }
     let got: Vec<LedgerEvent> = stored.iter().map(|s| s.event.clone()).collect();
-    assert_eq!(got, expected, "every event back, in order, to the nanosecond");
+    assert_eq!(
+        got, expected,
+        "every event back, in order, to the nanosecond"
+    );
     assert!(stored.windows(2).all(|w| w[0].id < w[1].id));
 
     // Filters.
@@ -358,6 +360,25 @@ async fn events_round_trip(db: Db) {
     );
     assert_eq!(handle.dropped(), 0);
     assert_eq!(handle.metrics().written.get(), events.len() as u64);
+
+    // Dropping the last handle: the writer writes what is queued, then ends, and leaves the
+    // ledger's pool open for its reader.
+    handle.record(sample_events().remove(0));
+    drop(handle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = ledger.events(&EventQuery::default()).await.unwrap().len();
+        if n == events.len() + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queued event was not written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(ledger.sandboxes().await.unwrap(), vec![]);
 }
 
 fn sandbox(name: &str, phase: SandboxPhase, state: &str, health: AgentHealth) -> Sandbox {
@@ -515,7 +536,8 @@ async fn record_known_intervals(handle: &LedgerHandle) {
     // a: t3.large on-demand. Runs 00-10, auto-stopped (Idle) 10-15, runs 15-20, stopped.
     // 15 h x 0.0832 = 1.248; saved 5 h x 0.0832 = 0.416.
     let a = |running, when| {
-        PowerChange::new("i-a", "t3.large", Market::OnDemand, running, at(when)).sandbox("fleet", "a")
+        PowerChange::new("i-a", "t3.large", Market::OnDemand, running, at(when))
+            .sandbox("fleet", "a")
     };
     handle.record_power(a(true, "01T00:00:00"));
     handle.record_power(a(false, "01T10:00:00").reason(StopReason::Idle));
@@ -543,7 +565,8 @@ async fn record_known_intervals(handle: &LedgerHandle) {
     // c: t3.xlarge on-demand. Runs 06-08, auto-stopped, terminated at 20 while stopped:
     // 2 h x 0.1664 = 0.3328; saved 12 h (08-20) x 0.1664 = 1.9968.
     let c = |running, when| {
-        PowerChange::new("i-c", "t3.xlarge", Market::OnDemand, running, at(when)).sandbox("ops", "c")
+        PowerChange::new("i-c", "t3.xlarge", Market::OnDemand, running, at(when))
+            .sandbox("ops", "c")
     };
     handle.record_power(c(true, "01T06:00:00"));
     handle.record_power(c(false, "01T08:00:00").reason(StopReason::Idle));
@@ -557,8 +580,20 @@ async fn record_known_intervals(handle: &LedgerHandle) {
         stop_reason: None,
     }));
     // d: no sandbox recorded, an unpriced type: 1 h counted, no cost.
-    handle.record_power(PowerChange::new("i-d", "m5.large", Market::OnDemand, true, at("01T00:00:00")));
-    handle.record_power(PowerChange::new("i-d", "m5.large", Market::OnDemand, false, at("01T01:00:00")));
+    handle.record_power(PowerChange::new(
+        "i-d",
+        "m5.large",
+        Market::OnDemand,
+        true,
+        at("01T00:00:00"),
+    ));
+    handle.record_power(PowerChange::new(
+        "i-d",
+        "m5.large",
+        Market::OnDemand,
+        false,
+        at("01T01:00:00"),
+    ));
     // Outside the window: ignored.
     handle.record_power(a(true, "03T00:00:00"));
 }
@@ -580,7 +615,10 @@ async fn cost_report_from_known_intervals(db: Db) {
         .iter()
         .map(|s| (s.namespace.as_str(), s.name.as_str()))
         .collect();
-    assert_eq!(names, [("", "i-d"), ("fleet", "a"), ("fleet", "b"), ("ops", "c")]);
+    assert_eq!(
+        names,
+        [("", "i-d"), ("fleet", "a"), ("fleet", "b"), ("ops", "c")]
+    );
     let by = |name: &str| r.sandboxes.iter().find(|s| s.name == name).unwrap();
     let a = by("a");
     assert_eq!((a.hours, a.cost), (15.0, 1.248));
@@ -678,8 +716,21 @@ async fn cost_report_from_known_intervals(db: Db) {
     let cells: Vec<&str> = total.split_whitespace().collect();
     assert_eq!(cells, ["TOTAL", "32.00", "1.8048", "17.00", "2.4128"]);
     assert!(
-        table.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
-            == ["fleet", "a", "i-a", "t3.large", "on-demand", "15.00", "0.0832", "1.2480", "5.00", "0.4160"]),
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == [
+                    "fleet",
+                    "a",
+                    "i-a",
+                    "t3.large",
+                    "on-demand",
+                    "15.00",
+                    "0.0832",
+                    "1.2480",
+                    "5.00",
+                    "0.4160"
+                ]),
         "{table}"
     );
     assert!(table.contains("No price for m5.large (on-demand)"));
@@ -698,26 +749,43 @@ async fn fleet_and_deploy_reports(db: Db) {
     let mut w2 = SandboxRow::new("fleet", "w2", Environment::Prod);
     w2.instance_id = Some("i-00000000000000002".into());
     handle.upsert_sandbox(w2);
-    let step = |min: i64, env, deploy: Option<&str>, sbx: Option<&str>, tag: &str, step: &str, outcome| {
-        LedgerEvent::DeployStep(DeployStepEvent {
-            at: t("2024-05-01T10:00:00Z") + SignedDuration::from_mins(min),
-            namespace: "fleet".into(),
-            deploy: deploy.map(Into::into),
-            sandbox: sbx.map(Into::into),
-            environment: Some(env),
-            tag: tag.into(),
-            previous_tag: Some("v1".into()),
-            step: step.into(),
-            outcome,
-            message: None,
-        })
-    };
+    let step =
+        |min: i64, env, deploy: Option<&str>, sbx: Option<&str>, tag: &str, step: &str, outcome| {
+            LedgerEvent::DeployStep(DeployStepEvent {
+                at: t("2024-05-01T10:00:00Z") + SignedDuration::from_mins(min),
+                namespace: "fleet".into(),
+                deploy: deploy.map(Into::into),
+                sandbox: sbx.map(Into::into),
+                environment: Some(env),
+                tag: tag.into(),
+                previous_tag: Some("v1".into()),
+                step: step.into(),
+                outcome,
+                message: None,
+            })
+        };
     use Environment::*;
     use Outcome::*;
     for e in [
         step(0, Prod, Some("gh-1"), Some("w2"), "v2", "Draining", Started),
-        step(1, Prod, Some("gh-1"), Some("w2"), "v2", "Deploying", Started),
-        step(2, Prod, Some("gh-1"), Some("w2"), "v2", "Succeeded", Succeeded),
+        step(
+            1,
+            Prod,
+            Some("gh-1"),
+            Some("w2"),
+            "v2",
+            "Deploying",
+            Started,
+        ),
+        step(
+            2,
+            Prod,
+            Some("gh-1"),
+            Some("w2"),
+            "v2",
+            "Succeeded",
+            Succeeded,
+        ),
         step(3, Prod, Some("gh-1"), None, "v2", "Succeeded", Succeeded),
         step(5, Staging, None, Some("w1"), "v3", "Deploying", Started),
         step(6, Staging, None, Some("w1"), "v3", "Failed", Failed),
@@ -731,7 +799,10 @@ async fn fleet_and_deploy_reports(db: Db) {
     let table = report(&["fleet", "--ledger", &d.url], now).await.unwrap();
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 3, "{table}");
-    assert!(lines[0].starts_with("NAMESPACE   NAME   ENVIRONMENT   STATUS"), "{table}");
+    assert!(
+        lines[0].starts_with("NAMESPACE   NAME   ENVIRONMENT   STATUS"),
+        "{table}"
+    );
     let w1: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
         &w1[..12],
@@ -750,31 +821,77 @@ async fn fleet_and_deploy_reports(db: Db) {
             "3/5"
         ]
     );
-    let json = report(&["fleet", "--ledger", &d.url, "-o", "json", "--environment", "prod"], now)
-        .await
-        .unwrap();
+    let json = report(
+        &[
+            "fleet",
+            "--ledger",
+            &d.url,
+            "-o",
+            "json",
+            "--environment",
+            "prod",
+        ],
+        now,
+    )
+    .await
+    .unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1);
     assert_eq!(v[0]["name"], "w2");
     assert_eq!(v[0]["health_status"], "unknown");
-    assert!(report(&["fleet", "--ledger", &d.url, "--environment", "qa"], now)
-        .await
-        .is_err());
+    assert!(
+        report(&["fleet", "--ledger", &d.url, "--environment", "qa"], now)
+            .await
+            .is_err()
+    );
 
     let table = report(&["deploys", "--ledger", &d.url], now).await.unwrap();
-    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     assert_eq!(rows.len(), 3, "{table}");
     assert_eq!(rows[0][0], "ENVIRONMENT");
     assert_eq!(
         rows[1][..9],
-        ["staging", "fleet", "sandbox/w1", "v3", "Failed", "1", "0", "0", "1"]
+        [
+            "staging",
+            "fleet",
+            "sandbox/w1",
+            "v3",
+            "Failed",
+            "1",
+            "0",
+            "0",
+            "1"
+        ]
     );
     assert_eq!(
         rows[2][..9],
-        ["prod", "fleet", "gh-1", "v2", "Succeeded", "1", "1", "0", "0"]
+        [
+            "prod",
+            "fleet",
+            "gh-1",
+            "v2",
+            "Succeeded",
+            "1",
+            "1",
+            "0",
+            "0"
+        ]
     );
     let json = report(
-        &["deploys", "--ledger", &d.url, "--output", "json", "--environment", "prod", "--since", "2d"],
+        &[
+            "deploys",
+            "--ledger",
+            &d.url,
+            "--output",
+            "json",
+            "--environment",
+            "prod",
+            "--since",
+            "2d",
+        ],
         now,
     )
     .await
@@ -787,9 +904,12 @@ async fn fleet_and_deploy_reports(db: Db) {
     assert_eq!(gh1["sandboxes"][0]["sandbox"], "w2");
     assert_eq!(gh1["finished_at"], "2024-05-01T10:03:00Z");
     // Nothing in the last hour.
-    let json = report(&["deploys", "--ledger", &d.url, "-o", "json", "--since", "1h"], now)
-        .await
-        .unwrap();
+    let json = report(
+        &["deploys", "--ledger", &d.url, "-o", "json", "--since", "1h"],
+        now,
+    )
+    .await
+    .unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["environments"], serde_json::json!([]));
 }
@@ -841,12 +961,21 @@ async fn queue_overflow_is_counted_and_logged(db: Db) {
         text.contains("sandbox_operator_ledger_events_dropped_total 84\n"),
         "{text}"
     );
-    assert!(text.contains("sandbox_operator_ledger_events_written_total 16\n"), "{text}");
+    assert!(
+        text.contains("sandbox_operator_ledger_events_written_total 16\n"),
+        "{text}"
+    );
     let stored = ledger.events(&EventQuery::default()).await.unwrap();
     assert_eq!(stored.len(), 16);
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("ledger queue full: dropping events"), "{logs}");
-    assert!(logs.contains("ledger queue was full: 84 events lost"), "{logs}");
+    assert!(
+        logs.contains("ledger queue full: dropping events"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("ledger queue was full: 84 events lost"),
+        "{logs}"
+    );
 }
 
 async fn secret_sync_stores_no_value(db: Db) {
@@ -867,7 +996,10 @@ async fn secret_sync_stores_no_value(db: Db) {
         target_kind: SecretTargetKind::Sandbox,
         target_name: "w1".into(),
         content_hash: hash.clone(),
-        keys: vec![format!("DATABASE_URL=postgres://u:{CANARY}@db/x"), "API_KEY".into()],
+        keys: vec![
+            format!("DATABASE_URL=postgres://u:{CANARY}@db/x"),
+            "API_KEY".into(),
+        ],
         outcome: Outcome::Succeeded,
         message: Some("wrote .env, restarted ghosthands".into()),
     });
@@ -887,7 +1019,13 @@ async fn secret_sync_stores_no_value(db: Db) {
          target_name, content_hash, request_id, outcome, message, payload FROM ledger_events",
     )
     .await;
-    let all: String = rows.iter().flatten().flatten().cloned().collect::<Vec<_>>().join("\n");
+    let all: String = rows
+        .iter()
+        .flatten()
+        .flatten()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(all.contains("DATABASE_URL") && all.contains("worker-env"));
     assert!(!all.contains(CANARY), "{all}");
     // Nor anywhere in the SQLite files.
@@ -926,7 +1064,11 @@ async fn writer_bench(db: Db) {
 
     let started = Instant::now();
     let cost = ledger
-        .cost_report(end - SignedDuration::from_hours(24 * 30), end, &PriceList::seeds())
+        .cost_report(
+            end - SignedDuration::from_hours(24 * 30),
+            end,
+            &PriceList::seeds(),
+        )
         .await
         .unwrap();
     let cost_time = started.elapsed();
@@ -1001,7 +1143,10 @@ async fn outage_postgres() {
     for i in 10..510 {
         handle.record(numbered(i));
     }
-    assert!(started.elapsed() < Duration::from_millis(500), "record waited");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "record waited"
+    );
     let late = LedgerHandle::spawn(&url, small_writer()).unwrap();
     for i in 0..5 {
         late.record(LedgerEvent::Ec2Action(Ec2ActionEvent {
@@ -1015,7 +1160,10 @@ async fn outage_postgres() {
     // The writer is failing and retrying; a flush cannot finish.
     let deadline = Instant::now() + Duration::from_secs(30);
     while handle.metrics().write_errors.get() < 2 {
-        assert!(Instant::now() < deadline, "the writer never noticed the outage");
+        assert!(
+            Instant::now() < deadline,
+            "the writer never noticed the outage"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(matches!(
@@ -1024,7 +1172,10 @@ async fn outage_postgres() {
     ));
 
     let s = server.clone();
-    tokio::task::spawn_blocking(move || s.start()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || s.start())
+        .await
+        .unwrap()
+        .unwrap();
     handle.flush_within(Duration::from_secs(60)).await.unwrap();
     late.flush_within(Duration::from_secs(60)).await.unwrap();
 
@@ -1035,7 +1186,11 @@ async fn outage_postgres() {
         .filter(|(p, _)| p == "n")
         .map(|(_, n)| n)
         .collect();
-    assert_eq!(main, (0..510).collect::<Vec<_>>(), "every event, once, in order");
+    assert_eq!(
+        main,
+        (0..510).collect::<Vec<_>>(),
+        "every event, once, in order"
+    );
     let late_n: Vec<usize> = stored
         .iter()
         .map(number)

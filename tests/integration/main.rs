@@ -5,6 +5,7 @@ mod support;
 
 mod agent;
 mod crds;
+mod deploy;
 mod ec2_endpoint;
 mod ec2_layer;
 mod fleet;

@@ -1021,6 +1021,11 @@ async fn a_canary_value_leaks_nowhere() {
             .finish()
     };
     let _guard = tracing::subscriber::set_default(subscriber);
+    // tracing-core computes a callsite's interest from the registering thread's default when
+    // exactly one dispatcher exists (tokio-rs/tracing#3611): a sibling test (no subscriber)
+    // reaching a callsite first would cache "never" and blind this capture. A second live
+    // dispatcher makes it consult every dispatcher instead.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
 
     let canary = format!(
         "CANARY{}x{}",

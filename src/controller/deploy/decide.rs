@@ -95,6 +95,9 @@ pub struct Note {
     pub reason: &'static str,
     /// The message.
     pub message: String,
+    /// What it is about beyond the deploy: a wave ("Wave2") or a target Sandbox's name. Each
+    /// distinct value makes its own Event rather than a repeat of the last one.
+    pub about: Option<String>,
 }
 
 /// What [`decide`] returns.
@@ -193,20 +196,35 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         .retry
         .is_some_and(|r| !r.is_empty() && st.last_retry.as_deref() != Some(r));
     if retry_new && st.targets.iter().any(|t| failed(t.phase)) && !i.abort {
-        let next_wave = st.targets.iter().filter_map(|t| t.wave).max().unwrap_or(0) + 1;
+        // The failed targets go first, in the waves right after the current one; the targets
+        // still pending move back to make room.
+        let current = st.wave.unwrap_or(0);
         let size = wave_size(&i.spec.strategy.max_unavailable, st.targets.len());
-        let mut k = 0;
-        for t in st.targets.iter_mut().filter(|t| failed(t.phase)) {
+        let k = st.targets.iter().filter(|t| failed(t.phase)).count();
+        let shift = k.div_ceil(size) as i32;
+        for t in st
+            .targets
+            .iter_mut()
+            .filter(|t| t.phase == TargetPhase::Pending)
+        {
+            t.wave = t.wave.map(|w| if w > current { w + shift } else { w });
+        }
+        for (n, t) in st
+            .targets
+            .iter_mut()
+            .filter(|t| failed(t.phase))
+            .enumerate()
+        {
             t.phase = TargetPhase::Pending;
-            t.wave = Some(next_wave + (k / size) as i32);
+            t.wave = Some(current + 1 + (n / size) as i32);
             t.started_at = None;
             t.finished_at = None;
             t.message = Some("retrying".into());
-            k += 1;
         }
         st.phase = Some(DeployPhase::Progressing);
         st.finished_at = None;
         notes.push(Note {
+            about: None,
             warning: false,
             reason: "Retrying",
             message: format!("retrying {k} failed targets"),
@@ -293,6 +311,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             st.finished_at = Some(Time(now));
             st.message = Some("the selector matched no sandboxes: nothing to do".into());
             notes.push(Note {
+                about: None,
                 warning: false,
                 reason: "NoTargets",
                 message: st.message.clone().unwrap(),
@@ -308,6 +327,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         }
         let waves = st.targets.iter().filter_map(|t| t.wave).max().unwrap_or(1);
         notes.push(Note {
+            about: None,
             warning: false,
             reason: "RolloutStarted",
             message: format!(
@@ -321,8 +341,15 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     let deadline =
         parse_duration(&i.spec.strategy.target_deadline).unwrap_or(Duration::from_secs(900));
     let empty = TargetObs::default();
+    // Targets chosen in this very pass are observed through the selection.
+    let obs_of = |name: &str| {
+        i.observed
+            .get(name)
+            .or_else(|| i.selected.get(name))
+            .unwrap_or(&empty)
+    };
     for t in st.targets.iter_mut() {
-        let obs = i.observed.get(&t.name).unwrap_or(&empty);
+        let obs = obs_of(&t.name);
         if t.phase == TargetPhase::Pending && i.claimed_by_newer.contains(&t.name) {
             t.phase = TargetPhase::Superseded;
             t.message = Some("a newer SandboxDeploy took this sandbox over".into());
@@ -335,6 +362,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             t.phase = TargetPhase::Failed;
             t.finished_at = Some(Time(now));
             notes.push(Note {
+                about: Some(t.name.clone()),
                 warning: true,
                 reason: "TargetFailed",
                 message: format!("{}: {msg}", t.name),
@@ -379,6 +407,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                         t.phase = TargetPhase::RolledBack;
                         t.finished_at = Some(Time(now));
                         notes.push(Note {
+                            about: Some(t.name.clone()),
                             warning: true,
                             reason: "TargetRolledBack",
                             message: format!("{}: {why}; set back to {from}", t.name),
@@ -441,6 +470,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             "aborted".into()
         });
         notes.push(Note {
+            about: None,
             warning: true,
             reason: "Aborted",
             message: st.message.clone().unwrap(),
@@ -457,6 +487,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 pending.len()
             ));
             notes.push(Note {
+                about: None,
                 warning: true,
                 reason: "Halted",
                 message: st.message.clone().unwrap(),
@@ -476,7 +507,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 .iter_mut()
                 .filter(|t| t.wave == Some(next) && t.phase == TargetPhase::Pending)
             {
-                let obs = i.observed.get(&t.name).unwrap_or(&empty);
+                let obs = obs_of(&t.name);
                 if !obs.exists {
                     t.phase = TargetPhase::Failed;
                     t.message = Some("the Sandbox was deleted".into());
@@ -500,6 +531,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             }
             st.message = Some(format!("wave {next}: {started} targets"));
             notes.push(Note {
+                about: Some(format!("Wave{next}")),
                 warning: false,
                 reason: "WaveStarted",
                 message: format!("wave {next}: deploying {tag} to {started} sandboxes"),
@@ -526,6 +558,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             _ => format!("{tag} rolled out"),
         });
         notes.push(Note {
+            about: None,
             warning: any_failed,
             reason: if any_failed {
                 "RolloutFailed"
@@ -632,5 +665,308 @@ fn finish_conditions(
             set(cs, cond::READY, TRUE, "Superseded", msg);
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: serde_json::Value) -> SandboxDeploySpec {
+        let mut v = serde_json::json!({"image": {"tag": "v2"}});
+        if let (Some(a), serde_json::Value::Object(b)) = (v.as_object_mut(), extra) {
+            a.extend(b);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn obs(tag: &str) -> TargetObs {
+        TargetObs {
+            exists: true,
+            spec_tag: None,
+            reported_tag: Some(tag.into()),
+            running: true,
+            deploy: None,
+            ready: true,
+        }
+    }
+
+    struct Run {
+        spec: SandboxDeploySpec,
+        status: SandboxDeployStatus,
+        selected: BTreeMap<String, TargetObs>,
+        observed: BTreeMap<String, TargetObs>,
+        claimed: BTreeSet<String>,
+        abort: bool,
+        retry: Option<String>,
+        now: i64,
+    }
+
+    impl Run {
+        fn new(spec: SandboxDeploySpec, names: &[&str]) -> Self {
+            let selected: BTreeMap<_, _> =
+                names.iter().map(|n| (n.to_string(), obs("v1"))).collect();
+            Run {
+                spec,
+                status: Default::default(),
+                observed: selected.clone(),
+                selected,
+                claimed: BTreeSet::new(),
+                abort: false,
+                retry: None,
+                now: 0,
+            }
+        }
+        fn step(&mut self) -> Decision {
+            let d = decide(&Inputs {
+                spec: &self.spec,
+                status: &self.status,
+                generation: Some(1),
+                uid: "uid",
+                abort: self.abort,
+                retry: self.retry.as_deref(),
+                selected: &self.selected,
+                observed: &self.observed,
+                claimed_by_newer: &self.claimed,
+                now: Timestamp::from_second(1_800_000_000 + self.now).unwrap(),
+            });
+            // The SetTag actions land on the Sandboxes.
+            for a in &d.actions {
+                let Action::SetTag { sandbox, tag, .. } = a;
+                self.observed.get_mut(sandbox).unwrap().spec_tag = Some(tag.clone());
+            }
+            self.status = d.status.clone();
+            d
+        }
+        fn sandbox_reports(&mut self, name: &str, state: &str) {
+            let o = self.observed.get_mut(name).unwrap();
+            o.deploy = Some((
+                "v2".into(),
+                state.into(),
+                Some(format!(
+                    "uid/{}",
+                    self.status.last_retry.as_deref().unwrap_or("0")
+                )),
+                Some("msg".into()),
+            ));
+            if state == deploy_state::SUCCEEDED {
+                o.reported_tag = Some("v2".into());
+            }
+        }
+        fn phase_of(&self, name: &str) -> TargetPhase {
+            self.status
+                .targets
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap()
+                .phase
+        }
+    }
+
+    #[test]
+    fn wave_sizes() {
+        assert_eq!(wave_size(&IntOrString::Int(2), 5), 2);
+        assert_eq!(wave_size(&IntOrString::Int(0), 5), 1);
+        assert_eq!(wave_size(&IntOrString::String("25%".into()), 10), 3);
+        assert_eq!(wave_size(&IntOrString::String("1%".into()), 3), 1);
+        assert_eq!(wave_size(&IntOrString::String("100%".into()), 7), 7);
+    }
+
+    #[test]
+    fn waves_of_at_most_max_unavailable_in_order() {
+        let mut r = Run::new(
+            spec(serde_json::json!({"strategy": {"maxUnavailable": 2}})),
+            &["a", "b", "c"],
+        );
+        let d = r.step();
+        assert_eq!(d.actions.len(), 2);
+        assert_eq!(r.status.phase, Some(DeployPhase::Progressing));
+        assert_eq!(
+            (r.phase_of("a"), r.phase_of("c")),
+            (TargetPhase::Draining, TargetPhase::Pending)
+        );
+        r.sandbox_reports("a", deploy_state::SUCCEEDED);
+        assert!(
+            r.step().actions.is_empty(),
+            "the wave is not done while b deploys"
+        );
+        r.sandbox_reports("b", deploy_state::SUCCEEDED);
+        let d = r.step();
+        assert_eq!(
+            d.actions,
+            vec![Action::SetTag {
+                sandbox: "c".into(),
+                tag: "v2".into(),
+                attempt: "uid/0".into()
+            }]
+        );
+        assert_eq!(r.status.wave, Some(2));
+        r.sandbox_reports("c", deploy_state::SUCCEEDED);
+        r.step();
+        assert_eq!(r.status.phase, Some(DeployPhase::Succeeded));
+        assert_eq!(
+            (r.status.updated, r.status.failed, r.status.total),
+            (3, 0, 3)
+        );
+    }
+
+    #[test]
+    fn halt_stops_after_a_failure_and_rolls_back_then_retry_goes_on() {
+        let mut r = Run::new(
+            spec(serde_json::json!({"strategy": {"maxUnavailable": 1}})),
+            &["a", "b"],
+        );
+        r.step();
+        r.sandbox_reports("a", deploy_state::ROLLED_BACK);
+        let d = r.step();
+        assert_eq!(
+            d.actions,
+            vec![Action::SetTag {
+                sandbox: "a".into(),
+                tag: "v1".into(),
+                attempt: "uid/0".into()
+            }]
+        );
+        assert_eq!(r.phase_of("a"), TargetPhase::RolledBack);
+        assert_eq!(r.phase_of("b"), TargetPhase::Pending);
+        assert_eq!(r.status.phase, Some(DeployPhase::Failed));
+        assert!(
+            r.step().actions.is_empty(),
+            "a finished deploy does nothing"
+        );
+        // Retry: only the failed target, with a new attempt marker; then the rest.
+        r.retry = Some("1".into());
+        let d = r.step();
+        assert_eq!(
+            d.actions,
+            vec![Action::SetTag {
+                sandbox: "a".into(),
+                tag: "v2".into(),
+                attempt: "uid/1".into()
+            }]
+        );
+        assert_eq!(r.status.phase, Some(DeployPhase::Progressing));
+        assert!(
+            r.step().actions.is_empty(),
+            "the same retry value does not retry twice"
+        );
+        r.sandbox_reports("a", deploy_state::SUCCEEDED);
+        let d = r.step();
+        assert_eq!(
+            d.actions,
+            vec![Action::SetTag {
+                sandbox: "b".into(),
+                tag: "v2".into(),
+                attempt: "uid/1".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn continue_goes_on_after_a_failure_without_rollback() {
+        let mut r = Run::new(
+            spec(
+                serde_json::json!({"strategy": {"maxUnavailable": 1, "failurePolicy": "Continue", "autoRollback": false}}),
+            ),
+            &["a", "b"],
+        );
+        r.step();
+        r.sandbox_reports("a", deploy_state::FAILED);
+        let d = r.step();
+        assert_eq!(
+            d.actions,
+            vec![Action::SetTag {
+                sandbox: "b".into(),
+                tag: "v2".into(),
+                attempt: "uid/0".into()
+            }]
+        );
+        assert_eq!(r.phase_of("a"), TargetPhase::Failed);
+        r.sandbox_reports("b", deploy_state::SUCCEEDED);
+        r.step();
+        assert_eq!(r.status.phase, Some(DeployPhase::Failed));
+        assert_eq!((r.status.updated, r.status.failed), (1, 1));
+    }
+
+    #[test]
+    fn approval_gate_and_abort() {
+        let mut r = Run::new(spec(serde_json::json!({"paused": true})), &["a"]);
+        let d = r.step();
+        assert!(d.actions.is_empty());
+        assert_eq!(r.status.phase, Some(DeployPhase::AwaitingApproval));
+        r.spec.paused = false;
+        assert_eq!(r.step().actions.len(), 1);
+        let mut r = Run::new(spec(serde_json::json!({"paused": true})), &["a"]);
+        r.step();
+        r.abort = true;
+        assert!(r.step().actions.is_empty());
+        assert_eq!(r.status.phase, Some(DeployPhase::Aborted));
+    }
+
+    #[test]
+    fn stopped_targets_are_deferred_and_do_not_block() {
+        let mut r = Run::new(
+            spec(serde_json::json!({"strategy": {"maxUnavailable": 1}})),
+            &["a", "b"],
+        );
+        r.selected.get_mut("a").unwrap().running = false;
+        r.observed.get_mut("a").unwrap().running = false;
+        let d = r.step();
+        assert_eq!(r.phase_of("a"), TargetPhase::Deferred);
+        assert_eq!(
+            d.actions.len(),
+            1,
+            "a still gets the tag for when it starts"
+        );
+        let d = r.step();
+        assert_eq!(
+            d.actions,
+            vec![Action::SetTag {
+                sandbox: "b".into(),
+                tag: "v2".into(),
+                attempt: "uid/0".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn deadline_fails_a_stuck_target() {
+        let mut r = Run::new(
+            spec(
+                serde_json::json!({"strategy": {"targetDeadline": "1m", "failurePolicy": "Continue"}}),
+            ),
+            &["a"],
+        );
+        r.step();
+        r.now = 61;
+        r.step();
+        assert_eq!(r.phase_of("a"), TargetPhase::Failed);
+    }
+
+    #[test]
+    fn a_newer_deploy_supersedes_and_an_empty_selection_succeeds() {
+        let mut r = Run::new(
+            spec(serde_json::json!({"strategy": {"maxUnavailable": 1}})),
+            &["a", "b"],
+        );
+        r.step();
+        r.claimed.insert("b".into());
+        r.observed.get_mut("a").unwrap().spec_tag = Some("v3".into());
+        r.step();
+        assert_eq!(
+            (r.phase_of("a"), r.phase_of("b")),
+            (TargetPhase::Superseded, TargetPhase::Superseded)
+        );
+        assert_eq!(r.status.phase, Some(DeployPhase::Superseded));
+        let mut r = Run::new(spec(serde_json::json!({})), &[]);
+        r.step();
+        assert_eq!(r.status.phase, Some(DeployPhase::Succeeded));
+        assert!(
+            r.status
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("matched no sandboxes")
+        );
     }
 }

@@ -1,3 +1,420 @@
-//! The SandboxDeploy controller: rolls an image tag across selected Sandboxes in waves.
+//! The SandboxDeploy controller: rolls an image tag across selected Sandboxes in waves. It
+//! paces the rollout by setting each target Sandbox's `spec.image.tag` with server-side apply
+//! under its own field manager, and reads the Sandboxes' status to learn the outcome (the
+//! Sandbox controller does the per-instance drain, deploy and verification).
 
 pub mod decide;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::warn;
+
+use crate::api::conditions;
+use crate::api::{
+    ABORT_ANNOTATION, DEPLOY_ATTEMPT_ANNOTATION, DEPLOY_FIELD_MANAGER, RETRY_ANNOTATION, Sandbox,
+    SandboxDeploy, SandboxDeployStatus,
+};
+use crate::metrics::Metrics;
+use decide::{Action, Inputs, Note, TargetObs};
+
+const CONTROLLER: &str = "sandboxdeploy";
+/// The field manager for deploy status writes.
+pub const STATUS_MANAGER: &str = "sandbox-operator";
+
+/// What can go wrong in one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("{what} for SandboxDeploy {object}: {source}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// namespace/name.
+        object: String,
+        /// The error.
+        source: kube::Error,
+    },
+}
+
+/// Operator-wide settings of the deploy controller.
+#[derive(Clone, Debug)]
+pub struct DeploySettings {
+    /// Finished deploys kept per namespace; older ones are deleted.
+    pub history_limit: usize,
+    /// How often a running deploy is looked at.
+    pub poll: Duration,
+    /// The name events are reported under.
+    pub reporter: String,
+}
+
+impl Default for DeploySettings {
+    fn default() -> Self {
+        Self {
+            history_limit: 50,
+            poll: Duration::from_secs(2),
+            reporter: "sandbox-operator".into(),
+        }
+    }
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    client: Client,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    settings: DeploySettings,
+    store: Mutex<Option<Store<SandboxDeploy>>>,
+    written: Mutex<HashMap<String, (u64, SandboxDeployStatus)>>,
+}
+
+impl Context {
+    /// Creates the controller's context.
+    pub fn new(client: Client, metrics: Arc<Metrics>, settings: DeploySettings) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: settings.reporter.clone(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            store: Mutex::default(),
+            written: Mutex::default(),
+        })
+    }
+}
+
+fn key(d: &SandboxDeploy) -> String {
+    format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any())
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (deploys, sandboxes): (Api<SandboxDeploy>, Api<Sandbox>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    let controller = Controller::new(deploys, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    *ctx.store.lock().expect("store") = Some(store.clone());
+    // A Sandbox's change wakes the running deploys of its namespace that target it.
+    let mapper_store = store.clone();
+    controller
+        .watches(
+            sandboxes,
+            watcher::Config::default().any_semantic(),
+            move |sbx: Sandbox| {
+                let ns = sbx.namespace();
+                let name = sbx.name_any();
+                mapper_store
+                    .state()
+                    .into_iter()
+                    .filter(|d| {
+                        d.namespace() == ns
+                            && !decide::finished(d.status.as_ref().and_then(|s| s.phase))
+                    })
+                    .filter(|d| {
+                        d.status.as_ref().is_none_or(|s| {
+                            s.targets.is_empty() || s.targets.iter().any(|t| t.name == name)
+                        })
+                    })
+                    .map(|d| ObjectRef::from_obj(&*d))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// Requeues after an error.
+pub fn error_policy(d: Arc<SandboxDeploy>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics.reconcile_failed(CONTROLLER, "kube");
+    warn!(deploy = %key(&d), error = %err, "reconcile failed; will retry");
+    Requeue::requeue(Duration::from_secs(5))
+}
+
+fn target_obs(s: &Sandbox) -> TargetObs {
+    let st = s.status.clone().unwrap_or_default();
+    let running = st.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+        && s.spec.power_state == crate::api::PowerState::Running;
+    TargetObs {
+        exists: s.metadata.deletion_timestamp.is_none(),
+        spec_tag: s.spec.image.as_ref().map(|i| i.tag.clone()),
+        reported_tag: st.agent.as_ref().and_then(|a| a.image_tag.clone()),
+        running,
+        deploy: st.deploy.as_ref().map(|d| {
+            (
+                d.tag.clone(),
+                d.state.clone(),
+                d.attempt.clone(),
+                d.message.clone(),
+            )
+        }),
+        ready: conditions::is_true(&st.conditions, "Ready"),
+    }
+}
+
+fn created(d: &SandboxDeploy) -> (i64, String) {
+    (
+        d.metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(0),
+        d.name_any(),
+    )
+}
+
+/// The reconcile.
+pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    ctx.metrics.reconciled(CONTROLLER);
+    let object = key(&d);
+    let ns = d.namespace().unwrap_or_default();
+    let uid = d.uid().unwrap_or_default();
+    let kube_err = |what: &str, object: &str| {
+        let what = what.to_string();
+        let object = object.to_string();
+        move |source| Error::Kube {
+            what,
+            object,
+            source,
+        }
+    };
+    let sandboxes: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = fresh_status(&d, &ctx, &uid);
+    if decide::finished(status.phase)
+        && d.annotations()
+            .get(RETRY_ANNOTATION)
+            .is_none_or(|r| status.last_retry.as_deref() == Some(r))
+    {
+        return Ok(Requeue::await_change());
+    }
+    let list = sandboxes
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("listing Sandboxes", &object))?;
+    let by_name: BTreeMap<String, &Sandbox> =
+        list.items.iter().map(|s| (s.name_any(), s)).collect();
+    let selected: BTreeMap<String, TargetObs> = list
+        .items
+        .iter()
+        .filter(|s| {
+            s.metadata.deletion_timestamp.is_none()
+                && d.spec
+                    .selector
+                    .matches(&s.labels().clone(), s.spec.environment)
+        })
+        .map(|s| (s.name_any(), target_obs(s)))
+        .collect();
+    let observed: BTreeMap<String, TargetObs> = status
+        .targets
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                by_name
+                    .get(&t.name)
+                    .map(|s| target_obs(s))
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    // Sandboxes a newer deploy, still running, has taken on.
+    let mine = created(&d);
+    let newer: Vec<Arc<SandboxDeploy>> = ctx
+        .store
+        .lock()
+        .expect("store")
+        .as_ref()
+        .map(|s| s.state())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| {
+            o.namespace().as_deref() == Some(ns.as_str())
+                && o.uid().as_deref() != Some(uid.as_str())
+                && created(o) > mine
+        })
+        .filter(|o| !decide::finished(o.status.as_ref().and_then(|s| s.phase)))
+        .collect();
+    let mut claimed_by_newer: BTreeSet<String> = BTreeSet::new();
+    for o in &newer {
+        match o.status.as_ref().filter(|s| s.started_at.is_some()) {
+            // Started: the targets it chose.
+            Some(s) => claimed_by_newer.extend(s.targets.iter().map(|t| t.name.clone())),
+            // About to start (not held for approval): what its selector picks now.
+            None if !o.spec.paused => claimed_by_newer.extend(
+                list.items
+                    .iter()
+                    .filter(|s| o.spec.selector.matches(s.labels(), s.spec.environment))
+                    .map(|s| s.name_any()),
+            ),
+            None => {}
+        }
+    }
+    tracing::debug!(deploy = %object, sandboxes = list.items.len(), selected = selected.len(), observed = ?observed.iter().map(|(n, o)| (n.clone(), o.exists)).collect::<Vec<_>>(), "deploy inputs");
+    let abort = d
+        .annotations()
+        .get(ABORT_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let retry = d.annotations().get(RETRY_ANNOTATION).map(String::as_str);
+    let decision = decide::decide(&Inputs {
+        spec: &d.spec,
+        status: &status,
+        generation: d.metadata.generation,
+        uid: &uid,
+        abort,
+        retry,
+        selected: &selected,
+        observed: &observed,
+        claimed_by_newer: &claimed_by_newer,
+        now: Timestamp::now(),
+    });
+
+    for action in &decision.actions {
+        match action {
+            Action::SetTag {
+                sandbox,
+                tag,
+                attempt,
+            } => {
+                let patch = serde_json::json!({
+                    "apiVersion": "fleet.valet.dev/v1alpha1",
+                    "kind": "Sandbox",
+                    "metadata": {"name": sandbox, "annotations": {DEPLOY_ATTEMPT_ANNOTATION: attempt}},
+                    "spec": {"image": {"tag": tag}},
+                });
+                sandboxes
+                    .patch(
+                        sandbox,
+                        &PatchParams::apply(DEPLOY_FIELD_MANAGER).force(),
+                        &Patch::Apply(&patch),
+                    )
+                    .await
+                    .map_err(kube_err(
+                        &format!("setting image.tag on Sandbox {sandbox}"),
+                        &object,
+                    ))?;
+            }
+        }
+    }
+    for note in &decision.notes {
+        publish(&ctx, &d, note).await;
+    }
+    if decision.status != status {
+        let api: Api<SandboxDeploy> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({"apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SandboxDeploy", "status": decision.status});
+        let out = api
+            .patch_status(
+                &d.name_any(),
+                &PatchParams::apply(STATUS_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(kube_err("writing status", &object))?;
+        ctx.metrics
+            .status_writes
+            .get_or_create(&crate::metrics::ControllerLabels {
+                controller: CONTROLLER.into(),
+            })
+            .inc();
+        if let Some(rv) = out.metadata.resource_version.and_then(|rv| rv.parse().ok()) {
+            ctx.written
+                .lock()
+                .expect("written")
+                .insert(uid.clone(), (rv, decision.status.clone()));
+        }
+    }
+    if decide::finished(decision.status.phase) {
+        prune_history(&ctx, &ns).await;
+    }
+    Ok(match decision.requeue {
+        Some(_) => Requeue::requeue(ctx.settings.poll),
+        None => Requeue::await_change(),
+    })
+}
+
+fn fresh_status(d: &SandboxDeploy, ctx: &Context, uid: &str) -> SandboxDeployStatus {
+    let cached_rv: Option<u64> = d
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok());
+    let mut written = ctx.written.lock().expect("written");
+    match (written.get(uid), cached_rv) {
+        (Some((w_rv, st)), Some(c_rv)) if *w_rv > c_rv => st.clone(),
+        (Some(_), _) => {
+            written.remove(uid);
+            d.status.clone().unwrap_or_default()
+        }
+        _ => d.status.clone().unwrap_or_default(),
+    }
+}
+
+async fn publish(ctx: &Context, d: &SandboxDeploy, note: &Note) {
+    let ev = KEvent {
+        type_: if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: note.reason.into(),
+        note: Some(note.message.clone()),
+        action: note.about.clone().unwrap_or_else(|| note.reason.into()),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &d.object_ref(&())).await {
+        warn!(deploy = %key(d), error = %e, "publishing an event failed");
+    }
+}
+
+/// Deletes finished deploys beyond the history limit in `ns`, oldest first.
+async fn prune_history(ctx: &Context, ns: &str) {
+    let api: Api<SandboxDeploy> = Api::namespaced(ctx.client.clone(), ns);
+    let Ok(list) = api.list(&ListParams::default()).await else {
+        return;
+    };
+    let mut done: Vec<&SandboxDeploy> = list
+        .items
+        .iter()
+        .filter(|d| decide::finished(d.status.as_ref().and_then(|s| s.phase)))
+        .collect();
+    if done.len() <= ctx.settings.history_limit {
+        return;
+    }
+    done.sort_by_key(|d| {
+        let s = d.status.as_ref();
+        (
+            s.and_then(|s| s.finished_at.as_ref())
+                .map(|t| t.0.as_second())
+                .unwrap_or(0),
+            created(d),
+        )
+    });
+    let excess = done.len() - ctx.settings.history_limit;
+    for d in done.into_iter().take(excess) {
+        match api.delete(&d.name_any(), &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(deploy = %key(d), "deleted: beyond the history limit"),
+            Err(e) => warn!(deploy = %key(d), error = %e, "deleting an old deploy failed"),
+        }
+    }
+}

@@ -522,7 +522,7 @@ pub fn backoff(settings: &Settings, failures: u32) -> Duration {
 }
 
 /// Everything [`plan`] looks at.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Inputs<'a> {
     /// The content to push.
     pub content: &'a Content,

@@ -511,7 +511,7 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
         .map_err(|_| Error::StoreNotReady(object.clone()))?;
     // Read before the Secrets: a change after this point stops the pushes of what is read.
     let epoch = ctx.epoch(&object);
-    let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::now());
+    let now = whole_seconds_now();
     let spec: &SecretBundleSpec = &obj.spec;
     let generation = obj.metadata.generation;
     let old = obj.status.clone().unwrap_or_default();
@@ -733,7 +733,7 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
     if pushing > 0 {
         info!(bundle = %object, content = %content.short_hash(), targets = pushing, max_parallel = spec.max_parallel, "pushing");
     }
-    let mut outcomes: BTreeMap<TargetKey, Outcome> = BTreeMap::new();
+    let mut outcomes: BTreeMap<TargetKey, (Outcome, Timestamp)> = BTreeMap::new();
     let mut new_memory = memory.clone();
     let mut current = old.clone();
     let mut last_write = Instant::now();
@@ -758,19 +758,19 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
         let max_parallel = usize::try_from(spec.max_parallel).unwrap_or(1).max(1);
         let mut stream = std::pin::pin!(execute(&edge, targets, max_parallel, stop));
         while let Some((target, outcome)) = stream.next().await {
+            let at = whole_seconds_now();
             let fp = fingerprints.get(&target).copied().unwrap_or_default();
-            decide::remember(
-                new_memory.entry(target.clone()).or_default(),
-                &outcome,
-                &inputs,
-                fp,
-            );
+            let m = new_memory.entry(target.clone()).or_default();
+            decide::remember(m, &outcome, &Inputs { now: at, ..inputs }, fp);
+            let m = m.clone();
             ctx.memory
                 .lock()
                 .expect("memory")
-                .insert(uid.clone(), new_memory.clone());
+                .entry(uid.clone())
+                .or_default()
+                .insert(target.clone(), m);
             record(&ctx, &obj, &object, &target, &outcome).await;
-            outcomes.insert(target, outcome);
+            outcomes.insert(target, (outcome, at));
             if last_write.elapsed() >= ctx.settings.progress_interval {
                 let st = decide::summarize(
                     &current,
@@ -801,7 +801,7 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
     );
     let synced_now = outcomes
         .values()
-        .filter(|o| matches!(o, Outcome::Synced { hash } if *hash == content.hash))
+        .filter(|(o, _)| matches!(o, Outcome::Synced { hash } if *hash == content.hash))
         .count();
     if synced_now > 0 {
         ctx.publish(
@@ -816,9 +816,15 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
         )
         .await;
     }
+    // Ready turning False is reported once, unless this round's failures were reported
+    // target by target already (or it is a rollout still under way).
+    let failed_now = outcomes
+        .values()
+        .any(|(o, _)| matches!(o, Outcome::Failed { .. }));
     if ready_changed(&old, &new)
         && let Some((why, message)) = decide_ready(&new)
-        && why == decide::reason::INVALID_SPEC
+        && why != decide::reason::SYNCING
+        && (why != decide::reason::SYNC_FAILED || !failed_now)
     {
         ctx.publish(&obj, true, &why, message).await;
     }
@@ -857,6 +863,13 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
     Ok(Requeue::requeue(next.requeue))
 }
 
+/// Now, in whole seconds (what a metav1.Time holds), so a status read back equals the one
+/// written.
+fn whole_seconds_now() -> Timestamp {
+    let now = Timestamp::now();
+    Timestamp::from_second(now.as_second()).unwrap_or(now)
+}
+
 /// Keeps the memory of the targets that still exist.
 fn prune(
     mut memory: BTreeMap<TargetKey, Memory>,
@@ -869,14 +882,21 @@ fn prune(
 /// The targets' standing: the outcome of a push where there was one, the plan's otherwise.
 fn standings(
     plan: &decide::Plan,
-    outcomes: &BTreeMap<TargetKey, Outcome>,
+    outcomes: &BTreeMap<TargetKey, (Outcome, Timestamp)>,
     inputs: &Inputs<'_>,
 ) -> Vec<Standing> {
     plan.targets
         .iter()
         .map(|a: &Assessment| match outcomes.get(&a.key) {
-            Some(o) => Standing {
-                entry: decide::entry_after(a, o, inputs),
+            Some((o, at)) => Standing {
+                entry: decide::entry_after(
+                    a,
+                    o,
+                    &Inputs {
+                        now: *at,
+                        ..*inputs
+                    },
+                ),
                 blocks_ready: decide::outcome_blocks_ready(o, inputs),
             },
             None => Standing {

@@ -72,6 +72,12 @@ What the layer adds
    message (EC2 XML error body); optionally a per-action added latency.
 5. Call counts per action: ``calls`` (accepted: passed throttling and faults and were handed to
    moto, whatever moto answered), ``throttled`` and ``faulted``.
+6. A call log: the last 100,000 EC2 requests, each with its arrival time (wall clock, Unix
+   seconds), action, outcome (``accepted``, ``throttled``, ``faulted``), the request bucket it
+   drew from, the instance ids it named (``InstanceId.N``), how long the layer took to answer
+   it (``ms``, waiting for moto's lock included) and how long moto itself took (``moto_ms``,
+   0 when the call never reached moto). The bench reads it to time a spec change to its EC2 call and
+   to see how long moto takes.
 
 Control API (JSON over HTTP on the same port; never reaches moto)
 -----------------------------------------------------------------
@@ -82,7 +88,11 @@ Control API (JSON over HTTP on the same port; never reaches moto)
                                        default VPC's us-east-1a subnet and its default group
     GET    /_endpoint/calls         -> {"calls": {"RunInstances": 3, ...}, "throttled": {...},
                                         "faulted": {...}}
-    POST   /_endpoint/calls/reset   -> zeroes all three
+    POST   /_endpoint/calls/reset   -> zeroes all three and empties the call log
+    GET    /_endpoint/calls/log[?since=T] -> {"entries": [{"t": 1700000000.123, "action": "StopInstances",
+                                        "outcome": "accepted", "bucket": "mutating", "ids": ["i-..."],
+                                        "n": 1, "ms": 3.1, "moto_ms": 2.5}, ...]}   oldest first; only entries
+                                       with t >= T; Describe* entries carry only n, no ids
     POST   /_endpoint/faults        <- {"action": "RunInstances", "code": "InsufficientInstanceCapacity",
                                         "status": 500, "message": "...", "count": 2}
                                        status defaults to 400, message to a generic text, count to
@@ -120,6 +130,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from io import BytesIO
 from typing import Any
 from urllib.parse import parse_qsl
@@ -702,6 +713,9 @@ class Faults:
             }
 
 
+CALL_LOG_SIZE = 100_000
+
+
 class Counts:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -711,6 +725,15 @@ class Counts:
         self.calls: dict[str, int] = {}
         self.throttled: dict[str, int] = {}
         self.faulted: dict[str, int] = {}
+        self.log: deque[dict[str, Any]] = deque(maxlen=CALL_LOG_SIZE)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self.log.append(entry)
+
+    def log_since(self, since: float) -> dict[str, Any]:
+        with self.lock:
+            return {"entries": [dict(e) for e in self.log if e["t"] >= since]}
 
     def bump(self, table: str, action: str) -> None:
         with self.lock:
@@ -805,10 +828,30 @@ class EndpointApp:
         if environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
             params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         action = params.get("Action", "")
+        arrived = time.time()
+        started = time.monotonic()
+
+        def log(outcome: str, moto_ms: float = 0.0) -> None:
+            if action:
+                ids = [v for k, v in params.items() if k.startswith("InstanceId.")]
+                self.counts.record(
+                    {
+                        "t": arrived,
+                        "action": action,
+                        "outcome": outcome,
+                        "bucket": request_bucket(action, params),
+                        # Describe calls may name 1,000 ids: only their number is kept.
+                        "ids": [] if action.startswith("Describe") else ids,
+                        "n": len(ids),
+                        "ms": (time.monotonic() - started) * 1000.0,
+                        "moto_ms": moto_ms,
+                    }
+                )
 
         if action:
             if not self.throttle.try_acquire(action, params):
                 self.counts.bump("throttled", action)
+                log("throttled")
                 return self.ec2_error(
                     start_response, 503, "RequestLimitExceeded", "Request limit exceeded."
                 )
@@ -818,6 +861,7 @@ class EndpointApp:
             fault = self.faults.take(action)
             if fault is not None:
                 self.counts.bump("faulted", action)
+                log("faulted")
                 return self.ec2_error(
                     start_response, fault["status"], fault["code"], fault["message"]
                 )
@@ -827,10 +871,13 @@ class EndpointApp:
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         with self.moto_lock:
+            in_moto = time.monotonic()
             chunks = list(self.moto_app(environ, start_response))
+            moto_ms = (time.monotonic() - in_moto) * 1000.0
         delay = self.faults.response_delay_for(action)
         if delay > 0:
             time.sleep(delay / 1000.0)
+        log("accepted", moto_ms)
         return chunks
 
     # ---- control API
@@ -846,11 +893,17 @@ class EndpointApp:
         except ValueError as err:
             return self.json(start_response, 400, {"error": f"bad JSON body: {err}"})
 
+        query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
+        try:
+            since = float(query.get("since", "0"))
+        except ValueError:
+            return self.json(start_response, 400, {"error": "since must be a number"})
         routes = {
             ("GET", "/health"): lambda: {"ok": True, "moto": moto.__version__},
             ("GET", "/defaults"): defaults,
             ("GET", "/calls"): self.counts.as_dict,
             ("POST", "/calls/reset"): lambda: (self.counts.clear(), self.counts.as_dict())[1],
+            ("GET", "/calls/log"): lambda: self.counts.log_since(since),
             ("POST", "/faults"): lambda: (self.faults.add(body), self.faults.as_dict())[1],
             ("GET", "/faults"): self.faults.as_dict,
             ("DELETE", "/faults"): lambda: (self.faults.clear(), self.faults.as_dict())[1],

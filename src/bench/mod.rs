@@ -1,0 +1,117 @@
+//! `make bench`: the fleet benchmark (issue 9, DESIGN.md section 6).
+//!
+//! One real control plane (`ControlPlane`), the wrapped moto EC2 endpoint with AWS-like
+//! throttling on (a fresh endpoint per scenario, so that moto's cost per instance does not
+//! carry over), the real `sandbox-operator run` binary (one process per scenario, watching the
+//! scenario's namespace), and virtual agents served by this process ([`agents`]). Every
+//! figure is measured once and printed beside its target; nothing here is a test, and a missed
+//! target is a finding, not a failure.
+//!
+//! Scenarios, in the order they run:
+//! 1. `converge-N` for each N: N Sandboxes with `spec.launch` applied at once; time until all
+//!    are Ready, against the bound the endpoint's request buckets set; calls per action;
+//!    objects that ever showed a failure. The first fleet stays up for 2-4.
+//! 2. `steady-N` on that fleet (the figures issue 3 asks for), and `steady-1000` on a fleet
+//!    of adopted instances: DescribeInstances and status writes per minute, CPU share.
+//! 3. `reaction`: powerState flips on the first fleet, each timed from the patch to the
+//!    arrival of its Stop/StartInstances at the endpoint (the endpoint's call log).
+//! 4. `rollout`: a SandboxDeploy over the first fleet, or, without its controller, the bench
+//!    setting `image.tag` wave by wave (reported separately).
+//! 5. `memory`: the operator's VmRSS with 2,000 and 10,000 ObserveOnly Sandboxes.
+
+pub mod agents;
+pub mod fleet;
+pub mod operator;
+pub mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use report::{Results, Row, Verdict};
+
+/// What to run, and how big.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Smaller sizes and shorter windows (a smoke run).
+    pub quick: bool,
+    /// Fleet sizes for `converge`; the first fleet also serves steady, reaction and rollout.
+    pub converge_sizes: Vec<usize>,
+    /// Sandboxes in the large steady-state fleet.
+    pub steady_size: usize,
+    /// The measuring window of the steady scenarios.
+    pub steady_window: Duration,
+    /// Quiet time before a steady window starts (past the convergence traffic and at least one
+    /// EC2 refresh).
+    pub settle: Duration,
+    /// Spec changes timed by `reaction` (half stops, half starts).
+    pub changes: usize,
+    /// `maxUnavailable` of the rollout.
+    pub max_unavailable: usize,
+    /// How long one sandbox's deploy takes at its (virtual) agent.
+    pub deploy_time: Duration,
+    /// Sandbox counts at which `memory` samples RSS.
+    pub memory_sizes: Vec<usize>,
+    /// How long instances stay pending/stopping/shutting-down at the endpoint.
+    pub transitions: Duration,
+    /// `spec.agent.probeInterval` of the launched fleets (the adopted fleets use the CRD
+    /// default for steady state, 10m for memory).
+    pub fleet_probe_interval: String,
+    /// Scenarios to run (`converge`, `steady`, `reaction`, `rollout`, `memory`); all if empty.
+    pub only: Vec<String>,
+    /// Record a `perf` profile of the operator during the large steady window.
+    pub perf: bool,
+    /// Where results.json, logs and profiles go.
+    pub out: PathBuf,
+    /// The `sandbox-operator` binary.
+    pub operator_bin: PathBuf,
+}
+
+impl Config {
+    /// The full run (`make bench`).
+    pub fn full(operator_bin: PathBuf) -> Self {
+        Self {
+            quick: false,
+            converge_sizes: vec![100, 500],
+            steady_size: 1000,
+            steady_window: Duration::from_secs(120),
+            settle: Duration::from_secs(45),
+            changes: 100,
+            max_unavailable: 10,
+            deploy_time: Duration::from_secs(10),
+            memory_sizes: vec![2000, 10_000],
+            transitions: Duration::from_secs(1),
+            fleet_probe_interval: "10s".into(),
+            only: vec![],
+            perf: false,
+            out: PathBuf::from("target/bench/results.json"),
+            operator_bin,
+        }
+    }
+
+    /// The smoke run (`--quick`).
+    pub fn quick(operator_bin: PathBuf) -> Self {
+        Self {
+            quick: true,
+            converge_sizes: vec![20, 50],
+            steady_size: 100,
+            steady_window: Duration::from_secs(30),
+            settle: Duration::from_secs(35),
+            changes: 20,
+            max_unavailable: 5,
+            deploy_time: Duration::from_secs(3),
+            memory_sizes: vec![200, 1000],
+            ..Self::full(operator_bin)
+        }
+    }
+
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+}
+
+/// Runs the bench; `Err` only when it could not start at all (no control plane, no endpoint).
+/// Scenarios that cannot run are reported as such in the results.
+pub async fn run(cfg: Config) -> Result<Results, String> {
+    scenarios::run(cfg).await
+}

@@ -1,0 +1,717 @@
+//! SandboxDeploy end to end: the real operator binary, the shared control plane, a wrapped moto
+//! endpoint per test and real agents with the fake docker; and the CI webhook.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use sandbox_operator::api::{
+    DeployPhase, Sandbox, SandboxDeploy, SandboxDeployStatus, TargetPhase,
+};
+use sandbox_operator::testenv::ec2::{Ec2Endpoint, Ec2EndpointOptions};
+
+use crate::fleet::Agent;
+use crate::support::{self, Operator};
+
+struct Fleet {
+    client: kube::Client,
+    ns: String,
+    _ec2: Ec2Endpoint,
+    op: Operator,
+    agents: BTreeMap<String, Agent>,
+    sbx: Api<Sandbox>,
+    deploys: Api<SandboxDeploy>,
+}
+
+/// Starts `names.len()` sandboxes labelled `group=<group>`, each with its own agent at v1, and
+/// waits until they are Ready.
+async fn fleet(test: &str, groups: &[(&str, &[&str])], extra_args: &[&str]) -> Fleet {
+    let client = support::client().await;
+    let ns = support::namespace(&client, test).await;
+    let ec2 = Ec2Endpoint::start(Ec2EndpointOptions::default())
+        .await
+        .unwrap();
+    let ami = ec2.defaults().await.unwrap().ami;
+    let op = Operator::start(&ns, &ec2.url(), extra_args);
+    let sbx: Api<Sandbox> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let mut agents = BTreeMap::new();
+    for (group, names) in groups {
+        for name in names.iter() {
+            let agent = Agent::start("v1", 0).await;
+            let secret: Secret = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("{name}-token")}, "stringData": {"token": agent.token},
+            }))
+            .unwrap();
+            secrets
+                .create(&PostParams::default(), &secret)
+                .await
+                .unwrap();
+            let manifest = serde_json::json!({
+                "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "Sandbox",
+                "metadata": {"name": name, "labels": {"group": group}},
+                "spec": {
+                    "environment": "staging", "instanceType": "t3.large", "launch": {"imageId": ami},
+                    "agent": {"url": agent.url, "tokenSecretRef": {"name": format!("{name}-token"), "key": "token"}, "probeInterval": "1s", "timeout": "1s"},
+                },
+            });
+            sbx.patch(
+                name,
+                &PatchParams::apply("gitops").force(),
+                &Patch::Apply(&manifest),
+            )
+            .await
+            .unwrap();
+            agents.insert(name.to_string(), agent);
+        }
+    }
+    let deploys = Api::namespaced(client.clone(), &ns);
+    let f = Fleet {
+        client,
+        ns,
+        _ec2: ec2,
+        op,
+        agents,
+        sbx,
+        deploys,
+    };
+    for name in f.agents.keys() {
+        f.wait_sandbox(name, 90, "Ready", |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .await;
+    }
+    f
+}
+
+impl Fleet {
+    async fn wait_sandbox(
+        &self,
+        name: &str,
+        secs: u64,
+        what: &str,
+        f: impl Fn(&Sandbox) -> bool,
+    ) -> Sandbox {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.sbx.get(name).await.unwrap();
+            if f(&s) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: timed out waiting for {what}: {:?}\n{}",
+                s.status,
+                self.op.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn create(&self, name: &str, tag: &str, group: &str, extra: serde_json::Value) {
+        let mut spec = serde_json::json!({"image": {"tag": tag}, "selector": {"matchLabels": {"group": group}}});
+        merge(&mut spec, extra);
+        let d: SandboxDeploy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SandboxDeploy", "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        self.deploys
+            .create(&PostParams::default(), &d)
+            .await
+            .unwrap();
+    }
+
+    async fn wait(
+        &self,
+        name: &str,
+        secs: u64,
+        what: &str,
+        f: impl Fn(&SandboxDeployStatus) -> bool,
+    ) -> SandboxDeployStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let st = self
+                .deploys
+                .get(name)
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            if f(&st) {
+                return st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: timed out waiting for {what}: {}\n{}",
+                serde_json::to_string_pretty(&st).unwrap(),
+                self.op.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn annotate(&self, name: &str, key: &str, value: &str) {
+        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+        self.deploys
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    async fn spec_tag(&self, name: &str) -> Option<String> {
+        self.sbx.get(name).await.unwrap().spec.image.map(|i| i.tag)
+    }
+
+    async fn events(&self, name: &str) -> Vec<String> {
+        let api: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .map(|e| e.reason.unwrap_or_default())
+            .collect()
+    }
+}
+
+fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+    if let (Some(a), serde_json::Value::Object(b)) = (a.as_object_mut(), b) {
+        for (k, v) in b {
+            a.insert(k, v);
+        }
+    }
+}
+
+fn phase(st: &SandboxDeployStatus, name: &str) -> Option<TargetPhase> {
+    st.targets.iter().find(|t| t.name == name).map(|t| t.phase)
+}
+
+#[tokio::test]
+async fn five_sandboxes_roll_in_waves_of_two() {
+    let f = fleet("rollout", &[("web", &["w1", "w2", "w3", "w4", "w5"])], &[]).await;
+    f.create(
+        "web-v2",
+        "v2",
+        "web",
+        serde_json::json!({"strategy": {"maxUnavailable": 2}}),
+    )
+    .await;
+    // Watch the rollout: never more than two targets in flight.
+    let mut max_in_flight = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let st = loop {
+        let st = f
+            .deploys
+            .get("web-v2")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let flying = st
+            .targets
+            .iter()
+            .filter(|t| {
+                matches!(
+                    t.phase,
+                    TargetPhase::Draining | TargetPhase::Deploying | TargetPhase::Verifying
+                )
+            })
+            .count();
+        max_in_flight = max_in_flight.max(flying);
+        if st.phase == Some(DeployPhase::Succeeded) {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rollout did not finish: {st:?}\n{}",
+            f.op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        max_in_flight <= 2,
+        "{max_in_flight} targets deployed at once"
+    );
+    assert_eq!((st.total, st.updated, st.failed), (5, 5, 0));
+    let waves: Vec<i32> = st.targets.iter().map(|t| t.wave.unwrap()).collect();
+    assert_eq!(waves, vec![1, 1, 2, 2, 3]);
+    assert!(
+        st.targets
+            .iter()
+            .all(|t| t.from_tag.as_deref() == Some("v1"))
+    );
+    assert!(st.started_at.is_some() && st.finished_at.is_some());
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Complete" && c.status == "True")
+    );
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    );
+    for (name, agent) in &f.agents {
+        assert!(
+            agent.docker_calls().contains("up tag=v2"),
+            "{name} never ran v2"
+        );
+        let s = f.sbx.get(name).await.unwrap();
+        assert_eq!(
+            s.status.unwrap().agent.unwrap().image_tag.as_deref(),
+            Some("v2")
+        );
+        // The deploy's own field manager owns image.tag.
+        let managers: Vec<String> = s
+            .metadata
+            .managed_fields
+            .unwrap_or_default()
+            .iter()
+            .filter(|m| {
+                m.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.pointer("/f:spec/f:image/f:tag").is_some())
+            })
+            .filter_map(|m| m.manager.clone())
+            .collect();
+        assert_eq!(
+            managers,
+            vec!["sandbox-operator-deploy".to_string()],
+            "{name}"
+        );
+    }
+    let events = f.events("web-v2").await;
+    assert_eq!(
+        events.iter().filter(|r| *r == "WaveStarted").count(),
+        3,
+        "{events:?}"
+    );
+    // Printer columns.
+    let out = support::kubectl(&["get", "sbxdeploy", "web-v2", "-n", &f.ns], None);
+    let text = support::text(&out);
+    assert!(
+        text.contains("v2") && text.contains("Succeeded") && text.contains(" 5 "),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_target_halts_or_continues_and_is_rolled_back_then_retried() {
+    let f = fleet(
+        "failures",
+        &[("halt", &["h1", "h2", "h3"]), ("cont", &["c1", "c2", "c3"])],
+        &[],
+    )
+    .await;
+    f.agents["h1"].fail_health_for("v3");
+    f.agents["c1"].fail_health_for("v3");
+    f.create("halt-v3", "v3", "halt", serde_json::json!({"strategy": {"maxUnavailable": 1, "failurePolicy": "Halt", "autoRollback": true}})).await;
+    f.create("cont-v3", "v3", "cont", serde_json::json!({"strategy": {"maxUnavailable": 1, "failurePolicy": "Continue", "autoRollback": false}})).await;
+
+    let st = f
+        .wait("halt-v3", 120, "Failed", |s| {
+            s.phase == Some(DeployPhase::Failed)
+        })
+        .await;
+    assert_eq!(phase(&st, "h1"), Some(TargetPhase::RolledBack));
+    assert_eq!(
+        phase(&st, "h2"),
+        Some(TargetPhase::Pending),
+        "Halt starts no new wave"
+    );
+    assert_eq!(phase(&st, "h3"), Some(TargetPhase::Pending));
+    assert_eq!(
+        f.spec_tag("h1").await.as_deref(),
+        Some("v1"),
+        "autoRollback sets the previous tag back"
+    );
+    assert_eq!(f.spec_tag("h2").await, None);
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Failed" && c.status == "True")
+    );
+    assert!(
+        f.events("halt-v3")
+            .await
+            .iter()
+            .any(|r| r == "TargetRolledBack")
+    );
+
+    let st = f
+        .wait("cont-v3", 120, "finished", |s| {
+            s.phase == Some(DeployPhase::Failed)
+        })
+        .await;
+    assert_eq!(phase(&st, "c1"), Some(TargetPhase::Failed));
+    assert_eq!(
+        phase(&st, "c2"),
+        Some(TargetPhase::Succeeded),
+        "Continue goes on"
+    );
+    assert_eq!(phase(&st, "c3"), Some(TargetPhase::Succeeded));
+    assert_eq!(
+        f.spec_tag("c1").await.as_deref(),
+        Some("v3"),
+        "no rollback without autoRollback"
+    );
+    assert_eq!((st.updated, st.failed), (2, 1));
+
+    // Retry after fixing the cause: only the failed target is redone, then the rest go on.
+    std::fs::remove_file(f.agents["h1"].dir.join("docker").join("unhealthy-tags")).unwrap();
+    let ups_before = |n: &str| {
+        f.agents[n]
+            .docker_calls()
+            .lines()
+            .filter(|l| l.starts_with("up tag=v3"))
+            .count()
+    };
+    let c2_before = ups_before("c2");
+    f.annotate("halt-v3", "fleet.valet.dev/retry", "1").await;
+    let st = f
+        .wait("halt-v3", 180, "Succeeded after retry", |s| {
+            s.phase == Some(DeployPhase::Succeeded)
+        })
+        .await;
+    assert_eq!((st.updated, st.failed), (3, 0));
+    assert_eq!(st.last_retry.as_deref(), Some("1"));
+    // The same retry value again changes nothing.
+    f.annotate("halt-v3", "fleet.valet.dev/retry", "1").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        f.deploys
+            .get("halt-v3")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .phase,
+        Some(DeployPhase::Succeeded)
+    );
+    assert_eq!(
+        ups_before("c2"),
+        c2_before,
+        "the other deploy's targets were not touched"
+    );
+}
+
+#[tokio::test]
+async fn approval_gate_abort_supersede_history_and_empty_selector() {
+    let f = fleet(
+        "gates",
+        &[("g", &["g1", "g2"])],
+        &["--deploy-history-limit", "3"],
+    )
+    .await;
+    // Approval: nothing moves while paused.
+    f.create("gated", "v2", "g", serde_json::json!({"paused": true}))
+        .await;
+    let st = f
+        .wait("gated", 30, "AwaitingApproval", |s| {
+            s.phase == Some(DeployPhase::AwaitingApproval)
+        })
+        .await;
+    assert!(st.targets.is_empty());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(f.spec_tag("g1").await, None);
+    // Abort before it starts.
+    f.create("aborted", "v9", "g", serde_json::json!({"paused": true}))
+        .await;
+    f.wait("aborted", 30, "AwaitingApproval", |s| {
+        s.phase == Some(DeployPhase::AwaitingApproval)
+    })
+    .await;
+    f.annotate("aborted", "fleet.valet.dev/abort", "true").await;
+    f.wait("aborted", 30, "Aborted", |s| {
+        s.phase == Some(DeployPhase::Aborted)
+    })
+    .await;
+    // Approve the first.
+    let patch = serde_json::json!({"spec": {"paused": false}});
+    f.deploys
+        .patch("gated", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    f.wait("gated", 120, "Succeeded", |s| {
+        s.phase == Some(DeployPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(f.spec_tag("g1").await.as_deref(), Some("v2"));
+
+    // Supersede: an older deploy stuck draining g1 (a worker stays busy) loses both sandboxes to
+    // a newer one.
+    f.agents["g1"].set_active(1);
+    f.create(
+        "older",
+        "v3",
+        "g",
+        serde_json::json!({"strategy": {"maxUnavailable": 1}}),
+    )
+    .await;
+    f.wait("older", 60, "g1 draining", |s| {
+        phase(s, "g1") == Some(TargetPhase::Draining)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.create(
+        "newer",
+        "v4",
+        "g",
+        serde_json::json!({"strategy": {"maxUnavailable": 2}}),
+    )
+    .await;
+    let st = f
+        .wait("older", 60, "Superseded", |s| {
+            s.phase == Some(DeployPhase::Superseded)
+        })
+        .await;
+    assert_eq!(phase(&st, "g1"), Some(TargetPhase::Superseded));
+    assert_eq!(phase(&st, "g2"), Some(TargetPhase::Superseded));
+    f.agents["g1"].set_active(0);
+    f.wait("newer", 120, "Succeeded", |s| {
+        s.phase == Some(DeployPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(f.spec_tag("g2").await.as_deref(), Some("v4"));
+
+    // A selector that matches nothing: Succeeded with zero targets, and it says so.
+    f.create("nobody", "v5", "no-such-group", serde_json::json!({}))
+        .await;
+    let st = f
+        .wait("nobody", 30, "Succeeded", |s| {
+            s.phase == Some(DeployPhase::Succeeded)
+        })
+        .await;
+    assert_eq!(st.total, 0);
+    assert!(st.message.unwrap().contains("matched no sandboxes"));
+
+    // History: at most 3 finished deploys are kept, the oldest go first. (Times have one-second
+    // resolution: space the deploys out so "oldest" is well defined.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for i in 0..3 {
+        f.create(
+            &format!("empty-{i}"),
+            "v6",
+            "no-such-group",
+            serde_json::json!({}),
+        )
+        .await;
+        f.wait(&format!("empty-{i}"), 30, "Succeeded", |s| {
+            s.phase == Some(DeployPhase::Succeeded)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let names = || async {
+        let mut n: Vec<String> = f
+            .deploys
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|d| d.metadata.name.clone().unwrap())
+            .collect();
+        n.sort();
+        n
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while names().await.len() > 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history not pruned: {:?}",
+            names().await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(names().await, vec!["empty-0", "empty-1", "empty-2"]);
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test]
+async fn webhook_creates_one_deploy_per_delivery_and_refuses_bad_calls() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "webhook").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "webhook-secret-0123456789";
+    std::fs::write(dir.path().join("secret"), format!("{secret}\n")).unwrap();
+    let config = format!(
+        "webhook:\n  secretFile: {}\n  maxSkew: 5m\n  maxBodyBytes: 4096\n  environments:\n    staging:\n      namespace: {ns}\n      selector: {{environment: staging}}\n      strategy: {{maxUnavailable: 2}}\n      autoDeploy: false\n",
+        dir.path().join("secret").display()
+    );
+    std::fs::write(dir.path().join("config.yaml"), config).unwrap();
+    let ec2 = Ec2Endpoint::start(Ec2EndpointOptions::default())
+        .await
+        .unwrap();
+    let op = Operator::start(
+        &ns,
+        &ec2.url(),
+        &["--config", dir.path().join("config.yaml").to_str().unwrap()],
+    );
+    let url = format!("http://{}{}", op.http, sandbox_operator::webhook::PATH);
+    let http = reqwest::Client::new();
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let payload = |tag: &str, ts: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "event": "ghosthands.deploy_ready", "image": "registry.example/ghosthands:abc", "image_tag": tag,
+            "commit_sha": "abc123def456", "commit_message": "fix: things", "branch": "main",
+            "repository": "org/repo", "run_id": "42", "run_url": "https://ci.example/run/42", "timestamp": ts,
+        }))
+        .unwrap()
+    };
+    let post = |body: Vec<u8>, sig: Option<String>, event: &str, env: &str| {
+        let mut r = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-gh-event", event)
+            .header("x-gh-environment", env);
+        if let Some(s) = sig {
+            r = r.header("x-gh-webhook-signature", s);
+        }
+        r.body(body).send()
+    };
+    // The server may take a moment to come up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://{}/healthz", op.http))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "operator HTTP never came up:\n{}",
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = payload("abc123", &now);
+    let r = post(
+        body.clone(),
+        Some(sign(secret, &body)),
+        "deploy_ready",
+        "staging",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let deploys: Api<SandboxDeploy> = Api::namespaced(client.clone(), &ns);
+    let d = deploys.get("staging-abc123").await.unwrap();
+    assert!(
+        d.spec.paused,
+        "autoDeploy off: created paused, awaiting approval"
+    );
+    assert_eq!(
+        d.spec.source.as_ref().unwrap().commit_sha.as_deref(),
+        Some("abc123def456")
+    );
+    assert_eq!(
+        d.spec.strategy.max_unavailable,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(2)
+    );
+    // The same delivery again: a duplicate, nothing new.
+    let r = post(
+        body.clone(),
+        Some(sign(secret, &body)),
+        "deploy_ready",
+        "staging",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["status"],
+        "duplicate"
+    );
+
+    let stale = payload("def456", "2020-01-01T00:00:00Z");
+    let cases: Vec<(&str, Vec<u8>, Option<String>, &str, &str, u16)> = vec![
+        (
+            "bad signature",
+            payload("bad1", &now),
+            Some(sign("wrong", &payload("bad1", &now))),
+            "deploy_ready",
+            "staging",
+            401,
+        ),
+        (
+            "missing signature",
+            payload("bad2", &now),
+            None,
+            "deploy_ready",
+            "staging",
+            401,
+        ),
+        (
+            "stale timestamp",
+            stale.clone(),
+            Some(sign(secret, &stale)),
+            "deploy_ready",
+            "staging",
+            400,
+        ),
+        (
+            "unknown event",
+            payload("bad3", &now),
+            Some(sign(secret, &payload("bad3", &now))),
+            "push",
+            "staging",
+            400,
+        ),
+        (
+            "unknown environment",
+            payload("bad4", &now),
+            Some(sign(secret, &payload("bad4", &now))),
+            "deploy_ready",
+            "qa",
+            404,
+        ),
+        (
+            "malformed JSON",
+            b"{not json".to_vec(),
+            Some(sign(secret, b"{not json")),
+            "deploy_ready",
+            "staging",
+            400,
+        ),
+        (
+            "oversized body",
+            vec![b' '; 8192],
+            Some(sign(secret, &[b' '; 8192])),
+            "deploy_ready",
+            "staging",
+            413,
+        ),
+    ];
+    for (what, body, sig, event, env, want) in cases {
+        let r = post(body, sig, event, env).await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, want, "{what}: {text}");
+        assert!(text.contains("error"), "{what}: the body says why: {text}");
+    }
+    let all = deploys.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(
+        all.len(),
+        1,
+        "refused calls created deploys: {:?}",
+        all.iter()
+            .map(|d| d.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        !op.logs().contains(secret),
+        "the webhook secret reached the log"
+    );
+}
