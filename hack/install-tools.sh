@@ -4,10 +4,11 @@
 #
 #   kube-apiserver  built from tests/tools/kube-apiserver (k8s.io/kubernetes + pinned staging modules)
 #   etcd            built from tests/tools/etcd (go.etcd.io/etcd/server/v3)
+#   helm            built from tests/tools/helm (helm.sh/helm/v3/cmd/helm), for the chart's lint/template
 #   python venv     moto[server] and friends for the EC2 endpoint (tests/tools/ec2/requirements.txt)
 #   postgresql      Debian's packages, for the ledger's PostgreSQL tests (`debs`, not in `all` yet)
 #
-# usage: hack/install-tools.sh [all|go|venv|debs]...
+# usage: hack/install-tools.sh [all|go|helm|venv|debs]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SANDBOX_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sandbox-operator}
@@ -33,6 +34,11 @@ install_go() {
   build_go_tool kube-apiserver tests/tools/kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
     "-X k8s.io/component-base/version.gitVersion=@VERSION@ -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
   build_go_tool etcd tests/tools/etcd go.etcd.io/etcd/server/v3
+}
+
+install_helm() {
+  build_go_tool helm tests/tools/helm helm.sh/helm/v3/cmd/helm \
+    "-X helm.sh/helm/v3/internal/version.version=@VERSION@ -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 }
 
 install_venv() {
@@ -69,7 +75,8 @@ install_debs() {
 what=${*:-all}
 for w in $what; do
   case $w in
-    all) install_go; install_venv; install_debs ;;
+    all) install_go; install_helm; install_venv; install_debs ;;
+    helm) install_helm ;;
     go) install_go ;;
     venv) install_venv ;;
     debs) install_debs ;;

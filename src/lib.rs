@@ -6,6 +6,7 @@
 //! - [`controller`]: the controllers, each a pure `decide` module and a thin reconcile edge;
 //! - `ec2`: the EC2 layer (one shared, batched, rate-limited view of the instances);
 //! - [`operator`]: `sandbox-operator run`: the controllers and the HTTP server;
+//! - [`leader`]: Lease-based leader election for more than one replica;
 //! - [`metrics`]: the Prometheus metrics;
 //! - [`util`]: small shared pieces (durations, TLS set-up);
 //! - `testenv` (feature `testenv`): the local control plane, EC2 endpoint and agents that the
@@ -15,6 +16,7 @@ pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod ec2;
+pub mod leader;
 pub mod ledger;
 pub mod metrics;
 pub mod operator;

@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// How often to look for orphaned instances.
     #[arg(long, env = "SANDBOX_OPERATOR_ORPHAN_SWEEP", default_value = "2m", value_parser = duration)]
     pub orphan_sweep: Duration,
+    /// Leader election (`--leader-elect`, `--lease-name`, `--lease-namespace`, ...).
+    #[command(flatten)]
+    pub leader: crate::leader::LeaderArgs,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -104,6 +107,9 @@ pub enum RunError {
         /// The error.
         source: std::io::Error,
     },
+    /// Another replica took the leader lease, or it could not be renewed in time.
+    #[error("lost the leader lease; stopping so that another replica takes over")]
+    LeaseLost,
 }
 
 #[derive(Clone)]
@@ -214,6 +220,24 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             ..Default::default()
         },
     );
+    // With leader election, standbys are ready (they serve /metrics and the webhook) and start
+    // the controllers only once they hold the Lease.
+    let mut leadership = None;
+    if args.leader.leader_elect {
+        let s = args
+            .leader
+            .settings()
+            .map_err(|e| RunError::Setting(e.to_string()))?;
+        ready.store(true, Ordering::SeqCst);
+        tokio::select! {
+            l = crate::leader::acquire(client.clone(), s) => leadership = Some(l),
+            _ = shutdown_signal() => {
+                let _ = stop_tx.send(true);
+                let _ = http.await;
+                return Ok(());
+            }
+        }
+    }
     ready.store(true, Ordering::SeqCst);
     info!("controllers starting");
     let bundle_ctx = crate::controller::secretbundle::Context::new(
@@ -230,11 +254,26 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         crate::controller::deploy::run(deploy_ctx, args.namespace.clone(), shutdown()),
         crate::controller::secretbundle::run(bundle_ctx, args.namespace.clone(), shutdown()),
     ));
-    shutdown_signal().await;
+    let lost = async {
+        match leadership.as_mut() {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    if tokio::select! { _ = shutdown_signal() => false, _ = lost => true } {
+        // Stop acting at once: another replica may hold the lease already.
+        controllers.abort();
+        let _ = stop_tx.send(true);
+        let _ = http.await;
+        return Err(RunError::LeaseLost);
+    }
     info!("shutting down");
     ready.store(false, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    if let Some(l) = leadership {
+        l.release().await;
+    }
     let _ = http.await;
     Ok(())
 }

@@ -254,7 +254,8 @@ impl LedgerHandle {
         event.sanitize();
         let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
         Msg::Event(KeyedEvent {
-            key: format!("{}-{seq:x}", self.shared.key_prefix),
+            // Zero-padded, so keys rise and the unique index grows at its right edge.
+            key: format!("{}-{seq:016x}", self.shared.key_prefix),
             event,
         })
     }

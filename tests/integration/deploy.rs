@@ -302,6 +302,45 @@ async fn five_sandboxes_roll_in_waves_of_two() {
     );
 }
 
+/// The figure for the note: the makespan of a 20-sandbox rollout with maxUnavailable 5 and a
+/// fixed per-sandbox deploy time, beside waves x that time. Printed, not asserted (timings are
+/// benchmarks' business); the test checks only that the rollout is right.
+#[tokio::test]
+async fn twenty_sandboxes_in_four_waves_makespan() {
+    let names: Vec<String> = (1..=20).map(|i| format!("m{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let f = fleet("makespan", &[("m", &refs)], &[]).await;
+    let per_sandbox = 8;
+    for a in f.agents.values() {
+        std::fs::write(
+            a.dir.join("docker").join("pull-seconds"),
+            per_sandbox.to_string(),
+        )
+        .unwrap();
+    }
+    let start = std::time::Instant::now();
+    f.create(
+        "m-v2",
+        "v2",
+        "m",
+        serde_json::json!({"strategy": {"maxUnavailable": 5}}),
+    )
+    .await;
+    let st = f
+        .wait("m-v2", 600, "Succeeded", |s| {
+            s.phase == Some(DeployPhase::Succeeded)
+        })
+        .await;
+    let makespan = start.elapsed().as_secs_f64();
+    assert_eq!((st.updated, st.total), (20, 20));
+    assert_eq!(st.targets.iter().filter_map(|t| t.wave).max(), Some(4));
+    let bound = 4.0 * per_sandbox as f64;
+    println!(
+        "FIGURE rollout 20 sandboxes, maxUnavailable 5, {per_sandbox} s per sandbox: makespan {makespan:.1} s, waves x time {bound:.0} s, ratio {:.2}",
+        makespan / bound
+    );
+}
+
 #[tokio::test]
 async fn a_failing_target_halts_or_continues_and_is_rolled_back_then_retried() {
     let f = fleet(

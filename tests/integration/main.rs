@@ -12,4 +12,5 @@ mod fleet;
 mod ledger;
 mod sandbox;
 mod secretbundle;
+mod ship;
 mod testenv;

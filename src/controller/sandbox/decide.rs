@@ -1043,12 +1043,27 @@ fn image_step(
                     reported.as_deref().unwrap_or("unknown")
                 ),
             });
-            st.deploy = Some(d.clone());
-            let actions = if report.is_agent() {
+            let mut actions = if report.is_agent() {
                 vec![Action::Drain]
             } else {
                 vec![]
             };
+            if report.is_deploy_safe() && !report.deploy_running() {
+                // Nothing to wait for: deploy in the same pass.
+                let mut d = d;
+                d.state = deploy_state::DEPLOYING.into();
+                d.message = Some("asked the agent to deploy".into());
+                st.deploy = Some(d);
+                actions.push(Action::Deploy {
+                    tag: tag.to_string(),
+                });
+                return (
+                    actions,
+                    (FALSE, "Deploying", format!("deploying {tag}")),
+                    poll,
+                );
+            }
+            st.deploy = Some(d.clone());
             return (
                 actions,
                 (

@@ -538,9 +538,16 @@ fn a_rolled_back_deploy_is_recorded_and_not_retried() {
         tag: "v2".into(),
     });
     c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
-    c.step(); // Draining
-    let d = c.step(); // Deploying
-    assert_eq!(d.actions, vec![Action::Deploy { tag: "v2".into() }]);
+    // Already idle: drain and deploy in one pass.
+    let d = c.step();
+    assert_eq!(
+        d.actions,
+        vec![Action::Drain, Action::Deploy { tag: "v2".into() }]
+    );
+    assert_eq!(
+        c.status.deploy.as_ref().unwrap().state,
+        deploy_state::DEPLOYING
+    );
     let mut r = report(0, "v1");
     r.deploy = Some(deploy_info("v2", DeployState::RolledBack));
     c.probe = ProbeObs::Report(Box::new(r.clone()));
@@ -563,7 +570,10 @@ fn a_rolled_back_deploy_is_recorded_and_not_retried() {
     }
     // A new attempt marker (a deploy's retry) tries the same tag again, once.
     c.deploy_attempt = Some("deploy-uid/retry-1".into());
-    assert_eq!(c.step().actions, vec![Action::Drain]);
+    assert_eq!(
+        c.step().actions,
+        vec![Action::Drain, Action::Deploy { tag: "v2".into() }]
+    );
     assert_eq!(
         c.status.deploy.as_ref().unwrap().attempt.as_deref(),
         Some("deploy-uid/retry-1")
@@ -573,7 +583,10 @@ fn a_rolled_back_deploy_is_recorded_and_not_retried() {
         repository: None,
         tag: "v3".into(),
     });
-    assert_eq!(c.run().actions, vec![Action::Drain]);
+    assert_eq!(
+        c.run().actions,
+        vec![Action::Drain, Action::Deploy { tag: "v3".into() }]
+    );
 }
 
 #[test]
