@@ -848,4 +848,32 @@ async fn metrics_are_served() {
         )),
         "{text}"
     );
+    // A healthy, idle sandbox probed every second causes no status writes.
+    let writes = |t: &str| -> u64 {
+        t.lines()
+            .find(|l| l.starts_with("sandbox_operator_status_writes_total{controller=\"sandbox\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let probes = |t: &str| -> f64 {
+        t.lines()
+            .filter(|l| l.starts_with("sandbox_operator_agent_probes_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = op.metrics().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = op.metrics().await;
+    assert!(
+        probes(&after) >= probes(&before) + 3.0,
+        "the agent was not probed meanwhile:\n{after}"
+    );
+    assert_eq!(
+        writes(&after),
+        writes(&before),
+        "probes that found nothing new wrote status:\n{}",
+        op.logs()
+    );
 }

@@ -1272,8 +1272,8 @@ fn ready_summary(
 }
 
 /// Whether `new` differs from `old` in a way worth a status write. Values that move on every
-/// probe without meaning anything (the last-seen time, CPU, memory and disk within 5 points)
-/// do not count, so a healthy idle fleet causes no writes per probe.
+/// probe (the last-seen time, CPU, memory and disk use) do not count, so a healthy idle fleet
+/// causes no writes per probe.
 pub fn material_change(old: &SandboxStatus, new: &SandboxStatus) -> bool {
     let strip = |s: &SandboxStatus| {
         let mut s = s.clone();
@@ -1285,21 +1285,10 @@ pub fn material_change(old: &SandboxStatus, new: &SandboxStatus) -> bool {
         }
         s
     };
-    if strip(old) != strip(new) {
-        return true;
-    }
-    let moved = |a: Option<i32>, b: Option<i32>| match (a, b) {
-        (Some(a), Some(b)) => (a - b).abs() >= 5,
-        (a, b) => a.is_some() != b.is_some(),
-    };
-    match (&old.agent, &new.agent) {
-        (Some(o), Some(n)) => {
-            moved(o.cpu_percent, n.cpu_percent)
-                || moved(o.memory_percent, n.memory_percent)
-                || moved(o.disk_percent, n.disk_percent)
-        }
-        _ => false,
-    }
+    // Load figures alone never cause a write: they go to the Prometheus gauges on every probe,
+    // and into status with the next change that matters (crossing 90% changes the health, and
+    // that is such a change).
+    strip(old) != strip(new)
 }
 
 /// What deleting the Sandbox requires, given the instance as EC2 reports it.

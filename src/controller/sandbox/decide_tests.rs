@@ -645,6 +645,14 @@ fn probe_noise_is_not_a_material_change() {
     let mut r = report(0, "v1");
     r.cpu = 60.0;
     c.probe = ProbeObs::Report(Box::new(r));
+    assert!(
+        !material_change(&first, &c.run().status),
+        "load figures alone never write"
+    );
+    // Crossing 90% disk does: the health changes.
+    let mut r = report(0, "v1");
+    r.disk_used_gb = 95.0;
+    c.probe = ProbeObs::Report(Box::new(r));
     assert!(material_change(&first, &c.run().status));
 }
 
