@@ -5,6 +5,9 @@
 //! input with a message that says what to fix. Every string, list and map a rule touches is bounded
 //! so the rules stay within the API server's cost budget.
 
+// kube's `printcolumn(...)` attributes repeat keys such as `type_` by design.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod common;
 pub mod conditions;
 pub mod deploy;

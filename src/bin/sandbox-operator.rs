@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controllers and the HTTP server (/healthz, /readyz, /metrics).
-    Run(sandbox_operator::operator::RunArgs),
+    Run(Box<sandbox_operator::operator::RunArgs>),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
     Crds {
         /// Write `<crd name>.yaml` files into this directory instead of printing to stdout.
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             init_tracing();
             let rt = tokio::runtime::Runtime::new().expect("starting the async runtime");
-            match rt.block_on(sandbox_operator::operator::run(args)) {
+            match rt.block_on(sandbox_operator::operator::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sandbox-operator run: {e}");

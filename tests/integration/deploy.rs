@@ -675,7 +675,16 @@ async fn webhook_creates_one_deploy_per_delivery_and_refuses_bad_calls() {
     );
 
     let stale = payload("def456", "2020-01-01T00:00:00Z");
-    let cases: Vec<(&str, Vec<u8>, Option<String>, &str, &str, u16)> = vec![
+    // (what, body, signature, event, environment, expected status)
+    type Case = (
+        &'static str,
+        Vec<u8>,
+        Option<String>,
+        &'static str,
+        &'static str,
+        u16,
+    );
+    let cases: Vec<Case> = vec![
         (
             "bad signature",
             payload("bad1", &now),

@@ -897,7 +897,7 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
             if let (Some(id), InstanceObs::Found(inst)) = (&id, &observed)
                 && obj.spec.management_policy == crate::api::ManagementPolicy::Full
                 && inst.state != InstanceState::Terminated
-                && inst.tags.get(ec2::TAG_MANAGED_BY).is_some()
+                && inst.tags.contains_key(ec2::TAG_MANAGED_BY)
             {
                 ctx.ec2.release(id).await.map_err(|source| Error::Ec2 {
                     what: "releasing the retained instance",
