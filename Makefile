@@ -13,7 +13,7 @@ TEST_THREADS ?= 4
 all: build
 
 help:
-	@echo "make demo    run the operator on a local control plane and EC2 endpoint (not ready yet)"
+	@echo "make demo    run the operator on a local control plane and EC2 endpoint, three agents, examples/"
 	@echo "make test    install what the tests need, then run every test"
 	@echo "make build   build both binaries"
 	@echo "make crds    regenerate crds/ from the Rust types"
@@ -48,9 +48,7 @@ fmt:
 	$(CARGO) fmt --all
 
 demo:
-	@echo "make demo: not ready yet. It will start the local control plane, the EC2 endpoint, a few"
-	@echo "agents and the operator, apply examples/ and show the fleet converging (issue 8)."
-	@exit 1
+	hack/demo.sh
 
 # The fleet benchmark (issue 9): release build, then every scenario once; figures beside their
 # targets on stdout and in target/bench/results.json. `make bench BENCH_ARGS=--quick`: a smoke run.

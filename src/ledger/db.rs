@@ -181,9 +181,9 @@ impl Pool {
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(Duration::from_secs(10))
-                    // 64 MiB of page cache (the default is 2 MiB): the indexes of a few million
-                    // events stay in memory.
-                    .pragma("cache_size", "-65536");
+                    // 8 MiB of page cache per connection (the default is 2 MiB): more of the
+                    // event indexes stay in memory, within the operator's memory budget.
+                    .pragma("cache_size", "-8192");
                 let pool = SqlitePoolOptions::new()
                     .max_connections(opts.max_connections)
                     .acquire_timeout(opts.acquire_timeout)

@@ -487,6 +487,15 @@ async fn approval_gate_abort_supersede_history_and_empty_selector() {
     // Supersede: an older deploy stuck draining g1 (a worker stays busy) loses both sandboxes to
     // a newer one.
     f.agents["g1"].set_active(1);
+    // Wait until the Sandbox controller has seen the busy worker, so the drain really waits.
+    f.wait_sandbox("g1", 60, "one active worker", |s| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.agent.as_ref())
+            .and_then(|a| a.active_workers)
+            == Some(1)
+    })
+    .await;
     f.create(
         "older",
         "v3",

@@ -36,6 +36,19 @@ fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// kubectl off the test's runtime thread: the agents' worker stand-ins are served by that
+/// runtime, so a blocking kubectl call (a `wait`) would starve them.
+async fn kubectl_async(args: &[&str], stdin: Option<&str>) -> String {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        kubectl_ok(&a, stdin.as_deref())
+    })
+    .await
+    .unwrap()
+}
+
 fn helm_bin() -> PathBuf {
     let version = read("tests/tools/helm/VERSION");
     let p = sandbox_operator::testenv::cache_dir()
@@ -274,13 +287,16 @@ async fn every_example_passes_a_server_side_dry_run() {
 
 /// The launched-sandbox example, for real: the operator launches its instance at the local EC2
 /// endpoint and reaches a real agent. Only what cannot exist here is substituted: the endpoint's
-/// AMI, subnet and security group, the agent's token and its loopback URL.
+/// AMI, subnet and security group, the agent's token and its loopback URL; the key pair and
+/// instance profile, which the endpoint's empty account lacks, are left out.
 pub async fn launched_example(ec2: &Ec2Endpoint, agent: &Agent) -> String {
     let d = ec2.defaults().await.unwrap();
     read("examples/sandbox-launched.yaml")
         .replace("ami-0123456789abcdef0", &d.ami)
         .replace("subnet-0123456789abcdef0", &d.subnet)
         .replace("sg-0123456789abcdef0", &d.security_group)
+        .replace("    keyName: ghosthands\n", "")
+        .replace("    iamInstanceProfile: sandbox-worker\n", "")
         .replace("replace-with-the-agent-token", &agent.token)
         .replace(
             "urlTemplate: \"http://{privateIp}:{port}\"",
@@ -305,18 +321,30 @@ async fn launched_example_becomes_ready_for_real() {
         &["apply", "--server-side", "-n", &ns, "-f", "-"],
         Some(&manifest),
     );
-    kubectl_ok(
-        &[
-            "wait",
-            "-n",
-            &ns,
-            "sandbox/worker-1",
-            "--for=condition=Ready",
-            "--timeout=90s",
-        ],
-        None,
-    );
-    let out = kubectl_ok(&["get", "fleet", "-n", &ns], None);
+    let wait = tokio::task::spawn_blocking({
+        let ns = ns.clone();
+        move || {
+            let out = kubectl(
+                &[
+                    "wait",
+                    "-n",
+                    &ns,
+                    "sandbox/worker-1",
+                    "--for=condition=Ready",
+                    "--timeout=90s",
+                ],
+                None,
+            );
+            let yaml = text(&kubectl(
+                &["get", "-n", &ns, "sandbox/worker-1", "-o", "yaml"],
+                None,
+            ));
+            (out, yaml)
+        }
+    });
+    let (out, yaml) = wait.await.unwrap();
+    assert!(out.status.success(), "{}\n{yaml}", text(&out));
+    let out = kubectl_async(&["get", "fleet", "-n", &ns], None).await;
     assert!(out.contains("worker-1"), "{out}");
     assert_eq!(ec2.calls().await.unwrap().accepted("RunInstances"), 1);
 }
@@ -414,7 +442,7 @@ async fn chart_rbac_is_enough_and_no_more() {
         "--show-only",
         "templates/rbac.yaml",
     ]);
-    kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
+    kubectl_async(&["apply", "-f", "-"], Some(&rbac)).await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = service_account_kubeconfig(&ns, &full, dir.path());
 
@@ -500,14 +528,25 @@ async fn chart_rbac_is_enough_and_no_more() {
     let lease = leases.get("sandbox-operator").await.unwrap();
     assert!(lease.spec.unwrap().holder_identity.is_some());
     let logs = op.logs();
-    for refused in ["403", "forbidden", "Forbidden"] {
+    for refused in ["code: 403", "forbidden", "Forbidden"] {
         assert!(!logs.contains(refused), "a request was refused:\n{logs}");
     }
 
     // No broader than needed.
     let who = format!("--as=system:serviceaccount:{ns}:{full}");
     let can = |verb: &str, what: &str, in_ns: &str| -> bool {
-        let out = kubectl(&["auth", "can-i", &who, "-n", in_ns, verb, what], None);
+        // "sandboxes.fleet.valet.dev/status" is a subresource, "leases.../name" a named object.
+        let mut args = vec!["auth", "can-i", who.as_str(), "-n", in_ns, verb];
+        let sub;
+        match what.rsplit_once('/') {
+            Some((r, s)) if s == "status" || s == "finalizers" => {
+                sub = format!("--subresource={s}");
+                args.push(r);
+                args.push(&sub);
+            }
+            _ => args.push(what),
+        }
+        let out = kubectl(&args, None);
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
     for (verb, what) in [
@@ -526,6 +565,8 @@ async fn chart_rbac_is_enough_and_no_more() {
         ("update", "secrets", ns.as_str()),
         ("delete", "secrets", ns.as_str()),
         ("create", "sandboxes.fleet.valet.dev", ns.as_str()),
+        ("update", "sandboxes.fleet.valet.dev/status", ns.as_str()),
+        ("patch", "sandboxdeploys.fleet.valet.dev", ns.as_str()),
         ("delete", "sandboxes.fleet.valet.dev", ns.as_str()),
         ("update", "sandboxes.fleet.valet.dev", ns.as_str()),
         ("patch", "secretbundles.fleet.valet.dev", ns.as_str()),
@@ -675,4 +716,95 @@ async fn leader_election_one_acts_and_the_other_takes_over() {
         assert_eq!(calls.accepted(action), 0, "{action}");
     }
     assert!(b.logs().contains("acquired the lease"));
+}
+
+fn plugin(ns: &str, args: &[&str]) -> String {
+    let cp = support::control_plane();
+    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-sandbox"))
+        .args(["-n", ns])
+        .args(args)
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .output()
+        .expect("running kubectl-sandbox");
+    assert!(
+        out.status.success(),
+        "kubectl sandbox {}: {}",
+        args.join(" "),
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The plugin's actions land on the objects as the controllers expect them.
+#[tokio::test]
+async fn kubectl_plugin_actions_and_tree() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "plugin").await;
+    for f in [
+        "examples/sandbox-stopped.yaml",
+        "examples/sandboxdeploy.yaml",
+    ] {
+        let p = root(f);
+        kubectl_async(
+            &[
+                "apply",
+                "--server-side",
+                "-n",
+                &ns,
+                "-f",
+                p.to_str().unwrap(),
+            ],
+            None,
+        )
+        .await;
+    }
+    let sbx: Api<Sandbox> = Api::namespaced(client.clone(), &ns);
+    let deploys: Api<SandboxDeploy> = Api::namespaced(client.clone(), &ns);
+    let power = |s: Sandbox| format!("{:?}", s.spec.power_state);
+
+    plugin(&ns, &["start", "worker-nightly"]);
+    assert_eq!(power(sbx.get("worker-nightly").await.unwrap()), "Running");
+    plugin(&ns, &["stop", "worker-nightly"]);
+    assert_eq!(power(sbx.get("worker-nightly").await.unwrap()), "Stopped");
+
+    let before = jiff::Timestamp::now();
+    plugin(&ns, &["wake", "worker-nightly"]);
+    let s = sbx.get("worker-nightly").await.unwrap();
+    let woke: jiff::Timestamp = s.metadata.annotations.unwrap()
+        [sandbox_operator::api::START_REQUESTED_ANNOTATION]
+        .parse()
+        .unwrap();
+    assert!(woke >= before.round(jiff::Unit::Second).unwrap() - jiff::SignedDuration::from_secs(1));
+
+    plugin(&ns, &["approve", "deploy-2f1c9e7"]);
+    assert!(!deploys.get("deploy-2f1c9e7").await.unwrap().spec.paused);
+    plugin(&ns, &["abort", "deploy-2f1c9e7"]);
+    plugin(&ns, &["retry", "deploy-2f1c9e7"]);
+    let ann = deploys
+        .get("deploy-2f1c9e7")
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap();
+    assert_eq!(ann[sandbox_operator::api::ABORT_ANNOTATION], "true");
+    assert!(ann.contains_key(sandbox_operator::api::RETRY_ANNOTATION));
+
+    let tree = plugin(&ns, &["tree"]);
+    assert!(tree.starts_with(&format!("{ns}\n")), "{tree}");
+    for want in [
+        "dev (1 sandboxes)",
+        "worker-nightly",
+        "deploys",
+        "deploy-2f1c9e7 tag 2f1c9e7",
+    ] {
+        assert!(tree.contains(want), "{want} missing from:\n{tree}");
+    }
+    // A missing object is an error with a non-zero exit.
+    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-sandbox"))
+        .args(["-n", &ns, "wake", "no-such-sandbox"])
+        .env("KUBECONFIG", support::control_plane().kubeconfig_path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }
