@@ -6,7 +6,7 @@
 #   etcd            built from tests/tools/etcd (go.etcd.io/etcd/server/v3)
 #   helm            built from tests/tools/helm (helm.sh/helm/v3/cmd/helm), for the chart's lint/template
 #   python venv     moto[server] and friends for the EC2 endpoint (tests/tools/ec2/requirements.txt)
-#   postgresql      Debian's packages, for the ledger's PostgreSQL tests (`debs`, not in `all` yet)
+#   postgresql      Debian's packages, for the ledger's PostgreSQL tests (`debs`)
 #
 # usage: hack/install-tools.sh [all|go|helm|venv|debs]...
 set -euo pipefail

@@ -72,6 +72,9 @@ pub struct RunArgs {
     /// cleared but for PATH, HOME, TMPDIR, TLS and proxy settings and the app's token.
     #[arg(long = "flyctl-env", value_parser = key_value)]
     pub flyctl_env: Vec<(String, String)>,
+    /// The fleet ledger: sqlite://PATH or postgres://... ("off" to keep none).
+    #[arg(long, env = "SANDBOX_OPERATOR_LEDGER", default_value = crate::ledger::report::DEFAULT_LEDGER)]
+    pub ledger: String,
     /// How often to look for orphaned instances.
     #[arg(long, env = "SANDBOX_OPERATOR_ORPHAN_SWEEP", default_value = "2m", value_parser = duration)]
     pub orphan_sweep: Duration,
@@ -205,7 +208,22 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         orphan_sweep_interval: args.orphan_sweep,
         ..ControllerSettings::default()
     };
-    let ctx = sandbox::Context::new(client.clone(), ec2, metrics.clone(), settings);
+    let ledger = match args.ledger.as_str() {
+        "off" | "" => None,
+        url => {
+            let handle = crate::ledger::LedgerHandle::spawn(url, Default::default())
+                .map_err(|e| RunError::Setting(format!("--ledger: {e}")))?;
+            metrics.register_with(|r| handle.register_metrics(r));
+            Some(handle)
+        }
+    };
+    let ctx = sandbox::Context::new(
+        client.clone(),
+        ec2,
+        metrics.clone(),
+        settings,
+        ledger.clone(),
+    );
     let shutdown = || {
         let mut rx = stop_rx.clone();
         async move {

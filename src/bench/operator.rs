@@ -70,6 +70,7 @@ impl OperatorProc {
         .collect();
         args.extend(extra.iter().cloned());
         let mut cmd = Command::new(bin);
+        cmd.env("SANDBOX_OPERATOR_LEDGER", "off");
         cmd.arg("run")
             .args(&args)
             .env("KUBECONFIG", kubeconfig)

@@ -209,6 +209,31 @@ async fn launch_gets_exactly_one_tagged_instance_and_terminates_on_delete() {
         "{text}"
     );
 
+    // The ledger mirrors the fleet in the seeds' `sandboxes` table, read through the report.
+    let report = eventually(30, "the sandbox in the ledger", || async {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-operator"))
+            .args(["report", "fleet", "--ledger", &op.ledger, "-o", "json"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (text.contains("web-1") && text.contains(&id)).then_some(text)
+    })
+    .await;
+    assert!(report.contains("running"), "{report}");
+    // ...and its power interval feeds the cost report.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-operator"))
+        .args([
+            "report", "cost", "--since", "1d", "--ledger", &op.ledger, "-o", "json",
+        ])
+        .output()
+        .unwrap();
+    let cost = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && cost.contains(&id),
+        "{cost}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Delete: terminated, then the finalizer goes.
     e.sbx
         .delete("web-1", &DeleteParams::default())

@@ -383,6 +383,10 @@ impl SaOperator {
         let port = sandbox_operator::testenv::free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandbox-operator"));
         cmd.args(["run", "--namespace", ns, "--ec2-endpoint", ec2])
+            .env(
+                "SANDBOX_OPERATOR_LEDGER",
+                format!("sqlite://{}", dir.join("ledger.db").display()),
+            )
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--ec2-refresh", "1s", "--poll", "500ms", "--resync", "20s"])
             .args([

@@ -122,6 +122,8 @@ pub struct Operator {
     pub log: std::path::PathBuf,
     /// Its HTTP address (`/metrics`, `/healthz`).
     pub http: std::net::SocketAddr,
+    /// Its ledger (a SQLite file of its own).
+    pub ledger: String,
     _dir: tempfile::TempDir,
 }
 
@@ -176,13 +178,19 @@ impl Operator {
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("SANDBOX_OPERATOR_LOG", "info,sandbox_operator=debug");
+            .env("SANDBOX_OPERATOR_LOG", "info,sandbox_operator=debug")
+            .env(
+                "SANDBOX_OPERATOR_LEDGER",
+                format!("sqlite://{}", dir.path().join("ledger.db").display()),
+            );
         let child = sandbox_operator::testenv::process::spawn_tied(cmd, &log)
             .expect("starting sandbox-operator");
+        let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
         Operator {
             child: Some(child),
             log,
             http,
+            ledger,
             _dir: dir,
         }
     }

@@ -141,6 +141,9 @@ pub struct Context {
     /// reconcile that starts before the watch delivers that write uses it instead of the stale
     /// copy in the cache.
     written: Mutex<HashMap<String, (u64, SandboxStatus)>>,
+    /// The fleet ledger, when one is configured: EC2 actions, instance states, image deploy
+    /// steps and the `sandboxes` table. Recording never waits for the database.
+    ledger: Option<crate::ledger::LedgerHandle>,
 }
 
 impl Context {
@@ -150,6 +153,7 @@ impl Context {
         ec2: Ec2,
         metrics: Arc<Metrics>,
         settings: ControllerSettings,
+        ledger: Option<crate::ledger::LedgerHandle>,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: settings.reporter.clone(),
@@ -169,6 +173,7 @@ impl Context {
             rejections: Mutex::default(),
             owners: Mutex::default(),
             written: Mutex::default(),
+            ledger,
         })
     }
 
@@ -363,6 +368,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                 }
                 None => match launch(&obj, &uid, &ctx).await {
                     Ok(id) => {
+                        ledger_ec2(&ctx, &obj, "RunInstances", Some(&id), Ok(()));
                         launched_now = true;
                         Some(id)
                     }
@@ -512,7 +518,13 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let mut ec2_error = None;
     for action in &decision.actions {
         match action {
-            Action::Start { id, why } => match ctx.ec2.start(id).await {
+            Action::Start { id, why } => match ctx
+                .ec2
+                .start(id)
+                .await
+                .inspect(|()| ledger_ec2(&ctx, &obj, "StartInstances", Some(id), Ok(())))
+                .inspect_err(|e| ledger_ec2(&ctx, &obj, "StartInstances", Some(id), Err(e)))
+            {
                 Ok(()) => {
                     let (reason, message) = match why {
                         StartWhy::Requested => (
@@ -538,7 +550,13 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                 }
                 Err(e) => ec2_error = Some(("starting the instance", e)),
             },
-            Action::Stop { id, reason } => match ctx.ec2.stop(id).await {
+            Action::Stop { id, reason } => match ctx
+                .ec2
+                .stop(id)
+                .await
+                .inspect(|()| ledger_ec2(&ctx, &obj, "StopInstances", Some(id), Ok(())))
+                .inspect_err(|e| ledger_ec2(&ctx, &obj, "StopInstances", Some(id), Err(e)))
+            {
                 Ok(()) => decision.notes.push(Note {
                     warning: false,
                     reason: "Stopping",
@@ -603,6 +621,13 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     // ---- Record. ----
     for note in &decision.notes {
         ctx.publish(&obj, note).await;
+    }
+    ledger_status(&ctx, &obj, &status, &decision.status);
+    if let Some(ledger) = &ctx.ledger {
+        let mut row_obj = (*obj).clone();
+        row_obj.status = Some(decision.status.clone());
+        // Unchanged rows are not written again (the writer keeps the latest per Sandbox).
+        ledger.upsert_sandbox(crate::ledger::SandboxRow::from_sandbox(&row_obj));
     }
     if launched_now || decide::material_change(&status, &decision.status) {
         let rv = write_status(&api, &obj, &decision.status, &ctx).await?;
@@ -914,6 +939,9 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
             ctx.written.lock().expect("written").remove(&uid);
             ctx.rejections.lock().expect("rejections").remove(&uid);
             ctx.metrics.forget_sandbox(&ns, &obj.name_any());
+            if let Some(ledger) = &ctx.ledger {
+                ledger.delete_sandbox(&ns, &obj.name_any());
+            }
             Ok(Requeue::await_change())
         }
         // An Err keeps the finalizer: the instance is not gone yet.
@@ -1096,3 +1124,77 @@ async fn phase_gauges(ctx: Arc<Context>, store: Store<Sandbox>) {
 
 #[cfg(test)]
 mod decide_tests;
+
+fn ledger_ec2(
+    ctx: &Context,
+    obj: &Sandbox,
+    action: &str,
+    instance: Option<&str>,
+    result: Result<(), &Ec2Error>,
+) {
+    use crate::ledger::{Ec2ActionEvent, NamespacedName, Outcome};
+    let Some(ledger) = &ctx.ledger else { return };
+    let (outcome, error_code, message) = match result {
+        Ok(()) => (Outcome::Succeeded, None, None),
+        Err(e) => (Outcome::Failed, Some(e.reason()), Some(e.to_string())),
+    };
+    ledger.record(Ec2ActionEvent {
+        at: Timestamp::now(),
+        action: action.to_string(),
+        instance_id: instance.map(str::to_string),
+        sandbox: Some(NamespacedName::new(
+            obj.namespace().unwrap_or_default(),
+            obj.name_any(),
+        )),
+        outcome,
+        error_code,
+        message,
+        request_id: None,
+    });
+}
+
+/// Records what changed between the old and new status: the instance's state (the power
+/// intervals of the cost report come from these) and the image deploy's steps.
+fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &SandboxStatus) {
+    use crate::ledger::{DeployStepEvent, InstanceStateEvent, NamespacedName, Outcome, StopReason};
+    let Some(ledger) = &ctx.ledger else { return };
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let state = |s: &SandboxStatus| s.instance.as_ref().and_then(|i| i.state.clone());
+    if let Some(inst) = &new.instance
+        && state(old) != state(new)
+        && let Some(st) = state(new)
+    {
+        ledger.record(InstanceStateEvent {
+            at: Timestamp::now(),
+            instance_id: inst.id.clone(),
+            sandbox: Some(NamespacedName::new(ns.clone(), name.clone())),
+            instance_type: inst.instance_type.clone(),
+            market: inst.market.unwrap_or_default(),
+            state: st,
+            stop_reason: new.stop_reason.as_deref().and_then(StopReason::parse),
+        });
+    }
+    let step = |s: &SandboxStatus| s.deploy.as_ref().map(|d| (d.tag.clone(), d.state.clone()));
+    if let Some(d) = &new.deploy
+        && step(old) != step(new)
+    {
+        let outcome = match d.state.as_str() {
+            decide::deploy_state::SUCCEEDED => Outcome::Succeeded,
+            decide::deploy_state::FAILED | decide::deploy_state::ROLLED_BACK => Outcome::Failed,
+            _ => Outcome::Started,
+        };
+        ledger.record(DeployStepEvent {
+            at: Timestamp::now(),
+            namespace: ns,
+            deploy: None,
+            sandbox: Some(name),
+            environment: Some(obj.spec.environment),
+            tag: d.tag.clone(),
+            previous_tag: d.previous_tag.clone(),
+            step: d.state.clone(),
+            outcome,
+            message: d.message.clone(),
+        });
+    }
+}
