@@ -267,6 +267,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             ..Default::default()
         },
     );
+    if let Some(ledger) = &ledger {
+        bundle_ctx.set_ledger(ledger.clone());
+        deploy_ctx.set_ledger(ledger.clone());
+    }
     let controllers = tokio::spawn(futures::future::join3(
         sandbox::run(ctx, args.namespace.clone(), shutdown()),
         crate::controller::deploy::run(deploy_ctx, args.namespace.clone(), shutdown()),

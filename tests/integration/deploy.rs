@@ -293,6 +293,24 @@ async fn five_sandboxes_roll_in_waves_of_two() {
         3,
         "{events:?}"
     );
+    // The ledger keeps the deploy's history, read through the report.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-operator"))
+            .args(["report", "deploys", "--ledger", &f.op.ledger, "-o", "json"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("web-v2") && text.contains("Succeeded") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no deploy history in the ledger: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // Printer columns.
     let out = support::kubectl(&["get", "sbxdeploy", "web-v2", "-n", &f.ns], None);
     let text = support::text(&out);

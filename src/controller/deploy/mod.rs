@@ -75,6 +75,7 @@ pub struct Context {
     settings: DeploySettings,
     store: Mutex<Option<Store<SandboxDeploy>>>,
     written: Mutex<HashMap<String, (u64, SandboxDeployStatus)>>,
+    ledger: std::sync::OnceLock<crate::ledger::LedgerHandle>,
 }
 
 impl Context {
@@ -91,7 +92,13 @@ impl Context {
             settings,
             store: Mutex::default(),
             written: Mutex::default(),
+            ledger: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records every deploy phase and target step in the fleet ledger from now on.
+    pub fn set_ledger(&self, ledger: crate::ledger::LedgerHandle) {
+        let _ = self.ledger.set(ledger);
     }
 }
 
@@ -320,6 +327,7 @@ pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Reque
     for note in &decision.notes {
         publish(&ctx, &d, note).await;
     }
+    record_steps(&ctx, &d, &status, &decision.status);
     if decision.status != status {
         let api: Api<SandboxDeploy> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = serde_json::json!({"apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SandboxDeploy", "status": decision.status});
@@ -415,6 +423,74 @@ async fn prune_history(ctx: &Context, ns: &str) {
         match api.delete(&d.name_any(), &DeleteParams::default()).await {
             Ok(_) => tracing::info!(deploy = %key(d), "deleted: beyond the history limit"),
             Err(e) => warn!(deploy = %key(d), error = %e, "deleting an old deploy failed"),
+        }
+    }
+}
+
+/// Records the deploy's phase changes and each target's step changes in the ledger.
+fn record_steps(
+    ctx: &Context,
+    d: &SandboxDeploy,
+    old: &SandboxDeployStatus,
+    new: &SandboxDeployStatus,
+) {
+    use crate::ledger::{DeployStepEvent, Outcome};
+    let Some(ledger) = ctx.ledger.get() else {
+        return;
+    };
+    let event = |sandbox: Option<String>,
+                 step: String,
+                 previous_tag: Option<String>,
+                 outcome: Outcome,
+                 message: Option<String>| DeployStepEvent {
+        at: Timestamp::now(),
+        namespace: d.namespace().unwrap_or_default(),
+        deploy: Some(d.name_any()),
+        sandbox,
+        environment: d.spec.selector.environment,
+        tag: d.spec.image.tag.clone(),
+        previous_tag,
+        step,
+        outcome,
+        message,
+    };
+    if old.phase != new.phase
+        && let Some(phase) = new.phase
+    {
+        let outcome = match phase {
+            crate::api::DeployPhase::Succeeded => Outcome::Succeeded,
+            crate::api::DeployPhase::Failed | crate::api::DeployPhase::Aborted => Outcome::Failed,
+            _ => Outcome::Started,
+        };
+        ledger.record(event(
+            None,
+            format!("{phase:?}"),
+            None,
+            outcome,
+            new.message.clone(),
+        ));
+    }
+    for t in &new.targets {
+        let before = old
+            .targets
+            .iter()
+            .find(|o| o.name == t.name)
+            .map(|o| o.phase);
+        if before != Some(t.phase) {
+            let outcome = match t.phase {
+                crate::api::TargetPhase::Succeeded => Outcome::Succeeded,
+                crate::api::TargetPhase::Failed | crate::api::TargetPhase::RolledBack => {
+                    Outcome::Failed
+                }
+                _ => Outcome::Started,
+            };
+            ledger.record(event(
+                Some(t.name.clone()),
+                format!("{:?}", t.phase),
+                t.from_tag.clone(),
+                outcome,
+                t.message.clone(),
+            ));
         }
     }
 }

@@ -157,6 +157,9 @@ pub struct Context {
     epochs: Mutex<HashMap<String, u64>>,
     /// Per bundle UID: reconcile errors in a row, for the error backoff.
     errors: Mutex<HashMap<String, u32>>,
+    /// The fleet ledger, when one is configured: one event per sync result (hashes and key
+    /// names only).
+    ledger: OnceLock<crate::ledger::LedgerHandle>,
 }
 
 impl Context {
@@ -186,6 +189,7 @@ impl Context {
                 .build()
                 .expect("building the agent HTTP client"),
             stores: OnceLock::new(),
+            ledger: OnceLock::new(),
             memory: Mutex::default(),
             epochs: Mutex::default(),
             errors: Mutex::default(),
@@ -921,8 +925,46 @@ fn ready_changed(old: &SecretBundleStatus, new: &SecretBundleStatus) -> bool {
     get(old) != get(new)
 }
 
-/// Logs, counts and reports one outcome (an Event per failure).
+impl Context {
+    /// Records every sync result in the fleet ledger from now on.
+    pub fn set_ledger(&self, ledger: crate::ledger::LedgerHandle) {
+        let _ = self.ledger.set(ledger);
+    }
+}
+
+/// Logs, counts and reports one outcome (an Event per failure), and records it in the ledger.
 async fn record(ctx: &Context, obj: &SecretBundle, object: &str, target: &TargetKey, o: &Outcome) {
+    if let Some(ledger) = ctx.ledger.get() {
+        use crate::ledger::{NamespacedName, Outcome as L, SecretSyncEvent, SecretTargetKind};
+        let status = obj.status.clone().unwrap_or_default();
+        let (target_kind, target_name) = match target {
+            TargetKey::Sandbox(n) => (SecretTargetKind::Sandbox, n.clone()),
+            TargetKey::FlyApp(n) => (SecretTargetKind::FlyApp, n.clone()),
+        };
+        let (outcome, hash, message) = match o {
+            Outcome::Synced { hash } => (L::Succeeded, hash.clone(), None),
+            Outcome::Failed { message } => (
+                L::Failed,
+                status.content_hash.clone().unwrap_or_default(),
+                Some(message.clone()),
+            ),
+            Outcome::Skipped { message } => (
+                L::Failed,
+                status.content_hash.clone().unwrap_or_default(),
+                Some(format!("skipped: {message}")),
+            ),
+        };
+        ledger.record(SecretSyncEvent {
+            at: k8s_openapi::jiff::Timestamp::now(),
+            bundle: NamespacedName::new(obj.namespace().unwrap_or_default(), obj.name_any()),
+            target_kind,
+            target_name,
+            content_hash: hash,
+            keys: status.keys.clone(),
+            outcome,
+            message,
+        });
+    }
     let kind = match target {
         TargetKey::Sandbox(_) => "Sandbox",
         TargetKey::FlyApp(_) => "FlyApp",
