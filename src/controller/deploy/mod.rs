@@ -5,7 +5,7 @@
 
 pub mod decide;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,7 +74,7 @@ pub struct Context {
     metrics: Arc<Metrics>,
     settings: DeploySettings,
     store: Mutex<Option<Store<SandboxDeploy>>>,
-    written: Mutex<HashMap<String, (u64, SandboxDeployStatus)>>,
+    written: super::WrittenStatus<SandboxDeployStatus>,
     ledger: std::sync::OnceLock<crate::ledger::LedgerHandle>,
 }
 
@@ -91,7 +91,7 @@ impl Context {
             metrics,
             settings,
             store: Mutex::default(),
-            written: Mutex::default(),
+            written: Default::default(),
             ledger: std::sync::OnceLock::new(),
         })
     }
@@ -345,12 +345,11 @@ pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Reque
                 controller: CONTROLLER.into(),
             })
             .inc();
-        if let Some(rv) = out.metadata.resource_version.and_then(|rv| rv.parse().ok()) {
-            ctx.written
-                .lock()
-                .expect("written")
-                .insert(uid.clone(), (rv, decision.status.clone()));
-        }
+        ctx.written.remember(
+            &uid,
+            out.metadata.resource_version.as_deref(),
+            decision.status.clone(),
+        );
     }
     if decide::finished(decision.status.phase) {
         prune_history(&ctx, &ns).await;
@@ -362,20 +361,11 @@ pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Reque
 }
 
 fn fresh_status(d: &SandboxDeploy, ctx: &Context, uid: &str) -> SandboxDeployStatus {
-    let cached_rv: Option<u64> = d
-        .metadata
-        .resource_version
-        .as_deref()
-        .and_then(|rv| rv.parse().ok());
-    let mut written = ctx.written.lock().expect("written");
-    match (written.get(uid), cached_rv) {
-        (Some((w_rv, st)), Some(c_rv)) if *w_rv > c_rv => st.clone(),
-        (Some(_), _) => {
-            written.remove(uid);
-            d.status.clone().unwrap_or_default()
-        }
-        _ => d.status.clone().unwrap_or_default(),
-    }
+    ctx.written.fresh(
+        uid,
+        d.metadata.resource_version.as_deref(),
+        d.status.as_ref(),
+    )
 }
 
 async fn publish(ctx: &Context, d: &SandboxDeploy, note: &Note) {

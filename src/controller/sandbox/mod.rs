@@ -140,7 +140,7 @@ pub struct Context {
     /// The status last written per UID, with the resourceVersion the write produced: a
     /// reconcile that starts before the watch delivers that write uses it instead of the stale
     /// copy in the cache.
-    written: Mutex<HashMap<String, (u64, SandboxStatus)>>,
+    written: super::WrittenStatus<SandboxStatus>,
     /// The fleet ledger, when one is configured: EC2 actions, instance states, image deploy
     /// steps and the `sandboxes` table. Recording never waits for the database.
     ledger: Option<crate::ledger::LedgerHandle>,
@@ -172,7 +172,7 @@ impl Context {
             last_probe: Mutex::default(),
             rejections: Mutex::default(),
             owners: Mutex::default(),
-            written: Mutex::default(),
+            written: Default::default(),
             ledger,
         })
     }
@@ -631,12 +631,8 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     }
     if launched_now || decide::material_change(&status, &decision.status) {
         let rv = write_status(&api, &obj, &decision.status, &ctx).await?;
-        if let Some(rv) = rv {
-            ctx.written
-                .lock()
-                .expect("written")
-                .insert(uid.clone(), (rv, decision.status.clone()));
-        }
+        ctx.written
+            .remember(&uid, rv.as_deref(), decision.status.clone());
     }
     update_gauges(&ctx, &obj, &decision.status);
     if let Some((what, source)) = ec2_error {
@@ -819,7 +815,7 @@ async fn write_status(
     obj: &Sandbox,
     st: &SandboxStatus,
     ctx: &Context,
-) -> Result<Option<u64>, Error> {
+) -> Result<Option<String>, Error> {
     let patch = serde_json::json!({ "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "Sandbox", "status": st });
     let out = api
         .patch_status(
@@ -839,27 +835,15 @@ async fn write_status(
             controller: CONTROLLER.into(),
         })
         .inc();
-    Ok(out.metadata.resource_version.and_then(|rv| rv.parse().ok()))
+    Ok(out.metadata.resource_version)
 }
 
-/// The status to decide from: the cached object's, unless this controller wrote a newer one
-/// that the watch has not delivered yet. (resourceVersions are etcd revisions: numbers that
-/// only grow; were one not a number, the cached copy is used.)
 fn fresh_status(obj: &Sandbox, ctx: &Context, uid: &str) -> SandboxStatus {
-    let cached_rv: Option<u64> = obj
-        .metadata
-        .resource_version
-        .as_deref()
-        .and_then(|rv| rv.parse().ok());
-    let mut written = ctx.written.lock().expect("written");
-    match (written.get(uid), cached_rv) {
-        (Some((w_rv, st)), Some(c_rv)) if *w_rv > c_rv => st.clone(),
-        (Some(_), _) => {
-            written.remove(uid);
-            obj.status.clone().unwrap_or_default()
-        }
-        _ => obj.status.clone().unwrap_or_default(),
-    }
+    ctx.written.fresh(
+        uid,
+        obj.metadata.resource_version.as_deref(),
+        obj.status.as_ref(),
+    )
 }
 
 async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
@@ -936,7 +920,7 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
                 ctx.owners.lock().expect("owners").remove(id);
             }
             ctx.last_probe.lock().expect("last_probe").remove(&uid);
-            ctx.written.lock().expect("written").remove(&uid);
+            ctx.written.forget(&uid);
             ctx.rejections.lock().expect("rejections").remove(&uid);
             ctx.metrics.forget_sandbox(&ns, &obj.name_any());
             if let Some(ledger) = &ctx.ledger {
