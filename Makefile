@@ -19,7 +19,7 @@ help:
 	@echo "make crds    regenerate crds/ from the Rust types"
 	@echo "make tools   build kube-apiserver and etcd, create the Python venv (cached)"
 	@echo "make lint    rustfmt --check and clippy"
-	@echo "make bench   the fleet benchmark (not ready yet)"
+	@echo "make bench   the fleet benchmark (release build; BENCH_ARGS=--quick for a smoke run)"
 
 build:
 	$(CARGO) build --bins

@@ -625,10 +625,16 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                     .browser_status
                     .clone()
                     .or_else(|| r.adspower_status.clone());
+                let previous = agent.up_since.take();
                 agent.up_since = (r.uptime > 0.0).then(|| {
                     let up = now.as_second() - r.uptime as i64;
-                    // Rounded to the minute so the value is stable across probes.
-                    time(Timestamp::from_second(up - up.rem_euclid(60)).unwrap_or(now))
+                    // The agent samples its uptime in the background, so the derived boot time
+                    // wobbles by seconds: keep the recorded one unless it moved by more than two
+                    // minutes (a reboot), so the value is stable across probes.
+                    match &previous {
+                        Some(p) if (p.0.as_second() - up).abs() <= 120 => p.clone(),
+                        _ => time(Timestamp::from_second(up - up.rem_euclid(60)).unwrap_or(now)),
+                    }
                 });
                 agent.env_sha256 = r.env_sha256.clone();
                 agent.agent_version = r.agent_version.clone();

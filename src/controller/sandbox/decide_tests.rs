@@ -716,3 +716,28 @@ fn agent_url_from_template_or_explicit() {
     );
     let _ = Environment::Prod;
 }
+
+#[test]
+fn boot_time_is_stable_across_probes_and_moves_on_a_reboot() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    let mut r = report(0, "v1");
+    r.uptime = 3_598.0;
+    c.probe = ProbeObs::Report(Box::new(r));
+    let first = c.step().status.agent.unwrap().up_since.unwrap();
+    // The next probe's sample is a few seconds off, across a minute boundary: no change.
+    c.now = t(30);
+    let mut r = report(0, "v1");
+    r.uptime = 3_635.0;
+    c.probe = ProbeObs::Report(Box::new(r));
+    let d = c.step();
+    assert_eq!(
+        d.status.agent.as_ref().unwrap().up_since.as_ref(),
+        Some(&first)
+    );
+    // A reboot: uptime starts again.
+    c.now = t(60);
+    let mut r = report(0, "v1");
+    r.uptime = 10.0;
+    c.probe = ProbeObs::Report(Box::new(r));
+    assert_ne!(c.step().status.agent.unwrap().up_since.unwrap(), first);
+}
