@@ -6,9 +6,14 @@
 #   etcd            built from tests/tools/etcd (go.etcd.io/etcd/server/v3)
 #   helm            built from tests/tools/helm (helm.sh/helm/v3/cmd/helm), for the chart's lint/template
 #   python venv     moto[server] and friends for the EC2 endpoint (tests/tools/ec2/requirements.txt)
+#   compose         built from tests/tools/compose (github.com/docker/compose/v2/cmd), installed as
+#                   the `docker compose` CLI plugin of the test Docker engine
 #   postgresql      Debian's packages, for the ledger's PostgreSQL tests (`debs`)
+#   docker engine   Debian's docker.io (dockerd, containerd, runc), docker-registry and
+#                   apache2-utils (htpasswd), for the agent's tests on a real engine (`debs`); the
+#                   worker image's program (tests/tools/worker) is built by the tests with Go
 #
-# usage: hack/install-tools.sh [all|go|helm|venv|debs]...
+# usage: hack/install-tools.sh [all|go|helm|compose|venv|debs]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SANDBOX_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sandbox-operator}
@@ -41,6 +46,11 @@ install_helm() {
     "-X helm.sh/helm/v3/internal/version.version=@VERSION@ -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 }
 
+install_compose() {
+  build_go_tool docker-compose tests/tools/compose github.com/docker/compose/v2/cmd \
+    "-X github.com/docker/compose/v2/internal.Version=@VERSION@"
+}
+
 install_venv() {
   local req=tests/tools/ec2/requirements.txt venv="$CACHE/venv" stamp
   stamp="$venv/.requirements-$(sha256sum "$req" | cut -c1-16)"
@@ -54,29 +64,39 @@ install_venv() {
 
 install_debs() {
   # The ledger's PostgreSQL tests start their own server (initdb, postgres, pg_isready) on a free
-  # loopback port: only the binaries are needed.
-  local bin
+  # loopback port: only the binaries are needed. The agent's engine tests start their own dockerd
+  # (own data root and socket) and registry: only the binaries are needed, no service is enabled.
+  local want=() bin have_pg=""
   for bin in /usr/lib/postgresql/*/bin; do
-    if [ -x "$bin/initdb" ] && [ -x "$bin/postgres" ] && [ -x "$bin/pg_isready" ]; then
-      log "postgresql server present in $bin"; return
-    fi
+    if [ -x "$bin/initdb" ] && [ -x "$bin/postgres" ] && [ -x "$bin/pg_isready" ]; then have_pg=$bin; fi
   done
-  log "installing postgresql from Debian's packages"
+  if [ -n "$have_pg" ]; then log "postgresql server present in $have_pg"; else want+=(postgresql); fi
+  command -v dockerd >/dev/null && command -v docker >/dev/null || want+=(docker.io)
+  command -v docker-registry >/dev/null || want+=(docker-registry)
+  command -v htpasswd >/dev/null || want+=(apache2-utils)
+  if [ ${#want[@]} = 0 ]; then log "debian packages present"; return; fi
+  log "installing from Debian's packages: ${want[*]}"
   export DEBIAN_FRONTEND=noninteractive
   local sudo=""
   if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || { log "need root or sudo to apt-get install postgresql"; return 1; }
+    command -v sudo >/dev/null || { log "need root or sudo to apt-get install ${want[*]}"; return 1; }
     sudo=sudo
   fi
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  # policy-rc.d keeps the packages' services from starting: the tests start their own.
+  local rc=/usr/sbin/policy-rc.d made_rc=""
+  if [ ! -e "$rc" ]; then printf '#!/bin/sh\nexit 101\n' | $sudo tee "$rc" >/dev/null; $sudo chmod +x "$rc"; made_rc=1; fi
+  $sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+  [ -n "$made_rc" ] && $sudo rm -f "$rc"
+  return 0
 }
 
 what=${*:-all}
 for w in $what; do
   case $w in
-    all) install_go; install_helm; install_venv; install_debs ;;
+    all) install_go; install_helm; install_compose; install_venv; install_debs ;;
     helm) install_helm ;;
+    compose) install_compose ;;
     go) install_go ;;
     venv) install_venv ;;
     debs) install_debs ;;

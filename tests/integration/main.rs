@@ -8,6 +8,7 @@ mod crds;
 mod deploy;
 mod ec2_endpoint;
 mod ec2_layer;
+mod engine;
 mod fleet;
 mod ledger;
 mod sandbox;

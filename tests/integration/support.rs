@@ -44,6 +44,25 @@ pub fn control_plane() -> &'static ControlPlane {
     })
 }
 
+/// The Docker engine (with Compose and a registry holding the worker image) every test of the
+/// binary shares, started on first use and stopped at exit, like the control plane.
+pub fn docker_engine() -> &'static sandbox_operator::testenv::docker::DockerEngine {
+    use sandbox_operator::testenv::docker::DockerEngine;
+    static ENGINE: OnceLock<DockerEngine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        extern "C" fn stop_at_exit() {
+            if let Some(e) = ENGINE.get() {
+                e.shutdown();
+            }
+        }
+        // SAFETY: registering a plain function with the C runtime's exit hooks.
+        unsafe {
+            libc::atexit(stop_at_exit);
+        }
+        DockerEngine::start().unwrap_or_else(|e| panic!("starting the test Docker engine: {e}"))
+    })
+}
+
 /// An admin client for the shared control plane, bound to the calling test's runtime.
 pub async fn client() -> Client {
     control_plane().client().await.expect("admin client")
