@@ -9,6 +9,7 @@ mod deploy;
 mod ec2_endpoint;
 mod ec2_layer;
 mod fleet;
+mod import;
 mod ledger;
 mod sandbox;
 mod secretbundle;
