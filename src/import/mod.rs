@@ -220,24 +220,40 @@ impl ImportArgs {
 /// Runs the import. `Ok(false)` when a Sandbox could not be applied (each failure is reported).
 pub async fn run(args: ImportArgs) -> Result<bool, ImportError> {
     let opts = args.options();
+    match args.from {
+        SourceKind::Database if args.database_url.is_none() => {
+            return Err(ImportError::Usage(
+                "--from database needs --database-url or DATABASE_URL".into(),
+            ));
+        }
+        SourceKind::Ec2 if args.ec2_tags.is_empty() => {
+            return Err(ImportError::Usage(
+                "--from ec2 needs at least one --ec2-tag KEY=VALUE (the instances to import)"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
+    // The cluster next: without it (and without --no-cluster) there is no point reading.
+    let client = if args.no_cluster {
+        None
+    } else {
+        Some(
+            kube::Client::try_default()
+                .await
+                .map_err(|e| ImportError::ClusterConfig(e.to_string()))?,
+        )
+    };
     let mapped: Vec<plan::Mapped> = match args.from {
         SourceKind::Database => {
-            let url = args.database_url.as_deref().ok_or_else(|| {
-                ImportError::Usage("--from database needs --database-url or DATABASE_URL".into())
-            })?;
+            let url = args.database_url.as_deref().unwrap_or_default();
             let rows = source::read_table(url, &args.schema, &args.table).await?;
             rows.iter().map(|r| plan::map_row(r, &opts)).collect()
         }
         SourceKind::Ec2 => {
-            if args.ec2_tags.is_empty() {
-                return Err(ImportError::Usage(
-                    "--from ec2 needs at least one --ec2-tag KEY=VALUE (the instances to import)"
-                        .into(),
-                ));
-            }
-            let client =
+            let ec2 =
                 crate::ec2::sdk_client(args.ec2_endpoint.as_deref(), args.region.as_deref()).await;
-            let instances = source::read_ec2(&client, &args.ec2_tags).await?;
+            let instances = source::read_ec2(&ec2, &args.ec2_tags).await?;
             instances
                 .iter()
                 .map(|i| plan::map_instance(i, &opts))
@@ -245,19 +261,18 @@ pub async fn run(args: ImportArgs) -> Result<bool, ImportError> {
         }
     };
 
-    let (client, existing, namespace) = if args.no_cluster {
-        let ns = args.namespace.clone().unwrap_or_else(|| "default".into());
-        (None, Vec::new(), ns)
-    } else {
-        let client = kube::Client::try_default()
-            .await
-            .map_err(|e| ImportError::ClusterConfig(e.to_string()))?;
-        let ns = args
-            .namespace
-            .clone()
-            .unwrap_or_else(|| client.default_namespace().to_owned());
-        let existing = cluster_sandboxes(&client, &ns).await?;
-        (Some(client), existing, ns)
+    let (existing, namespace) = match &client {
+        None => (
+            Vec::new(),
+            args.namespace.clone().unwrap_or_else(|| "default".into()),
+        ),
+        Some(client) => {
+            let ns = args
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            (cluster_sandboxes(client, &ns).await?, ns)
+        }
     };
     let plan = plan::plan(mapped, &existing, &namespace, args.namespace.is_some());
 

@@ -813,10 +813,10 @@ impl Existing {
     /// The plan's view of a Sandbox from the cluster.
     pub fn from_sandbox(s: &Sandbox) -> Existing {
         let mut ids: Vec<String> = s.spec.instance_id.iter().cloned().collect();
-        if let Some(id) = s.status.as_ref().and_then(|st| st.instance.as_ref()) {
-            if !ids.contains(&id.id) {
-                ids.push(id.id.clone());
-            }
+        if let Some(id) = s.status.as_ref().and_then(|st| st.instance.as_ref())
+            && !ids.contains(&id.id)
+        {
+            ids.push(id.id.clone());
         }
         Existing {
             namespace: s.metadata.namespace.clone().unwrap_or_default(),
@@ -1055,7 +1055,8 @@ pub fn manifest_yaml(s: &Sandbox) -> Result<String, serde_yaml::Error> {
 /// port and probe settings, `managementPolicy: Full`, `powerState: Running`), and without
 /// `image`: a SandboxDeploy's field manager owns `image.tag`.
 pub fn manifest_value(s: &Sandbox) -> Result<serde_json::Value, serde_yaml::Error> {
-    let mut v = serde_json::to_value(s).map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
+    let mut v =
+        serde_json::to_value(s).map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
     if let Some(obj) = v.as_object_mut() {
         obj.remove("status");
     }

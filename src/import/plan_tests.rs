@@ -80,7 +80,8 @@ fn a_seeds_row_becomes_an_adopting_sandbox_with_its_settings() {
 #[test]
 fn rows_the_api_cannot_express_are_skipped_naming_the_value() {
     let opts = Options::default();
-    let cases: Vec<(&str, Box<dyn Fn(&mut TableRow)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut TableRow)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
         (
             "unknown environment",
             Box::new(|r| r.environment = Some("qa".into())),

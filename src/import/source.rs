@@ -252,6 +252,48 @@ pub async fn read_table(
     Ok(rows)
 }
 
+/// One DescribeInstances page, retried with backoff while EC2 throttles (the SDK's own retries
+/// are off in [`crate::ec2::sdk_client`]).
+async fn describe_page(
+    client: &aws_sdk_ec2::Client,
+    filters: &[aws_sdk_ec2::types::Filter],
+    token: Option<String>,
+) -> Result<aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput, SourceError> {
+    use aws_sdk_ec2::error::ProvideErrorMetadata;
+    let mut delay = std::time::Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        let result = client
+            .describe_instances()
+            .set_filters(Some(filters.to_vec()))
+            .max_results(crate::ec2::MAX_RESULTS)
+            .set_next_token(token.clone())
+            .send()
+            .await;
+        match result {
+            Ok(page) => return Ok(page),
+            Err(e) => {
+                let code = e.code().map(str::to_owned);
+                if attempt < 6
+                    && code
+                        .as_deref()
+                        .is_some_and(crate::ec2::error::is_throttling_code)
+                {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                    continue;
+                }
+                return Err(SourceError::Ec2(match (code, e.message()) {
+                    (Some(code), Some(message)) => format!("{code}: {message}"),
+                    (Some(code), None) => code,
+                    _ => aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
+                }));
+            }
+        }
+    }
+}
+
 /// Instances with all of `tags` (values of one key are alternatives), oldest launch first.
 pub async fn read_ec2(
     client: &aws_sdk_ec2::Client,
@@ -274,16 +316,7 @@ pub async fn read_ec2(
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
-        let page = client
-            .describe_instances()
-            .set_filters(Some(filters.clone()))
-            .max_results(crate::ec2::MAX_RESULTS)
-            .set_next_token(token.take())
-            .send()
-            .await
-            .map_err(|e| {
-                SourceError::Ec2(aws_sdk_ec2::error::DisplayErrorContext(&e).to_string())
-            })?;
+        let page = describe_page(client, &filters, token.take()).await?;
         for r in page.reservations() {
             for i in r.instances() {
                 let Some(id) = i.instance_id().filter(|s| !s.is_empty()) else {

@@ -112,6 +112,9 @@ fn ok(o: Output) -> Output {
 /// The documents of a multi-document YAML stream, as Sandboxes.
 fn sandboxes(yaml: &str) -> Vec<Sandbox> {
     use serde::Deserialize;
+    if yaml.trim().is_empty() {
+        return Vec::new();
+    }
     serde_yaml::Deserializer::from_str(yaml)
         .map(|d| Sandbox::deserialize(d).expect("a Sandbox document"))
         .collect()
@@ -281,7 +284,7 @@ async fn database_rows_become_sandboxes_once_and_bad_rows_are_named() {
     ));
     assert!(
         stdout(&staging).contains(
-            "2 to create, 1 already Sandboxes, 4 skipped, 4 of other environments not selected"
+            "2 to create, 1 already Sandboxes, 4 skipped, 5 of other environments not selected"
         ),
         "{}",
         stdout(&staging)
@@ -718,6 +721,13 @@ async fn sources_that_cannot_be_read_get_a_clear_answer_without_the_password() {
     assert!(!err.contains(password), "{err}");
 
     let empty = database("empty").await;
+    // The client has no TLS: a URL that requires it is refused, never sent in clear.
+    let o = import(
+        &["--from", "database", "--no-cluster"],
+        &[("DATABASE_URL", &format!("{empty}?sslmode=require"))],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
     let o = import(
         &["--from", "database", "--no-cluster"],
         &[("DATABASE_URL", &empty)],
@@ -802,32 +812,54 @@ async fn import_of_1000_rows() {
     .await;
     let client = support::client().await;
     let ns = support::namespace(&client, "import-1000").await;
-    let dir = tempfile::tempdir().unwrap();
-    let out_dir = dir.path().join("fleet");
-    let started = Instant::now();
-    let out = ok(import(
-        &[
-            "--from",
-            "database",
-            "-n",
-            &ns,
-            "--out-dir",
-            out_dir.to_str().unwrap(),
-        ],
-        &[("DATABASE_URL", &url)],
-    ));
-    let took = started.elapsed();
-    assert!(
-        stderr(&out).contains("1000 to create, 0 already Sandboxes, 0 skipped"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 1000);
-    assert_valid_sample(&out_dir, &ns);
+    // Three runs (each into a fresh directory; nothing is applied, so each creates 1,000): the
+    // machine may be shared, and the median says more than one run.
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let out_dir = dir.path().join("fleet");
+        let cpu_before = children_cpu();
+        let started = Instant::now();
+        let out = ok(import(
+            &[
+                "--from",
+                "database",
+                "-n",
+                &ns,
+                "--out-dir",
+                out_dir.to_str().unwrap(),
+            ],
+            &[("DATABASE_URL", &url)],
+        ));
+        runs.push((started.elapsed(), children_cpu() - cpu_before));
+        assert!(
+            stderr(&out).contains("1000 to create, 0 already Sandboxes, 0 skipped"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 1000);
+        assert_valid_sample(&out_dir, &ns);
+    }
+    runs.sort();
+    let (wall, cpu) = runs[1];
     println!(
-        "FIGURE import_1000_rows_seconds={:.2} (sandbox-operator import --from database --out-dir: read 1,000 rows from PostgreSQL, list the cluster's Sandboxes, write 1,000 files)",
-        took.as_secs_f64()
+        "FIGURE import_1000_rows_seconds={:.2} cpu_seconds={:.2} (median of 3; all wall: {:?}; sandbox-operator import --from database --out-dir, debug build: read 1,000 rows from PostgreSQL, list the cluster's Sandboxes, write 1,000 files; cpu is the process's user+system time, less sensitive to a busy machine than the wall time)",
+        wall.as_secs_f64(),
+        cpu.as_secs_f64(),
+        runs.iter()
+            .map(|r| format!("{:.2}s", r.0.as_secs_f64()))
+            .collect::<Vec<_>>()
     );
+}
+
+/// User and system CPU time of the children this process has waited for.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct it is given; zeroed is a valid initial value.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage struct.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// A few of the 1,000 files through a server-side dry run (all of them would only time kubectl).
