@@ -6,6 +6,8 @@
 //! - [`controller`]: the controllers, each a pure `decide` module and a thin reconcile edge;
 //! - `ec2`: the EC2 layer (one shared, batched, rate-limited view of the instances);
 //! - [`operator`]: `sandbox-operator run`: the controllers and the HTTP server;
+//! - [`import`]: `sandbox-operator import`: Sandbox manifests for a fleet that already runs, from
+//!   the old admin database's `sandboxes` table or from EC2 tags;
 //! - [`leader`]: Lease-based leader election for more than one replica;
 //! - [`metrics`]: the Prometheus metrics;
 //! - [`util`]: small shared pieces (durations, TLS set-up);
@@ -16,6 +18,7 @@ pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod ec2;
+pub mod import;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;

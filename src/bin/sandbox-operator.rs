@@ -26,6 +26,9 @@ enum Command {
     },
     /// Reports from the ledger: cost, fleet (the sandboxes table), deploy history.
     Report(sandbox_operator::ledger::ReportArgs),
+    /// Sandbox manifests for a fleet that already runs, adopting each instance: from the old
+    /// admin database's `sandboxes` table or from EC2 instances selected by tag.
+    Import(Box<sandbox_operator::import::ImportArgs>),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,20 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("sandbox-operator report: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Import(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("starting the async runtime");
+            match rt.block_on(sandbox_operator::import::run(*args)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("sandbox-operator import: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -10,6 +10,7 @@ mod ec2_endpoint;
 mod ec2_layer;
 mod engine;
 mod fleet;
+mod import;
 mod ledger;
 mod sandbox;
 mod secretbundle;
