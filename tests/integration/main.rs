@@ -14,3 +14,4 @@ mod sandbox;
 mod secretbundle;
 mod ship;
 mod testenv;
+mod validation;
