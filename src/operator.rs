@@ -134,8 +134,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 RunError::Setting(format!("reading --config {}: {e}", path.display()))
             })?;
-            serde_yaml::from_str(&text)
-                .map_err(|e| RunError::Setting(format!("--config {}: {e}", path.display())))?
+            let config: crate::webhook::OperatorConfig = serde_yaml::from_str(&text)
+                .map_err(|e| RunError::Setting(format!("--config {}: {e}", path.display())))?;
+            // A selector the CRD would refuse is refused here, at start, not at each delivery.
+            for (env, c) in config.webhook.iter().flat_map(|w| &w.environments) {
+                let problems = c.selector.problems();
+                if !problems.is_empty() {
+                    return Err(RunError::Setting(format!(
+                        "--config {}: webhook.environments.{env}.selector: {}",
+                        path.display(),
+                        problems.join("; ")
+                    )));
+                }
+            }
+            config
         }
         None => Default::default(),
     };

@@ -233,7 +233,7 @@ pub struct LaunchSpec {
     /// Extra tags for the instance and its volumes. Keys starting with `aws:` or
     /// `fleet.valet.dev/` are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 40), inner(length(max = 256)))]
+    #[schemars(extend("maxProperties" = 40, "additionalProperties" = {"type": "string", "maxLength": 256}))]
     #[x_kube(validation = Rule::new("self.all(k, size(k) <= 128 && !k.startsWith('aws:') && !k.startsWith('fleet.valet.dev/'))").message("tag keys must be at most 128 characters and must not start with aws: or fleet.valet.dev/"))]
     pub tags: BTreeMap<String, String>,
 }
@@ -270,6 +270,16 @@ pub struct ImageSpec {
     pub tag: String,
 }
 
+/// The placeholders `agent.urlTemplate` may use (the CRD's CEL rules list the same).
+pub const URL_PLACEHOLDERS: [&str; 6] = [
+    "{privateIp}",
+    "{publicIp}",
+    "{privateDns}",
+    "{publicDns}",
+    "{instanceId}",
+    "{port}",
+];
+
 /// How the operator reaches and probes the agent.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -281,14 +291,22 @@ pub struct AgentSpec {
     /// The agent's base URL, for example http://10.0.1.5:8000. Overrides `urlTemplate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
-    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("agent.url must start with http:// or https://"))]
+    #[x_kube(
+        validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("agent.url must start with http:// or https://"),
+        validation = Rule::new(r"isURL(self) && url(self).getHostname() != '' && !self.matches('\\s')").message("agent.url must be a URL with a host and no spaces, such as http://10.0.1.5:8000")
+    )]
     pub url: Option<String>,
     /// A template for the agent's base URL over the instance's addresses: `{privateIp}`,
     /// `{publicIp}`, `{privateDns}`, `{publicDns}`, `{instanceId}` and `{port}`. Default:
     /// `http://{privateIp}:{port}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
-    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("agent.urlTemplate must start with http:// or https://"))]
+    #[x_kube(
+        validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("agent.urlTemplate must start with http:// or https://"),
+        validation = Rule::new(r"self.matches('^[^{}]*(\\{[^{}]*\\}[^{}]*)*$')").message("agent.urlTemplate has an unmatched { or }: placeholders are written {privateIp}, {publicIp}, {privateDns}, {publicDns}, {instanceId} or {port}"),
+        validation = Rule::new(r"self.findAll('\\{[^{}]*\\}').all(p, p in ['{privateIp}', '{publicIp}', '{privateDns}', '{publicDns}', '{instanceId}', '{port}'])").message(Message::Expression(r"'agent.urlTemplate has unknown placeholder ' + self.findAll('\\{[^{}]*\\}').filter(p, !(p in ['{privateIp}', '{publicIp}', '{privateDns}', '{publicDns}', '{instanceId}', '{port}']))[0] + ': use {privateIp}, {publicIp}, {privateDns}, {publicDns}, {instanceId} or {port}'".into())),
+        validation = Rule::new(r"!self.matches('^[^{}]*(\\{[^{}]*\\}[^{}]*)*$') || [self.replace('{privateIp}', '10.0.0.1').replace('{publicIp}', '10.0.0.1').replace('{privateDns}', 'ip-10-0-0-1.ec2.internal').replace('{publicDns}', 'ec2-10-0-0-1.compute-1.amazonaws.com').replace('{instanceId}', 'i-0123456789abcdef0').replace('{port}', '8000')].all(u, u.findAll('\\{[^{}]*\\}').size() > 0 || (isURL(u) && url(u).getHostname() != '' && !u.matches('\\s')))").message("agent.urlTemplate must make a URL with a host and no spaces once its placeholders are filled in, such as http://{privateIp}:{port}")
+    )]
     pub url_template: Option<String>,
     /// The agent's port, used by the URL template.
     #[serde(default = "default_agent_port")]

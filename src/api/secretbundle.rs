@@ -96,9 +96,10 @@ pub struct BundleTargets {
     /// Sandboxes whose agent writes the `.env` and restarts the named services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandboxes: Option<SandboxTargets>,
-    /// Fly.io apps that get the values through `flyctl secrets import`.
+    /// Fly.io apps that get the values through `flyctl secrets import`, each listed once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.app == a.app))").message("flyApps lists an app more than once: list each app once"))]
     pub fly_apps: Vec<FlyAppTarget>,
 }
 
@@ -109,9 +110,14 @@ pub struct SandboxTargets {
     /// Which Sandboxes, in this namespace.
     #[serde(default)]
     pub selector: SandboxSelector,
-    /// Services the agent restarts after writing the file (each must be on the agent's allow list).
+    /// Services the agent restarts after writing the file (each must be on the agent's allow
+    /// list): names of letters, digits, `-`, `_`, `.` and `@`, each listed once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 63)))]
+    #[x_kube(
+        validation = Rule::new("self.all(s, s.matches('^[A-Za-z0-9_.@-]+$'))").message(Message::Expression("'restartServices entry ' + self.filter(s, !s.matches('^[A-Za-z0-9_.@-]+$'))[0] + ' is not a service name: use letters, digits, -, _, . and @ (the name on the agent allow list)'".into())),
+        validation = Rule::new("self.all(s, self.exists_one(t, t == s))").message(Message::Expression("'restartServices lists ' + self.filter(s, !self.exists_one(t, t == s))[0] + ' more than once'".into()))
+    )]
     pub restart_services: Vec<String>,
 }
 
@@ -119,9 +125,10 @@ pub struct SandboxTargets {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct FlyAppTarget {
-    /// The Fly.io app name.
-    #[schemars(length(max = 63))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9-]*$')").message("app must be a Fly.io app name: lower-case letters, digits and -"))]
+    /// The Fly.io app name: lower-case letters, digits and `-`, starting and ending with a letter
+    /// or digit.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$')").message(Message::Expression("'app must be a Fly.io app name: lower-case letters, digits and -, starting and ending with a letter or digit (got ' + self + ')'".into())))]
     pub app: String,
     /// The Secret key holding the Fly.io API token for this app.
     pub token_secret_ref: SecretKeyRef,

@@ -458,3 +458,168 @@ async fn sandbox_round_trips_and_status_patches_through_the_subresource() {
         "a status patch must not bump the generation"
     );
 }
+
+/// Selectors, service and app names and agent URL templates: each manifest makes one mistake a
+/// user makes; the API server must refuse it with a message that names the mistake.
+const INVALID_NAMES: &[(&str, &str, &[&str])] = &[
+    (
+        "deploy selector operator misspelt",
+        "kind: SandboxDeploy\nmetadata: {name: x}\nspec: {image: {tag: v1}, selector: {matchExpressions: [{key: tier, operator: Inn, values: [gold]}]}}",
+        &[
+            "spec.selector.matchExpressions[0].operator",
+            "Unsupported value: \"Inn\"",
+            "\"In\", \"NotIn\", \"Exists\", \"DoesNotExist\"",
+        ],
+    ),
+    (
+        "bundle sandbox selector operator in lower case",
+        "kind: SecretBundle\nmetadata: {name: x}\nspec: {sources: [{secretName: s}], targets: {sandboxes: {selector: {matchExpressions: [{key: tier, operator: exists}]}}}}",
+        &[
+            "spec.targets.sandboxes.selector.matchExpressions[0].operator",
+            "Unsupported value: \"exists\"",
+        ],
+    ),
+    (
+        "In without values",
+        "kind: SandboxDeploy\nmetadata: {name: x}\nspec: {image: {tag: v1}, selector: {matchExpressions: [{key: tier, operator: In}]}}",
+        &["matchExpressions with key tier: operator In needs at least one value in values"],
+    ),
+    (
+        "Exists with values",
+        "kind: SandboxDeploy\nmetadata: {name: x}\nspec: {image: {tag: v1}, selector: {matchExpressions: [{key: tier, operator: Exists, values: [a]}]}}",
+        &["matchExpressions with key tier: operator Exists takes no values: remove values"],
+    ),
+    (
+        "expression key not a label key",
+        "kind: SandboxDeploy\nmetadata: {name: x}\nspec: {image: {tag: v1}, selector: {matchExpressions: [{key: 'tier name', operator: Exists}]}}",
+        &["matchExpressions key tier name is not a label key"],
+    ),
+    (
+        "expression value not a label value",
+        "kind: SandboxDeploy\nmetadata: {name: x}\nspec: {image: {tag: v1}, selector: {matchExpressions: [{key: tier, operator: In, values: [gold, '-silver']}]}}",
+        &["matchExpressions value -silver is not a label value"],
+    ),
+    (
+        "matchLabels key not a label key",
+        "kind: SandboxDeploy\nmetadata: {name: x}\nspec: {image: {tag: v1}, selector: {matchLabels: {'Example.com/tier': gold}}}",
+        &["matchLabels key Example.com/tier is not a label key"],
+    ),
+    (
+        "bundle matchLabels value not a label value",
+        "kind: SecretBundle\nmetadata: {name: x}\nspec: {sources: [{secretName: s}], targets: {sandboxes: {selector: {matchLabels: {tier: 'gold!'}}}}}",
+        &["matchLabels value of tier is not a label value"],
+    ),
+    (
+        "restart service not a service name",
+        "kind: SecretBundle\nmetadata: {name: x}\nspec: {sources: [{secretName: s}], targets: {sandboxes: {restartServices: [worker, 'ads power']}}}",
+        &["restartServices entry ads power is not a service name"],
+    ),
+    (
+        "restart service listed twice",
+        "kind: SecretBundle\nmetadata: {name: x}\nspec: {sources: [{secretName: s}], targets: {sandboxes: {restartServices: [worker, worker]}}}",
+        &["restartServices lists worker more than once"],
+    ),
+    (
+        "fly app ending in a dash",
+        "kind: SecretBundle\nmetadata: {name: x}\nspec: {sources: [{secretName: s}], targets: {flyApps: [{app: valet-api-, tokenSecretRef: {name: f, key: t}}]}}",
+        &["app must be a Fly.io app name", "(got valet-api-)"],
+    ),
+    (
+        "fly app listed twice",
+        "kind: SecretBundle\nmetadata: {name: x}\nspec: {sources: [{secretName: s}], targets: {flyApps: [{app: valet-api, tokenSecretRef: {name: f, key: t}}, {app: valet-api, tokenSecretRef: {name: g, key: t}}]}}",
+        &["flyApps lists an app more than once"],
+    ),
+    (
+        "url template with an unknown placeholder",
+        "kind: Sandbox\nmetadata: {name: x}\nspec: {environment: dev, instanceId: i-0123456789abcdef0, agent: {urlTemplate: 'http://{privateIP}:{port}'}}",
+        &["agent.urlTemplate has unknown placeholder {privateIP}: use {privateIp}, {publicIp}"],
+    ),
+    (
+        "url template with an unmatched brace",
+        "kind: Sandbox\nmetadata: {name: x}\nspec: {environment: dev, instanceId: i-0123456789abcdef0, agent: {urlTemplate: 'http://{privateIp:{port}'}}",
+        &["agent.urlTemplate has an unmatched { or }"],
+    ),
+    (
+        "url template that makes no URL",
+        "kind: Sandbox\nmetadata: {name: x}\nspec: {environment: dev, instanceId: i-0123456789abcdef0, agent: {urlTemplate: 'http://{privateIp} :{port}'}}",
+        &["agent.urlTemplate must make a URL with a host and no spaces"],
+    ),
+    (
+        "agent url without a host",
+        "kind: Sandbox\nmetadata: {name: x}\nspec: {environment: dev, instanceId: i-0123456789abcdef0, agent: {url: 'http://'}}",
+        &["agent.url must be a URL with a host"],
+    ),
+];
+
+#[tokio::test]
+async fn selectors_names_and_url_templates_are_refused_with_what_to_fix() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "invalid-names").await;
+    let mut failures = Vec::new();
+    for (what, body, messages) in INVALID_NAMES {
+        let manifest = format!("apiVersion: fleet.valet.dev/v1alpha1\n{body}\n");
+        let out = apply(&ns, &manifest);
+        let t = text(&out);
+        let missing: Vec<&&str> = messages.iter().filter(|m| !t.contains(**m)).collect();
+        if out.status.success() || !missing.is_empty() {
+            failures.push(format!(
+                "{what}: expected a refusal containing {missing:?}, got (success={}):\n{t}",
+                out.status.success()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[tokio::test]
+async fn every_selector_operator_label_key_and_placeholder_is_accepted() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "valid-names").await;
+    let manifests = [
+        r#"
+apiVersion: fleet.valet.dev/v1alpha1
+kind: SandboxDeploy
+metadata: {name: every-operator}
+spec:
+  image: {tag: v1}
+  selector:
+    matchLabels: {fleet.valet.dev/pool: workers-1, tier: ""}
+    matchExpressions:
+    - {key: app.kubernetes.io/name, operator: In, values: [worker, w_2.x]}
+    - {key: tier, operator: NotIn, values: [bronze]}
+    - {key: zone, operator: Exists}
+    - {key: canary, operator: DoesNotExist, values: []}
+"#,
+        r#"
+apiVersion: fleet.valet.dev/v1alpha1
+kind: SecretBundle
+metadata: {name: names}
+spec:
+  sources: [{secretName: s}]
+  targets:
+    sandboxes:
+      selector: {matchExpressions: [{key: tier, operator: Exists}]}
+      restartServices: [worker, valet-worker.service, getty@tty1, compose_web]
+    flyApps:
+    - {app: valet-api, tokenSecretRef: {name: fly, key: token}}
+    - {app: a1, tokenSecretRef: {name: fly, key: token}}
+"#,
+        r#"
+apiVersion: fleet.valet.dev/v1alpha1
+kind: Sandbox
+metadata: {name: every-placeholder}
+spec:
+  environment: dev
+  instanceId: i-0123456789abcdef0
+  agent: {urlTemplate: "https://{publicDns}:{port}/agents/{instanceId}?ip={privateIp}&pub={publicIp}&dns={privateDns}"}
+"#,
+    ];
+    for m in manifests {
+        let out = apply(&ns, m);
+        assert!(
+            out.status.success(),
+            "valid manifest refused:\n{m}\n{}",
+            text(&out)
+        );
+    }
+}

@@ -16,3 +16,4 @@ mod sandbox;
 mod secretbundle;
 mod ship;
 mod testenv;
+mod validation;

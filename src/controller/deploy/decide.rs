@@ -28,6 +28,9 @@ pub mod cond {
     pub const READY: &str = "Ready";
 }
 
+/// The condition reason of a spec the deploy cannot act on.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+
 /// What one target Sandbox looks like now.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TargetObs {
@@ -252,6 +255,40 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             st.finished_at = Some(Time(now));
             st.message = Some("aborted before it started".into());
             finish_conditions(&mut cs, &st, i, now);
+            st.conditions = cs;
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: None,
+            };
+        }
+        // A selector the CRD would refuse today (stored before its rules) selects nothing: say
+        // so instead of succeeding with no targets.
+        let problems = i.spec.selector.problems();
+        if !problems.is_empty() {
+            let message = format!(
+                "invalid spec.selector: {}; fix it to start the rollout",
+                problems.join("; ")
+            );
+            if st.message.as_deref() != Some(message.as_str()) {
+                notes.push(Note {
+                    about: None,
+                    warning: true,
+                    reason: INVALID_SPEC,
+                    message: message.clone(),
+                });
+            }
+            st.phase = Some(DeployPhase::Pending);
+            st.message = Some(message.clone());
+            set(
+                &mut cs,
+                cond::PROGRESSING,
+                FALSE,
+                INVALID_SPEC,
+                message.clone(),
+            );
+            set(&mut cs, cond::READY, FALSE, INVALID_SPEC, message);
             st.conditions = cs;
             return Decision {
                 status: st,
@@ -968,5 +1005,43 @@ mod tests {
                 .unwrap()
                 .contains("matched no sandboxes")
         );
+    }
+
+    #[test]
+    fn a_misspelt_operator_is_an_invalid_spec_not_an_empty_success() {
+        // As stored before the CRD checked operators; the reconciler's selection is empty.
+        let bad = spec(serde_json::json!({"selector": {"matchExpressions": [
+            {"key": "tier", "operator": "Inn", "values": ["gold"]}
+        ]}}));
+        let mut r = Run::new(bad, &[]);
+        let d = r.step();
+        assert_eq!(r.status.phase, Some(DeployPhase::Pending));
+        assert!(r.status.targets.is_empty() && d.actions.is_empty());
+        assert_eq!(r.status.started_at, None, "the rollout has not started");
+        let ready = conditions::get(&r.status.conditions, cond::READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert!(
+            ready.message.contains("unknown operator \"Inn\"")
+                && ready.message.contains("In, NotIn, Exists or DoesNotExist"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(d.notes.len(), 1);
+        assert_eq!(d.notes[0].reason, "InvalidSpec");
+        assert!(
+            r.step().notes.is_empty(),
+            "one Event, not one per reconcile"
+        );
+
+        // Fixed (a spec edit), the rollout starts with what the selector picks.
+        r.spec.selector.match_expressions[0].operator = "In".into();
+        r.selected.insert("a".into(), obs("v1"));
+        r.observed = r.selected.clone();
+        let d = r.step();
+        assert_eq!(r.status.phase, Some(DeployPhase::Progressing));
+        assert_eq!(d.actions.len(), 1);
     }
 }

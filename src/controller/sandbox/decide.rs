@@ -12,7 +12,7 @@ use crate::agent::protocol::{CheckStatus, DeployState, HealthReport};
 use crate::api::conditions::{self, Desired, FALSE, TRUE, UNKNOWN};
 use crate::api::{
     AgentHealth, AgentStatus, ImageDeployStatus, InstanceStatus, ManagementPolicy, Market,
-    PowerState, SandboxPhase, SandboxSpec, SandboxStatus,
+    PowerState, SandboxPhase, SandboxSpec, SandboxStatus, URL_PLACEHOLDERS,
 };
 use crate::ec2::{Instance, InstanceState};
 use crate::util::parse_duration;
@@ -116,6 +116,8 @@ pub struct Inputs<'a> {
     /// The last EC2 refusal for this generation (for example an unknown AMI), which must not be
     /// retried until the spec changes.
     pub launch_rejection: Option<&'a Rejection>,
+    /// Why the reconciler held the launch back before calling EC2 (its user data is missing).
+    pub launch_hold: Option<&'a LaunchHold>,
     /// Now.
     pub now: Timestamp,
     /// Operator-wide settings.
@@ -129,6 +131,260 @@ pub struct Rejection {
     pub code: String,
     /// AWS's message.
     pub message: String,
+}
+
+/// Why a launch was held back before any EC2 call: the instance is never launched without the
+/// user data its spec names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LaunchHold {
+    /// The user-data Secret does not exist.
+    UserDataSecretMissing {
+        /// namespace/name of the Secret.
+        secret: String,
+        /// The key the spec names.
+        key: String,
+    },
+    /// The Secret exists but has no such key.
+    UserDataKeyMissing {
+        /// namespace/name of the Secret.
+        secret: String,
+        /// The key the spec names.
+        key: String,
+    },
+    /// The value is larger than EC2 accepts (16 KiB before base64).
+    UserDataTooLarge {
+        /// namespace/name of the Secret.
+        secret: String,
+        /// The key.
+        key: String,
+        /// The value's size in bytes.
+        bytes: usize,
+    },
+}
+
+/// The most user data EC2 accepts, in bytes before base64.
+pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
+
+impl LaunchHold {
+    /// The condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LaunchHold::UserDataSecretMissing { .. } => "UserDataSecretMissing",
+            LaunchHold::UserDataKeyMissing { .. } => "UserDataKeyMissing",
+            LaunchHold::UserDataTooLarge { .. } => "UserDataTooLarge",
+        }
+    }
+
+    /// What is wrong and what to do, naming the Secret and key (never the value).
+    pub fn message(&self) -> String {
+        match self {
+            LaunchHold::UserDataSecretMissing { secret, key } => format!(
+                "the user-data Secret {secret} (spec.launch.userDataSecretRef, key {key:?}) does not exist: create it; the instance is not launched without its user data"
+            ),
+            LaunchHold::UserDataKeyMissing { secret, key } => format!(
+                "the user-data Secret {secret} has no key {key:?} (spec.launch.userDataSecretRef): add it; the instance is not launched without its user data"
+            ),
+            LaunchHold::UserDataTooLarge { secret, key, bytes } => format!(
+                "the user data in Secret {secret} key {key:?} is {bytes} bytes; EC2 accepts at most {MAX_USER_DATA_BYTES}: shorten it"
+            ),
+        }
+    }
+}
+
+/// How long to wait before reading a missing user-data Secret again (Secrets are not watched).
+pub fn hold_recheck(settings: &Settings) -> Duration {
+    (settings.poll * 5).clamp(Duration::from_secs(2), Duration::from_secs(30))
+}
+
+/// The condition reason and failure reason of a spec the operator cannot act on.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+
+/// The spec, parsed once: the decisions use these instead of the raw strings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidSpec {
+    /// `agent.probeInterval`.
+    pub probe_interval: Duration,
+    /// `agent.timeout`.
+    pub probe_timeout: Duration,
+    /// `autoStop.idleAfter`, when auto-stop is on.
+    pub idle_after: Option<Duration>,
+}
+
+/// Why a spec cannot be acted on: one sentence per problem, each naming the field and what to
+/// fix. Reported as Ready=False with reason InvalidSpec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidSpec {
+    /// The problems.
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+/// The validate step: what the CRD's schema and CEL rules check, checked again for objects
+/// stored before those rules (or applied without them), plus the parse of every duration.
+pub fn validate(spec: &SandboxSpec) -> Result<ValidSpec, InvalidSpec> {
+    let mut problems = Vec::new();
+    let agent = &spec.agent;
+    if let Some(url) = &agent.url
+        && let Err(e) = check_agent_url(url)
+    {
+        problems.push(format!("agent.url {url:?} {e}"));
+    }
+    if let Some(t) = &agent.url_template {
+        match template_placeholders(t) {
+            Err(e) => problems.push(format!("agent.urlTemplate {t:?} {e}")),
+            Ok(found) => {
+                let unknown: Vec<&str> = found
+                    .iter()
+                    .copied()
+                    .filter(|p| !URL_PLACEHOLDERS.contains(p))
+                    .collect();
+                if !unknown.is_empty() {
+                    problems.push(format!(
+                        "agent.urlTemplate has unknown placeholder{} {}: use {}",
+                        if unknown.len() > 1 { "s" } else { "" },
+                        unknown.join(", "),
+                        URL_PLACEHOLDERS.join(", ")
+                    ));
+                } else {
+                    let sample = fill_template(t, |p| match p {
+                        "{privateIp}" | "{publicIp}" => "10.0.0.1".into(),
+                        "{privateDns}" => "ip-10-0-0-1.ec2.internal".into(),
+                        "{publicDns}" => "ec2-10-0-0-1.compute-1.amazonaws.com".into(),
+                        "{instanceId}" => "i-0123456789abcdef0".into(),
+                        _ => agent.port.to_string(),
+                    });
+                    if let Err(e) = check_agent_url(&sample) {
+                        problems.push(format!(
+                            "agent.urlTemplate {t:?} does not make a usable URL once filled in ({sample}): {e}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let mut duration = |field: &str, value: &str| {
+        parse_duration(value)
+            .map_err(|e| problems.push(format!("{field}: {e}")))
+            .unwrap_or_default()
+    };
+    let probe_interval = duration("agent.probeInterval", &agent.probe_interval);
+    let probe_timeout = duration("agent.timeout", &agent.timeout);
+    let idle_after = spec
+        .auto_stop
+        .as_ref()
+        .map(|a| duration("autoStop.idleAfter", &a.idle_after));
+    if !problems.is_empty() {
+        return Err(InvalidSpec { problems });
+    }
+    Ok(ValidSpec {
+        probe_interval,
+        probe_timeout,
+        idle_after,
+    })
+}
+
+/// The placeholders of a URL template, in order, or what is wrong with its braces.
+fn template_placeholders(t: &str) -> Result<Vec<&str>, &'static str> {
+    let mut found = Vec::new();
+    let mut rest = t;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest[open..].starts_with('}') {
+            return Err("has an unmatched }");
+        }
+        let after = &rest[open + 1..];
+        match after.find(['{', '}']) {
+            Some(close) if after[close..].starts_with('}') => {
+                found.push(&rest[open..open + 1 + close + 1]);
+                rest = &after[close + 1..];
+            }
+            _ => return Err("has an unmatched {"),
+        }
+    }
+    Ok(found)
+}
+
+/// The template with each placeholder replaced by `value(placeholder)`.
+fn fill_template(t: &str, mut value: impl FnMut(&str) -> String) -> String {
+    let mut out = t.to_string();
+    for p in URL_PLACEHOLDERS {
+        if out.contains(p) {
+            out = out.replace(p, &value(p));
+        }
+    }
+    out
+}
+
+/// The check the agent client makes of a base URL: http or https, with a host, no whitespace.
+fn check_agent_url(url: &str) -> Result<(), String> {
+    if url.chars().any(char::is_whitespace) {
+        return Err("contains whitespace".into());
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err("must be http(s)://host[:port]".into());
+    }
+    Ok(())
+}
+
+/// The decision for a spec the validate step refused: nothing is launched, started, stopped,
+/// probed or deployed; the instance (if any) is still reported.
+fn invalid_spec_decision(i: &Inputs<'_>, invalid: &InvalidSpec) -> Decision {
+    let mut st = i.status.clone();
+    st.observed_generation = i.generation;
+    let message = format!("invalid spec: {invalid}; nothing is done until it is fixed");
+    let mut notes = Vec::new();
+    if conditions::get(&st.conditions, cond::READY)
+        .is_none_or(|c| c.reason != INVALID_SPEC || c.message != message)
+    {
+        notes.push(Note {
+            warning: true,
+            reason: INVALID_SPEC,
+            message: message.clone(),
+        });
+    }
+    if let InstanceObs::Found(inst) = i.instance {
+        let launched_by_operator = st
+            .instance
+            .as_ref()
+            .map(|s| s.launched_by_operator)
+            .unwrap_or(i.spec.launch.is_some());
+        st.instance = Some(instance_status(inst, launched_by_operator));
+    }
+    st.phase = Some(SandboxPhase::Failed);
+    st.failure_reason = Some(INVALID_SPEC.into());
+    st.failure_message = Some(message.clone());
+    st.agent = clear_agent(st.agent.take());
+    for (type_, status, msg) in [
+        (
+            cond::AGENT_HEALTHY,
+            UNKNOWN,
+            "the agent is not probed while the spec is invalid".to_string(),
+        ),
+        (cond::READY, FALSE, message),
+    ] {
+        conditions::set(
+            &mut st.conditions,
+            Desired {
+                type_,
+                status,
+                reason: INVALID_SPEC,
+                message: msg,
+            },
+            i.generation,
+            i.now,
+        );
+    }
+    Decision {
+        status: st,
+        actions: Vec::new(),
+        notes,
+        requeue: i.settings.resync,
+    }
 }
 
 /// Operator-wide timing settings the decisions use.
@@ -256,8 +512,18 @@ pub fn new_start_request(start_request: Option<&str>, status: &SandboxStatus) ->
 
 /// The decision for a Sandbox that is not being deleted.
 pub fn decide(i: &Inputs<'_>) -> Decision {
+    let valid = match validate(i.spec) {
+        Ok(v) => v,
+        Err(invalid) => return invalid_spec_decision(i, &invalid),
+    };
     let mut st = i.status.clone();
     st.observed_generation = i.generation;
+    if st.failure_reason.as_deref() == Some(INVALID_SPEC) {
+        // The spec was fixed: the phase is decided afresh below.
+        st.failure_reason = None;
+        st.failure_message = None;
+        st.phase = Some(SandboxPhase::Provisioning);
+    }
     let mut actions = Vec::new();
     let mut notes = Vec::new();
     let mut requeue = i.settings.resync;
@@ -305,6 +571,24 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                         rej.code
                     ),
                 );
+            } else if let Some(hold) = i.launch_hold {
+                let reason = hold.reason();
+                if conditions::get(cs, cond::READY).is_none_or(|c| c.reason != reason) {
+                    notes.push(Note {
+                        warning: true,
+                        reason,
+                        message: hold.message(),
+                    });
+                }
+                set(cs, cond::INSTANCE_RUNNING, FALSE, reason, hold.message());
+                set(cs, cond::READY, FALSE, reason, hold.message());
+                st.conditions = std::mem::take(cs);
+                return Decision {
+                    status: st,
+                    actions,
+                    notes,
+                    requeue: hold_recheck(i.settings),
+                };
             } else {
                 set(
                     cs,
@@ -658,7 +942,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         }
         if agent.health == AgentHealth::Unknown
             && conditions::get(cs, cond::AGENT_HEALTHY)
-                .is_none_or(|c| c.reason == "InstanceNotRunning")
+                .is_none_or(|c| c.reason == "InstanceNotRunning" || c.reason == INVALID_SPEC)
         {
             set(
                 cs,
@@ -678,7 +962,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     };
     match (&i.spec.auto_stop, running) {
         (Some(auto), true) => {
-            let idle_after = parse_duration(&auto.idle_after).unwrap_or(Duration::from_secs(1800));
+            let idle_after = valid.idle_after.unwrap_or(Duration::from_secs(1800));
             let deploying = st
                 .deploy
                 .as_ref()
@@ -852,9 +1136,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     );
     set(cs, cond::READY, ready, reason, message);
     if running {
-        let interval =
-            parse_duration(&i.spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
-        requeue = requeue.min(interval);
+        requeue = requeue.min(valid.probe_interval);
     }
     st.conditions = std::mem::take(cs);
     Decision {

@@ -104,6 +104,7 @@ impl Case {
             probe: &self.probe,
             agent_url: Some("http://10.0.0.5:8000"),
             launch_rejection: self.rejection.as_ref(),
+            launch_hold: None,
             now: self.now,
             settings: &self.settings,
         })

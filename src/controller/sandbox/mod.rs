@@ -34,7 +34,8 @@ use crate::ec2::{self, Ec2, Ec2Error, InstanceState, LaunchRequest};
 use crate::metrics::{Metrics, SandboxLabels};
 use crate::util::parse_duration;
 use decide::{
-    Action, DeleteStep, Inputs, InstanceObs, Note, ProbeObs, Rejection, Settings, StartWhy,
+    Action, DeleteStep, Inputs, InstanceObs, LaunchHold, Note, ProbeObs, Rejection, Settings,
+    StartWhy,
 };
 
 /// The field manager for status writes.
@@ -83,6 +84,14 @@ pub enum Error {
     /// The Sandbox has no namespace or UID (never true of a stored object).
     #[error("Sandbox {0} lacks a namespace or UID")]
     Malformed(String),
+    /// Not an error: the launch is held back for its user data (reported in status).
+    #[error("Sandbox {object}: {}", hold.message())]
+    LaunchHeld {
+        /// namespace/name.
+        object: String,
+        /// Why.
+        hold: LaunchHold,
+    },
 }
 
 impl Error {
@@ -94,6 +103,7 @@ impl Error {
             Error::Finalizer { .. } => "finalizer",
             Error::Waiting { .. } => "waiting",
             Error::Malformed(_) => "malformed",
+            Error::LaunchHeld { .. } => "launch_held",
         }
     }
 }
@@ -341,6 +351,9 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     };
 
     // ---- Which instance? ----
+    // A spec the validate step refuses is reported, never acted on (no launch, no probe).
+    let valid = decide::validate(spec).is_ok();
+    let mut launch_hold = None;
     let mut launched_now = false;
     let instance_id = match (
         &spec.instance_id,
@@ -348,7 +361,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ) {
         (Some(id), _) => Some(id.clone()),
         (None, Some(id)) => Some(id),
-        (None, None) if rejection.is_some() => None,
+        (None, None) if rejection.is_some() || !valid => None,
         (None, None) => {
             // Before launching, look for an instance this Sandbox launched already (a crash
             // between RunInstances and the status write).
@@ -393,6 +406,10 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                             .lock()
                             .expect("rejections")
                             .insert(uid.clone(), (generation, rej));
+                        None
+                    }
+                    Err(Error::LaunchHeld { hold, .. }) => {
+                        launch_hold = Some(hold);
                         None
                     }
                     Err(e) => return Err(e),
@@ -440,6 +457,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let mut agent_client = None;
     if let InstanceObs::Found(inst) = &observed
         && inst.state == InstanceState::Running
+        && valid
     {
         agent_url = decide::agent_url(spec, inst);
         let interval =
@@ -493,6 +511,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         probe: &probe,
         agent_url: agent_url.as_deref(),
         launch_rejection: rejection.as_ref(),
+        launch_hold: launch_hold.as_ref(),
         now: Timestamp::now(),
         settings,
     };
@@ -659,16 +678,43 @@ async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error
     let ns = obj.namespace().unwrap_or_default();
     let user_data = match &l.user_data_secret_ref {
         Some(r) => {
+            // Never launched without the user data the spec names: a missing Secret or key
+            // holds the launch (Ready=False with a reason naming both) until it appears.
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-            let s = secrets.get(&r.name).await.map_err(|source| Error::Kube {
-                what: "reading the user-data Secret",
+            let secret = format!("{ns}/{}", r.name);
+            let held = |hold| Error::LaunchHeld {
                 object: object.clone(),
-                source,
-            })?;
-            s.data.and_then(|d| d.get(&r.key).cloned()).map(|b| {
-                use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD.encode(b.0)
-            })
+                hold,
+            };
+            let s = secrets
+                .get_opt(&r.name)
+                .await
+                .map_err(|source| Error::Kube {
+                    what: "reading the user-data Secret",
+                    object: object.clone(),
+                    source,
+                })?;
+            let Some(s) = s else {
+                return Err(held(LaunchHold::UserDataSecretMissing {
+                    secret,
+                    key: r.key.clone(),
+                }));
+            };
+            let Some(value) = s.data.and_then(|mut d| d.remove(&r.key)) else {
+                return Err(held(LaunchHold::UserDataKeyMissing {
+                    secret,
+                    key: r.key.clone(),
+                }));
+            };
+            if value.0.len() > decide::MAX_USER_DATA_BYTES {
+                return Err(held(LaunchHold::UserDataTooLarge {
+                    secret,
+                    key: r.key.clone(),
+                    bytes: value.0.len(),
+                }));
+            }
+            use base64::Engine as _;
+            Some(base64::engine::general_purpose::STANDARD.encode(value.0))
         }
         None => None,
     };
@@ -1108,6 +1154,8 @@ async fn phase_gauges(ctx: Arc<Context>, store: Store<Sandbox>) {
 
 #[cfg(test)]
 mod decide_tests;
+#[cfg(test)]
+mod validate_tests;
 
 fn ledger_ec2(
     ctx: &Context,
