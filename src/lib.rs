@@ -7,6 +7,7 @@
 //! - `ec2`: the EC2 layer (one shared, batched, rate-limited view of the instances);
 //! - [`operator`]: `sandbox-operator run`: the controllers and the HTTP server;
 //! - [`leader`]: Lease-based leader election for more than one replica;
+//! - [`redact`]: one masking of secrets in every encoding, shared by the agent and the operator;
 //! - [`metrics`]: the Prometheus metrics;
 //! - [`util`]: small shared pieces (durations, TLS set-up);
 //! - `testenv` (feature `testenv`): the local control plane, EC2 endpoint and agents that the
@@ -20,6 +21,7 @@ pub mod leader;
 pub mod ledger;
 pub mod metrics;
 pub mod operator;
+pub mod redact;
 pub mod util;
 pub mod webhook;
 
