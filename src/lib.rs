@@ -9,6 +9,7 @@
 //! - [`import`]: `sandbox-operator import`: Sandbox manifests for a fleet that already runs, from
 //!   the old admin database's `sandboxes` table or from EC2 tags;
 //! - [`leader`]: Lease-based leader election for more than one replica;
+//! - [`redact`]: one masking of secrets in every encoding, shared by the agent and the operator;
 //! - [`metrics`]: the Prometheus metrics;
 //! - [`util`]: small shared pieces (durations, TLS set-up);
 //! - `testenv` (feature `testenv`): the local control plane, EC2 endpoint and agents that the
@@ -23,6 +24,7 @@ pub mod leader;
 pub mod ledger;
 pub mod metrics;
 pub mod operator;
+pub mod redact;
 pub mod util;
 pub mod webhook;
 

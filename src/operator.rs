@@ -269,6 +269,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     }
     ready.store(true, Ordering::SeqCst);
+    // Every secret the operator masks, known before the first reconcile.
+    crate::controller::secretbundle::seed_redactor(
+        &client,
+        args.namespace.as_deref(),
+        Duration::from_secs(30),
+    )
+    .await;
     info!("controllers starting");
     let bundle_ctx = crate::controller::secretbundle::Context::new(
         client.clone(),

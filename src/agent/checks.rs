@@ -22,6 +22,7 @@ use crate::agent::exec::{self, Redactor};
 use crate::agent::metrics::{HostSample, Sampler};
 use crate::agent::protocol::Check;
 use crate::agent::worker::{self, WorkerStatus};
+use crate::redact::Secrets;
 use jiff::Timestamp;
 use serde_json::Value;
 use std::ffi::OsString;
@@ -201,6 +202,10 @@ impl Collector {
             "uptime",
             format!("up {}", human_uptime(host.uptime_secs)),
         ));
+        // The last layer: whatever a probe or a command said, with the env files as just read.
+        for c in &mut checks {
+            self.redactor.redact_in_place(&mut c.message);
+        }
 
         Snapshot {
             host,
@@ -224,8 +229,9 @@ impl Collector {
                 main.as_deref().map(envfile::sha256_hex);
             main
         };
+        let tag_key = self.cfg.deploy.image_tag_key.as_str();
         if let Some(bytes) = &main {
-            self.redactor.set("env", loose_values(bytes));
+            self.redactor.set("env", env_secrets(bytes, &[tag_key]));
         }
         let deploy_path = self.cfg.deploy_env_file();
         let deploy = if deploy_path == self.cfg.env_file {
@@ -234,7 +240,7 @@ impl Collector {
             tokio::fs::read(deploy_path).await.ok()
         };
         deploy.as_deref().and_then(|b| {
-            self.redactor.set("deploy-env", loose_values(b));
+            self.redactor.set("deploy-env", env_secrets(b, &[tag_key]));
             envfile::parse_bytes(b)
                 .ok()?
                 .get(&self.cfg.deploy.image_tag_key)
@@ -289,7 +295,7 @@ impl Collector {
             .and_then(|p| std::fs::read_to_string(p).ok())
             .map(|s| s.trim().to_string());
         if let Some(k) = &key {
-            self.redactor.set("adspower-key", [k.clone()]);
+            self.redactor.set_values("adspower-key", [k.clone()]);
         }
         let api = worker::fetch_adspower(
             &self.http,
@@ -526,14 +532,14 @@ fn find_chromium(configured: Option<&Path>) -> Option<PathBuf> {
 
 /// Values of an env file's lines, even when the file is not valid (for the redactor).
 pub fn loose_values(bytes: &[u8]) -> Vec<String> {
-    let text = String::from_utf8_lossy(bytes);
-    if let Ok(f) = envfile::parse(&text) {
-        return f.values().map(str::to_string).collect();
-    }
-    text.lines()
-        .filter_map(|l| l.split_once('=').map(|(_, v)| v.trim()))
-        .map(|v| v.trim_matches(|c| c == '"' || c == '\'').to_string())
-        .collect()
+    env_secrets(bytes, &[]).values
+}
+
+/// What the redactor learns from an env file (valid or not): its keys and values, decoded and as
+/// written (see [`Secrets::from_env_text`]), except the keys in `skip` (the image tag, which is
+/// no secret).
+pub fn env_secrets(bytes: &[u8], skip: &[&str]) -> Secrets {
+    Secrets::from_env_text(&String::from_utf8_lossy(bytes), skip)
 }
 
 /// `used / total` against the thresholds.

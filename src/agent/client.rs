@@ -7,10 +7,12 @@ use crate::agent::protocol::{
     self, DeployAccepted, DeployRequest, DrainRequest, DrainResponse, ErrorBody, HealthReport,
     PutEnvRequest, PutEnvResponse, RestartRequest, RestartResponse,
 };
+use crate::redact::{Redaction, Redactor};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What went wrong talking to an agent. Messages name the agent's URL and the call, never the
@@ -186,13 +188,19 @@ impl Default for Timeouts {
     }
 }
 
-/// A client for one agent.
+/// A client for one agent. Every text it hands back (a deploy's and its steps' messages, check
+/// messages, restart results, error messages) has the client's own token masked, and whatever
+/// the redactor given to [`AgentClient::with_redactor`] knows: the agent masks what it prints,
+/// and the operator masks it again where it enters.
 #[derive(Clone)]
 pub struct AgentClient {
     base: String,
     token: Option<AgentToken>,
     http: reqwest::Client,
     timeouts: Timeouts,
+    /// The token's forms.
+    own: Arc<Redaction>,
+    redactor: Option<Redactor>,
 }
 
 impl fmt::Debug for AgentClient {
@@ -246,12 +254,32 @@ impl AgentClient {
                 message: "expected http(s)://host[:port]".into(),
             });
         }
+        let own = Arc::new(Redaction::new([], token.as_ref().map(AgentToken::expose)));
         Ok(Self {
             base: base_url.trim_end_matches('/').to_string(),
             token,
             http,
             timeouts,
+            own,
+            redactor: None,
         })
+    }
+
+    /// Masks the secrets `redactor` knows (as it knows them at each call) in every text this
+    /// client hands back: the operator's process-wide redactor, where an agent's text enters.
+    pub fn with_redactor(mut self, redactor: Redactor) -> Self {
+        self.redactor = Some(redactor);
+        self
+    }
+
+    /// `text` with the token and the redactor's secrets masked.
+    fn mask(&self, text: &mut String) {
+        if !self.own.is_empty() {
+            *text = self.own.redact(text);
+        }
+        if let Some(r) = &self.redactor {
+            r.redact_in_place(text);
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -341,7 +369,27 @@ impl AgentClient {
         .await
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(
+    async fn call<B: Serialize, T: DeserializeOwned + Masked>(
+        &self,
+        method: Method,
+        path: &str,
+        op: &'static str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, AgentError> {
+        match self.call_raw::<B, T>(method, path, op, body, timeout).await {
+            Ok(mut t) => {
+                t.mask_with(&|m: &mut String| self.mask(m));
+                Ok(t)
+            }
+            Err(mut e) => {
+                e.mask_with(&|m: &mut String| self.mask(m));
+                Err(e)
+            }
+        }
+    }
+
+    async fn call_raw<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -418,6 +466,68 @@ impl AgentClient {
     }
 }
 
+/// The free texts of an answer, for masking. Identifiers (tags, ids, hashes, step names) are
+/// left alone: the operator compares them.
+trait Masked {
+    fn mask_with(&mut self, mask: &dyn Fn(&mut String));
+}
+
+impl Masked for HealthReport {
+    fn mask_with(&mut self, mask: &dyn Fn(&mut String)) {
+        if let Some(d) = &mut self.deploy {
+            mask(&mut d.message);
+            for s in &mut d.steps {
+                mask(&mut s.message);
+            }
+        }
+        for c in &mut self.checks {
+            mask(&mut c.message);
+        }
+    }
+}
+
+impl Masked for DeployAccepted {
+    fn mask_with(&mut self, mask: &dyn Fn(&mut String)) {
+        mask(&mut self.message);
+    }
+}
+
+impl Masked for DrainResponse {
+    fn mask_with(&mut self, _: &dyn Fn(&mut String)) {}
+}
+
+impl Masked for RestartResponse {
+    fn mask_with(&mut self, mask: &dyn Fn(&mut String)) {
+        mask(&mut self.message);
+    }
+}
+
+impl Masked for PutEnvResponse {
+    fn mask_with(&mut self, mask: &dyn Fn(&mut String)) {
+        for r in &mut self.restarted {
+            r.mask_with(mask);
+        }
+    }
+}
+
+impl Masked for AgentError {
+    fn mask_with(&mut self, mask: &dyn Fn(&mut String)) {
+        match self {
+            AgentError::InvalidUrl { message, .. }
+            | AgentError::Connect { message, .. }
+            | AgentError::Forbidden { message, .. }
+            | AgentError::Conflict { message, .. }
+            | AgentError::Rejected { message, .. }
+            | AgentError::Server { message, .. }
+            | AgentError::Decode { message, .. }
+            | AgentError::Transport { message, .. } => mask(message),
+            AgentError::Timeout { .. }
+            | AgentError::Unauthorized { .. }
+            | AgentError::NotSupported { .. } => {}
+        }
+    }
+}
+
 fn transport_error(
     e: &reqwest::Error,
     url: &str,
@@ -484,6 +594,63 @@ mod tests {
             AgentClient::new("ftp://x", None),
             Err(AgentError::InvalidUrl { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn agent_text_is_masked_where_it_enters() {
+        use axum::routing::{get, post};
+        let token = "client-token-0123456789abcdef";
+        let secret = "pem-line-1\nsecond \"line\" $x";
+        let printed = crate::agent::envfile::render_value(secret);
+        let health = serde_json::json!({
+            "status": "degraded",
+            "imageTag": "v1.2.3",
+            "checks": [{"name": "compose", "status": "fail", "message": format!("ps failed: K={printed}")}],
+            "deploy": {
+                "id": "d1", "tag": "v1.2.3", "state": "rolled_back", "step": "rollback_health_check",
+                "message": format!("pull failed: {printed} {token}"), "startedAt": "2024-01-01T00:00:00Z",
+                "steps": [{"name": "pull", "status": "failed", "message": format!("second \"line\" $x"), "startedAt": "2024-01-01T00:00:00Z"}],
+            },
+        });
+        let conflict =
+            serde_json::json!({"success": false, "message": format!("busy: {token} {printed}")});
+        let app = axum::Router::new()
+            .route("/health", get(move || async move { axum::Json(health) }))
+            .route(
+                "/deploy",
+                post(move || async move { (reqwest::StatusCode::CONFLICT, axum::Json(conflict)) }),
+            );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        let redactor = Redactor::default();
+        redactor.set_values("bundle", [secret]);
+        let c = AgentClient::new(&format!("http://{addr}"), Some(AgentToken::new(token)))
+            .unwrap()
+            .with_redactor(redactor);
+        let h = c.health().await.unwrap();
+        let d = h.deploy.as_ref().unwrap();
+        let texts = [
+            d.message.as_str(),
+            d.steps[0].message.as_str(),
+            h.checks[0].message.as_str(),
+        ];
+        for t in texts {
+            assert!(t.contains(crate::redact::MASK), "{t}");
+            assert!(!t.contains("line") && !t.contains(token), "{t}");
+        }
+        // Identifiers are left as they are.
+        assert_eq!(
+            (d.tag.as_str(), h.image_tag.as_deref()),
+            ("v1.2.3", Some("v1.2.3"))
+        );
+        let e = c.deploy("v2").await.unwrap_err().to_string();
+        assert!(
+            e.contains("busy:") && !e.contains(token) && !e.contains("line"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

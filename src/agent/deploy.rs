@@ -128,6 +128,8 @@ pub struct DeployManager {
     state_file: PathBuf,
     persist_lock: tokio::sync::Mutex<()>,
     counter: AtomicU64,
+    /// Every message is masked with it before it is kept, persisted or logged.
+    redactor: Redactor,
 }
 
 impl DeployManager {
@@ -135,6 +137,11 @@ impl DeployManager {
     /// it is marked failed (and the file rewritten). Returns the manager and, in that case, the
     /// message recorded.
     pub fn load(state_file: &Path) -> (Self, Option<String>) {
+        Self::load_with(state_file, Redactor::default())
+    }
+
+    /// [`Self::load`], masking every message of every deploy with `redactor` (the agent's).
+    pub fn load_with(state_file: &Path, redactor: Redactor) -> (Self, Option<String>) {
         let mut warning = None;
         let mut deploy = match std::fs::read(state_file) {
             Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
@@ -176,6 +183,7 @@ impl DeployManager {
             state_file: state_file.to_path_buf(),
             persist_lock: tokio::sync::Mutex::new(()),
             counter: AtomicU64::new(0),
+            redactor,
         };
         if recovered && let Err(e) = mgr.write_state_file() {
             warning = Some(format!(
@@ -248,8 +256,27 @@ impl DeployManager {
         self.store(next).await;
     }
 
-    /// Writes `info` to the state file, then publishes it. Call with `persist_lock` held.
-    async fn store(self: &Arc<Self>, info: DeployInfo) {
+    /// `outcome` with its message masked.
+    fn mask(&self, outcome: Outcome) -> Outcome {
+        let r = &self.redactor;
+        match outcome {
+            Outcome::Ok(m) => Outcome::Ok(r.redact(&m)),
+            Outcome::Warn(m) => Outcome::Warn(r.redact(&m)),
+            Outcome::Skipped(m) => Outcome::Skipped(r.redact(&m)),
+            Outcome::Failed(m) => Outcome::Failed(r.redact(&m)),
+        }
+    }
+
+    /// Writes `info` to the state file, then publishes it. Call with `persist_lock` held. Every
+    /// message is masked first (the last layer: what a step said has been masked already).
+    async fn store(self: &Arc<Self>, mut info: DeployInfo) {
+        let r = self.redactor.current();
+        if !r.is_empty() {
+            info.message = r.redact(&info.message);
+            for s in &mut info.steps {
+                s.message = r.redact(&s.message);
+            }
+        }
         let path = self.state_file.clone();
         let copy = info.clone();
         let res = tokio::task::spawn_blocking(move || write_state(&path, Some(&copy))).await;
@@ -361,6 +388,7 @@ pub async fn run_deploy<O: DeployOps>(mgr: Arc<DeployManager>, ops: Arc<O>, id: 
         } else {
             ops.run_step(step, &tag, previous.as_deref()).await
         };
+        let outcome = mgr.mask(outcome);
         if matches!(step, DeployStep::StopWorker | DeployStep::Up) {
             touched = true;
         }

@@ -1,11 +1,9 @@
 //! Running the instance's commands (docker, systemctl, configured probes) with a time limit and
 //! bounded output, and keeping secrets out of whatever of that output is shown or logged.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
@@ -28,16 +26,18 @@ impl CmdOutput {
         self.code == Some(0)
     }
 
-    /// The last bit of stderr (or stdout when stderr is empty), on one line, redacted.
+    /// The last bit of stderr (or stdout when stderr is empty), redacted, then on one line
+    /// (redacted first: a multi-line value or one with runs of spaces is only recognisable as
+    /// printed).
     pub fn excerpt(&self, redactor: &Redactor) -> String {
         let src = if self.stderr.trim().is_empty() {
             &self.stdout
         } else {
             &self.stderr
         };
-        let one_line = src.split_whitespace().collect::<Vec<_>>().join(" ");
-        let redacted = redactor.redact(&one_line);
-        tail_chars(&redacted, MAX_EXCERPT)
+        let redacted = redactor.redact(src);
+        let one_line = redacted.split_whitespace().collect::<Vec<_>>().join(" ");
+        tail_chars(&one_line, MAX_EXCERPT)
     }
 
     /// `exit status N: <excerpt>`.
@@ -157,54 +157,9 @@ async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> String {
     String::from_utf8_lossy(&kept).into_owned()
 }
 
-/// Replaces known secrets (the token, the values of the env files) with `***` in text that is
-/// about to be logged or returned. Values shorter than [`Redactor::MIN_LEN`] are left alone
-/// (they are not secrets, and masking `1` or `true` everywhere would make messages unreadable).
-#[derive(Debug, Clone, Default)]
-pub struct Redactor {
-    inner: Arc<RwLock<RedactorInner>>,
-}
-
-#[derive(Debug, Default)]
-struct RedactorInner {
-    by_source: BTreeMap<String, Vec<String>>,
-    /// Every secret, longest first (a secret that contains another is masked whole).
-    all: Arc<Vec<String>>,
-}
-
-impl Redactor {
-    pub const MIN_LEN: usize = 6;
-
-    /// Replaces the secrets that come from one `source` (e.g. "token", an env file path).
-    pub fn set(&self, source: &str, values: impl IntoIterator<Item = String>) {
-        let values: Vec<String> = values
-            .into_iter()
-            .filter(|v| v.chars().count() >= Self::MIN_LEN)
-            .collect();
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        inner.by_source.insert(source.to_string(), values);
-        let mut all: Vec<String> = inner.by_source.values().flatten().cloned().collect();
-        all.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        all.dedup();
-        inner.all = Arc::new(all);
-    }
-
-    pub fn redact(&self, text: &str) -> String {
-        let all = self
-            .inner
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .all
-            .clone();
-        let mut out = text.to_string();
-        for secret in all.iter() {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), "***");
-            }
-        }
-        out
-    }
-}
+/// The redactor the agent masks command output with: its token and the values of its env files
+/// (see [`crate::redact`]).
+pub use crate::redact::Redactor;
 
 #[cfg(test)]
 mod tests {
@@ -239,19 +194,36 @@ mod tests {
         assert!(matches!(e, ExecError::Spawn { .. }));
     }
 
-    #[test]
-    fn redacts() {
+    #[tokio::test]
+    async fn excerpts_are_redacted_before_they_are_put_on_one_line() {
+        let pem = "-----BEGIN KEY-----\nMIIBOgIBAAJBAK-line-one\nline-two  with  spaces\n-----END KEY-----";
         let r = Redactor::default();
-        r.set("token", ["tok-abcdef".to_string()]);
         r.set(
             "env",
-            ["secret-1".to_string(), "secret-1-long".into(), "1".into()],
+            crate::redact::Secrets::new(["PEM", "PIN"], [pem.to_string(), "1234".into()]),
         );
-        assert_eq!(
-            r.redact("a tok-abcdef b secret-1-long c secret-1 d 1"),
-            "a *** b *** c *** d 1"
+        let file = crate::agent::envfile::render(
+            &[
+                ("PEM".to_string(), pem.to_string()),
+                ("PIN".into(), "1234".into()),
+            ]
+            .into_iter()
+            .collect(),
         );
-        r.set("env", ["other-value".to_string()]);
-        assert_eq!(r.redact("secret-1 tok-abcdef"), "secret-1 ***");
+        let script = "printf '%s\\n%s' 'raw:' \"$V\" >&2; printf '%s' \"$F\" >&2; exit 1";
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", script]).env("V", pem).env("F", &file);
+        let out = cmd.output().await.unwrap();
+        let out = CmdOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        };
+        let d = out.describe(&r);
+        assert!(d.starts_with("exit status 1: raw:"), "{d}");
+        for leak in ["MIIBOgIBAAJBAK", "line-two", "BEGIN KEY", "1234"] {
+            assert!(!d.contains(leak), "{leak} in {d}");
+        }
+        assert!(d.contains(crate::redact::MASK), "{d}");
     }
 }

@@ -117,8 +117,8 @@ impl AppState {
     pub async fn new(cfg: AgentConfig, token: &str) -> (Self, Collector) {
         let cfg = Arc::new(cfg);
         let redactor = Redactor::default();
-        redactor.set("token", [token.to_string()]);
-        let (deploys, warning) = DeployManager::load(&cfg.state_file);
+        redactor.set_values("token", [token]);
+        let (deploys, warning) = DeployManager::load_with(&cfg.state_file, redactor.clone());
         if let Some(w) = warning {
             tracing::warn!(state_file = %cfg.state_file.display(), "{w}");
         }
@@ -157,7 +157,7 @@ impl AppState {
 
     /// Replaces the token (SIGHUP).
     pub fn set_token(&self, token: &str) {
-        self.redactor.set("token", [token.to_string()]);
+        self.redactor.set_values("token", [token]);
         *self.token_digest.write().unwrap_or_else(|e| e.into_inner()) = digest(token);
     }
 
@@ -545,6 +545,7 @@ async fn restart_service(st: &AppState, name: &str, action: &ServiceAction) -> R
             format!("restarting {name}: {}", st.redactor.redact(&e.to_string())),
         ),
     };
+    let message = st.redactor.redact(&message);
     tracing::info!(service = name, success, detail = %message, "service restart");
     RestartResponse {
         success,
@@ -599,10 +600,14 @@ async fn put_env(State(st): State<AppState>, req: Request) -> Result<Response, A
             "a deploy is running and edits the same env file; retry when it has finished",
         ));
     }
-    // Mask the new values before anything else can print them.
+    // Mask the new values before anything else can print them: a source of their own, which a
+    // refresh that read the file just before this write cannot replace with the old values.
     st.redactor.set(
-        "env",
-        parsed.values().map(str::to_string).collect::<Vec<_>>(),
+        "pushed-env",
+        crate::agent::checks::env_secrets(
+            r.content.as_bytes(),
+            &[st.cfg.deploy.image_tag_key.as_str()],
+        ),
     );
     let bytes = r.content.into_bytes();
     let sha = envfile::sha256_hex(&bytes);

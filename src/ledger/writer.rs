@@ -169,7 +169,13 @@ impl LedgerHandle {
 
     /// Sets a Sandbox's row in the `sandboxes` table (inserted or replaced). Never waits and
     /// never drops: a newer row for the same Sandbox replaces one not yet written.
-    pub fn upsert_sandbox(&self, row: SandboxRow) {
+    pub fn upsert_sandbox(&self, mut row: SandboxRow) {
+        let r = crate::redact::process().current();
+        if !r.is_empty()
+            && let Some(f) = row.failure_reason.as_mut()
+        {
+            *f = r.redact(f);
+        }
         let key = (row.namespace.clone(), row.name.clone());
         self.pending_sandbox(key, SandboxOp::Upsert(Box::new(row)));
     }
@@ -252,6 +258,7 @@ impl LedgerHandle {
 
     fn keyed(&self, mut event: LedgerEvent) -> Msg {
         event.sanitize();
+        mask_messages(&mut event, &crate::redact::process().current());
         let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
         Msg::Event(KeyedEvent {
             // Zero-padded, so keys rise and the unique index grows at its right edge.
@@ -290,6 +297,23 @@ impl LedgerHandle {
                 "ledger queue full: dropping events until the writer catches up (it logs how many)"
             );
         }
+    }
+}
+
+/// The last layer before the database: the free text of an event (its message) masked with
+/// every secret the operator knows ([`crate::redact::process`]), whoever recorded it.
+fn mask_messages(event: &mut LedgerEvent, r: &crate::redact::Redaction) {
+    if r.is_empty() {
+        return;
+    }
+    let message = match event {
+        LedgerEvent::Ec2Action(e) => &mut e.message,
+        LedgerEvent::DeployStep(e) => &mut e.message,
+        LedgerEvent::SecretSync(e) => &mut e.message,
+        LedgerEvent::InstanceState(_) => return,
+    };
+    if let Some(m) = message.as_mut() {
+        *m = r.redact(m);
     }
 }
 
@@ -559,6 +583,39 @@ pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_are_masked_last() {
+        use crate::ledger::{DeployStepEvent, Outcome};
+        let secret = "pw\"with\\escapes$and-more";
+        let r =
+            crate::redact::Redaction::new(["DB_PASSWORD"], [secret, "pem-line-one\npem-line-two"]);
+        let msg = format!(
+            "pull failed: DB_PASSWORD={} pem-line-two",
+            crate::agent::envfile::render_value(secret)
+        );
+        let mut e: LedgerEvent = DeployStepEvent {
+            at: jiff::Timestamp::UNIX_EPOCH,
+            namespace: "ns".into(),
+            deploy: None,
+            sandbox: Some("w1".into()),
+            environment: None,
+            tag: "v2".into(),
+            previous_tag: None,
+            step: "RolledBack".into(),
+            outcome: Outcome::Failed,
+            message: Some(msg),
+        }
+        .into();
+        mask_messages(&mut e, &r);
+        let LedgerEvent::DeployStep(d) = &e else {
+            unreachable!()
+        };
+        let m = d.message.as_deref().unwrap();
+        assert!(m.starts_with("pull failed: DB_PASSWORD="), "{m}");
+        assert!(!m.contains("escapes") && !m.contains("pem-line-two"), "{m}");
+        assert_eq!(d.tag, "v2");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -1273,6 +1273,96 @@ async fn agent_never_logs_the_token_or_env_values() {
     assert!(!format!("{:?}", f.client()).contains(&f.token));
 }
 
+/// The agent masks multi-line and escaped values in every form it can print them in: the deploy
+/// env file is the pushed env file, and every failing docker call prints it (escaped, as
+/// written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_masks_multi_line_and_escaped_values_in_every_form() {
+    let f = Fixture::with(Options {
+        same_env_file: true,
+        ..Default::default()
+    })
+    .await;
+    let uniq = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let canaries: Vec<(&str, String)> = vec![
+        (
+            "PEM_KEY",
+            format!(
+                "-----BEGIN RSA PRIVATE KEY-----\nMIIB{uniq}OgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Pp\nKUpRKfFLfRYC9AIKjbJTWit+CqvjWYzvQwECAwEAAQ{uniq}==\n-----END RSA PRIVATE KEY-----\n"
+            ),
+        ),
+        ("SPECIAL", format!("p\"w\\d${uniq}`x` 'y' #z")),
+        ("JSONISH", format!("{{\"key\": \"v{uniq}\", \"n\": 1}}")),
+    ];
+    f.docker_control("leak-env", "");
+    f.docker_control("fail-restart", "");
+    let mut vars: std::collections::BTreeMap<String, String> = canaries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    vars.insert("GH_IMAGE_TAG".into(), "v1".into());
+    let content = sandbox_operator::agent::envfile::render(&vars);
+    // The file is written; the restart after it fails, printing the file.
+    let put_env = f
+        .client()
+        .put_env(&content, &["worker".to_string()])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(put_env.contains("fake docker: restart failed"), "{put_env}");
+    // A deploy whose pull fails, printing the same file (now with the new tag in it).
+    f.docker_control("fail-pull", "");
+    let id = f.client().deploy("v2").await.unwrap().deploy_id.unwrap();
+    let h = f.wait_deploy_done(&id).await;
+    let d = h.deploy.unwrap();
+    assert_eq!(d.state, DeployState::RolledBack);
+    let pull = d.steps.iter().find(|s| s.name == DeployStep::Pull).unwrap();
+    assert!(
+        pull.message.contains("fake docker: pull failed"),
+        "{}",
+        pull.message
+    );
+    // The tag is no secret: it is still named.
+    assert!(pull.message.contains("GH_IMAGE_TAG=v2"), "{}", pull.message);
+    let first = f.health().await.checked_at;
+    f.wait_health("a few refreshes", |h| h.checked_at > first)
+        .await;
+    let health = http()
+        .get(f.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let places = vec![
+        ("PUT /env error".to_string(), put_env),
+        ("/health".into(), health),
+        (
+            "state file".into(),
+            std::fs::read_to_string(f.dir.join("state/state.json")).unwrap(),
+        ),
+        ("agent log".into(), f.logs()),
+    ];
+    // Sanity: the values are in the file, escaped.
+    let file = std::fs::read_to_string(f.dir.join("gh.env")).unwrap();
+    assert!(
+        file.contains(&sandbox_operator::agent::envfile::render_value(
+            &canaries[1].1
+        ))
+    );
+    let leaks = crate::support::find_leaks(&canaries, &places);
+    assert!(leaks.is_empty(), "leaked:\n{}", leaks.join("\n"));
+    // Masked, not dropped.
+    assert!(pull.message.contains("[redacted]"), "{}", pull.message);
+}
+
 #[test]
 fn agent_help_explains_the_settings() {
     let out = Command::new(AGENT_BIN).arg("--help").output().unwrap();

@@ -37,11 +37,24 @@ pub struct Agent {
     pub token: String,
     worker: Worker,
     child: Option<std::process::Child>,
+    /// Extra arguments of the agent process.
+    args: Vec<String>,
 }
 
 impl Agent {
     /// Starts an agent reporting `tag` as its running image, with `active` active workers.
     pub async fn start(tag: &str, active: u32) -> Agent {
+        Self::start_with(tag, active, false).await
+    }
+
+    /// Starts an agent whose one env file (`gh.env`) is both the deploy env file and the file
+    /// `PUT /env` writes (the configuration the agent allows and the seeds used), logging at
+    /// debug level.
+    pub async fn start_one_env_file(tag: &str) -> Agent {
+        Self::start_with(tag, 0, true).await
+    }
+
+    async fn start_with(tag: &str, active: u32, one_env_file: bool) -> Agent {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let docker_dir = dir.join("docker");
@@ -99,11 +112,12 @@ impl Agent {
         std::fs::write(dir.join("valet.env"), "NODE_ENV=production\n").unwrap();
         std::fs::write(dir.join("docker-compose.yml"), "services: {}\n").unwrap();
         let d = dir.display();
+        let env_file = if one_env_file { "gh.env" } else { "valet.env" };
         let yaml = format!(
             r#"listen: 127.0.0.1:0
 tokenFile: {d}/token
 stateFile: {d}/state/state.json
-envFile: {d}/valet.env
+envFile: {d}/{env_file}
 refreshInterval: 100ms
 probeTimeout: 2s
 docker:
@@ -125,7 +139,12 @@ deploy:
   commandTimeout: 60s
 services:
   worker: {{composeService: worker}}
-"#
+{checks}"#,
+            checks = if one_env_file {
+                "checks:\n  composeServices: [api, worker]\n"
+            } else {
+                ""
+            },
         );
         std::fs::write(dir.join("agent.yaml"), yaml).unwrap();
         let mut a = Agent {
@@ -135,6 +154,11 @@ services:
             token,
             worker,
             child: None,
+            args: if one_env_file {
+                vec!["--log".into(), "debug".into()]
+            } else {
+                Vec::new()
+            },
         };
         a.spawn();
         a
@@ -148,6 +172,7 @@ services:
             .arg(self.dir.join("agent.yaml"))
             .arg("--addr-file")
             .arg(&addr_file)
+            .args(&self.args)
             .env("FAKE_DOCKER_DIR", self.dir.join("docker"));
         let mut child =
             sandbox_operator::testenv::process::spawn_tied(cmd, &self.dir.join("agent.log"))
@@ -197,6 +222,22 @@ services:
     /// The fake docker's recorded calls.
     pub fn docker_calls(&self) -> String {
         std::fs::read_to_string(self.dir.join("docker").join("calls.log")).unwrap_or_default()
+    }
+
+    /// Creates (or, with `on` false, removes) a control file of the fake docker
+    /// (tests/tools/fake-docker lists them).
+    pub fn docker_control(&self, name: &str, on: bool) {
+        let p = self.dir.join("docker").join(name);
+        if on {
+            std::fs::write(p, "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// The agent's deploy state file.
+    pub fn state_file(&self) -> String {
+        std::fs::read_to_string(self.dir.join("state").join("state.json")).unwrap_or_default()
     }
 
     /// The agent's log.

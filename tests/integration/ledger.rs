@@ -34,7 +34,7 @@ struct TestDb {
     dir: Option<tempfile::TempDir>,
 }
 
-fn shared_postgres() -> &'static PostgresServer {
+pub(crate) fn shared_postgres() -> &'static PostgresServer {
     static PG: OnceLock<PostgresServer> = OnceLock::new();
     PG.get_or_init(|| {
         // The harness leaves by `exit`, which drops no statics: stop the server and remove its

@@ -1174,3 +1174,455 @@ async fn a_canary_value_leaks_nowhere() {
     }
     assert!(places.len() > 8, "{}", places.len());
 }
+
+// ---------------------------------------------------------------------------------------------
+// End to end: the operator binary, a real agent whose deploy env file is the pushed env file,
+// canaries in every shape (plain, multi-line, quotes, backslashes, dollars, unicode, `=`), and
+// every failure that prints the env file.
+
+/// Every row of every table of a ledger database, as text.
+async fn ledger_dump(url: &str) -> String {
+    use sqlx::{AssertSqlSafe, Connection, Row};
+    let mut out = String::new();
+    if url.starts_with("postgres") {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        let tables: Vec<String> =
+            sqlx::query("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        for t in tables {
+            let q = format!("SELECT row_to_json(x)::text FROM \"{t}\" x");
+            for r in sqlx::query(AssertSqlSafe(q))
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+            {
+                out.push_str(&format!("{t}: {}\n", r.get::<String, _>(0)));
+            }
+        }
+    } else {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        let tables: Vec<String> =
+            sqlx::query("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        for t in tables {
+            let q = format!("SELECT name FROM pragma_table_info('{t}')");
+            let cols: Vec<String> = sqlx::query(AssertSqlSafe(q))
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // Every column as bytes (a BLOB column's too), read as text.
+            let row = cols
+                .iter()
+                .map(|c| format!("CAST(\"{c}\" AS BLOB)"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let q = format!("SELECT {row} FROM \"{t}\"");
+            for r in sqlx::query(AssertSqlSafe(q))
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+            {
+                let cells: Vec<String> = (0..cols.len())
+                    .map(|i| {
+                        let b: Option<Vec<u8>> = r.get(i);
+                        String::from_utf8_lossy(&b.unwrap_or_default()).into_owned()
+                    })
+                    .collect();
+                out.push_str(&format!("{t}: {}\n", cells.join(" | ")));
+            }
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum LedgerDb {
+    Sqlite,
+    Postgres,
+}
+
+mod canaries_in_every_form_leak_nowhere_end_to_end {
+    #[tokio::test]
+    async fn sqlite() {
+        super::canaries_end_to_end(super::LedgerDb::Sqlite).await
+    }
+    #[tokio::test]
+    async fn postgres() {
+        super::canaries_end_to_end(super::LedgerDb::Postgres).await
+    }
+}
+
+async fn canaries_end_to_end(db: LedgerDb) {
+    use sandbox_operator::testenv::ec2::{Ec2Endpoint, Ec2EndpointOptions};
+
+    let uniq = format!(
+        "{:x}{:x}",
+        std::process::id(),
+        Timestamp::now().as_nanosecond()
+    );
+    let canaries: Vec<(&str, String)> = vec![
+        ("PLAIN_SECRET", format!("plainCanary{uniq}")),
+        (
+            "PEM_KEY",
+            format!(
+                "-----BEGIN PRIVATE KEY-----\nMIIEvQ{uniq}BADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC{uniq}x7==\n-----END PRIVATE KEY-----\n"
+            ),
+        ),
+        ("SPECIAL", format!("sp\"ec\\ia$l{uniq} `tick` 'q'")),
+        ("UNICODE_EQ", format!("ünï=cödé{uniq}✓ key=value")),
+    ];
+    let client = support::client().await;
+    let ns = support::namespace(&client, &format!("canary-e2e-{db:?}")).await;
+    let ec2 = Ec2Endpoint::start(Ec2EndpointOptions::default())
+        .await
+        .unwrap();
+    let ami = ec2.defaults().await.unwrap().ami;
+    let ledger_url = match db {
+        LedgerDb::Sqlite => None,
+        LedgerDb::Postgres => {
+            let pg = tokio::task::spawn_blocking(crate::ledger::shared_postgres)
+                .await
+                .unwrap();
+            Some(pg.create_database(&format!("canary_{uniq}")).await.unwrap())
+        }
+    };
+    let fly = tempfile::tempdir().unwrap();
+    std::fs::write(fly.path().join("fail-echo"), "").unwrap();
+    let fly_env = format!("FAKE_FLYCTL_DIR={}", fly.path().display());
+    let mut args = vec!["--flyctl", FAKE_FLYCTL, "--flyctl-env", &fly_env];
+    if let Some(u) = &ledger_url {
+        args.extend(["--ledger", u.as_str()]);
+    }
+    let mut op = support::Operator::start(&ns, &ec2.url(), &args);
+    let ledger_url = ledger_url.unwrap_or_else(|| op.ledger.clone());
+
+    // The agent: one env file for deploys and pushes. Every failing docker call prints it; the
+    // restart after a push fails, and so will the deploy's pull.
+    let agent = Agent::start_one_env_file("v1").await;
+    for f in ["leak-env", "fail-restart", "fail-pull"] {
+        agent.docker_control(f, true);
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let sbx: Api<Sandbox> = Api::namespaced(client.clone(), &ns);
+    let bundles: Api<SecretBundle> = Api::namespaced(client.clone(), &ns);
+    let secret = |name: &str, kv: Vec<(String, String)>| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "data": kv.into_iter().map(|(k, v)| {
+                use base64::Engine as _;
+                (k, base64::engine::general_purpose::STANDARD.encode(v))
+            }).collect::<BTreeMap<_, _>>(),
+        }))
+        .unwrap()
+    };
+    for s in [
+        secret("agent-token", vec![("token".into(), agent.token.clone())]),
+        secret("fly", vec![("token".into(), fly_token())]),
+        secret(
+            "src",
+            canaries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        ),
+    ] {
+        let name = s.metadata.name.clone().unwrap();
+        secrets
+            .patch(
+                &name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&s),
+            )
+            .await
+            .unwrap();
+    }
+    let sandbox = json!({
+        "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "Sandbox",
+        "metadata": {"name": "w1", "labels": {"app": "w"}},
+        "spec": {
+            "environment": "staging", "instanceType": "t3.large", "launch": {"imageId": ami},
+            "agent": {"url": agent.url, "tokenSecretRef": {"name": "agent-token", "key": "token"}, "probeInterval": "1s", "timeout": "1s"},
+        },
+    });
+    sbx.patch(
+        "w1",
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&sandbox),
+    )
+    .await
+    .unwrap();
+    let wait_sandbox = |what: &'static str, f: fn(&Sandbox) -> bool| {
+        let sbx = sbx.clone();
+        let log = op.log.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let s = sbx.get("w1").await.unwrap();
+                if f(&s) {
+                    return s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "w1: timed out waiting for {what}: {}\n{}",
+                    serde_json::to_string_pretty(&s.status).unwrap(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let cond_of = |s: &Sandbox, t: &str| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.conditions.iter().find(|c| c.type_ == t).cloned())
+    };
+    wait_sandbox("Ready", |s| {
+        s.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    })
+    .await;
+
+    // ---- The push: written, then the restart fails printing the file. And flyctl fails
+    // echoing its input. ----
+    let bundle = json!({
+        "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SecretBundle",
+        "metadata": {"name": "canaries"},
+        "spec": {
+            "sources": [{"secretName": "src"}],
+            "targets": {
+                "sandboxes": {"selector": {"matchLabels": {"app": "w"}}, "restartServices": ["worker"]},
+                "flyApps": [{"app": "echo", "tokenSecretRef": {"name": "fly", "key": "token"}}],
+            },
+        },
+    });
+    bundles
+        .patch(
+            "canaries",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&bundle),
+        )
+        .await
+        .unwrap();
+    // The restart's failure is reported (an Event, the ledger, the target's message, which may
+    // turn Synced once the agent's hash matches); flyctl's failure stays.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = bundles
+            .get("canaries")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let fly_failed = target(&st, "echo")
+            .is_some_and(|t| t.state == BundleTargetState::Failed && t.message.is_some());
+        let ledger = ledger_dump(&ledger_url).await;
+        if fly_failed && ledger.contains("fake docker: restart failed") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the push did not fail as arranged: {}\n{}",
+            serde_json::to_string_pretty(&st).unwrap(),
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Sanity: the values did reach the agent's one env file, escaped there.
+    let file = std::fs::read_to_string(agent.dir.join("gh.env")).unwrap();
+    let parsed = envfile::parse(&file).unwrap().to_map();
+    for (k, v) in &canaries {
+        assert_eq!(parsed.get(*k), Some(v), "{k} in {file}");
+    }
+    assert!(
+        file.contains(&envfile::render_value(&canaries[2].1)),
+        "{file}"
+    );
+    assert!(!file.contains(&canaries[2].1), "{file}");
+
+    // ---- A deploy whose pull fails, printing the env file (the same file the push wrote). ----
+    let patch = json!({"spec": {"image": {"tag": "v2"}}});
+    sbx.patch("w1", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let s = wait_sandbox("the deploy to fail", |s| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.deploy.as_ref())
+            .is_some_and(|d| d.tag == "v2" && (d.state == "RolledBack" || d.state == "Failed"))
+    })
+    .await;
+    let up = cond_of(&s, "ImageUpToDate").unwrap();
+    assert!(up.message.contains("fake docker: pull failed"), "{up:?}");
+    let deploy_msg = s
+        .status
+        .unwrap()
+        .deploy
+        .unwrap()
+        .message
+        .unwrap_or_default();
+    assert!(
+        deploy_msg.contains("fake docker: pull failed"),
+        "{deploy_msg}"
+    );
+
+    // ---- A check whose command prints the file: `docker compose ps` fails. ----
+    agent.docker_control("fail-ps", true);
+    let s = wait_sandbox("AgentHealthy to report the failing compose check", |s| {
+        s.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "AgentHealthy" && c.message.contains("fake docker: ps failed"))
+        })
+    })
+    .await;
+    let healthy = cond_of(&s, "AgentHealthy").unwrap().message;
+
+    // The ledger has the failed deploy step.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ledger = loop {
+        let text = ledger_dump(&ledger_url).await;
+        if text.contains("fake docker: pull failed") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed deploy step in the ledger:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    // ---- Everywhere text went. ----
+    let mut places: Vec<(String, String)> = vec![("ledger".into(), ledger)];
+    let ev: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let events = ev.list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DeployFailed")),
+        "no DeployFailed event"
+    );
+    for e in events {
+        places.push((
+            format!("event {}", e.metadata.name.clone().unwrap_or_default()),
+            serde_json::to_string(&e).unwrap(),
+        ));
+    }
+    for s in sbx.list(&ListParams::default()).await.unwrap() {
+        places.push(("Sandbox".into(), serde_json::to_string(&s).unwrap()));
+    }
+    for b in bundles.list(&ListParams::default()).await.unwrap() {
+        places.push(("SecretBundle".into(), serde_json::to_string(&b).unwrap()));
+    }
+    let health = reqwest::get(format!("{}/health", agent.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(health.contains("fake docker: ps failed"), "{health}");
+    places.push(("agent /health".into(), health));
+    places.push(("agent state file".into(), agent.state_file()));
+    places.push(("agent log".into(), agent.logs()));
+    for f in files_under(fly.path()) {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with("stdin-") && !name.starts_with("token-") {
+            places.push((
+                format!("flyctl {name}"),
+                std::fs::read_to_string(&f).unwrap(),
+            ));
+        }
+    }
+    op.kill();
+    places.push(("operator log".into(), op.logs()));
+    if let Some(path) = ledger_url.strip_prefix("sqlite://") {
+        let dir = Path::new(path).parent().unwrap();
+        for f in files_under(dir) {
+            if f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("ledger.db"))
+            {
+                places.push((
+                    format!("ledger file {}", f.display()),
+                    String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string(),
+                ));
+            }
+        }
+    }
+    let leaks = support::find_leaks(&canaries, &places);
+    assert!(leaks.is_empty(), "leaked:\n{}", leaks.join("\n"));
+    assert!(places.len() > 8, "{}", places.len());
+    // The printed env file reached status, masked (not dropped).
+    for m in [&deploy_msg, &healthy] {
+        assert!(m.contains("[redacted]"), "{m}");
+    }
+}
+
+#[tokio::test]
+async fn seeding_teaches_the_redaction_every_bundle_value_and_agent_token() {
+    use sandbox_operator::redact::{MASK, process};
+    let client = support::client().await;
+    let ns = support::namespace(&client, "secretbundle-seed").await;
+    let uniq = format!("{:x}", Timestamp::now().as_nanosecond());
+    let value = format!("seed \"quoted\" $v{uniq}\nsecond-line-{uniq}");
+    let unselected = format!("also-in-the-source-{uniq}");
+    let agent_token = format!("agent-token-seed-{uniq}");
+    let fly = fly_token();
+    let e = Env {
+        bundles: Api::namespaced(client.clone(), &ns),
+        sbx: Api::namespaced(client.clone(), &ns),
+        secrets: Api::namespaced(client.clone(), &ns),
+        client: client.clone(),
+        ns: ns.clone(),
+        fly: tempfile::tempdir().unwrap(),
+        _stop: tokio::sync::oneshot::channel().0,
+    };
+    e.secret("src", &[("SEEDED", &value), ("OTHER", &unselected)])
+        .await;
+    e.secret("fly", &[("token", &fly)]).await;
+    e.secret("agent-token", &[("token", &agent_token)]).await;
+    e.sandbox("s1", &[("app", "none")], "http://127.0.0.1:9")
+        .await;
+    e.bundle(
+        "seeded",
+        json!({
+            "sources": [{"secretName": "src", "keys": ["SEEDED"]}],
+            "targets": {"flyApps": [{"app": "a", "tokenSecretRef": {"name": "fly", "key": "token"}}]},
+        }),
+    )
+    .await;
+    // No controller runs: what the redaction knows comes from the seeding alone.
+    let before = process().redact(&value);
+    assert!(!before.contains(MASK), "already known: {before}");
+    let read = secretbundle::seed_redactor(&client, Some(&ns), Duration::from_secs(10)).await;
+    assert_eq!(read, 3);
+    let printed = format!(
+        "compose failed: {} / {} / {} / {} / {}",
+        envfile::render_value(&value),
+        unselected,
+        fly,
+        agent_token,
+        serde_json::to_string(&value).unwrap()
+    );
+    let out = process().redact(&printed);
+    for leak in [uniq.as_str(), "second-line", "fm2_", "agent-token-seed"] {
+        assert!(!out.contains(leak), "{leak} in {out}");
+    }
+    assert!(out.starts_with("compose failed: "), "{out}");
+    // A KEY=value line of the bundle's keys is masked whatever its value.
+    assert_eq!(process().redact("SEEDED=x"), format!("SEEDED={MASK}"));
+}

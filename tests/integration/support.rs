@@ -274,3 +274,58 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// Every form in which a value may travel: itself, trimmed, as a JSON string's content, as the
+/// `.env` file's double-quoted content (and that as JSON), each line of a multi-line value (and
+/// its escaped forms), and base64. Computed here from the encoders themselves, independently of
+/// the operator's redaction. Forms shorter than 6 characters are not searched (they would be
+/// found by chance).
+pub fn leak_forms(value: &str) -> Vec<String> {
+    use base64::Engine as _;
+    fn json(s: &str) -> String {
+        let j = serde_json::to_string(s).unwrap();
+        j[1..j.len() - 1].to_string()
+    }
+    fn env(s: &str) -> String {
+        let r = sandbox_operator::agent::envfile::render_value(s);
+        r.strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .unwrap_or(&r)
+            .to_string()
+    }
+    let mut parts = vec![value.to_string(), value.trim().to_string()];
+    if value.contains('\n') {
+        parts.extend(value.split('\n').map(|l| l.trim().to_string()));
+    }
+    let mut forms = Vec::new();
+    for p in parts {
+        forms.push(json(&p));
+        forms.push(env(&p));
+        forms.push(json(&env(&p)));
+        forms.push(p);
+    }
+    forms.push(base64::engine::general_purpose::STANDARD.encode(value));
+    forms.retain(|f| f.chars().count() >= 6);
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// Each form ([`leak_forms`]) of each named canary found in each place (name, text), with the
+/// line it is on.
+pub fn find_leaks(canaries: &[(&str, String)], places: &[(String, String)]) -> Vec<String> {
+    let mut leaks = Vec::new();
+    for (key, value) in canaries {
+        for form in leak_forms(value) {
+            for (place, text) in places {
+                if let Some(line) = text.lines().find(|l| l.contains(&form)) {
+                    leaks.push(format!(
+                        "{key} as {form:?} in {place}: {}",
+                        line.chars().take(600).collect::<String>()
+                    ));
+                }
+            }
+        }
+    }
+    leaks
+}

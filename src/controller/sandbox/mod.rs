@@ -799,12 +799,13 @@ async fn agent_client_for(
         health: timeout,
         ..Timeouts::default()
     };
-    AgentClient::with_http(ctx.http.clone(), url, token, timeouts).map_err(|e| {
-        ProbeObs::Misconfigured {
+    AgentClient::with_http(ctx.http.clone(), url, token, timeouts)
+        // Where the agent's text enters: masked again with every secret the operator knows.
+        .map(|c| c.with_redactor(crate::redact::process().clone()))
+        .map_err(|e| ProbeObs::Misconfigured {
             reason: "AgentUrlInvalid".into(),
             message: e.to_string(),
-        }
-    })
+        })
 }
 
 fn record_probe(ctx: &Context, _obj: &Sandbox, probe: &ProbeObs) {

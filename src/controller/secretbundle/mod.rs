@@ -541,6 +541,10 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
             }),
         });
     }
+    // Every value of every source Secret is a secret of the whole operator: masked wherever an
+    // agent's or a subprocess's text enters, from now on (and from start-up on, see
+    // [`seed_redactor`]).
+    crate::redact::process().set(&redaction_source(&uid), source_secrets(&data));
     let content = match decide::render(&spec.sources, &data) {
         Ok(c) => c,
         Err(problems) => {
@@ -655,7 +659,17 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
         // Forget bundles that are gone.
         let live: std::collections::HashSet<String> =
             all_bundles.iter().filter_map(|b| b.uid()).collect();
+        let gone: Vec<String> = all
+            .keys()
+            .filter(|u| !live.contains(*u) && **u != uid)
+            .cloned()
+            .collect();
         all.retain(|u, _| live.contains(u) || *u == uid);
+        // Their values are no longer pushed anywhere: the redaction forgets them too.
+        if !gone.is_empty() {
+            crate::redact::process()
+                .retain(|src| redaction_uid(src).is_none_or(|u| !gone.iter().any(|g| g == u)));
+        }
         all.get(&uid).cloned().unwrap_or_default()
     };
     let refresh = parse_duration(&spec.refresh_interval)
@@ -718,6 +732,17 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
             }
         }
     }
+    crate::redact::process().set(
+        &format!("{}/tokens", redaction_source(&uid)),
+        crate::redact::Secrets::values(
+            fly_tokens.values().cloned().chain(
+                agent_tokens
+                    .values()
+                    .flatten()
+                    .map(|t| t.expose().to_string()),
+            ),
+        ),
+    );
     let edge = Edge {
         ctx: &ctx,
         object: &object,
@@ -1106,6 +1131,153 @@ impl<'a> SecretCache<'a> {
     }
 }
 
+/// The process-wide redactor's source for a bundle's values (`<source>/tokens` for the tokens
+/// it uses).
+fn redaction_source(uid: &str) -> String {
+    format!("secretbundle/{uid}")
+}
+
+/// The bundle UID a redactor source belongs to.
+fn redaction_uid(source: &str) -> Option<&str> {
+    let rest = source.strip_prefix("secretbundle/")?;
+    Some(rest.strip_suffix("/tokens").unwrap_or(rest))
+}
+
+/// Every key and value of the source Secrets, whether the bundle selects it or not.
+fn source_secrets(data: &[SourceData]) -> crate::redact::Secrets {
+    let mut s = crate::redact::Secrets::default();
+    for d in data {
+        for (k, v) in d.data.iter().flatten() {
+            s.keys.push(k.clone());
+            s.values.push(String::from_utf8_lossy(v).into_owned());
+        }
+    }
+    s
+}
+
+/// Teaches the process-wide redactor ([`crate::redact::process`]) every secret the operator
+/// may meet in an agent's or a subprocess's text before the controllers run, so that the first
+/// reconciles after a restart mask what the previous process masked: the keys and values of
+/// every SecretBundle's source Secrets, the Fly.io tokens they name, and every Sandbox's agent
+/// token. Retries the lists for up to `patience`; a Secret that cannot be read is skipped (the
+/// SecretBundle controller reads it again). Returns how many Secrets it read.
+pub async fn seed_redactor(client: &Client, namespace: Option<&str>, patience: Duration) -> usize {
+    let deadline = Instant::now() + patience;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match seed_once(client, namespace).await {
+            Ok(n) => {
+                info!(
+                    secrets = n,
+                    sources = crate::redact::process().sources(),
+                    "redaction seeded from SecretBundles and agent tokens"
+                );
+                return n;
+            }
+            Err(e) if Instant::now() + delay < deadline => {
+                debug!(error = %e, "seeding the redaction; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                warn!(error = %e, "could not seed the redaction from SecretBundles; the SecretBundle controller teaches it as it reconciles");
+                return 0;
+            }
+        }
+    }
+}
+
+async fn seed_once(client: &Client, namespace: Option<&str>) -> Result<usize, kube::Error> {
+    let lp = kube::api::ListParams::default();
+    let (bundles, sandboxes): (Api<SecretBundle>, Api<Sandbox>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let bundles = bundles.list(&lp).await?.items;
+    let sandboxes = sandboxes.list(&lp).await?.items;
+    // (namespace, Secret) -> Secret, read once each.
+    let mut wanted: std::collections::BTreeSet<(String, String)> = Default::default();
+    for b in &bundles {
+        let ns = b.namespace().unwrap_or_default();
+        for src in &b.spec.sources {
+            wanted.insert((ns.clone(), src.secret_name.clone()));
+        }
+        for f in &b.spec.targets.fly_apps {
+            wanted.insert((ns.clone(), f.token_secret_ref.name.clone()));
+        }
+    }
+    for s in &sandboxes {
+        if let Some(r) = &s.spec.agent.token_secret_ref {
+            wanted.insert((s.namespace().unwrap_or_default(), r.name.clone()));
+        }
+    }
+    let read: HashMap<(String, String), Secret> = futures::stream::iter(wanted)
+        .map(|(ns, name)| {
+            let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+            async move {
+                match api.get_opt(&name).await {
+                    Ok(Some(s)) => Some(((ns, name), s)),
+                    Ok(None) => None,
+                    Err(e) => {
+                        debug!(secret = %format!("{ns}/{name}"), error = %e, "seeding the redaction: Secret not read");
+                        None
+                    }
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .filter_map(futures::future::ready)
+        .collect()
+        .await;
+    let value = |ns: &str, r: &SecretKeyRef| {
+        read.get(&(ns.to_string(), r.name.clone()))
+            .and_then(|s| s.data.as_ref()?.get(&r.key))
+            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+    };
+    let p = crate::redact::process();
+    for b in &bundles {
+        let (Some(uid), ns) = (b.uid(), b.namespace().unwrap_or_default()) else {
+            continue;
+        };
+        let data: Vec<SourceData> = b
+            .spec
+            .sources
+            .iter()
+            .map(|src| SourceData {
+                name: src.secret_name.clone(),
+                data: read
+                    .get(&(ns.clone(), src.secret_name.clone()))
+                    .and_then(|s| s.data.as_ref())
+                    .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()),
+            })
+            .collect();
+        p.set(&redaction_source(&uid), source_secrets(&data));
+        let tokens: Vec<String> = b
+            .spec
+            .targets
+            .fly_apps
+            .iter()
+            .filter_map(|f| value(&ns, &f.token_secret_ref))
+            .collect();
+        p.set(
+            &format!("{}/tokens", redaction_source(&uid)),
+            crate::redact::Secrets::values(tokens),
+        );
+    }
+    for s in &sandboxes {
+        let ns = s.namespace().unwrap_or_default();
+        if let Some(r) = &s.spec.agent.token_secret_ref
+            && let Some(t) = value(&ns, r)
+        {
+            p.set_values(&format!("agent-token/{ns}/{}/{}", r.name, r.key), [t]);
+        }
+    }
+    Ok(read.len())
+}
+
 /// An agent's token from its Secret, or what is wrong with the reference.
 async fn read_agent_token(
     secrets: &mut SecretCache<'_>,
@@ -1187,7 +1359,7 @@ impl Edge<'_> {
             ..Timeouts::default()
         };
         let client = match AgentClient::with_http(self.ctx.http.clone(), url, token, timeouts) {
-            Ok(c) => c,
+            Ok(c) => c.with_redactor(crate::redact::process().clone()),
             Err(e) => {
                 return Outcome::Failed {
                     message: self.scrubber.scrub(&e.to_string()),

@@ -1,34 +1,20 @@
 //! Scrubbing: every text that leaves the controller (a status message, an Event, a log line)
 //! and may hold something a child process or an agent printed passes through a [`Scrubber`]
 //! built from the bundle's values and the tokens in use, so no value reaches it even when a
-//! failing `flyctl` echoes its input.
+//! failing `flyctl` echoes its input. The masking itself is the project's one redaction,
+//! [`crate::redact`]: every form of a value (escaped for `.env` and JSON, line by line, base64).
 
-use std::fmt;
+use crate::redact::Redaction;
 
 /// What a value is replaced with.
-pub const REDACTED: &str = "[redacted]";
+pub use crate::redact::MASK as REDACTED;
+/// Values shorter than this are not searched for on their own; they are still caught in
+/// `KEY=value` lines.
+pub use crate::redact::MIN_LEN;
 
-/// Values shorter than this are not searched for on their own (a `1` or `on` would turn every
-/// message into confetti and protects nothing); they are still caught in `KEY=value` lines.
-pub const MIN_LEN: usize = 3;
-
-/// Replaces secret values (and their escaped forms) in text.
-#[derive(Clone, Default)]
-pub struct Scrubber {
-    /// Longest first, so a value that contains another is replaced whole.
-    needles: Vec<String>,
-    /// `KEY=` prefixes: the rest of such a line is replaced (an echoed input line).
-    keys: Vec<String>,
-}
-
-impl fmt::Debug for Scrubber {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Scrubber")
-            .field("needles", &self.needles.len())
-            .field("keys", &self.keys)
-            .finish()
-    }
-}
+/// Replaces secret values (in every form) in text. Its `Debug` shows counts and key names.
+#[derive(Clone, Debug, Default)]
+pub struct Scrubber(Redaction);
 
 impl Scrubber {
     /// A scrubber for these key names and secret values.
@@ -36,81 +22,19 @@ impl Scrubber {
         keys: impl IntoIterator<Item = &'a str>,
         values: impl IntoIterator<Item = &'a str>,
     ) -> Self {
-        let mut s = Self {
-            needles: Vec::new(),
-            keys: keys.into_iter().map(|k| format!("{k}=")).collect(),
-        };
-        for v in values {
-            s.add(v);
-        }
-        s
+        Self(Redaction::new(keys, values))
     }
 
-    /// Adds one secret (a value or a token): itself, its escaped forms (JSON, the `.env`
-    /// quoting) and, for a multi-line value, each of its lines.
+    /// Adds one secret (a value or a token), in all its forms.
     pub fn add(&mut self, value: &str) {
-        let mut forms = vec![value.to_string(), value.trim().to_string()];
-        if let Ok(json) = serde_json::to_string(value) {
-            forms.push(json[1..json.len() - 1].to_string());
-        }
-        let rendered = crate::agent::envfile::render_value(value);
-        forms.push(
-            rendered
-                .strip_prefix('"')
-                .and_then(|r| r.strip_suffix('"'))
-                .unwrap_or(&rendered)
-                .to_string(),
-        );
-        if value.contains('\n') {
-            forms.extend(value.split('\n').map(|l| l.trim().to_string()));
-        }
-        for f in forms {
-            if f.chars().count() >= MIN_LEN && !self.needles.contains(&f) {
-                self.needles.push(f);
-            }
-        }
-        self.needles
-            .sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        self.0.add(value);
     }
 
     /// `text` with every secret replaced by [`REDACTED`], and the rest of every line that
     /// starts a `KEY=` of the bundle replaced too.
     pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for n in &self.needles {
-            if out.contains(n.as_str()) {
-                out = out.replace(n.as_str(), REDACTED);
-            }
-        }
-        if self.keys.is_empty() {
-            return out;
-        }
-        let mut lines: Vec<String> = Vec::new();
-        for line in out.split('\n') {
-            match self.keys.iter().filter_map(|k| key_end(line, k)).min() {
-                Some(end) => lines.push(format!("{}{REDACTED}", &line[..end])),
-                None => lines.push(line.to_string()),
-            }
-        }
-        lines.join("\n")
+        self.0.redact(text)
     }
-}
-
-/// Where the value starts after `key_eq` (`KEY=`) in `line`, when `KEY` stands as a word.
-fn key_end(line: &str, key_eq: &str) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = line[from..].find(key_eq) {
-        let at = from + i;
-        let word_start = line[..at]
-            .chars()
-            .next_back()
-            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
-        if word_start {
-            return Some(at + key_eq.len());
-        }
-        from = at + key_eq.len();
-    }
-    None
 }
 
 #[cfg(test)]
