@@ -10,6 +10,7 @@ mod ec2_endpoint;
 mod ec2_layer;
 mod fleet;
 mod ledger;
+mod outage;
 mod sandbox;
 mod secretbundle;
 mod ship;
