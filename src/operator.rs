@@ -179,23 +179,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             metrics: metrics.clone(),
             ready: ready.clone(),
         });
-    if let Some(webhook) = config.webhook.clone() {
-        // Bodies up to 1 MiB reach the handler, which answers 413 with a JSON reason above
-        // its own limit; larger ones are cut off by axum (also 413).
-        let limit = (webhook.max_body_bytes + 1).max(1 << 20);
-        app = app.merge(
-            Router::new()
-                .route(
-                    crate::webhook::PATH,
-                    axum::routing::post(crate::webhook::handle),
-                )
-                .layer(axum::extract::DefaultBodyLimit::max(limit))
-                .with_state(crate::webhook::WebhookState {
-                    config: webhook,
-                    client: client.clone(),
-                }),
-        );
-    }
+    // The CI webhook: every path under its prefix answers JSON, configured or not.
+    let webhook = match config.webhook.clone() {
+        Some(w) => {
+            Some(crate::webhook::WebhookState::new(w, client.clone()).map_err(RunError::Setting)?)
+        }
+        None => None,
+    };
+    app = app.merge(crate::webhook::router(webhook));
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP server listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = {

@@ -1,21 +1,40 @@
 //! The CI webhook, compatible with the GhostHands pipeline: `POST
 //! /api/v1/webhooks/ghosthands/deploy` creates one SandboxDeploy per delivery.
 //!
-//! Checks, in order: body size (413), HMAC-SHA256 signature over the raw body in constant time
-//! (401), event (400), JSON payload (400), timestamp window (400), environment (404). The
-//! SandboxDeploy is named from the environment and tag, so a repeated delivery is answered as a
-//! duplicate and creates nothing.
+//! Checks, in order: body size (413), body arrival within the request timeout (408), HMAC-SHA256
+//! signature over the raw body in constant time (401), event (400), JSON payload (400),
+//! timestamp window (400), environment (404), then the delivery record (below). Every refusal,
+//! whatever refuses it (a wrong method: 405; an unknown path under [`PREFIX`]: 404; handling
+//! that outlasts the request timeout: 503), is JSON: `{"error": "<what to fix>"}`.
+//!
+//! **Deliveries are remembered** apart from the SandboxDeploy they create, so deleting a rollout
+//! (or the history limit pruning it) never lets a replay of its delivery create it again. The
+//! records live in one ConfigMap per environment namespace, [`DELIVERIES`], keyed by the SHA-256
+//! of the environment and the raw body (the signed bytes: a replay is the same bytes), each kept
+//! until twice the skew window after the payload's timestamp (by then the timestamp check
+//! refuses the body anyway) and pruned on the next write. Being an API object it holds across
+//! restarts and leader changes, and every replica (standbys serve the webhook too) reads the
+//! same one; every write is guarded by the resourceVersion read, so of two replicas handling
+//! one delivery at once exactly one claims it. A record is `pending` until its deploy is
+//! created; one left pending by a request that died (or timed out) is taken over once it is
+//! older than the request timeout. One object by a fixed name (rather than one per delivery)
+//! needs no `list` permission on ConfigMaps: only get and update of that name, and create.
+//! The same environment and tag from another delivery (a new timestamp) is still answered as a
+//! duplicate while its SandboxDeploy exists, as before.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use hmac::{KeyInit, Mac};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
 use serde::Deserialize;
 use serde_json::json;
@@ -27,6 +46,13 @@ use crate::api::{
 
 /// The path CI posts to.
 pub const PATH: &str = "/api/v1/webhooks/ghosthands/deploy";
+/// Every path under this prefix belongs to the webhook (an unknown one is a JSON 404).
+pub const PREFIX: &str = "/api/v1/webhooks";
+/// The ConfigMap, in each environment's namespace, that remembers the deliveries.
+pub const DELIVERIES: &str = "sandbox-operator-webhook-deliveries";
+/// A body above the limit is still read (and dropped) up to this size, so that the client, still
+/// sending, reads the 413 instead of a reset connection; beyond it the connection is cut.
+const DRAIN_LIMIT: usize = 8 << 20;
 
 /// The webhook's configuration (the `webhook:` key of the operator's YAML config file).
 #[derive(Clone, Debug, Deserialize)]
@@ -44,6 +70,10 @@ pub struct WebhookConfig {
     /// The largest body accepted, in bytes (default 64 KiB).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// How long one request may take, its body included (default 10s). A body that has not
+    /// arrived by then is answered 408; handling that takes longer, 503 (retry).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: String,
     /// What each `X-GH-Environment` value deploys to.
     #[serde(default)]
     pub environments: BTreeMap<String, EnvironmentConfig>,
@@ -54,6 +84,9 @@ fn default_skew() -> String {
 }
 fn default_max_body() -> usize {
     64 * 1024
+}
+fn default_request_timeout() -> String {
+    "10s".into()
 }
 
 /// A Secret key, with its namespace.
@@ -101,6 +134,39 @@ pub struct WebhookState {
     pub config: WebhookConfig,
     /// For reading the secret and creating deploys.
     pub client: kube::Client,
+    /// `maxSkew`, parsed.
+    skew: Duration,
+    /// `requestTimeout`, parsed.
+    request_timeout: Duration,
+}
+
+impl WebhookState {
+    /// Checks the configuration (durations, sizes) and builds the state; the error names the
+    /// field to fix.
+    pub fn new(config: WebhookConfig, client: kube::Client) -> Result<Self, String> {
+        let (skew, request_timeout) = check(&config)?;
+        Ok(Self {
+            config,
+            client,
+            skew,
+            request_timeout,
+        })
+    }
+}
+
+/// Checks the configuration: `(maxSkew, requestTimeout)`, or what to fix.
+fn check(config: &WebhookConfig) -> Result<(Duration, Duration), String> {
+    let skew = crate::util::parse_duration(&config.max_skew)
+        .map_err(|e| format!("webhook.maxSkew: {e}"))?;
+    let request_timeout = crate::util::parse_duration(&config.request_timeout)
+        .map_err(|e| format!("webhook.requestTimeout: {e}"))?;
+    if request_timeout.is_zero() {
+        return Err("webhook.requestTimeout: must be more than 0s".into());
+    }
+    if config.max_body_bytes == 0 {
+        return Err("webhook.maxBodyBytes: must be more than 0".into());
+    }
+    Ok((skew, request_timeout))
 }
 
 /// The payload CI sends.
@@ -132,6 +198,100 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response {
 
 fn refuse(status: StatusCode, error: &str) -> Response {
     answer(status, json!({"error": error}))
+}
+
+/// A refusal after which the connection is closed (the request was not read to its end).
+fn refuse_and_close(status: StatusCode, error: &str) -> Response {
+    let mut r = refuse(status, error);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// The webhook's routes: [`PATH`] (POST only) and everything else under [`PREFIX`], each
+/// refusal JSON. Without a configuration every path under the prefix answers a JSON 404.
+pub fn router(state: Option<WebhookState>) -> Router {
+    let Some(state) = state else {
+        let off = || async {
+            refuse(
+                StatusCode::NOT_FOUND,
+                "the CI webhook is not configured (the webhook key of the operator's --config)",
+            )
+        };
+        return Router::new()
+            .route(PREFIX, axum::routing::any(off))
+            .route(&format!("{PREFIX}/{{*rest}}"), axum::routing::any(off));
+    };
+    Router::new()
+        .route(
+            PATH,
+            axum::routing::post(handle).fallback(|| async {
+                let mut r = refuse(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("only POST is accepted on {PATH}"),
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
+                r
+            }),
+        )
+        .route(PREFIX, axum::routing::any(unknown_path))
+        .route(
+            &format!("{PREFIX}/{{*rest}}"),
+            axum::routing::any(unknown_path),
+        )
+        // The handler reads the body itself, with its own limit, deadline and JSON answers.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn unknown_path(req: Request) -> Response {
+    refuse(
+        StatusCode::NOT_FOUND,
+        &format!(
+            "no webhook at {}: CI posts to {PATH}",
+            req.uri().path().chars().take(200).collect::<String>()
+        ),
+    )
+}
+
+/// Why a body could not be read.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyError {
+    /// More than the limit (the declared length, or what arrived).
+    TooLarge,
+    /// The connection failed mid-body.
+    Read(String),
+}
+
+/// Reads a body of at most `limit` bytes. A larger one is read on (and dropped) up to
+/// [`DRAIN_LIMIT`], so that the client reads the answer; then it is refused.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let drain = limit.max(DRAIN_LIMIT);
+    if declared.is_some_and(|n| n > drain as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut out = Vec::new();
+    let mut seen = 0usize;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen > drain {
+            return Err(BodyError::TooLarge);
+        }
+        if seen <= limit {
+            out.extend_from_slice(&chunk);
+        }
+    }
+    if seen > limit {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(Bytes::from(out))
 }
 
 async fn secret(state: &WebhookState) -> Result<Vec<u8>, String> {
@@ -204,18 +364,54 @@ pub fn deploy_name(environment: &str, tag: &str) -> String {
     format!("{}-{}", name[..54].trim_end_matches('-'), &digest[..8])
 }
 
-/// The handler.
-pub async fn handle(
-    State(state): State<WebhookState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if body.len() > state.config.max_body_bytes {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body larger than {} bytes", state.config.max_body_bytes),
-        );
+/// The handler: reads the body within the request timeout, then handles the delivery within
+/// what is left of it.
+pub async fn handle(State(state): State<WebhookState>, req: Request) -> Response {
+    let started = Instant::now();
+    let limit = state.config.max_body_bytes;
+    let timeout = state.request_timeout;
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(timeout, read_body(&parts.headers, body, limit)).await {
+        Err(_) => {
+            return refuse_and_close(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the request body did not arrive within {} (requestTimeout)",
+                    state.config.request_timeout
+                ),
+            );
+        }
+        Ok(Err(BodyError::TooLarge)) => {
+            return refuse_and_close(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("body larger than {limit} bytes (maxBodyBytes)"),
+            );
+        }
+        Ok(Err(BodyError::Read(e))) => {
+            return refuse_and_close(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request body failed: {e}"),
+            );
+        }
+        Ok(Ok(b)) => b,
+    };
+    let left = timeout.saturating_sub(started.elapsed());
+    match tokio::time::timeout(left, deliver(&state, &parts.headers, body)).await {
+        Ok(r) => r,
+        Err(_) => {
+            warn!(timeout = %state.config.request_timeout, "webhook: handling a delivery timed out");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "handling the delivery took longer than {} (requestTimeout); retry it",
+                    state.config.request_timeout
+                ),
+            )
+        }
     }
+}
+
+async fn deliver(state: &WebhookState, headers: &HeaderMap, body: Bytes) -> Response {
     let header = |name: &str| {
         headers
             .get(name)
@@ -225,7 +421,7 @@ pub async fn handle(
     let Some(signature) = header("x-gh-webhook-signature") else {
         return refuse(StatusCode::UNAUTHORIZED, "missing X-GH-Webhook-Signature");
     };
-    let key = match secret(&state).await {
+    let key = match secret(state).await {
         Ok(k) => k,
         Err(e) => {
             warn!(error = %e, "webhook: no usable secret");
@@ -265,13 +461,12 @@ pub async fn handle(
             "image_tag is not a valid docker tag",
         );
     }
-    let skew =
-        crate::util::parse_duration(&state.config.max_skew).unwrap_or(Duration::from_secs(300));
-    let Ok(ts) = payload.timestamp.parse::<k8s_openapi::jiff::Timestamp>() else {
+    let Ok(ts) = payload.timestamp.parse::<Timestamp>() else {
         return refuse(StatusCode::BAD_REQUEST, "timestamp is not an RFC 3339 time");
     };
-    let off = (k8s_openapi::jiff::Timestamp::now().as_second() - ts.as_second()).unsigned_abs();
-    if off > skew.as_secs() {
+    let now = Timestamp::now();
+    let off = (now.as_second() - ts.as_second()).unsigned_abs();
+    if off > state.skew.as_secs() {
         return refuse(
             StatusCode::BAD_REQUEST,
             &format!(
@@ -288,11 +483,56 @@ pub async fn handle(
         );
     };
     let name = deploy_name(&environment, &payload.image_tag);
+    let ns = env.namespace.clone();
+
+    // ---- The delivery's record: claimed before anything is created. ----
+    let records = Records::new(state.client.clone(), &ns);
+    let key = delivery_key(&environment, &body);
+    let record = new_delivery(&environment, &name, ts, now, state.skew);
+    match records
+        .claim(&key, &record, now, state.request_timeout)
+        .await
+    {
+        Ok(Claim::Claimed) => {}
+        Ok(Claim::Delivered { received_at }) => {
+            info!(deploy = %name, namespace = %ns, record = %key, "webhook: replayed delivery refused");
+            return answer(
+                StatusCode::OK,
+                json!({
+                    "status": "duplicate",
+                    "reason": format!("this delivery was already received at {received_at}; it never creates a SandboxDeploy twice, even once that one is deleted"),
+                    "name": name,
+                    "namespace": ns,
+                }),
+            );
+        }
+        Ok(Claim::InProgress) => {
+            return refuse(
+                StatusCode::CONFLICT,
+                "this delivery is being handled by another request; retry in a few seconds",
+            );
+        }
+        Ok(Claim::Full) => {
+            warn!(namespace = %ns, "webhook: too many deliveries within the skew window");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many deliveries within the skew window; retry later",
+            );
+        }
+        Err(e) => {
+            warn!(error = %e, namespace = %ns, "webhook: recording the delivery failed");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "recording the delivery failed; retry later",
+            );
+        }
+    }
+
     let truncate = |s: Option<String>, n: usize| s.map(|s| s.chars().take(n).collect::<String>());
     let deploy = SandboxDeploy {
         metadata: ObjectMeta {
             name: Some(name.clone()),
-            namespace: Some(env.namespace.clone()),
+            namespace: Some(ns.clone()),
             labels: Some(BTreeMap::from([
                 (
                     "fleet.valet.dev/environment".to_string(),
@@ -333,29 +573,288 @@ pub async fn handle(
         },
         status: None,
     };
-    let api: Api<SandboxDeploy> = Api::namespaced(state.client.clone(), &env.namespace);
-    match api.create(&PostParams::default(), &deploy).await {
+    let api: Api<SandboxDeploy> = Api::namespaced(state.client.clone(), &ns);
+    let created = api.create(&PostParams::default(), &deploy).await;
+    match created {
         Ok(_) => {
-            info!(deploy = %name, namespace = %env.namespace, paused = !env.auto_deploy, "webhook: SandboxDeploy created");
+            records.delivered(&key).await;
+            info!(deploy = %name, namespace = %ns, paused = !env.auto_deploy, "webhook: SandboxDeploy created");
             answer(
                 StatusCode::ACCEPTED,
-                json!({"status": "deploy_created", "name": name, "namespace": env.namespace, "paused": !env.auto_deploy}),
+                json!({"status": "deploy_created", "name": name, "namespace": ns, "paused": !env.auto_deploy}),
             )
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => answer(
-            StatusCode::OK,
-            json!({"status": "duplicate", "name": name, "namespace": env.namespace}),
-        ),
-        Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => refuse(
-            StatusCode::BAD_REQUEST,
-            &format!("the deploy was refused: {}", s.message),
-        ),
-        Err(e) => {
-            warn!(error = %e, "webhook: creating the SandboxDeploy failed");
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "creating the SandboxDeploy failed; retry later",
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            // Another delivery of the same environment and tag made it: this one is handled.
+            records.delivered(&key).await;
+            answer(
+                StatusCode::OK,
+                json!({
+                    "status": "duplicate",
+                    "reason": format!("SandboxDeploy {name} already exists for this environment and tag"),
+                    "name": name,
+                    "namespace": ns,
+                }),
             )
+        }
+        Err(e) => {
+            // Nothing was created: drop the claim so that CI's retry of this delivery works.
+            records.release(&key).await;
+            match e {
+                kube::Error::Api(s) if s.code == 422 || s.code == 400 => refuse(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the deploy was refused: {}", s.message),
+                ),
+                e => {
+                    warn!(error = %e, "webhook: creating the SandboxDeploy failed");
+                    refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "creating the SandboxDeploy failed; retry later",
+                    )
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delivery records.
+// ---------------------------------------------------------------------------------------------
+
+/// The record of one delivery, a value in the records ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// `pending` while its deploy is being created, then `delivered`.
+    pub state: String,
+    /// The environment it was for.
+    pub environment: String,
+    /// The SandboxDeploy it made.
+    pub deploy: String,
+    /// The payload's timestamp.
+    pub timestamp: String,
+    /// When it was (last) claimed.
+    pub received_at: String,
+    /// When the record may go: two skew windows past the payload's timestamp.
+    pub keep_until: String,
+}
+
+const STATE_PENDING: &str = "pending";
+const STATE_DELIVERED: &str = "delivered";
+/// More records than this inside the window is not CI: refused rather than forgotten.
+const MAX_RECORDS: usize = 5000;
+
+/// The record's key: from the environment and the raw body (what the signature covers).
+pub fn delivery_key(environment: &str, body: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(environment.as_bytes());
+    h.update([0u8]);
+    h.update(body);
+    hex::encode(h.finalize())[..40].to_string()
+}
+
+/// The record of a delivery being handled now.
+fn new_delivery(
+    environment: &str,
+    deploy: &str,
+    timestamp: Timestamp,
+    now: Timestamp,
+    skew: Duration,
+) -> Delivery {
+    // The body is accepted until `timestamp + skew` by this replica's clock; another skew
+    // window on top covers replicas whose clocks differ.
+    let keep_until = timestamp
+        .max(now)
+        .saturating_add(skew.saturating_mul(2))
+        .unwrap_or(Timestamp::MAX);
+    Delivery {
+        state: STATE_PENDING.into(),
+        environment: environment.into(),
+        deploy: deploy.into(),
+        timestamp: timestamp.to_string(),
+        received_at: whole_seconds(now).to_string(),
+        keep_until: whole_seconds(keep_until).to_string(),
+    }
+}
+
+fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
+/// What claiming a delivery gave.
+#[derive(Debug, PartialEq, Eq)]
+enum Claim {
+    /// This request handles it.
+    Claimed,
+    /// It was handled before.
+    Delivered {
+        /// When it was received.
+        received_at: String,
+    },
+    /// Another request is handling it right now.
+    InProgress,
+    /// The window holds too many records.
+    Full,
+}
+
+/// Drops the records whose time is up (or that cannot be read). Returns whether any went.
+fn prune(records: &mut BTreeMap<String, String>, now: Timestamp) -> bool {
+    let before = records.len();
+    records.retain(|_, v| {
+        serde_json::from_str::<Delivery>(v)
+            .ok()
+            .and_then(|d| d.keep_until.parse::<Timestamp>().ok())
+            .is_some_and(|t| t >= now)
+    });
+    records.len() != before
+}
+
+/// Claims `key` for `new` in `records` (pruned first): a pure decision on the records and the
+/// clock. A record pending for longer than `stale_after` (the request timeout) was abandoned by
+/// a request that died or timed out, and is taken over.
+fn claim_in(
+    records: &mut BTreeMap<String, String>,
+    key: &str,
+    new: &Delivery,
+    now: Timestamp,
+    stale_after: Duration,
+) -> Claim {
+    prune(records, now);
+    if let Some(old) = records
+        .get(key)
+        .and_then(|v| serde_json::from_str::<Delivery>(v).ok())
+    {
+        if old.state != STATE_PENDING {
+            return Claim::Delivered {
+                received_at: old.received_at,
+            };
+        }
+        let age = old
+            .received_at
+            .parse::<Timestamp>()
+            .ok()
+            .and_then(|t| Duration::try_from(t.duration_until(now)).ok());
+        if age.is_some_and(|a| a <= stale_after) {
+            return Claim::InProgress;
+        }
+    } else if records.len() >= MAX_RECORDS {
+        return Claim::Full;
+    }
+    records.insert(
+        key.to_string(),
+        serde_json::to_string(new).expect("a record serializes"),
+    );
+    Claim::Claimed
+}
+
+/// The namespace's records: one ConfigMap, read and written whole, every write guarded by the
+/// resourceVersion read (a conflict is read again and retried).
+struct Records {
+    api: Api<ConfigMap>,
+}
+
+impl Records {
+    fn new(client: kube::Client, ns: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, ns),
+        }
+    }
+
+    /// Applies `edit` to the records and writes them when it says so; returns its answer.
+    async fn update<T>(
+        &self,
+        mut edit: impl FnMut(&mut BTreeMap<String, String>) -> (T, bool),
+    ) -> Result<T, kube::Error> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self.api.get_opt(DELIVERIES).await?;
+            let mut data = current
+                .as_ref()
+                .and_then(|c| c.data.clone())
+                .unwrap_or_default();
+            let (answer, write) = edit(&mut data);
+            if !write {
+                return Ok(answer);
+            }
+            let written = match &current {
+                None => {
+                    let cm = ConfigMap {
+                        metadata: ObjectMeta {
+                            name: Some(DELIVERIES.into()),
+                            labels: Some(BTreeMap::from([(
+                                "app.kubernetes.io/managed-by".to_string(),
+                                "sandbox-operator".to_string(),
+                            )])),
+                            ..Default::default()
+                        },
+                        data: Some(data),
+                        ..Default::default()
+                    };
+                    self.api.create(&PostParams::default(), &cm).await
+                }
+                Some(c) => {
+                    let mut cm = c.clone();
+                    cm.data = Some(data);
+                    self.api
+                        .replace(DELIVERIES, &PostParams::default(), &cm)
+                        .await
+                }
+            };
+            match written {
+                Ok(_) => return Ok(answer),
+                Err(kube::Error::Api(s)) if s.code == 409 && attempt < 10 => {
+                    // Another request wrote meanwhile: read again.
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn claim(
+        &self,
+        key: &str,
+        new: &Delivery,
+        now: Timestamp,
+        stale_after: Duration,
+    ) -> Result<Claim, kube::Error> {
+        self.update(|data| {
+            let before = data.clone();
+            let c = claim_in(data, key, new, now, stale_after);
+            let changed = *data != before;
+            (c, changed)
+        })
+        .await
+    }
+
+    /// Marks the record delivered (a record left pending could be taken over by a replay once
+    /// its deploy is gone).
+    async fn delivered(&self, key: &str) {
+        let r = self
+            .update(|data| {
+                let Some(mut d) = data
+                    .get(key)
+                    .and_then(|v| serde_json::from_str::<Delivery>(v).ok())
+                else {
+                    return ((), false);
+                };
+                d.state = STATE_DELIVERED.into();
+                data.insert(key.into(), serde_json::to_string(&d).expect("serializes"));
+                ((), true)
+            })
+            .await;
+        if let Err(e) = r {
+            warn!(record = %key, error = %e, "webhook: marking the delivery record failed");
+        }
+    }
+
+    /// Drops a claim whose deploy was not created, so that CI's retry of it works.
+    async fn release(&self, key: &str) {
+        let r = self.update(|data| ((), data.remove(key).is_some())).await;
+        if let Err(e) = r {
+            warn!(record = %key, error = %e, "webhook: releasing the delivery record failed");
         }
     }
 }
@@ -376,6 +875,151 @@ mod tests {
         assert!(!signature_valid(key, b"{}", &good));
         assert!(!signature_valid(key, body, "sha1=abc"));
         assert!(!signature_valid(key, body, "sha256=zz"));
+    }
+
+    #[test]
+    fn delivery_keys_are_by_environment_and_body() {
+        let a = delivery_key("staging", b"{\"image_tag\":\"abc\"}");
+        assert_eq!(a, delivery_key("staging", b"{\"image_tag\":\"abc\"}"));
+        assert_ne!(a, delivery_key("production", b"{\"image_tag\":\"abc\"}"));
+        assert_ne!(a, delivery_key("staging", b"{\"image_tag\":\"abd\"}"));
+        // A valid ConfigMap key.
+        assert_eq!(a.len(), 40);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_record_is_kept_two_skew_windows_past_its_timestamp() {
+        let skew = Duration::from_secs(300);
+        let d = new_delivery(
+            "staging",
+            "staging-abc",
+            at("2026-03-01T12:00:00Z"),
+            at("2026-03-01T12:01:00.5Z"),
+            skew,
+        );
+        assert_eq!(d.state, STATE_PENDING);
+        assert_eq!(d.received_at, "2026-03-01T12:01:00Z");
+        assert_eq!(d.keep_until, "2026-03-01T12:11:00Z");
+        assert_eq!(d.deploy, "staging-abc");
+        // A timestamp ahead of the clock (within the skew) counts from the timestamp.
+        let d = new_delivery(
+            "staging",
+            "n",
+            at("2026-03-01T12:04:00Z"),
+            at("2026-03-01T12:01:00Z"),
+            skew,
+        );
+        assert_eq!(d.keep_until, "2026-03-01T12:14:00Z");
+    }
+
+    #[test]
+    fn claims_duplicates_takeovers_and_pruning() {
+        let skew = Duration::from_secs(300);
+        let timeout = Duration::from_secs(10);
+        let t0 = at("2026-03-01T12:00:00Z");
+        let mut records = BTreeMap::new();
+        let d = new_delivery("staging", "staging-abc", t0, t0, skew);
+        // First: claimed, recorded pending.
+        assert_eq!(claim_in(&mut records, "k", &d, t0, timeout), Claim::Claimed);
+        // The same delivery while the first request works: in progress.
+        let t1 = at("2026-03-01T12:00:05Z");
+        let again = new_delivery("staging", "staging-abc", t0, t1, skew);
+        assert_eq!(
+            claim_in(&mut records, "k", &again, t1, timeout),
+            Claim::InProgress
+        );
+        // The first request died: past the request timeout the record is taken over.
+        let t2 = at("2026-03-01T12:00:11Z");
+        let late = new_delivery("staging", "staging-abc", t0, t2, skew);
+        assert_eq!(
+            claim_in(&mut records, "k", &late, t2, timeout),
+            Claim::Claimed
+        );
+        let stored: Delivery = serde_json::from_str(&records["k"]).unwrap();
+        assert_eq!(stored.received_at, "2026-03-01T12:00:11Z");
+        // Delivered: a duplicate, whatever became of its deploy, until the record's time is up.
+        let mut done = stored.clone();
+        done.state = STATE_DELIVERED.into();
+        records.insert("k".into(), serde_json::to_string(&done).unwrap());
+        for t in ["2026-03-01T12:00:12Z", "2026-03-01T12:09:59Z"] {
+            assert_eq!(
+                claim_in(&mut records, "k", &late, at(t), timeout),
+                Claim::Delivered {
+                    received_at: "2026-03-01T12:00:11Z".into()
+                },
+                "{t}"
+            );
+        }
+        // Other deliveries are their own records.
+        assert_eq!(
+            claim_in(&mut records, "k2", &late, t2, timeout),
+            Claim::Claimed
+        );
+        // Past keepUntil (ts + 2 skews) records are pruned: by then the body is stale anyway.
+        let later = at("2026-03-01T12:10:12Z");
+        assert!(prune(&mut records, later));
+        assert!(records.is_empty());
+        // Unreadable records are pruned too, never a panic.
+        records.insert("junk".into(), "{".into());
+        assert!(prune(&mut records, t0));
+        // A full window is refused, not forgotten.
+        for i in 0..MAX_RECORDS {
+            records.insert(format!("r{i}"), serde_json::to_string(&d).unwrap());
+        }
+        assert_eq!(claim_in(&mut records, "new", &d, t0, timeout), Claim::Full);
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_up_to_the_limit_and_drained_beyond_it() {
+        let h = HeaderMap::new();
+        let ok = read_body(&h, Body::from(vec![b'a'; 100]), 100).await;
+        assert_eq!(ok.unwrap().len(), 100);
+        let big = read_body(&h, Body::from(vec![b'a'; 101]), 100).await;
+        assert_eq!(big, Err(BodyError::TooLarge));
+        // Arriving in pieces, past the limit: every piece is read, then refused.
+        let chunks = futures::stream::iter(
+            (0..10).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'b'; 50]))),
+        );
+        let r = read_body(&h, Body::from_stream(chunks), 100).await;
+        assert_eq!(r, Err(BodyError::TooLarge));
+        // A declared length past the drain limit is refused unread.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from_str(&(DRAIN_LIMIT + 1).to_string()).unwrap(),
+        );
+        let r = read_body(&h, Body::from(vec![b'a'; 10]), 100).await;
+        assert_eq!(r, Err(BodyError::TooLarge));
+    }
+
+    #[test]
+    fn bad_durations_in_the_config_are_refused_naming_the_field() {
+        let cfg = |skew: &str, timeout: &str| -> WebhookConfig {
+            serde_yaml::from_str(&format!(
+                "maxSkew: {skew}\nrequestTimeout: {timeout}\nenvironments: {{}}\n"
+            ))
+            .unwrap()
+        };
+        let defaults: WebhookConfig = serde_yaml::from_str("environments: {}").unwrap();
+        assert_eq!(defaults.request_timeout, "10s");
+        assert_eq!(
+            check(&cfg("soon", "10s")).unwrap_err().split(':').next(),
+            Some("webhook.maxSkew")
+        );
+        assert_eq!(
+            check(&cfg("5m", "later")).unwrap_err().split(':').next(),
+            Some("webhook.requestTimeout")
+        );
+        assert!(check(&cfg("5m", "0s")).is_err());
+        assert_eq!(
+            check(&cfg("5m", "2s")).unwrap(),
+            (Duration::from_secs(300), Duration::from_secs(2))
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod deploy;
 pub mod sandbox;
 pub mod secretbundle;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

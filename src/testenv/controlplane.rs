@@ -144,6 +144,10 @@ pub struct ControlPlane {
     dir: tempfile::TempDir,
     etcd: Mutex<Child>,
     apiserver: Mutex<Child>,
+    /// How kube-apiserver was started (binary and flags), to start it again the same way.
+    apiserver_bin: PathBuf,
+    apiserver_args: Vec<String>,
+    ready_timeout: Duration,
     server: String,
     token: String,
     ca_pem: String,
@@ -210,29 +214,29 @@ impl ControlPlane {
         let server = format!("https://127.0.0.1:{port}");
         let apiserver_log = d.join("kube-apiserver.log");
         let p = |name: &str| d.join(name).display().to_string();
+        let mut apiserver_args = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", p("certs")),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--token-auth-file={}", p("tokens.csv")),
+            "--authorization-mode=RBAC".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            format!("--service-account-issuer={server}"),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--allow-privileged=true".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--profiling=false".into(),
+            "--v=1".into(),
+        ];
+        apiserver_args.extend(opts.extra_apiserver_args.iter().cloned());
         let mut cmd = Command::new(&apiserver_bin);
-        cmd.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={port}"))
-            .arg(format!("--cert-dir={}", p("certs")))
-            .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
-            .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
-            .arg(format!("--client-ca-file={}", p("ca.crt")))
-            .arg(format!("--token-auth-file={}", p("tokens.csv")))
-            .arg("--authorization-mode=RBAC")
-            .arg(format!("--service-account-key-file={}", p("sa.pub")))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                p("sa.key")
-            ))
-            .arg(format!("--service-account-issuer={server}"))
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--allow-privileged=true")
-            .arg("--enable-priority-and-fairness=false")
-            .arg("--profiling=false")
-            .arg("--v=1")
-            .args(&opts.extra_apiserver_args);
+        cmd.args(&apiserver_args);
         let mut apiserver =
             spawn_tied(cmd, &apiserver_log).map_err(io("starting kube-apiserver"))?;
 
@@ -258,6 +262,9 @@ impl ControlPlane {
             dir,
             etcd: Mutex::new(etcd),
             apiserver: Mutex::new(apiserver),
+            apiserver_bin,
+            apiserver_args,
+            ready_timeout: opts.ready_timeout,
             server,
             token,
             ca_pem,
@@ -367,6 +374,50 @@ impl ControlPlane {
             })?;
         }
         Ok(())
+    }
+
+    /// Kills kube-apiserver (SIGKILL, as a crash would) and leaves etcd running: an API server
+    /// outage. Clients see their connections cut and then refused until
+    /// [`ControlPlane::start_apiserver`]. Use a control plane of your own for this: every client
+    /// of this one loses the server.
+    pub fn stop_apiserver(&self) {
+        let mut child = self.apiserver.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts kube-apiserver again after [`ControlPlane::stop_apiserver`]: the same binary and
+    /// flags, so the same port, certificates, identity and etcd (every object kept). Returns
+    /// once `/readyz` answers OK. Its log goes on in the same file.
+    pub async fn start_apiserver(&self) -> Result<(), ControlPlaneError> {
+        let log = self.dir.path().join("kube-apiserver.log");
+        if let Ok(None) = self
+            .apiserver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_wait()
+        {
+            return Err(ControlPlaneError::Io {
+                what: "starting kube-apiserver again".into(),
+                source: std::io::Error::other("it is running; stop_apiserver first"),
+            });
+        }
+        let mut cmd = Command::new(&self.apiserver_bin);
+        cmd.args(&self.apiserver_args);
+        let mut child = spawn_tied(cmd, &log).map_err(io("starting kube-apiserver again"))?;
+        let ready = wait_ready(
+            &mut child,
+            &self.server,
+            &self.token,
+            &self.ca_pem,
+            &log,
+            self.ready_timeout,
+        )
+        .await;
+        // The old process is reaped already; the new one takes its place (and is stopped with
+        // the rest, ready or not).
+        *self.apiserver.lock().unwrap_or_else(|e| e.into_inner()) = child;
+        ready
     }
 
     /// Stops the API server and etcd. The files stay until the value is dropped.

@@ -790,3 +790,237 @@ async fn webhook_creates_one_deploy_per_delivery_and_refuses_bad_calls() {
         "the webhook secret reached the log"
     );
 }
+
+/// Sends a request whose body stops arriving after `sent` of `declared` bytes and returns the
+/// raw answer (status line, headers, body), read until the server closes the connection.
+async fn stalled_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    declared: usize,
+    sent: &[u8],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(sent).await.unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
+    assert!(
+        r.is_ok(),
+        "no answer within 30 s: {}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[tokio::test]
+async fn webhook_refusals_are_json_at_every_layer_and_a_replay_never_recreates_a_deleted_deploy() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "webhook-edges").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "webhook-secret-edges-9876543210";
+    std::fs::write(dir.path().join("secret"), format!("{secret}\n")).unwrap();
+    let config = format!(
+        "webhook:\n  secretFile: {}\n  maxSkew: 5m\n  maxBodyBytes: 4096\n  requestTimeout: 2s\n  environments:\n    staging:\n      namespace: {ns}\n      selector: {{environment: staging}}\n      autoDeploy: false\n",
+        dir.path().join("secret").display()
+    );
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let ec2 = Ec2Endpoint::start(Ec2EndpointOptions::default())
+        .await
+        .unwrap();
+    let with_config = ["--config", config_path.to_str().unwrap()];
+    let mut op = Operator::start(&ns, &ec2.url(), &with_config);
+    let http = reqwest::Client::new();
+    let up = |op: &Operator| {
+        let url = format!("http://{}/healthz", op.http);
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while reqwest::get(&url).await.is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "operator HTTP never came up"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    up(&op).await;
+    let url = |op: &Operator, path: &str| format!("http://{}{path}", op.http);
+    let payload = |tag: &str, ts: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "event": "ghosthands.deploy_ready", "image_tag": tag, "commit_sha": "abc123",
+            "timestamp": ts,
+        }))
+        .unwrap()
+    };
+    let deliver = |op: &Operator, body: Vec<u8>| {
+        http.post(url(op, sandbox_operator::webhook::PATH))
+            .header("content-type", "application/json")
+            .header("x-gh-event", "deploy_ready")
+            .header("x-gh-environment", "staging")
+            .header("x-gh-webhook-signature", sign(secret, &body))
+            .body(body)
+            .send()
+    };
+    /// The status and the JSON body; panics when the body is not JSON.
+    async fn json(r: reqwest::Response) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap();
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{status}: the body is not JSON ({e}): {text:?}"));
+        (status, headers, v)
+    }
+
+    // ---- A wrong method: 405, JSON, Allow: POST. ----
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
+        let r = http
+            .request(method.clone(), url(&op, sandbox_operator::webhook::PATH))
+            .send()
+            .await
+            .unwrap();
+        let (status, headers, v) = json(r).await;
+        assert_eq!(status, 405, "{method}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("POST"),
+            "{method}: {v}"
+        );
+        assert_eq!(headers.get("allow").unwrap(), "POST");
+    }
+    // ---- An unknown path under the webhook prefix: 404, JSON. ----
+    for path in [
+        "/api/v1/webhooks/ghosthands/undeploy",
+        "/api/v1/webhooks/other",
+        "/api/v1/webhooks",
+    ] {
+        let r = http.post(url(&op, path)).body("{}").send().await.unwrap();
+        let (status, _, v) = json(r).await;
+        assert_eq!(status, 404, "{path}: {v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains(sandbox_operator::webhook::PATH),
+            "{path}: {v}"
+        );
+    }
+    // ---- Bodies above the limit: 413, JSON, whatever their size (the old 1 MiB layer
+    // answered plain text above 1 MiB). ----
+    for size in [4097usize, 2 << 20] {
+        let body = vec![b' '; size];
+        let r = deliver(&op, body).await.unwrap();
+        let (status, _, v) = json(r).await;
+        assert_eq!(status, 413, "{size} bytes: {v}");
+        assert!(v["error"].as_str().unwrap().contains("4096"), "{v}");
+    }
+    // ---- A body that stops arriving: 408 after requestTimeout, JSON, connection closed. ----
+    let t0 = std::time::Instant::now();
+    let raw = stalled_post(op.http, sandbox_operator::webhook::PATH, 100, b"{\"image_").await;
+    let waited = t0.elapsed();
+    assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {raw}"));
+    assert!(v["error"].as_str().unwrap().contains("2s"), "{v}");
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "answered before the timeout: {waited:?}"
+    );
+    assert!(
+        raw.to_ascii_lowercase().contains("connection: close"),
+        "{raw}"
+    );
+
+    // ---- A delivery, its deploy deleted, the delivery replayed: never created again. ----
+    let deploys: Api<SandboxDeploy> = Api::namespaced(client.clone(), &ns);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let body = payload("edge123", &now);
+    let (status, _, v) = json(deliver(&op, body.clone()).await.unwrap()).await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["name"], "staging-edge123");
+    deploys
+        .delete("staging-edge123", &Default::default())
+        .await
+        .unwrap();
+    support::eventually(30, "the SandboxDeploy deleted", || {
+        let deploys = deploys.clone();
+        async move {
+            deploys
+                .get_opt("staging-edge123")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    let replayed = |op: &Operator| {
+        let f = deliver(op, body.clone());
+        async move {
+            let (status, _, v) = json(f.await.unwrap()).await;
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["status"], "duplicate", "{v}");
+            assert!(
+                v["reason"].as_str().unwrap().contains("already received"),
+                "{v}"
+            );
+        }
+    };
+    replayed(&op).await;
+    // The record lives apart from the deploy, in the environment's namespace.
+    let records: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let data = records
+        .get(sandbox_operator::webhook::DELIVERIES)
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    let record: sandbox_operator::webhook::Delivery =
+        serde_json::from_str(&data[&sandbox_operator::webhook::delivery_key("staging", &body)])
+            .unwrap();
+    assert_eq!(record.state, "delivered");
+    assert_eq!(record.deploy, "staging-edge123");
+    // The record outlives the process: after a restart the replay is still refused.
+    op = op.restart(&ns, &ec2.url(), &with_config);
+    up(&op).await;
+    replayed(&op).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        deploys.get_opt("staging-edge123").await.unwrap().is_none(),
+        "a replay recreated the deleted SandboxDeploy"
+    );
+    // A new delivery of the same tag (CI ran again: a new timestamp) is not a replay.
+    let again = payload("edge123", &k8s_openapi::jiff::Timestamp::now().to_string());
+    assert_ne!(again, body);
+    let (status, _, v) = json(deliver(&op, again).await.unwrap()).await;
+    assert_eq!(status, 202, "{v}");
+    assert!(deploys.get_opt("staging-edge123").await.unwrap().is_some());
+
+    // ---- Not configured: the prefix still answers JSON. ----
+    op = op.restart(&ns, &ec2.url(), &[]);
+    up(&op).await;
+    let r = http
+        .post(url(&op, sandbox_operator::webhook::PATH))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let (status, _, v) = json(r).await;
+    assert_eq!(status, 404, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("not configured"),
+        "{v}"
+    );
+    assert!(
+        !op.logs().contains(secret),
+        "the webhook secret reached the log"
+    );
+}

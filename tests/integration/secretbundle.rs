@@ -603,6 +603,116 @@ async fn drift_reported_by_the_agent_is_corrected_on_refresh() {
 }
 
 #[tokio::test]
+async fn a_failed_restart_stays_failed_until_a_push_and_restart_succeed() {
+    let e = env("secretbundle-restart-fails", |_| {}).await;
+    let a = Agent::start("v1", 0).await;
+    e.agent_token(&a).await;
+    e.secret("src", &[("API_KEY", "restart-test-value")]).await;
+    let stand_in = StandIn::start(e.sbx.clone());
+    e.sandbox("a", &[], &a.url).await;
+    e.sandbox_state("a", "running", &a.url).await;
+    stand_in.watch("a", &a);
+    // The worker's restart fails: the agent runs `docker compose restart worker`, which the fake
+    // docker fails while this file exists. The agent writes the env file first.
+    let fail = a.dir.join("docker").join("fail-restart");
+    std::fs::write(&fail, "").unwrap();
+    let restarts = || {
+        a.docker_calls()
+            .lines()
+            .filter(|l| l.starts_with("restart "))
+            .count()
+    };
+    e.bundle(
+        "env",
+        json!({
+            "sources": [{"secretName": "src"}],
+            "targets": {"sandboxes": {"selector": {}, "restartServices": ["worker"]}},
+            "refreshInterval": "1h",
+        }),
+    )
+    .await;
+    let st = e
+        .wait("env", 30, "the target Failed", |s| {
+            state_of(s, "a") == Some(BundleTargetState::Failed)
+        })
+        .await;
+    let hash = st.content_hash.clone().unwrap();
+    assert!(restarts() >= 1, "{}", a.docker_calls());
+    // The file was written, so the agent holds the new content's hash...
+    assert_eq!(envfile::sha256_hex(env_file(&a).as_bytes()), hash);
+    // ...and reports it: the stand-in Sandbox controller copies it into the Sandbox's status,
+    // which wakes the bundle.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = e.sbx.get("a").await.unwrap();
+        let reported = s.status.and_then(|st| st.agent).and_then(|a| a.env_sha256);
+        if reported.as_deref() == Some(hash.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent's hash never reached the Sandbox: {reported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The hash alone is not success: through several retries (backoff 1 s, 2 s, 4 s), each a
+    // push whose restart fails again, the target stays Failed and the bundle not Ready.
+    let watch_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < watch_until {
+        let st = e.status("env").await;
+        assert_eq!(
+            state_of(&st, "a"),
+            Some(BundleTargetState::Failed),
+            "{}",
+            serde_json::to_string_pretty(&st).unwrap()
+        );
+        assert_eq!(st.synced_targets, 0);
+        let (status, reason, message) = cond(&st, "Ready").unwrap();
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "SyncFailed"));
+        assert!(
+            message.contains("sandbox a") && message.contains("restarting worker"),
+            "{message}"
+        );
+        let t = target(&st, "a").unwrap();
+        assert!(
+            t.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("restarting worker"),
+            "{t:?}"
+        );
+        assert_ne!(t.synced_hash.as_deref(), Some(hash.as_str()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed_restarts = restarts();
+    assert!(
+        failed_restarts >= 2,
+        "the failed target was not retried with a push and a restart: {}",
+        a.docker_calls()
+    );
+    let reasons = e.event_reasons("env").await;
+    assert!(
+        reasons
+            .iter()
+            .any(|(r, m)| r == "SyncFailed" && m.contains("restarting worker")),
+        "{reasons:?}"
+    );
+    // The restart works again: the next retry, a push and a restart that succeed, makes it
+    // Synced.
+    std::fs::remove_file(&fail).unwrap();
+    let st = e
+        .wait("env", 30, "synced after a successful restart", |s| {
+            all_synced(s, 1)
+        })
+        .await;
+    assert!(restarts() > failed_restarts, "{}", a.docker_calls());
+    let t = target(&st, "a").unwrap();
+    assert_eq!(t.synced_hash.as_deref(), Some(hash.as_str()));
+    assert_eq!(t.message, None);
+    assert!(cond(&st, "Degraded").is_none(), "{st:?}");
+}
+
+#[tokio::test]
 async fn invalid_sources_push_nothing_and_name_the_key() {
     let e = env("secretbundle-invalid", |_| {}).await;
     let a = Agent::start("v1", 0).await;

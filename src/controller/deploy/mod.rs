@@ -14,8 +14,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::warn;
 
@@ -119,34 +119,39 @@ pub async fn run(
         ),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    let controller = Controller::new(deploys, watcher::Config::default().any_semantic());
-    let store = controller.store();
+    // Each watch paces its own retries (controller::watch), so one failing watch never holds
+    // the other back.
+    let (store, writer) = reflector::store();
     *ctx.store.lock().expect("store") = Some(store.clone());
+    let deploy_stream = watcher(deploys, watcher::Config::default().any_semantic())
+        .backoff(crate::controller::watch::backoff())
+        .reflect(writer)
+        .applied_objects();
+    let sandbox_stream = watcher(sandboxes, watcher::Config::default().any_semantic())
+        .backoff(crate::controller::watch::backoff())
+        .touched_objects();
     // A Sandbox's change wakes the running deploys of its namespace that target it.
     let mapper_store = store.clone();
-    controller
-        .watches(
-            sandboxes,
-            watcher::Config::default().any_semantic(),
-            move |sbx: Sandbox| {
-                let ns = sbx.namespace();
-                let name = sbx.name_any();
-                mapper_store
-                    .state()
-                    .into_iter()
-                    .filter(|d| {
-                        d.namespace() == ns
-                            && !decide::finished(d.status.as_ref().and_then(|s| s.phase))
+    Controller::for_stream(deploy_stream, store)
+        .trigger_backoff(crate::controller::watch::trigger_backoff())
+        .watches_stream(sandbox_stream, move |sbx: Sandbox| {
+            let ns = sbx.namespace();
+            let name = sbx.name_any();
+            mapper_store
+                .state()
+                .into_iter()
+                .filter(|d| {
+                    d.namespace() == ns
+                        && !decide::finished(d.status.as_ref().and_then(|s| s.phase))
+                })
+                .filter(|d| {
+                    d.status.as_ref().is_none_or(|s| {
+                        s.targets.is_empty() || s.targets.iter().any(|t| t.name == name)
                     })
-                    .filter(|d| {
-                        d.status.as_ref().is_none_or(|s| {
-                            s.targets.is_empty() || s.targets.iter().any(|t| t.name == name)
-                        })
-                    })
-                    .map(|d| ObjectRef::from_obj(&*d))
-                    .collect::<Vec<_>>()
-            },
-        )
+                })
+                .map(|d| ObjectRef::from_obj(&*d))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

@@ -224,7 +224,7 @@ pub async fn run(
     // Status-only updates do not wake the controller; spec, annotations (the start request)
     // and finalizer changes do.
     let stream = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(crate::controller::watch::backoff())
         .reflect(writer)
         .applied_objects()
         .predicate_filter(spec_annotations_finalizers, Default::default());
@@ -238,6 +238,7 @@ pub async fn run(
     tokio::spawn(orphan_sweep(ctx.clone(), namespace.clone()));
     tokio::spawn(phase_gauges(ctx.clone(), reader.clone()));
     Controller::for_stream(stream, reader)
+        .trigger_backoff(crate::controller::watch::trigger_backoff())
         .reconcile_on(changes)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

@@ -717,6 +717,16 @@ fn assess_sandbox(
         a.entry.message = Some("waiting for the agent URL (status.agent.url)".into());
         return a;
     }
+    // The last push to this target failed (its status entry says so, or this process remembers
+    // it). The agent's env hash cannot clear that: a push whose service restart fails has
+    // written the file (so the hash matches) while the services still run on the old values.
+    // Only a push that succeeds, restart included, makes the target Synced again.
+    let failed_before = prev.is_some_and(|p| p.state == BundleTargetState::Failed)
+        || mem.is_some_and(|m| m.retry_at.is_some() && !m.skipped);
+    if failed_before {
+        gate(inp, &mut a, mem, Why::Retry);
+        return a;
+    }
     let synced = prev.and_then(|p| p.synced_hash.as_deref()) == Some(hash);
     if synced {
         let synced_at = prev.and_then(|p| p.synced_at.as_ref()).map(|t| t.0);
@@ -917,6 +927,13 @@ pub fn summarize(
             .collect()
     };
     let failed = names(&|t| t.entry.state == BundleTargetState::Failed);
+    // The first failure's own words (scrubbed at the edge), so Ready says what went wrong:
+    // "restarting worker: ..." is not "synced", whatever hash the agent reports.
+    let first_failure = targets
+        .iter()
+        .find(|t| t.entry.state == BundleTargetState::Failed)
+        .and_then(|t| t.entry.message.as_deref())
+        .map(|m| excerpt(m, 300));
     let skipped = names(&|t| t.entry.state == BundleTargetState::Skipped);
     let waiting = names(&|t| t.entry.state == BundleTargetState::Pending && t.blocks_ready);
     let parked = names(&|t| t.entry.state == BundleTargetState::Pending && !t.blocks_ready);
@@ -938,11 +955,18 @@ pub fn summarize(
         (
             FALSE,
             reason::SYNC_FAILED,
-            format!(
-                "{} of {total} targets failed to take content {hash}: {}",
-                failed.len(),
-                list(&failed)
-            ),
+            match &first_failure {
+                Some(m) => format!(
+                    "{} of {total} targets failed to take content {hash}: {} (first: {m})",
+                    failed.len(),
+                    list(&failed)
+                ),
+                None => format!(
+                    "{} of {total} targets failed to take content {hash}: {}",
+                    failed.len(),
+                    list(&failed)
+                ),
+            },
         )
     } else if !waiting.is_empty() {
         (
@@ -1039,6 +1063,18 @@ pub fn summarize_invalid(
         now,
     );
     st
+}
+
+/// At most `max` bytes of `s` (cut on a character boundary), marked when cut.
+fn excerpt(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &s[..cut])
 }
 
 fn list(names: &[String]) -> String {
@@ -1451,6 +1487,129 @@ mod tests {
         c.sandboxes[0].fingerprint = 7;
         c.content = render(&[src("s", None)], &[data("s", &[("A", "2")])]).unwrap();
         assert_eq!(pushed(&c.plan()), ["a"]);
+    }
+
+    /// A push whose restart failed, as the agent answers it: the file is written, the
+    /// service did not restart.
+    fn restart_failed() -> Outcome {
+        Outcome::Failed {
+            message: "the agent answered 502: env file written (sha256 abc), but restarting worker: exit status 1".into(),
+        }
+    }
+
+    fn standing_of(p: &Plan) -> Vec<Standing> {
+        p.targets
+            .iter()
+            .map(|a| Standing {
+                entry: a.entry.clone(),
+                blocks_ready: a.blocks_ready,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_restart_stays_failed_whatever_hash_the_agent_reports() {
+        let mut c = Case::new();
+        c.sandboxes = vec![sbx("a", "running")];
+        let key = TargetKey::Sandbox("a".into());
+        let hash = c.content.hash.clone();
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["a"]);
+        // The push wrote the file; the restart failed.
+        let mut mem = Memory::default();
+        remember(&mut mem, &restart_failed(), &c.inputs(), 7);
+        let e = entry_after(&p.targets[0], &restart_failed(), &c.inputs());
+        assert_eq!(e.state, BundleTargetState::Failed);
+        assert_eq!(e.synced_hash, None);
+        c.status.targets = vec![e];
+        c.status.content_hash = Some(hash.clone());
+        c.memory.insert(key.clone(), mem.clone());
+        // A second later the agent reports the new file's hash, read after the push.
+        c.now = now() + Duration::from_secs(1);
+        c.sandboxes[0].reported_hash = Some(hash.clone());
+        c.sandboxes[0].reported_at = Some(c.now);
+        let p = c.plan();
+        assert!(pushed(&p).is_empty(), "retried before its backoff");
+        let a = &p.targets[0];
+        assert_eq!(a.entry.state, BundleTargetState::Failed);
+        assert!(a.blocks_ready);
+        assert_eq!(a.entry.synced_hash, None);
+        assert!(
+            a.entry
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("restarting worker"),
+            "{a:?}"
+        );
+        assert_eq!(a.wake_at, mem.retry_at);
+        // The bundle's Ready says so, in the failure's own words.
+        let st = summarize(&c.status, Some(1), &c.content, standing_of(&p), &[], c.now);
+        let r = conditions::get(&st.conditions, cond::READY).unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            (FALSE, reason::SYNC_FAILED)
+        );
+        assert!(
+            r.message.contains("sandbox a") && r.message.contains("restarting worker"),
+            "{}",
+            r.message
+        );
+        assert_eq!(st.synced_targets, 0);
+        // When the backoff ends it is pushed again (a push restarts), not taken on its hash.
+        c.now = mem.retry_at.unwrap();
+        let p = c.plan();
+        assert_eq!(p.targets[0].push, Some(Why::Retry));
+        // This process forgot (a restart of the operator): the status entry alone keeps it
+        // from Synced, and it is pushed at once.
+        c.memory.clear();
+        c.now = now() + Duration::from_secs(2);
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["a"]);
+        assert_ne!(p.targets[0].entry.state, BundleTargetState::Synced);
+        // A push that succeeds, restart included, makes it Synced; then it stays put.
+        let ok = Outcome::Synced { hash: hash.clone() };
+        let e = entry_after(&p.targets[0], &ok, &c.inputs());
+        assert_eq!(e.state, BundleTargetState::Synced);
+        assert_eq!(e.synced_hash.as_ref(), Some(&hash));
+        let mut mem = Memory::default();
+        remember(&mut mem, &ok, &c.inputs(), 7);
+        c.status.targets = vec![e];
+        c.memory.insert(key, mem);
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Synced);
+    }
+
+    #[test]
+    fn a_failed_drift_correction_is_not_cleared_by_the_hash_either() {
+        let mut c = Case::new();
+        let h = c.content.hash.clone();
+        let pushed_at = now() - Duration::from_secs(7200);
+        c.status.targets = vec![synced_entry("a", &h, pushed_at)];
+        c.status.content_hash = Some(h.clone());
+        c.sandboxes = vec![sbx("a", "running")];
+        c.sandboxes[0].reported_hash = Some("tampered".into());
+        c.sandboxes[0].reported_at = Some(now() - Duration::from_secs(10));
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["a"]);
+        assert_eq!(p.targets[0].push, Some(Why::Drift));
+        // The correction rewrote the file; the restart failed.
+        let e = entry_after(&p.targets[0], &restart_failed(), &c.inputs());
+        let mut mem = Memory::default();
+        remember(&mut mem, &restart_failed(), &c.inputs(), 7);
+        // The entry still names the hash last synced, but it is Failed...
+        assert_eq!(e.synced_hash.as_ref(), Some(&h));
+        c.status.targets = vec![e];
+        c.memory.insert(TargetKey::Sandbox("a".into()), mem);
+        // ...and the agent's matching hash does not turn it back into Synced.
+        c.now = now() + Duration::from_secs(1);
+        c.sandboxes[0].reported_hash = Some(h.clone());
+        c.sandboxes[0].reported_at = Some(c.now);
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Failed);
+        assert!(p.targets[0].blocks_ready);
     }
 
     #[test]

@@ -275,7 +275,7 @@ pub async fn run(
     let bundle_stream = {
         let ctx = ctx.clone();
         watcher(bundles, watcher::Config::default().any_semantic())
-            .default_backoff()
+            .backoff(crate::controller::watch::backoff())
             .reflect(bundle_writer)
             .applied_objects()
             // Spec changes (and deletion) wake it; its own status writes do not.
@@ -289,12 +289,12 @@ pub async fn run(
     let (sandbox_reader, sandbox_writer) = reflector::store();
     let sandbox_stream = relevant_sandbox_changes(
         watcher(sandboxes, watcher::Config::default().any_semantic())
-            .default_backoff()
+            .backoff(crate::controller::watch::backoff())
             .reflect(sandbox_writer),
     );
     // Metadata only: the operator never holds every Secret's data; it reads the few it needs.
     let secret_stream = watcher(secrets, watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(crate::controller::watch::backoff())
         .touched_objects();
     let _ = ctx.stores.set(Stores {
         bundles: bundle_reader.clone(),
@@ -316,6 +316,7 @@ pub async fn run(
         }
     };
     Controller::for_stream(bundle_stream, bundle_reader)
+        .trigger_backoff(crate::controller::watch::trigger_backoff())
         .watches_stream(sandbox_stream, sandbox_mapper)
         .watches_stream(secret_stream, secret_mapper)
         .graceful_shutdown_on(shutdown)
