@@ -12,6 +12,7 @@ mod engine;
 mod fleet;
 mod import;
 mod ledger;
+mod legacy;
 mod sandbox;
 mod secretbundle;
 mod ship;
