@@ -58,6 +58,12 @@ pub struct RunArgs {
     /// How long one image deploy on one sandbox may take.
     #[arg(long, env = "SANDBOX_OPERATOR_DEPLOY_DEADLINE", default_value = "15m", value_parser = duration)]
     pub deploy_deadline: Duration,
+    /// Image deploy to an old `health-server.js` (which reports no image tag and no deploy
+    /// progress): how long after it accepted `POST /deploy` the box is left to run its deploy
+    /// script before two consecutive healthy answers count as success. Shorter than
+    /// --deploy-deadline.
+    #[arg(long, env = "SANDBOX_OPERATOR_LEGACY_DEPLOY_SETTLE", default_value = "3m", value_parser = duration)]
+    pub legacy_deploy_settle: Duration,
     /// Terminate instances the operator launched whose Sandbox has been gone this long
     /// ("off" only reports them).
     #[arg(long, env = "SANDBOX_OPERATOR_ORPHAN_GRACE", default_value = "10m")]
@@ -123,6 +129,13 @@ struct HttpState {
 
 /// Runs the operator until SIGTERM or Ctrl-C.
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    if args.legacy_deploy_settle >= args.deploy_deadline {
+        return Err(RunError::Setting(format!(
+            "--legacy-deploy-settle ({}s) must be shorter than --deploy-deadline ({}s): a deploy to an old health server could never succeed",
+            args.legacy_deploy_settle.as_secs(),
+            args.deploy_deadline.as_secs()
+        )));
+    }
     let orphan_grace = match args.orphan_grace.as_str() {
         "off" | "never" => None,
         s => {
@@ -204,6 +217,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         decide: crate::controller::sandbox::decide::Settings {
             drain_timeout: args.drain_timeout,
             deploy_deadline: args.deploy_deadline,
+            legacy_settle: args.legacy_deploy_settle,
             resync: args.resync,
             poll: args.poll,
         },

@@ -163,6 +163,13 @@ impl HealthReport {
         self.agent_version.is_some()
     }
 
+    /// The report comes from the seeds' old `health-server.js`: none of the fields it never sent
+    /// (`agentVersion`, `imageTag`, `deploy`) is present. Such a server cannot say which image
+    /// it runs or how a deploy went; only that it answers, and how many workers are busy.
+    pub fn is_legacy(&self) -> bool {
+        self.agent_version.is_none() && self.image_tag.is_none() && self.deploy.is_none()
+    }
+
     /// The check with this name.
     pub fn check(&self, name: &str) -> Option<&Check> {
         self.checks.iter().find(|c| c.name == name)
@@ -468,6 +475,17 @@ mod tests {
         assert!(r.is_healthy());
         assert!(!r.degraded());
         assert!(!r.is_agent());
+        assert!(r.is_legacy());
+        let new = HealthReport {
+            agent_version: Some("0.1.0".into()),
+            ..r.clone()
+        };
+        assert!(!new.is_legacy());
+        let tagged = HealthReport {
+            image_tag: Some("v1".into()),
+            ..r.clone()
+        };
+        assert!(!tagged.is_legacy());
         assert!(r.deploy.is_none() && r.checks.is_empty());
         assert!(!r.is_deploy_safe());
     }

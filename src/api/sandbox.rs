@@ -558,4 +558,13 @@ pub struct ImageDeployStatus {
     /// When it finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
+    /// When the agent was asked to deploy (`POST /deploy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<Time>,
+    /// The agent is the old `health-server.js`, which reports neither its image tag nor the
+    /// deploy's progress: the deploy counts as done once the box answers healthy again after
+    /// the settle time, and the tag is then assumed, not reported (ImageUpToDate reason
+    /// AssumedByLegacyAgent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub legacy_agent: bool,
 }

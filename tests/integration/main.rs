@@ -12,6 +12,7 @@ mod engine;
 mod fleet;
 mod import;
 mod ledger;
+mod legacy;
 mod outage;
 mod sandbox;
 mod secretbundle;

@@ -31,6 +31,11 @@ pub mod cond {
     pub const IDLE: &str = "Idle";
 }
 
+/// The ImageUpToDate reason when the agent is the seeds' old `health-server.js`: it cannot say
+/// which tag it runs, so the tag of the last deploy it accepted and came back healthy from is
+/// assumed.
+pub const ASSUMED_BY_LEGACY_AGENT: &str = "AssumedByLegacyAgent";
+
 /// Why an instance is stopped, as status reports it.
 pub mod stop_reason {
     /// The spec says Stopped.
@@ -55,6 +60,10 @@ pub mod deploy_state {
     pub const FAILED: &str = "Failed";
     /// Failed and the agent rolled back to the previous tag.
     pub const ROLLED_BACK: &str = "RolledBack";
+
+    /// Consecutive healthy answers a legacy health server must give after the settle time
+    /// before its deploy counts as done (the first moves the deploy to Verifying).
+    pub const LEGACY_HEALTHY_REPORTS: u32 = 2;
 
     /// Whether a deploy in this state is still under way.
     pub fn in_progress(state: &str) -> bool {
@@ -394,6 +403,12 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// How long one image deploy may take in all.
     pub deploy_deadline: Duration,
+    /// A deploy to a legacy health server (which reports no image tag and no deploy progress):
+    /// how long after `POST /deploy` the box is left to its deploy script before its health
+    /// counts. The seeds' `gh-deploy.sh` drains for up to 60s, stops the worker with a 35s
+    /// grace, starts it and checks its health 30 times 2s apart: about two and a half minutes
+    /// besides the image pull.
+    pub legacy_settle: Duration,
     /// How often to look again while nothing is changing.
     pub resync: Duration,
     /// How often to look while something is in flight (pending, stopping, deploying).
@@ -405,6 +420,7 @@ impl Default for Settings {
         Self {
             drain_timeout: Duration::from_secs(300),
             deploy_deadline: Duration::from_secs(900),
+            legacy_settle: Duration::from_secs(180),
             resync: Duration::from_secs(300),
             poll: Duration::from_secs(2),
         }
@@ -1243,6 +1259,12 @@ fn image_step(
         .as_ref()
         .is_some_and(|a| matches!(a.health, AgentHealth::Healthy | AgentHealth::Degraded));
     let poll = Some(i.settings.poll);
+    // What a legacy health server was last assumed to run (it never reports a tag).
+    let assumed = st
+        .deploy
+        .as_ref()
+        .filter(|d| d.legacy_agent && d.state == deploy_state::SUCCEEDED)
+        .map(|d| d.tag.clone());
 
     // Same tag as the last deploy record? A failed one counts only for the attempt it answered:
     // a new attempt marker (a SandboxDeploy's retry) starts afresh.
@@ -1259,6 +1281,12 @@ fn image_step(
     {
         if reported.as_deref() == Some(tag) {
             return (vec![], (TRUE, "UpToDate", format!("running {tag}")), None);
+        }
+        if d.legacy_agent
+            && d.state == deploy_state::SUCCEEDED
+            && report.is_none_or(HealthReport::is_legacy)
+        {
+            return (vec![], assumed_up_to_date(tag, d), None);
         }
         if matches!(
             d.state.as_str(),
@@ -1297,7 +1325,39 @@ fn image_step(
         );
     }
     let Some(report) = report else {
-        // No fresh report this round: wait for the next probe.
+        // No fresh report this round: wait for the next probe, but never past the deadline
+        // (an agent that never answers again must not keep the deploy open for ever).
+        if let Some(mut d) = record
+            .clone()
+            .filter(|d| deploy_state::in_progress(&d.state))
+        {
+            if let Some(out) = past_deadline(&mut d, tag, i, notes) {
+                st.deploy = Some(d);
+                return (vec![], out, None);
+            }
+            if d.legacy_agent
+                && d.state == deploy_state::VERIFYING
+                && let ProbeObs::Failed(err) = i.probe
+            {
+                // The healthy answers must be consecutive: start counting again.
+                d.state = deploy_state::DEPLOYING.into();
+                d.message = Some(format!(
+                    "the legacy health server stopped answering after the deploy ({err}); waiting for it to answer healthy again"
+                ));
+                st.deploy = Some(d);
+                return (
+                    vec![],
+                    (
+                        FALSE,
+                        "Deploying",
+                        format!(
+                            "waiting for the legacy health server to answer healthy after deploying {tag}"
+                        ),
+                    ),
+                    poll,
+                );
+            }
+        }
         let msg = match &record {
             Some(d) => format!("deploying {tag}: {}", d.state),
             None => format!("waiting for the agent before deploying {tag}"),
@@ -1313,22 +1373,30 @@ fn image_step(
         Some(d) => d,
         None => {
             // A new deploy: drain first.
+            let legacy = report.is_legacy();
             let d = ImageDeployStatus {
                 tag: tag.to_string(),
-                previous_tag: reported.clone(),
+                previous_tag: reported.clone().or(assumed),
                 state: deploy_state::DRAINING.into(),
                 id: None,
                 attempt: i.deploy_attempt.map(str::to_string),
                 message: Some("waiting for active workers to finish".into()),
                 started_at: Some(time(now)),
                 finished_at: None,
+                requested_at: None,
+                legacy_agent: legacy,
             };
             notes.push(Note {
                 warning: false,
                 reason: "DeployStarted",
                 message: format!(
-                    "deploying {tag} (from {}): draining",
-                    reported.as_deref().unwrap_or("unknown")
+                    "deploying {tag} (from {}){}: draining",
+                    d.previous_tag.as_deref().unwrap_or("unknown"),
+                    if legacy {
+                        " to a legacy health server"
+                    } else {
+                        ""
+                    }
                 ),
             });
             let mut actions = if report.is_agent() {
@@ -1339,8 +1407,7 @@ fn image_step(
             if report.is_deploy_safe() && !report.deploy_running() {
                 // Nothing to wait for: deploy in the same pass.
                 let mut d = d;
-                d.state = deploy_state::DEPLOYING.into();
-                d.message = Some("asked the agent to deploy".into());
+                ask_to_deploy(&mut d, now);
                 st.deploy = Some(d);
                 actions.push(Action::Deploy {
                     tag: tag.to_string(),
@@ -1375,8 +1442,7 @@ fn image_step(
     match d.state.as_str() {
         deploy_state::DRAINING => {
             if report.is_deploy_safe() && !report.deploy_running() {
-                d.state = deploy_state::DEPLOYING.into();
-                d.message = Some("asked the agent to deploy".into());
+                ask_to_deploy(&mut d, now);
                 actions.push(Action::Deploy {
                     tag: tag.to_string(),
                 });
@@ -1406,6 +1472,14 @@ fn image_step(
                         report.active_workers.unwrap_or(0)
                     ),
                 );
+            }
+        }
+        _ if d.legacy_agent => {
+            let agent_message = st.agent.as_ref().and_then(|a| a.message.clone());
+            out = legacy_progress(&mut d, tag, healthy, agent_message.as_deref(), i, notes);
+            if let Some(failed) = past_deadline(&mut d, tag, i, notes) {
+                st.deploy = Some(d);
+                return (actions, failed, None);
             }
         }
         _ => {
@@ -1465,30 +1539,152 @@ fn image_step(
                     out = (FALSE, "Deploying", format!("deploying {tag}"));
                 }
             }
-            if deploy_state::in_progress(&d.state) && elapsed >= i.settings.deploy_deadline {
-                let msg = format!("not done within {}s", i.settings.deploy_deadline.as_secs());
-                finish(&mut d, deploy_state::FAILED, msg.clone());
-                notes.push(Note {
-                    warning: true,
-                    reason: "DeployFailed",
-                    message: format!("deploying {tag}: {msg}"),
-                });
+            if let Some(failed) = past_deadline(&mut d, tag, i, notes) {
                 st.deploy = Some(d);
-                return (
-                    actions,
-                    (
-                        FALSE,
-                        "DeployFailed",
-                        format!("deploying {tag} failed: {msg}"),
-                    ),
-                    None,
-                );
+                return (actions, failed, None);
             }
         }
     }
     let again = deploy_state::in_progress(&d.state).then_some(i.settings.poll);
     st.deploy = Some(d);
     (actions, out, again)
+}
+
+/// Moves a deploy record to Deploying: the agent is asked for the tag now.
+fn ask_to_deploy(d: &mut ImageDeployStatus, now: Timestamp) {
+    d.state = deploy_state::DEPLOYING.into();
+    d.requested_at = Some(time(now));
+    d.message = Some(if d.legacy_agent {
+        "asked the legacy health server to deploy".into()
+    } else {
+        "asked the agent to deploy".into()
+    });
+}
+
+/// Fails an in-progress deploy that has run past the deploy deadline; the condition to report.
+fn past_deadline(
+    d: &mut ImageDeployStatus,
+    tag: &str,
+    i: &Inputs<'_>,
+    notes: &mut Vec<Note>,
+) -> Option<CondOut> {
+    let started = d.started_at.clone().unwrap_or(time(i.now));
+    if !deploy_state::in_progress(&d.state) || since(i.now, &started) < i.settings.deploy_deadline {
+        return None;
+    }
+    let deadline = i.settings.deploy_deadline.as_secs();
+    let msg = if d.legacy_agent && d.state != deploy_state::DRAINING {
+        format!(
+            "the legacy health server did not answer healthy again within {deadline}s of the deploy starting (it reports no deploy progress: see the deploy script's log on the instance); last: {}",
+            d.message.clone().unwrap_or_default()
+        )
+    } else {
+        format!("not done within {deadline}s")
+    };
+    d.state = deploy_state::FAILED.into();
+    d.message = Some(msg.clone());
+    d.finished_at = Some(time(i.now));
+    notes.push(Note {
+        warning: true,
+        reason: "DeployFailed",
+        message: format!("deploying {tag}: {msg}"),
+    });
+    Some((
+        FALSE,
+        "DeployFailed",
+        format!("deploying {tag} failed: {msg}"),
+    ))
+}
+
+/// A deploy to a legacy health server after `POST /deploy` was accepted. The old server answers
+/// at once and runs the deploy script in the background; its `/health` carries no tag and no
+/// progress, and it keeps answering while the script runs. So: leave the script
+/// [`Settings::legacy_settle`] to work, then count consecutive healthy answers (Verifying after
+/// the first, Succeeded after [`deploy_state::LEGACY_HEALTHY_REPORTS`]); an unhealthy answer
+/// or a failed probe starts the count again. The deadline fails it otherwise.
+fn legacy_progress(
+    d: &mut ImageDeployStatus,
+    tag: &str,
+    healthy: bool,
+    agent_message: Option<&str>,
+    i: &Inputs<'_>,
+    notes: &mut Vec<Note>,
+) -> CondOut {
+    let now = i.now;
+    let requested = d
+        .requested_at
+        .clone()
+        .or(d.started_at.clone())
+        .unwrap_or(time(now));
+    let settle = i.settings.legacy_settle;
+    if since(now, &requested) < settle {
+        d.state = deploy_state::DEPLOYING.into();
+        d.message = Some(format!(
+            "the legacy health server accepted the deploy and reports no progress: its deploy script is given {}s before health counts",
+            settle.as_secs()
+        ));
+        return (
+            FALSE,
+            "Deploying",
+            format!("deploying {tag} to a legacy health server"),
+        );
+    }
+    if !healthy {
+        let why = agent_message.unwrap_or("it does not report healthy");
+        d.state = deploy_state::DEPLOYING.into();
+        d.message = Some(format!(
+            "waiting for the legacy health server to answer healthy after the deploy: {why}"
+        ));
+        return (
+            FALSE,
+            "Deploying",
+            format!("waiting for the legacy health server to answer healthy after deploying {tag}"),
+        );
+    }
+    if d.state == deploy_state::VERIFYING {
+        let msg = format!(
+            "assumed to run {tag}: the legacy health server answered healthy {} times in a row after the deploy (it does not report its image tag)",
+            deploy_state::LEGACY_HEALTHY_REPORTS
+        );
+        d.state = deploy_state::SUCCEEDED.into();
+        d.message = Some(msg.clone());
+        d.finished_at = Some(time(now));
+        notes.push(Note {
+            warning: false,
+            reason: "DeploySucceeded",
+            message: msg,
+        });
+        return assumed_up_to_date(tag, d);
+    }
+    d.state = deploy_state::VERIFYING.into();
+    d.message = Some(format!(
+        "the legacy health server answered healthy after the deploy (1 of {})",
+        deploy_state::LEGACY_HEALTHY_REPORTS
+    ));
+    (
+        FALSE,
+        "Verifying",
+        format!(
+            "waiting for the legacy health server to answer healthy again after deploying {tag}"
+        ),
+    )
+}
+
+/// ImageUpToDate for a legacy health server after a deploy of `tag` succeeded: True, with the tag
+/// named as assumed.
+fn assumed_up_to_date(tag: &str, d: &ImageDeployStatus) -> CondOut {
+    let when = d
+        .finished_at
+        .as_ref()
+        .map(|t| format!(" at {}", t.0))
+        .unwrap_or_default();
+    (
+        TRUE,
+        ASSUMED_BY_LEGACY_AGENT,
+        format!(
+            "assumed to run {tag}, not reported: the agent is a legacy health server, which does not report its image tag; it accepted the deploy of {tag} and answered healthy after it{when}"
+        ),
+    )
 }
 
 fn ready_summary(

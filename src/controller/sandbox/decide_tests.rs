@@ -742,3 +742,240 @@ fn boot_time_is_stable_across_probes_and_moves_on_a_reboot() {
     c.probe = ProbeObs::Report(Box::new(r));
     assert_ne!(c.step().status.agent.unwrap().up_since.unwrap(), first);
 }
+
+/// What the seeds' `health-server.js` answers: no agentVersion, imageTag or deploy.
+fn legacy_report(active: u32, status: &str) -> HealthReport {
+    serde_json::from_value(serde_json::json!({
+        "status": status, "cpu": 15.2, "memoryTotalMb": 8192, "memoryUsedMb": 3456,
+        "diskTotalGb": 40, "diskUsedGb": 12, "adspowerStatus": "running", "activeProfiles": 2,
+        "activeWorkers": active, "uptime": 86400
+    }))
+    .unwrap()
+}
+
+fn legacy_case(tag: &str) -> Case {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: tag.into(),
+    });
+    c
+}
+
+#[test]
+fn a_legacy_agent_drains_on_active_workers_then_deploys_without_drain_call() {
+    let mut c = legacy_case("v2");
+    c.probe = ProbeObs::Report(Box::new(legacy_report(2, "ok")));
+    let d = c.step();
+    assert!(
+        d.actions.is_empty(),
+        "the old server has no /drain: {:?}",
+        d.actions
+    );
+    let rec = d.status.deploy.clone().unwrap();
+    assert_eq!(rec.state, deploy_state::DRAINING);
+    assert!(rec.legacy_agent);
+    assert_eq!(rec.previous_tag, None, "a legacy server reports no tag");
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "Draining");
+    c.now = t(5);
+    c.probe = ProbeObs::Report(Box::new(legacy_report(0, "ok")));
+    let d = c.step();
+    assert_eq!(d.actions, vec![Action::Deploy { tag: "v2".into() }]);
+    let rec = d.status.deploy.clone().unwrap();
+    assert_eq!(rec.state, deploy_state::DEPLOYING);
+    assert_eq!(rec.requested_at.map(|t| t.0), Some(t(5)));
+}
+
+#[test]
+fn a_legacy_deploy_succeeds_after_the_settle_time_and_two_healthy_answers() {
+    let mut c = legacy_case("v2");
+    c.probe = ProbeObs::Report(Box::new(legacy_report(0, "ok")));
+    let d = c.step();
+    assert_eq!(d.actions, vec![Action::Deploy { tag: "v2".into() }]);
+    // Healthy answers during the settle time do not count: the script is still running.
+    for s in [2, 60, 179] {
+        c.now = t(s);
+        let d = c.step();
+        assert!(d.actions.is_empty());
+        assert_eq!(
+            d.status.deploy.as_ref().unwrap().state,
+            deploy_state::DEPLOYING,
+            "at {s}s"
+        );
+        assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).status, "False");
+        assert_eq!(d.status.phase, Some(SandboxPhase::Deploying));
+    }
+    c.now = t(180);
+    let d = c.step();
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::VERIFYING
+    );
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "Verifying");
+    c.now = t(182);
+    let d = c.step();
+    let rec = d.status.deploy.clone().unwrap();
+    assert_eq!(rec.state, deploy_state::SUCCEEDED);
+    assert_eq!(rec.finished_at.map(|t| t.0), Some(t(182)));
+    let image = cond(&d, cond::IMAGE_UP_TO_DATE);
+    assert_eq!(image.status, "True");
+    assert_eq!(image.reason, ASSUMED_BY_LEGACY_AGENT);
+    assert!(
+        image.message.contains("assumed to run v2, not reported"),
+        "{}",
+        image.message
+    );
+    assert_eq!(d.status.phase, Some(SandboxPhase::Active));
+    assert_eq!(cond(&d, cond::READY).status, "True");
+    assert_eq!(
+        d.status.agent.as_ref().unwrap().image_tag,
+        None,
+        "nothing is written as reported that was not"
+    );
+    assert!(d.notes.iter().any(|n| n.reason == "DeploySucceeded"));
+    // It stays assumed, with no deploy again: probed, not probed, long after the deadline.
+    for (s, probe) in [
+        (190, ProbeObs::Report(Box::new(legacy_report(1, "ok")))),
+        (200, ProbeObs::NotProbed),
+        (2000, ProbeObs::Report(Box::new(legacy_report(0, "ok")))),
+    ] {
+        c.now = t(s);
+        c.probe = probe;
+        let d = c.step();
+        assert!(d.actions.is_empty(), "at {s}s: {:?}", d.actions);
+        assert_eq!(
+            d.status.deploy.as_ref().unwrap().state,
+            deploy_state::SUCCEEDED
+        );
+        assert_eq!(
+            cond(&d, cond::IMAGE_UP_TO_DATE).reason,
+            ASSUMED_BY_LEGACY_AGENT
+        );
+        assert!(d.notes.is_empty(), "at {s}s: {:?}", d.notes);
+    }
+    // The next tag names the assumed one as the tag it replaces.
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v3".into(),
+    });
+    let d = c.step();
+    assert_eq!(d.actions, vec![Action::Deploy { tag: "v3".into() }]);
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().previous_tag.as_deref(),
+        Some("v2")
+    );
+}
+
+#[test]
+fn a_legacy_deploy_counts_only_consecutive_healthy_answers() {
+    let mut c = legacy_case("v2");
+    c.probe = ProbeObs::Report(Box::new(legacy_report(0, "ok")));
+    c.step();
+    c.now = t(200);
+    assert_eq!(
+        c.step().status.deploy.unwrap().state,
+        deploy_state::VERIFYING
+    );
+    // A failed probe starts the count again.
+    c.now = t(202);
+    c.probe = ProbeObs::Failed("agent http://10.0.0.5:8000 unreachable (health)".into());
+    let d = c.step();
+    let rec = d.status.deploy.unwrap();
+    assert_eq!(rec.state, deploy_state::DEPLOYING);
+    assert!(
+        rec.message
+            .as_deref()
+            .unwrap()
+            .contains("stopped answering"),
+        "{:?}",
+        rec.message
+    );
+    c.now = t(204);
+    c.probe = ProbeObs::Report(Box::new(legacy_report(0, "ok")));
+    assert_eq!(
+        c.step().status.deploy.unwrap().state,
+        deploy_state::VERIFYING
+    );
+    // So does an unhealthy answer.
+    c.now = t(206);
+    c.probe = ProbeObs::Report(Box::new(legacy_report(0, "error")));
+    let d = c.step();
+    assert_eq!(
+        d.status.deploy.clone().unwrap().state,
+        deploy_state::DEPLOYING
+    );
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).status, "False");
+    c.now = t(208);
+    c.probe = ProbeObs::Report(Box::new(legacy_report(0, "ok")));
+    c.step();
+    c.now = t(210);
+    assert_eq!(
+        c.step().status.deploy.unwrap().state,
+        deploy_state::SUCCEEDED
+    );
+}
+
+#[test]
+fn a_legacy_deploy_that_never_answers_again_fails_at_the_deadline_and_is_not_retried() {
+    let mut c = legacy_case("v2");
+    c.settings.deploy_deadline = Duration::from_secs(600);
+    c.probe = ProbeObs::Report(Box::new(legacy_report(0, "ok")));
+    c.step();
+    c.probe = ProbeObs::Failed("agent http://10.0.0.5:8000 unreachable (health)".into());
+    for s in [10, 200, 599] {
+        c.now = t(s);
+        let d = c.step();
+        assert_eq!(
+            d.status.deploy.as_ref().unwrap().state,
+            deploy_state::DEPLOYING,
+            "at {s}s"
+        );
+    }
+    c.now = t(600);
+    let d = c.step();
+    let rec = d.status.deploy.clone().unwrap();
+    assert_eq!(rec.state, deploy_state::FAILED);
+    let msg = rec.message.unwrap();
+    assert!(
+        msg.contains("did not answer healthy again within 600s"),
+        "{msg}"
+    );
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "DeployFailed");
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.reason == "DeployFailed" && n.warning)
+    );
+    // Back and healthy: the failed tag is not deployed again by itself.
+    c.now = t(700);
+    c.probe = ProbeObs::Report(Box::new(legacy_report(0, "ok")));
+    let d = c.step();
+    assert!(d.actions.is_empty());
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::FAILED
+    );
+    assert_eq!(cond(&d, cond::READY).status, "False");
+}
+
+#[test]
+fn a_deploy_whose_agent_stops_answering_fails_at_the_deadline() {
+    // Not only legacy agents: without any report the deadline still applies.
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    c.step();
+    c.probe = ProbeObs::Failed("timed out".into());
+    c.now = t(899);
+    assert_eq!(
+        c.step().status.deploy.unwrap().state,
+        deploy_state::DEPLOYING
+    );
+    c.now = t(900);
+    let d = c.step();
+    assert_eq!(d.status.deploy.clone().unwrap().state, deploy_state::FAILED);
+    assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "DeployFailed");
+}

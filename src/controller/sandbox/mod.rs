@@ -598,7 +598,19 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
             }
             Action::Deploy { tag } => {
                 let result = match &agent_client {
-                    Some(c) => c.deploy(tag).await.map(|a| a.deploy_id),
+                    // The old health server answers 200 with `success: false` when it refuses.
+                    Some(c) => c.deploy(tag).await.and_then(|a| {
+                        if a.success {
+                            Ok(a.deploy_id)
+                        } else {
+                            Err(AgentError::Rejected {
+                                url: c.base_url().to_string(),
+                                op: "deploy",
+                                status: 200,
+                                message: a.message,
+                            })
+                        }
+                    }),
                     None => Err(AgentError::Transport {
                         url: String::new(),
                         op: "deploy",
