@@ -572,14 +572,30 @@ async fn a_saturated_bucket_answers_throttled_without_calling() {
         .launch(&request(&d, "uid-b"))
         .await
         .expect_err("the bucket is empty for a long while");
-    assert_eq!(
-        err,
-        Ec2Error::Throttled {
-            action: "RunInstances"
-        }
+    // The operator's own pacing held the call back: that is pacing, not AWS throttling
+    // (issue 12; this assertion read `Ec2Error::Throttled` before the two were told apart).
+    assert!(
+        matches!(
+            err,
+            Ec2Error::Paced {
+                action: "RunInstances",
+                ..
+            }
+        ),
+        "{err:?}"
     );
     assert!(err.is_transient());
     assert_eq!(ep.calls().await.unwrap().accepted("RunInstances"), 1);
+    // Nothing reached AWS, nothing was throttled there; the layer counts it as pacing.
+    assert!(ep.calls().await.unwrap().throttled.is_empty());
+    assert_eq!(ec2.call_counts().get("RunInstances"), Some(&1));
+    assert!(
+        ec2.paced_counts()
+            .get("RunInstances/refused")
+            .is_some_and(|n| *n >= 1),
+        "{:?}",
+        ec2.paced_counts()
+    );
 }
 
 #[tokio::test]

@@ -889,8 +889,10 @@ async fn metrics_are_served() {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = op.metrics().await;
+    let status_before = e.status("m-1").await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = op.metrics().await;
+    let status_after = e.status("m-1").await;
     assert!(
         probes(&after) >= probes(&before) + 3.0,
         "the agent was not probed meanwhile:\n{after}"
@@ -898,8 +900,10 @@ async fn metrics_are_served() {
     assert_eq!(
         writes(&after),
         writes(&before),
-        "probes that found nothing new wrote status:\n{}",
-        op.logs()
+        "probes that found nothing new wrote status:\n{}\nstatus before: {}\nstatus after: {}",
+        op.logs(),
+        serde_json::to_string(&status_before).unwrap(),
+        serde_json::to_string(&status_after).unwrap()
     );
 }
 
