@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// How often the shared EC2 view re-reads every tracked instance.
     #[arg(long, env = "SANDBOX_OPERATOR_EC2_REFRESH", default_value = "30s", value_parser = duration)]
     pub ec2_refresh: Duration,
+    /// The operator's own client-side pacing of EC2 calls, as changes to its defaults:
+    /// comma-separated NAME=CAPACITY/PER_SECOND for the describe, mutate and run buckets, and
+    /// max-wait=DURATION (e.g. `run=9/4.5` for an account whose AWS limits were raised).
+    #[arg(long, env = "SANDBOX_OPERATOR_EC2_BUCKETS", default_value = "")]
+    pub ec2_buckets: String,
     /// How long concurrent EC2 requests are gathered into one call.
     #[arg(long, env = "SANDBOX_OPERATOR_EC2_BATCH_WINDOW", default_value = "100ms", value_parser = duration)]
     pub ec2_batch_window: Duration,
@@ -165,12 +170,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None => Default::default(),
     };
     let client = kube::Client::try_default().await?;
+    let buckets = crate::ec2::RateLimits::default()
+        .with_overrides(&args.ec2_buckets)
+        .map_err(|e| RunError::Setting(format!("--ec2-buckets: {e}")))?;
     let sdk = crate::ec2::sdk_client(args.ec2_endpoint.as_deref(), args.region.as_deref()).await;
     let ec2 = Ec2::new(
         sdk,
         Ec2Settings {
             refresh_interval: args.ec2_refresh,
             batch_window: args.ec2_batch_window,
+            buckets,
             ..Ec2Settings::default()
         },
     );

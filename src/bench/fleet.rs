@@ -170,6 +170,11 @@ pub struct Seen {
     pub image_up_to_date: Option<String>,
     /// Status writes observed (modifications that changed `status`).
     pub status_changes: u64,
+    /// When the status first carried a phase, a Ready condition and the object's
+    /// generation as observedGeneration.
+    pub status_at: Option<Instant>,
+    /// The Ready condition's reason, as last seen.
+    pub ready_reason: Option<String>,
 }
 
 /// A watch over the Sandboxes of one namespace.
@@ -280,6 +285,16 @@ fn observe(seen: &Mutex<HashMap<String, Seen>>, obj: &Sandbox) {
     if ready && e.ready_at.is_none() {
         e.ready_at = Some(Instant::now());
     }
+    let ready_cond = st.conditions.iter().find(|c| c.type_ == "Ready");
+    if e.status_at.is_none()
+        && st.phase.is_some()
+        && ready_cond.is_some_and(|c| !c.reason.is_empty())
+        && st.observed_generation.is_some()
+        && st.observed_generation == obj.metadata.generation
+    {
+        e.status_at = Some(Instant::now());
+    }
+    e.ready_reason = ready_cond.map(|c| c.reason.clone());
     e.ready = ready;
     if failed && !e.ever_failed {
         e.ever_failed = true;

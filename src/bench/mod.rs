@@ -18,6 +18,9 @@
 //! 4. `rollout`: a SandboxDeploy over the first fleet, or, without its controller, the bench
 //!    setting `image.tag` wave by wave (reported separately).
 //! 5. `memory`: the operator's VmRSS with 2,000 and 10,000 ObserveOnly Sandboxes.
+//! 6. `first-status`: 500 Sandboxes with `spec.launch` applied at once; seconds until every one
+//!    carries a phase, a Ready condition and its observedGeneration (issue 12), while most
+//!    launches still wait for the pacing of RunInstances.
 
 pub mod agents;
 pub mod fleet;
@@ -52,12 +55,15 @@ pub struct Config {
     pub deploy_time: Duration,
     /// Sandbox counts at which `memory` samples RSS.
     pub memory_sizes: Vec<usize>,
+    /// Sandboxes applied at once by `first-status`.
+    pub first_status_size: usize,
     /// How long instances stay pending/stopping/shutting-down at the endpoint.
     pub transitions: Duration,
     /// `spec.agent.probeInterval` of the launched fleets (the adopted fleets use the CRD
     /// default for steady state, 10m for memory).
     pub fleet_probe_interval: String,
-    /// Scenarios to run (`converge`, `steady`, `reaction`, `rollout`, `memory`); all if empty.
+    /// Scenarios to run (`converge`, `steady`, `reaction`, `rollout`, `memory`,
+    /// `first-status`); all if empty.
     pub only: Vec<String>,
     /// Record a `perf` profile of the operator during the large steady window.
     pub perf: bool,
@@ -80,6 +86,7 @@ impl Config {
             max_unavailable: 10,
             deploy_time: Duration::from_secs(10),
             memory_sizes: vec![2000, 10_000],
+            first_status_size: 500,
             transitions: Duration::from_secs(1),
             fleet_probe_interval: "10s".into(),
             only: vec![],
@@ -101,6 +108,7 @@ impl Config {
             max_unavailable: 5,
             deploy_time: Duration::from_secs(3),
             memory_sizes: vec![200, 1000],
+            first_status_size: 100,
             ..Self::full(operator_bin)
         }
     }

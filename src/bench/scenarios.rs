@@ -135,6 +135,27 @@ pub(super) async fn run(cfg: Config) -> Result<Results, String> {
     );
     let mut broken = false;
 
+    // ---- first status: how soon a large fleet shows any status at all ----
+    if cfg.wants("first-status") {
+        let n = cfg.first_status_size;
+        eprintln!(
+            "[bench] first-status-{n}: {n} Sandboxes with spec.launch, applied at once; time until each shows a phase and Ready"
+        );
+        if let Err(e) = first_status(&env, &mut res, n).await {
+            broken = true;
+            res.row(
+                &format!("first-status-{n}"),
+                "scenario",
+                "error",
+                None,
+                "",
+                Verdict::NotRun,
+                e,
+            );
+        }
+        write(&env, &res, started);
+    }
+
     // ---- 1-4: the launched fleets ----
     let mut first: Option<Fleet> = None;
     let wants_first_fleet = cfg.wants("converge")
@@ -662,6 +683,119 @@ async fn converge(env: &Env, res: &mut Results, n: usize) -> Result<Fleet, Strin
         names,
         refresh: Duration::from_secs(30),
     })
+}
+
+// ------------------------------------------------------------------------------------------
+// first status
+// ------------------------------------------------------------------------------------------
+
+/// `n` Sandboxes with `spec.launch` applied at once against an endpoint with AWS's buckets and
+/// the operator's default pacing: seconds until every one carries a phase, a Ready condition
+/// and its observedGeneration (the status `kubectl wait`, Argo CD and Flux read), and how many
+/// were launched by then.
+async fn first_status(env: &Env, res: &mut Results, n: usize) -> Result<(), String> {
+    let label = format!("first-status-{n}");
+    let ns = format!("bench-{label}");
+    let ec2 = env.endpoint(&label).await?;
+    let ami = ec2.defaults().await.map_err(|e| e.to_string())?.ami;
+    env.namespace(&ns).await?;
+    let op = env
+        .operator(&label, &ns, &ec2, &operator_flags(&[]))
+        .await?;
+    let watch = FleetWatch::start(&env.client, &ns);
+    let objects: Vec<Sandbox> = (0..n)
+        .map(|i| {
+            let name = sandbox_name(i);
+            fleet::manifest(
+                &name,
+                &label,
+                &Source::Launch { ami: ami.clone() },
+                &env.farm.url(&format!("{label}-{name}")),
+                Some(&env.cfg.fleet_probe_interval),
+            )
+        })
+        .collect();
+    ec2.reset_calls().await.map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let applied = fleet::create_all(&env.client, &ns, objects, 32).await?;
+    eprintln!("[bench]   applied {n} in {:.1} s", applied.as_secs_f64());
+    let waited = watch
+        .wait(
+            Duration::from_secs(300),
+            |m| m.len() == n && m.values().all(|s| s.status_at.is_some()),
+            |m| {
+                format!(
+                    "{}/{n} seen, {} with a status",
+                    m.len(),
+                    m.values().filter(|s| s.status_at.is_some()).count()
+                )
+            },
+        )
+        .await;
+    let launched = ec2
+        .calls()
+        .await
+        .map(|c| c.accepted("RunInstances"))
+        .unwrap_or(0);
+    let (last, reasons) = watch.with(|m| {
+        let last = m
+            .values()
+            .filter_map(|s| s.status_at)
+            .max()
+            .map(|t| t.duration_since(t0));
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for s in m.values() {
+            *reasons
+                .entry(s.ready_reason.clone().unwrap_or_else(|| "(none)".into()))
+                .or_default() += 1;
+        }
+        (last, reasons)
+    });
+    let reasons_text = reasons
+        .iter()
+        .map(|(r, k)| format!("{r} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (&waited, last) {
+        (Ok(_), Some(t)) => res.row(
+            &label,
+            "seconds until all show a phase and Ready",
+            secs(t),
+            Some(t.as_secs_f64()),
+            "<= 10 s",
+            Verdict::of(t.as_secs_f64() <= 10.0),
+            format!(
+                "from the start of applying {n} ({:.1} s to apply); {launched} launched by then; Ready reasons then: {reasons_text}",
+                applied.as_secs_f64()
+            ),
+        ),
+        _ => res.row(
+            &label,
+            "seconds until all show a phase and Ready",
+            "> 300 s",
+            None,
+            "<= 10 s",
+            Verdict::Missed,
+            format!(
+                "{}; {launched} launched; Ready reasons: {reasons_text}",
+                waited.as_ref().err().cloned().unwrap_or_default()
+            ),
+        ),
+    }
+    res.detail(
+        &label,
+        json!({
+            "n": n,
+            "applySeconds": applied.as_secs_f64(),
+            "allStatusSeconds": last.map(|t| t.as_secs_f64()),
+            "launchedByThen": launched,
+            "readyReasons": reasons,
+            "operatorFlags": op.args,
+        }),
+    );
+    drop(watch);
+    drop(op);
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ struct Args {
     /// Smaller sizes and shorter windows: a smoke run of every scenario in a few minutes.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (converge, steady, reaction, rollout, memory), comma-separated.
+    /// Only these scenarios (converge, steady, reaction, rollout, memory, first-status),
+    /// comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Fleet sizes for the converge scenario (the first also serves steady, reaction, rollout).
@@ -43,6 +44,9 @@ struct Args {
     /// Sandbox counts for the memory scenario, comma-separated.
     #[arg(long, value_delimiter = ',')]
     memory: Vec<usize>,
+    /// Sandboxes applied at once by the first-status scenario.
+    #[arg(long)]
+    first_status: Option<usize>,
     /// Record a perf profile of the operator during the large steady window.
     #[arg(long)]
     perf: bool,
@@ -97,6 +101,9 @@ fn main() -> std::process::ExitCode {
     }
     if !args.memory.is_empty() {
         cfg.memory_sizes = args.memory;
+    }
+    if let Some(n) = args.first_status {
+        cfg.first_status_size = n;
     }
     cfg.only = args.only;
     cfg.perf = args.perf;

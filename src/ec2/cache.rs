@@ -98,6 +98,25 @@ impl Cache {
             .is_some_and(|e| e.recently_launched(now))
     }
 
+    /// An instance this layer launched less than [`LAUNCH_GRACE`] ago, tagged `key = value`,
+    /// as last known (what RunInstances answered, or a later observation): EC2 may not list it
+    /// by its tags yet.
+    pub fn recently_launched_with_tag(
+        &self,
+        key: &str,
+        value: &str,
+        now: Instant,
+    ) -> Option<Instance> {
+        self.entries
+            .values()
+            .filter(|e| e.recently_launched(now))
+            .filter_map(|e| e.observed.as_ref()?.instance.as_ref())
+            .filter(|i| i.tags.get(key).is_some_and(|v| v == value))
+            .filter(|i| !i.state.is_terminal())
+            .max_by(|a, b| (a.launch_time, &a.id).cmp(&(b.launch_time, &b.id)))
+            .cloned()
+    }
+
     /// Records a launch: tracks the instance with what RunInstances answered.
     pub fn launched(&mut self, instance: &Instance, at: Instant) {
         let entry = self.entries.entry(instance.id.clone()).or_default();
@@ -335,6 +354,27 @@ mod tests {
         let applied = c.observe(A, None, late, late);
         assert!(applied.instance.is_none() && applied.changed);
         assert!(c.refresh_targets(late).is_empty());
+    }
+
+    #[test]
+    fn a_just_launched_instance_is_found_by_its_tag_until_the_grace_ends() {
+        let mut c = Cache::default();
+        let t = Instant::now();
+        let mut i = instance(A, InstanceState::Pending);
+        i.tags.insert("uid".into(), "u-1".into());
+        c.launched(&i, t);
+        assert_eq!(
+            c.recently_launched_with_tag("uid", "u-1", t).map(|i| i.id),
+            Some(A.to_owned())
+        );
+        assert_eq!(c.recently_launched_with_tag("uid", "u-2", t), None);
+        assert_eq!(
+            c.recently_launched_with_tag("uid", "u-1", t + LAUNCH_GRACE),
+            None
+        );
+        // Terminated meanwhile: not an instance to find.
+        c.record_state(A, InstanceState::ShuttingDown, t + Duration::from_secs(1));
+        assert_eq!(c.recently_launched_with_tag("uid", "u-1", t), None);
     }
 
     #[test]

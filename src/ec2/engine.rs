@@ -16,8 +16,8 @@ use super::batch::chunks;
 use super::cache::Cache;
 use super::convert;
 use super::error::{Class, Failure, is_instance_id};
-use super::limiter::{Limiter, backoff, jitter};
-use super::metrics::{Metrics, Outcome};
+use super::limiter::{Limiter, Reservation as Pacing, backoff, jitter};
+use super::metrics::{Metrics, Outcome, Paced};
 use super::{
     Ec2Error, Ec2Settings, Instance, InstanceState, LaunchRequest, MANAGED_BY_VALUE,
     MAX_FILTER_VALUES, MAX_IDS_PER_CALL, MAX_RESULTS, TAG_MANAGED_BY, TAG_UID,
@@ -32,6 +32,19 @@ const BACKOFF_CAP: Duration = Duration::from_secs(8);
 /// Tokens a DescribeInstances by `InstanceIds` takes (AWS's bucket for unfiltered,
 /// unpaginated describes is half the size of the one for filtered ones).
 const UNFILTERED_COST: f64 = 2.0;
+/// How far ahead a launch may take its turn in the client-side pacing of RunInstances (the
+/// caller does not sleep meanwhile; it comes back when the turn is due). Beyond it the launch
+/// is refused with `Ec2Error::Paced` and asks again later.
+pub(crate) const LAUNCH_QUEUE_BOUND: Duration = Duration::from_secs(15 * 60);
+/// A turn not used this long after it fell due is given up (its Sandbox went away, say).
+const TURN_EXPIRY: Duration = Duration::from_secs(120);
+
+/// A launch's turn in the client-side pacing of RunInstances: its token is taken.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Turn {
+    pub due: Instant,
+    pub at: jiff::Timestamp,
+}
 
 /// Start, stop or terminate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +65,7 @@ impl Power {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Bucket {
+pub(crate) enum Bucket {
     Describe,
     Mutate,
     Run,
@@ -78,6 +91,8 @@ pub(crate) struct Core {
     changes: broadcast::Sender<String>,
     /// Root device name per AMI.
     root_devices: Mutex<HashMap<String, String>>,
+    /// Turns taken in the RunInstances pacing, by ClientToken.
+    turns: Mutex<HashMap<String, Turn>>,
 }
 
 /// The error for an id that is not an instance id, as EC2 words it.
@@ -103,6 +118,7 @@ impl Core {
             metrics: Metrics::default(),
             changes: super::changes_channel(),
             root_devices: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
         }
     }
 
@@ -187,6 +203,33 @@ impl Core {
         out
     }
 
+    /// Waits for `cost` tokens of `bucket` for one attempt of `action`; counts and logs the
+    /// wait as the operator's own pacing (never as throttling: nothing was sent yet).
+    /// `Err(Paced)` when the wait would exceed the bound.
+    pub(crate) async fn pace(
+        &self,
+        action: &'static str,
+        bucket: Bucket,
+        cost: f64,
+    ) -> Result<(), Ec2Error> {
+        match self.limiter(bucket).acquire(cost).await {
+            Pacing::Wait(d) if d.is_zero() => Ok(()),
+            Pacing::Wait(d) => {
+                self.metrics.paced(action, Paced::Waited, d);
+                Ok(())
+            }
+            Pacing::Refused(wait) => {
+                self.metrics.paced(action, Paced::Refused, wait);
+                debug!(
+                    action,
+                    ?wait,
+                    "held back by the operator's client-side pacing (not sent; AWS throttled nothing)"
+                );
+                Err(Ec2Error::Paced { action, wait })
+            }
+        }
+    }
+
     /// One EC2 call: paced by the bucket, retried with backoff on throttling and server
     /// trouble, every attempt counted. `instance` names the instance of a one-instance call.
     async fn call<T, E, F, Fut>(
@@ -195,6 +238,26 @@ impl Core {
         bucket: Bucket,
         cost: f64,
         instance: Option<&str>,
+        send: F,
+    ) -> Result<T, Ec2Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        self.call_prepaid(action, bucket, cost, instance, false, send)
+            .await
+    }
+
+    /// [`Self::call`], with the first attempt's tokens already taken when `prepaid` (a launch
+    /// whose turn came).
+    async fn call_prepaid<T, E, F, Fut>(
+        &self,
+        action: &'static str,
+        bucket: Bucket,
+        cost: f64,
+        instance: Option<&str>,
+        prepaid: bool,
         mut send: F,
     ) -> Result<T, Ec2Error>
     where
@@ -206,9 +269,8 @@ impl Core {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if !limiter.acquire(cost).await {
-                debug!(action, "client-side EC2 rate limit saturated");
-                return Err(Ec2Error::Throttled { action });
+            if !(prepaid && attempt == 1) {
+                self.pace(action, bucket, cost).await?;
             }
             let err = match send().await {
                 Ok(out) => {
@@ -226,18 +288,68 @@ impl Core {
             }
             if failure.class.retry_here() && attempt < MAX_ATTEMPTS {
                 let delay = backoff(attempt - 1, BACKOFF_BASE, BACKOFF_CAP, jitter());
-                debug!(
-                    action,
-                    attempt,
-                    code = failure.code.as_deref().unwrap_or(""),
-                    message = %failure.message,
-                    ?delay,
-                    "transient EC2 error; retrying"
-                );
+                if failure.class == Class::Throttled {
+                    debug!(
+                        action,
+                        attempt,
+                        code = failure.code.as_deref().unwrap_or(""),
+                        ?delay,
+                        "throttled by AWS (the account's request rate limit); retrying"
+                    );
+                } else {
+                    debug!(
+                        action,
+                        attempt,
+                        code = failure.code.as_deref().unwrap_or(""),
+                        message = %failure.message,
+                        ?delay,
+                        "transient EC2 error; retrying"
+                    );
+                }
                 tokio::time::sleep(delay).await;
                 continue;
             }
             return Err(failure.into_error(action, instance));
+        }
+    }
+
+    /// This launch's turn in the client-side pacing of RunInstances (ClientToken
+    /// `client_token`): the one it took earlier, or a new one (its token is taken now, so
+    /// launches go in the order they asked). `Err(Paced)` when the line is longer than
+    /// [`LAUNCH_QUEUE_BOUND`].
+    pub(crate) fn launch_turn(&self, client_token: &str) -> Result<Turn, Ec2Error> {
+        let now = Instant::now();
+        let mut turns = self.turns.lock().expect("turns lock");
+        turns.retain(|_, t| now.saturating_duration_since(t.due) < TURN_EXPIRY);
+        if let Some(turn) = turns.get(client_token) {
+            return Ok(*turn);
+        }
+        match self.run_limiter.reserve(1.0, LAUNCH_QUEUE_BOUND) {
+            Pacing::Wait(wait) => {
+                if !wait.is_zero() {
+                    self.metrics.paced("RunInstances", Paced::Queued, wait);
+                }
+                let at = jiff::Timestamp::now()
+                    .checked_add(jiff::SignedDuration::try_from(wait).unwrap_or_default())
+                    .unwrap_or_else(|_| jiff::Timestamp::now());
+                let turn = Turn {
+                    due: now + wait,
+                    at,
+                };
+                turns.insert(client_token.to_owned(), turn);
+                Ok(turn)
+            }
+            Pacing::Refused(wait) => {
+                self.metrics.paced("RunInstances", Paced::Refused, wait);
+                debug!(
+                    ?wait,
+                    "launch held back by the operator's client-side pacing (not sent; AWS throttled nothing)"
+                );
+                Err(Ec2Error::Paced {
+                    action: "RunInstances",
+                    wait: wait.saturating_sub(LAUNCH_QUEUE_BOUND),
+                })
+            }
         }
     }
 
@@ -419,7 +531,13 @@ impl Core {
                         }
                     }
                     for uid in chunk {
-                        let found = newest.remove(&uid);
+                        // EC2 may not list an instance by its tags for a while after
+                        // RunInstances (eventual consistency): one this layer launched moments
+                        // ago is found all the same, so it is never launched twice.
+                        let found = newest.remove(&uid).or_else(|| {
+                            self.cache()
+                                .recently_launched_with_tag(TAG_UID, &uid, Instant::now())
+                        });
                         results.insert(uid, Ok(found));
                     }
                 }
@@ -679,12 +797,29 @@ impl Core {
             Some(_) => Some(self.root_device_name(&req.image_id).await?),
             None => None,
         };
+        // A launch that took its turn in line earlier goes when the turn is due, on the token
+        // it took then.
+        let turn = self
+            .turns
+            .lock()
+            .expect("turns lock")
+            .remove(&req.client_token);
+        if let Some(turn) = turn {
+            tokio::time::sleep_until(turn.due.into()).await;
+        }
         let at = Instant::now();
         let out = self
-            .call("RunInstances", Bucket::Run, 1.0, None, || {
-                convert::run_instances(self.client.run_instances(), req, root_device.as_deref())
-                    .send()
-            })
+            .call_prepaid(
+                "RunInstances",
+                Bucket::Run,
+                1.0,
+                None,
+                turn.is_some(),
+                || {
+                    convert::run_instances(self.client.run_instances(), req, root_device.as_deref())
+                        .send()
+                },
+            )
             .await?;
         let Some((mut instance, spot_request)) =
             out.instances().first().and_then(convert::instance)
@@ -956,6 +1091,116 @@ mod tests {
             rest += 1;
         }
         assert!(rest < super::super::CHANGES_CAPACITY);
+    }
+
+    fn paced_core(run: crate::ec2::RateLimit, describe: crate::ec2::RateLimit) -> Arc<Core> {
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .build();
+        Arc::new(Core::new(
+            aws_sdk_ec2::Client::from_conf(config),
+            Ec2Settings {
+                buckets: crate::ec2::RateLimits {
+                    run,
+                    describe,
+                    max_wait: Duration::from_millis(200),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        ))
+    }
+
+    #[tokio::test]
+    async fn client_side_pacing_is_pacing_not_throttling() {
+        use crate::ec2::RateLimit;
+        let core = paced_core(RateLimit::new(1.0, 1.0), RateLimit::new(1.0, 0.01));
+        // The bucket's one token goes; the next would wait 100 s: held back, nothing sent.
+        core.pace("DescribeInstances", Bucket::Describe, 1.0)
+            .await
+            .unwrap();
+        let err = core
+            .pace("DescribeInstances", Bucket::Describe, 1.0)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Ec2Error::Paced { action: "DescribeInstances", wait } if wait > Duration::from_secs(90)),
+            "{err:?}"
+        );
+        assert!(err.is_transient());
+        assert_eq!(err.reason(), "ClientPaced");
+        assert_eq!(err.code(), None, "no AWS code: AWS said nothing");
+        let text = err.to_string();
+        assert!(text.contains("client-side pacing"), "{text}");
+        assert!(!text.contains("RequestLimitExceeded"), "{text}");
+        assert!(!text.contains("throttled ("), "{text}");
+        // Counted as pacing; no call counted at all, throttled or otherwise.
+        assert_eq!(
+            core.metrics.paced_counts().get("DescribeInstances/refused"),
+            Some(&1)
+        );
+        assert!(
+            core.metrics.counts().is_empty(),
+            "{:?}",
+            core.metrics.counts()
+        );
+
+        // AWS's throttling answer is throttling, worded as such.
+        let aws = Failure {
+            class: super::super::error::classify(Some("RequestLimitExceeded"), Some(503)),
+            code: Some("RequestLimitExceeded".into()),
+            message: "Request limit exceeded.".into(),
+            request_id: None,
+        }
+        .into_error("DescribeInstances", None);
+        assert_eq!(
+            aws,
+            Ec2Error::Throttled {
+                action: "DescribeInstances"
+            }
+        );
+        assert_eq!(aws.reason(), "EC2Throttled");
+        assert!(aws.to_string().contains("throttled by AWS"), "{aws}");
+        assert!(!aws.to_string().contains("client-side"), "{aws}");
+    }
+
+    #[tokio::test]
+    async fn launches_take_turns_in_order_without_waiting() {
+        use crate::ec2::RateLimit;
+        // One launch at once, then one per 10 s.
+        let core = paced_core(RateLimit::new(1.0, 0.1), RateLimit::UNLIMITED);
+        let a = core.launch_turn("sandbox-a").unwrap();
+        let b = core.launch_turn("sandbox-b").unwrap();
+        let c = core.launch_turn("sandbox-c").unwrap();
+        let now = Instant::now();
+        assert!(a.due <= now + Duration::from_millis(50));
+        assert!(b.due > now + Duration::from_secs(9) && c.due > b.due + Duration::from_secs(9));
+        assert!(c.at > b.at);
+        // Asking again finds the same turn: no second token.
+        let again = core.launch_turn("sandbox-b").unwrap();
+        assert_eq!((again.due, again.at), (b.due, b.at));
+        assert_eq!(
+            core.metrics.paced_counts().get("RunInstances/queued"),
+            Some(&2)
+        );
+        // Beyond the line's bound (15 min of launches): refused, with how long until asking
+        // again makes sense.
+        let slow = paced_core(RateLimit::new(1.0, 0.001), RateLimit::UNLIMITED);
+        slow.launch_turn("first").unwrap();
+        match slow.launch_turn("second") {
+            Err(Ec2Error::Paced {
+                action: "RunInstances",
+                wait,
+            }) => {
+                assert!(wait > Duration::from_secs(60), "{wait:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            slow.metrics.paced_counts().get("RunInstances/refused"),
+            Some(&1)
+        );
     }
 
     #[test]

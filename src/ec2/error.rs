@@ -8,6 +8,13 @@
 //!   shortage, an id that EC2 has not made visible yet. Anything else is AWS refusing the
 //!   request as asked (`InvalidAMIID.NotFound`, `UnauthorizedOperation`, ...), which waits for
 //!   a spec edit.
+//!
+//! Two kinds of "too many requests" are kept apart as well: [`Ec2Error::Throttled`] is AWS
+//! answering `RequestLimitExceeded` (the account's bucket is empty), [`Ec2Error::Paced`] is the
+//! operator's own client-side pacing holding a call back before anything was sent. Logs,
+//! metrics and conditions name them differently.
+
+use std::time::Duration;
 
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
@@ -16,12 +23,27 @@ use aws_sdk_ec2::operation::RequestId;
 /// An EC2 call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Ec2Error {
-    /// `RequestLimitExceeded` (or another throttling answer) after the layer's retries, or the
-    /// client-side rate limiter would have made the call wait longer than its bound: transient.
-    #[error("EC2 {action} was throttled (the account's request rate limit); will retry")]
+    /// AWS answered `RequestLimitExceeded` (or another throttling code) to every attempt the
+    /// layer made: the account's request bucket is empty. Transient.
+    #[error(
+        "EC2 {action} was throttled by AWS (RequestLimitExceeded: the account's request rate limit); will retry"
+    )]
     Throttled {
         /// The EC2 action (`"DescribeInstances"`).
         action: &'static str,
+    },
+    /// The operator's own client-side pacing (its token bucket for this kind of call) would
+    /// have held the call longer than allowed, so it was not sent: AWS throttled nothing.
+    /// Transient: try again after `wait`.
+    #[error(
+        "EC2 {action} is held back by the operator's client-side pacing for about {}s (not sent; AWS throttled nothing); will retry",
+        wait.as_secs().max(1)
+    )]
+    Paced {
+        /// The EC2 action.
+        action: &'static str,
+        /// How long the bucket would have made the call wait.
+        wait: Duration,
     },
     /// 5xx answers, timeouts, connection errors, unreadable answers: transient.
     #[error("EC2 {action} is unavailable: {message}")]
@@ -73,17 +95,21 @@ impl Ec2Error {
     /// for a spec edit.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Throttled { .. } | Self::Unavailable { .. } | Self::IncorrectState { .. } => true,
+            Self::Throttled { .. }
+            | Self::Paced { .. }
+            | Self::Unavailable { .. }
+            | Self::IncorrectState { .. } => true,
             Self::Rejected { code, .. } => is_transient_rejection(code),
         }
     }
 
     /// A reason for a status condition (`^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$`): AWS's
-    /// code without its dots for refusals (`InvalidAMIIDNotFound`), else `EC2Throttled`,
-    /// `EC2Unavailable` or `IncorrectInstanceState`.
+    /// code without its dots for refusals (`InvalidAMIIDNotFound`), else `EC2Throttled` (AWS),
+    /// `ClientPaced` (the operator's own pacing), `EC2Unavailable` or `IncorrectInstanceState`.
     pub fn reason(&self) -> String {
         match self {
             Self::Throttled { .. } => "EC2Throttled".to_owned(),
+            Self::Paced { .. } => "ClientPaced".to_owned(),
             Self::Unavailable { .. } => "EC2Unavailable".to_owned(),
             Self::IncorrectState { .. } => "IncorrectInstanceState".to_owned(),
             Self::Rejected { code, .. } => {
@@ -101,6 +127,7 @@ impl Ec2Error {
     pub fn action(&self) -> &'static str {
         match self {
             Self::Throttled { action }
+            | Self::Paced { action, .. }
             | Self::Unavailable { action, .. }
             | Self::Rejected { action, .. }
             | Self::IncorrectState { action, .. } => action,
@@ -113,7 +140,7 @@ impl Ec2Error {
             Self::Rejected { code, .. } => Some(code),
             Self::IncorrectState { .. } => Some("IncorrectInstanceState"),
             Self::Throttled { .. } => Some("RequestLimitExceeded"),
-            Self::Unavailable { .. } => None,
+            Self::Paced { .. } | Self::Unavailable { .. } => None,
         }
     }
 

@@ -5,8 +5,10 @@
 //! model AWS documents for its own request buckets. A call *reserves* its tokens: when the
 //! bucket is short it goes into debt and the caller sleeps until the debt is repaid, so waiters
 //! are served in order without polling. A caller that would wait longer than the bound is
-//! refused at once ([`Reservation::Refused`]) and sees `Ec2Error::Throttled`: the controller
-//! requeues rather than holding a reconcile for minutes.
+//! refused at once ([`Reservation::Refused`]) and sees `Ec2Error::Paced` (the operator's own
+//! pacing, not AWS throttling): the controller requeues rather than holding a reconcile for
+//! minutes. A launch may also take its place in line without sleeping
+//! ([`Limiter::reserve`]) and come back when its turn is due.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -137,21 +139,32 @@ impl Limiter {
         }
     }
 
-    /// Waits for `cost` tokens; `false` when the wait would have exceeded the bound.
-    pub async fn acquire(&self, cost: f64) -> bool {
-        let reservation =
-            self.bucket
-                .lock()
-                .expect("limiter lock")
-                .reserve(Instant::now(), cost, self.max_wait);
-        match reservation {
-            Reservation::Wait(d) if d.is_zero() => true,
-            Reservation::Wait(d) => {
-                tokio::time::sleep(d).await;
-                true
-            }
-            Reservation::Refused(_) => false,
+    /// Waits for `cost` tokens (at most the limiter's bound). Answers what the pacing did:
+    /// [`Reservation::Wait`] with the time waited (zero: none), or [`Reservation::Refused`]
+    /// with the wait that would have been needed (nothing taken, nothing to send).
+    pub async fn acquire(&self, cost: f64) -> Reservation {
+        let reservation = self.reserve(cost, self.max_wait);
+        if let Reservation::Wait(d) = reservation
+            && !d.is_zero()
+        {
+            tokio::time::sleep(d).await;
         }
+        reservation
+    }
+
+    /// Takes `cost` tokens now for a call to be made after the returned wait, unless that wait
+    /// would exceed `bound` (then nothing is taken). Does not sleep: the caller keeps the
+    /// place in line and comes back when its turn is due.
+    pub fn reserve(&self, cost: f64, bound: Duration) -> Reservation {
+        self.bucket
+            .lock()
+            .expect("limiter lock")
+            .reserve(Instant::now(), cost, bound)
+    }
+
+    /// The bucket's size and refill rate.
+    pub fn limit(&self) -> RateLimit {
+        self.bucket.lock().expect("limiter lock").limit
     }
 
     /// See [`TokenBucket::drain`].
@@ -282,6 +295,24 @@ mod tests {
             b.reserve(t0, 1.0, secs(1.0)),
             Reservation::Refused(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_limiter_reports_waits_and_refusals_and_reserves_without_sleeping() {
+        let l = Limiter::new(RateLimit::new(1.0, 10.0), secs(0.5));
+        assert_eq!(l.acquire(1.0).await, Reservation::Wait(Duration::ZERO));
+        // The next token comes after 0.1 s: waited for, and said so.
+        match l.acquire(1.0).await {
+            Reservation::Wait(d) => assert!(d > Duration::ZERO && d <= secs(0.1), "{d:?}"),
+            other => panic!("{other:?}"),
+        }
+        // A reservation keeps its place without sleeping; beyond the bound it is refused.
+        assert!(matches!(l.reserve(1.0, secs(10.0)), Reservation::Wait(d) if d > Duration::ZERO));
+        assert!(matches!(
+            l.reserve(100.0, secs(1.0)),
+            Reservation::Refused(_)
+        ));
+        assert_eq!(l.limit(), RateLimit::new(1.0, 10.0));
     }
 
     #[test]

@@ -10,10 +10,20 @@
 //!   when a merged call fails because of some of its instances, they are told apart and the
 //!   others go through anyway. Launches are idempotent by ClientToken.
 //! - **Pacing**: a client-side token bucket per category ([`RateLimits`]) keeps the account's
-//!   buckets from draining; throttling answers and server trouble are retried here with
-//!   exponential backoff and jitter (the SDK's own retries are switched off, so the call
-//!   counters see every attempt), then surface as [`Ec2Error::Throttled`] /
-//!   [`Ec2Error::Unavailable`], which the controller requeues: never a failure of the object.
+//!   buckets from draining. A call the bucket would hold too long is not sent and surfaces as
+//!   [`Ec2Error::Paced`]; a launch can take its turn in line without waiting
+//!   ([`Ec2::launch_turn`]). That is the operator's own pacing, logged and counted
+//!   (`ec2_client_paced`) apart from AWS's throttling: `RequestLimitExceeded` answers and
+//!   server trouble are retried here with exponential backoff and jitter (the SDK's own
+//!   retries are switched off, so the call counters see every attempt), then surface as
+//!   [`Ec2Error::Throttled`] / [`Ec2Error::Unavailable`]. The controller requeues all of
+//!   them: never a failure of the object.
+//! - **Eventual consistency**: EC2 may not show an instance for a while after RunInstances
+//!   (DescribeInstances by id answers `InvalidInstanceID.NotFound` for the whole call, filtered
+//!   answers omit it). An instance this layer launched is reported as RunInstances described
+//!   it until EC2 shows it, for [`LAUNCH_GRACE`]; a batch where such an id fails the whole call
+//!   is split so the other ids are answered. Tags go with RunInstances (TagSpecifications),
+//!   never by a later CreateTags that EC2 could refuse for the new id.
 //!
 //! The pure parts live in submodules with their unit tests: [`error`] (classification of AWS
 //! answers, instance ids in messages), [`limiter`] (token bucket arithmetic, backoff),
@@ -35,6 +45,7 @@ use aws_sdk_ec2::config::retry::RetryConfig;
 use aws_sdk_ec2::config::timeout::TimeoutConfig;
 use tokio::sync::{broadcast, mpsc};
 
+pub use cache::LAUNCH_GRACE;
 pub use error::Ec2Error;
 pub use limiter::RateLimit;
 
@@ -148,6 +159,15 @@ impl std::fmt::Display for InstanceState {
     }
 }
 
+/// A launch's turn in the client-side pacing of RunInstances ([`Ec2::launch_turn`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LaunchTurn {
+    /// How long until the turn is due (zero: now).
+    pub wait: Duration,
+    /// When it is due, by the wall clock (fixed when the turn was taken).
+    pub at: jiff::Timestamp,
+}
+
 /// What to launch. `Debug` leaves the user data out (it may hold secrets).
 #[derive(Clone, PartialEq, Default)]
 pub struct LaunchRequest {
@@ -219,7 +239,7 @@ pub struct RateLimits {
     /// RunInstances. Default 4 tokens, 1.8/s: AWS's RunInstances bucket holds 5 and refills
     /// 2/s.
     pub run: RateLimit,
-    /// The longest a call waits for tokens before it gives up with [`Ec2Error::Throttled`]
+    /// The longest a call waits for tokens before it gives up with [`Ec2Error::Paced`]
     /// (so a reconcile is not held for minutes; the controller requeues it). Default 60 s.
     pub max_wait: Duration,
 }
@@ -236,6 +256,46 @@ impl Default for RateLimits {
 }
 
 impl RateLimits {
+    /// These limits with some changed by `spec`, comma-separated `NAME=CAPACITY/PER_SECOND`
+    /// for the buckets `describe`, `mutate` and `run`, and `max-wait=DURATION`; e.g.
+    /// `run=9/4.5,describe=180/36` for an account whose AWS limits were raised. An empty spec
+    /// changes nothing.
+    pub fn with_overrides(mut self, spec: &str) -> Result<Self, String> {
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected NAME=CAPACITY/PER_SECOND"))?;
+            let name = name.trim();
+            if name == "max-wait" {
+                self.max_wait = crate::util::parse_duration(value.trim())
+                    .map_err(|e| format!("max-wait: {e}"))?;
+                continue;
+            }
+            let bucket = match name {
+                "describe" => &mut self.describe,
+                "mutate" => &mut self.mutate,
+                "run" => &mut self.run,
+                other => {
+                    return Err(format!(
+                        "unknown bucket {other:?}: expected describe, mutate, run or max-wait"
+                    ));
+                }
+            };
+            let (capacity, rate) = value.split_once('/').ok_or_else(|| {
+                format!("{name}={value}: expected CAPACITY/PER_SECOND, e.g. 4/1.8")
+            })?;
+            let number = |v: &str| {
+                v.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| n.is_finite() && *n > 0.0)
+                    .ok_or_else(|| format!("{name}={value}: {v:?} is not a positive number"))
+            };
+            *bucket = RateLimit::new(number(capacity)?, number(rate)?);
+        }
+        Ok(self)
+    }
+
     /// No client-side limits (the layer still retries AWS's throttling answers).
     pub fn unlimited() -> Self {
         Self {
@@ -417,9 +477,33 @@ impl Ec2 {
 
     /// RunInstances with the request's ClientToken (idempotent: a repeat answers the first
     /// launch's instance), one instance. Returns the instance as RunInstances reported it
-    /// (with the requested tags when the answer omitted them), and tracks it.
+    /// (with the requested tags when the answer omitted them), and tracks it. A launch that
+    /// took its turn with [`Self::launch_turn`] goes when the turn is due (sleeping until
+    /// then) on the token it took; any other waits for the RunInstances bucket like every
+    /// call, or answers [`Ec2Error::Paced`] when that wait would exceed
+    /// [`RateLimits::max_wait`].
     pub async fn launch(&self, req: &LaunchRequest) -> Result<Instance, Ec2Error> {
         self.inner.core.launch(req).await
+    }
+
+    /// Takes (or finds again) the launch's turn in the client-side pacing of RunInstances,
+    /// by its ClientToken, without waiting: the caller comes back when the turn is due and
+    /// calls [`Self::launch`] with the same token. Turns are handed out in the order asked
+    /// for, up to 15 minutes ahead; beyond that, `Err(`[`Ec2Error::Paced`]`)` with how long
+    /// until asking again makes sense. A turn unused two minutes after it fell due lapses.
+    pub fn launch_turn(&self, client_token: &str) -> Result<LaunchTurn, Ec2Error> {
+        self.inner
+            .core
+            .launch_turn(client_token)
+            .map(|t| LaunchTurn {
+                wait: t.due.saturating_duration_since(std::time::Instant::now()),
+                at: t.at,
+            })
+    }
+
+    /// The client-side buckets the layer paces its calls with.
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.inner.core.settings.buckets
     }
 
     /// Starts the instance (a no-op when it is pending or running). Merged with concurrent
@@ -488,8 +572,9 @@ impl Ec2 {
     }
 
     /// Registers `ec2_api_calls` (counter; labels `action` = the EC2 action, `outcome` = ok,
-    /// throttled or error; every attempt counts) and `ec2_tracked_instances` (gauge). Call it
-    /// once per registry.
+    /// throttled (by AWS) or error; every attempt counts), `ec2_client_paced` and
+    /// `ec2_client_paced_wait_seconds` (counters: the operator's own pacing, by action and
+    /// outcome) and `ec2_tracked_instances` (gauge). Call it once per registry.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.inner.core.metrics.register(registry);
     }
@@ -498,6 +583,13 @@ impl Ec2 {
     /// counters as `ec2_api_calls`).
     pub fn call_counts(&self) -> BTreeMap<String, u64> {
         self.inner.core.metrics.counts()
+    }
+
+    /// Calls the client-side pacing held back, per `Action/outcome` (`waited`, `refused`,
+    /// `queued`; the same counters as `ec2_client_paced`). AWS's throttling is not here: it
+    /// is in [`Self::call_counts`] and `ec2_api_calls{outcome="throttled"}`.
+    pub fn paced_counts(&self) -> BTreeMap<String, u64> {
+        self.inner.core.metrics.paced_counts()
     }
 
     /// Runs one periodic refresh now (tests and the bench; the background task runs it every
@@ -611,6 +703,34 @@ mod tests {
         let printed = format!("{req:?}");
         assert!(!printed.contains("c2VjcmV0"), "{printed}");
         assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn bucket_overrides_parse_and_refuse_nonsense() {
+        let b = RateLimits::default()
+            .with_overrides("run=1/0.2, describe=180/36,max-wait=5s")
+            .unwrap();
+        assert_eq!(b.run, RateLimit::new(1.0, 0.2));
+        assert_eq!(b.describe, RateLimit::new(180.0, 36.0));
+        assert_eq!(b.mutate, RateLimits::default().mutate);
+        assert_eq!(b.max_wait, Duration::from_secs(5));
+        assert_eq!(
+            RateLimits::default().with_overrides("").unwrap(),
+            RateLimits::default()
+        );
+        for bad in [
+            "run=1",
+            "run=0/1",
+            "runs=1/1",
+            "run",
+            "describe=a/1",
+            "max-wait=x",
+        ] {
+            assert!(
+                RateLimits::default().with_overrides(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! waits for it to print `LISTENING <port>`. The layer adds what the operator meets on real EC2
 //! and moto lacks: ClientToken idempotency on `RunInstances`, `pending`/`stopping`/
 //! `shutting-down` states that last a configurable time, AWS-like request throttling
-//! (`RequestLimitExceeded`), injected faults and latency, and per-action call counts. The
+//! (`RequestLimitExceeded`), EC2's eventual consistency after RunInstances (a new instance
+//! unknown to DescribeInstances by id and CreateTags, and absent from filtered answers, for a
+//! configurable time), injected faults and latency, and per-action call counts. The
 //! wrapper's docstring documents the control API that the methods here call.
 //!
 //! The child process never outlives its owner: it is killed when the [`Ec2Endpoint`] is
@@ -151,6 +153,10 @@ pub struct Ec2EndpointOptions {
     pub shutting_down: Duration,
     /// Start with throttling on, with the AWS-documented bucket sizes.
     pub throttle: bool,
+    /// EC2's eventual consistency: how long after RunInstances a new instance stays unknown
+    /// to DescribeInstances by id (`InvalidInstanceID.NotFound` for the whole call), absent
+    /// from answers without ids, and refused by CreateTags. Zero: off.
+    pub consistency: Duration,
     /// How long to wait for `LISTENING` (importing moto takes a second or two; shared machines
     /// can be much slower).
     pub startup_timeout: Duration,
@@ -167,6 +173,7 @@ impl Default for Ec2EndpointOptions {
             stopping: Duration::ZERO,
             shutting_down: Duration::ZERO,
             throttle: false,
+            consistency: Duration::ZERO,
             startup_timeout: Duration::from_secs(60),
             verbose: false,
             log_file: None,
@@ -182,6 +189,22 @@ impl Ec2EndpointOptions {
         self.shutting_down = d;
         self
     }
+
+    /// Sets EC2's eventual-consistency window after RunInstances (see
+    /// [`Self::consistency`]).
+    pub fn with_consistency(mut self, d: Duration) -> Self {
+        self.consistency = d;
+        self
+    }
+}
+
+/// The eventual-consistency mode as the endpoint reports it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Consistency {
+    /// How long a new instance stays unseen, in seconds (0: off).
+    pub seconds: f64,
+    /// The instances not visible yet.
+    pub hidden: Vec<String>,
 }
 
 /// A fault to inject: the next `count` calls of `action` fail with `code`.
@@ -459,6 +482,8 @@ impl Ec2Endpoint {
             .arg(opts.stopping.as_secs_f64().to_string())
             .arg("--shutting-down-seconds")
             .arg(opts.shutting_down.as_secs_f64().to_string())
+            .arg("--consistency-seconds")
+            .arg(opts.consistency.as_secs_f64().to_string())
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -718,6 +743,22 @@ impl Ec2Endpoint {
         self.control(reqwest::Method::PUT, "/delays", Some(delays.to_json()))
             .await
             .map(drop)
+    }
+
+    /// Sets EC2's eventual-consistency window for instances launched from now on (zero:
+    /// off): see [`Ec2EndpointOptions::consistency`].
+    pub async fn set_consistency(&self, window: Duration) -> Result<(), Ec2EndpointError> {
+        let body = serde_json::json!({ "seconds": window.as_secs_f64() });
+        self.control(reqwest::Method::PUT, "/consistency", Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// The eventual-consistency window and the instances not visible yet.
+    pub async fn consistency(&self) -> Result<Consistency, Ec2EndpointError> {
+        self.control(reqwest::Method::GET, "/consistency", None)
+            .await
+            .and_then(|v| decode(v, "/consistency"))
     }
 
     /// Ids to launch instances with (AMI, subnet, security group).

@@ -653,3 +653,164 @@ async fn response_delay_holds_the_answer_after_ec2_acted() {
         "the instance must exist although its caller never heard back"
     );
 }
+
+/// The ids of every instance a DescribeInstances answer lists.
+fn listed(
+    out: &aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput,
+) -> Vec<String> {
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn eventual_consistency_hides_new_instances_for_a_while() {
+    use aws_sdk_ec2::types::{Filter, Tag};
+    let window = Duration::from_secs(8);
+    let ep = endpoint(Ec2EndpointOptions::default().with_consistency(window)).await;
+    let ec2 = ep.client_without_retries().await;
+    assert_eq!(ep.consistency().await.unwrap().seconds, 8.0);
+
+    // An instance launched with the mode off is visible at once.
+    ep.set_consistency(Duration::ZERO).await.unwrap();
+    let (old, _) = launch(&ec2, &ep).await;
+    assert!(ep.consistency().await.unwrap().hidden.is_empty());
+    ep.set_consistency(window).await.unwrap();
+
+    let before = Instant::now();
+    // RunInstances itself answers the new instance, as on AWS.
+    let (new, state) = launch(&ec2, &ep).await;
+    assert_eq!(state, InstanceStateName::Pending);
+    // Only reads that surely fell inside the window are held to it (a slow machine makes this
+    // weaker, never flaky); the first ones are checked to have been inside it, though.
+    let inside = |what: &str, strict: bool| {
+        let inside = before.elapsed() < window;
+        assert!(
+            inside || !strict,
+            "{what} came {:?} after the launch, beyond the {window:?} window: the machine is too slow for this test",
+            before.elapsed()
+        );
+        inside
+    };
+
+    // By id, even with a visible one beside it: the whole call fails, naming the new id only.
+    let by_ids = ec2
+        .describe_instances()
+        .instance_ids(&old)
+        .instance_ids(&new)
+        .send()
+        .await;
+    if inside("DescribeInstances by id", true) {
+        let err = by_ids.expect_err("a new id fails the whole call");
+        assert_eq!(err.code(), Some("InvalidInstanceID.NotFound"), "{err:?}");
+        let message = err.message().unwrap_or_default().to_owned();
+        assert!(
+            message.contains(&new) && !message.contains(&old),
+            "{message}"
+        );
+        assert!(ep.consistency().await.unwrap().hidden.contains(&new));
+    }
+    // The visible one alone answers.
+    let alone = ec2
+        .describe_instances()
+        .instance_ids(&old)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed(&alone), vec![old.clone()]);
+
+    // Without ids, filtered or not: left out.
+    let all = ec2.describe_instances().send().await.unwrap();
+    let filtered = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("instance-id")
+                .values(&old)
+                .values(&new)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let by_state = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    if inside("the filtered DescribeInstances", false) {
+        for out in [&all, &filtered, &by_state] {
+            assert_eq!(listed(out), vec![old.clone()], "{out:?}");
+        }
+    }
+
+    // CreateTags on it is refused; on the visible one it works.
+    let tag = Tag::builder().key("team").value("a").build();
+    let refused = ec2
+        .create_tags()
+        .resources(&new)
+        .tags(tag.clone())
+        .send()
+        .await;
+    if inside("CreateTags", false) {
+        let err = refused.expect_err("CreateTags on an instance EC2 does not show yet");
+        assert_eq!(err.code(), Some("InvalidInstanceID.NotFound"), "{err:?}");
+        assert!(err.message().unwrap_or_default().contains(&new));
+    }
+    ec2.create_tags()
+        .resources(&old)
+        .tags(tag.clone())
+        .send()
+        .await
+        .expect("CreateTags on a visible instance");
+
+    // Once the window is over, everything sees it, never earlier.
+    let deadline = Instant::now() + PATIENCE;
+    let seen_after = loop {
+        let r = ec2.describe_instances().instance_ids(&new).send().await;
+        if r.is_ok() {
+            break before.elapsed();
+        }
+        assert!(Instant::now() < deadline, "{new} never became visible");
+        tokio::time::sleep(POLL).await;
+    };
+    assert!(
+        seen_after >= window,
+        "{new} visible after {seen_after:?}, inside its {window:?} window"
+    );
+    let all = ec2.describe_instances().send().await.unwrap();
+    let mut ids = listed(&all);
+    ids.sort();
+    let mut want = vec![old.clone(), new.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    ec2.create_tags()
+        .resources(&new)
+        .tags(tag)
+        .send()
+        .await
+        .expect("CreateTags once visible");
+    assert!(ep.consistency().await.unwrap().hidden.is_empty());
+    // The refusals were EC2's answers: counted as accepted calls, not faults.
+    let counts = ep.calls().await.unwrap();
+    assert!(counts.faulted.is_empty(), "{counts:?}");
+    assert!(counts.accepted("CreateTags") >= 2, "{counts:?}");
+
+    // Off again: the next launch is visible at once.
+    ep.set_consistency(Duration::ZERO).await.unwrap();
+    let (third, _) = launch(&ec2, &ep).await;
+    ec2.describe_instances()
+        .instance_ids(&third)
+        .send()
+        .await
+        .expect("visible at once with the mode off");
+}

@@ -572,14 +572,30 @@ async fn a_saturated_bucket_answers_throttled_without_calling() {
         .launch(&request(&d, "uid-b"))
         .await
         .expect_err("the bucket is empty for a long while");
-    assert_eq!(
-        err,
-        Ec2Error::Throttled {
-            action: "RunInstances"
-        }
+    // The operator's own pacing held the call back: that is pacing, not AWS throttling
+    // (issue 12; this assertion read `Ec2Error::Throttled` before the two were told apart).
+    assert!(
+        matches!(
+            err,
+            Ec2Error::Paced {
+                action: "RunInstances",
+                ..
+            }
+        ),
+        "{err:?}"
     );
     assert!(err.is_transient());
     assert_eq!(ep.calls().await.unwrap().accepted("RunInstances"), 1);
+    // Nothing reached AWS, nothing was throttled there; the layer counts it as pacing.
+    assert!(ep.calls().await.unwrap().throttled.is_empty());
+    assert_eq!(ec2.call_counts().get("RunInstances"), Some(&1));
+    assert!(
+        ec2.paced_counts()
+            .get("RunInstances/refused")
+            .is_some_and(|n| *n >= 1),
+        "{:?}",
+        ec2.paced_counts()
+    );
 }
 
 #[tokio::test]
@@ -672,4 +688,80 @@ async fn a_refresh_costs_one_call_per_thousand_instances() {
         .map(|i| i.id)
         .collect();
     assert_eq!(seen, managed.iter().cloned().collect::<HashSet<_>>());
+}
+
+#[tokio::test]
+async fn instances_ec2_does_not_show_yet_neither_fail_their_batch_nor_vanish() {
+    let ep = endpoint().await;
+    let d = ep.defaults().await.unwrap();
+    // 230 instances EC2 shows, then EC2's eventual consistency for the next launches.
+    let visible = launch_direct(&ep, 230, false).await;
+    let window = Duration::from_secs(60);
+    ep.set_consistency(window).await.unwrap();
+    let ec2 = layer(&ep, settings(NO_REFRESH)).await;
+    let before = Instant::now();
+    let ours = ec2.launch(&request(&d, "uid-new")).await.expect("launch");
+    // Launched behind the layer's back: EC2 does not know it yet, nor does the layer.
+    let foreign = launch_direct(&ep, 1, false).await.remove(0);
+    let hidden = ep.consistency().await.unwrap().hidden;
+    assert!(
+        hidden.contains(&ours.id) && hidden.contains(&foreign),
+        "{hidden:?}"
+    );
+
+    // One batch of 232 ids goes by InstanceIds, where the new ids fail the whole call: the
+    // others are answered all the same.
+    let all: Vec<String> = visible
+        .iter()
+        .cloned()
+        .chain([ours.id.clone(), foreign.clone()])
+        .collect();
+    let results =
+        futures::future::join_all(all.iter().map(|id| ec2.describe(id, Duration::ZERO))).await;
+    assert!(
+        before.elapsed() < window,
+        "the machine is too slow for this test"
+    );
+    for (id, result) in all.iter().zip(results) {
+        let got = result.unwrap_or_else(|e| panic!("{id}: {e}"));
+        if *id == foreign {
+            assert_eq!(got, None, "unknown to EC2 and to the layer");
+        } else if *id == ours.id {
+            // Launched moments ago by this layer: as RunInstances described it, not gone.
+            let got = got.expect("an instance this layer launched is never reported unknown");
+            assert_eq!(got.state, InstanceState::Pending);
+        } else {
+            assert_eq!(got.map(|i| i.id).as_deref(), Some(id.as_str()));
+        }
+    }
+    let named = ep
+        .call_log(0.0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "DescribeInstances")
+        .count();
+    // The failed call, then the others again: not one call per id.
+    assert!(
+        (2..=3).contains(&named),
+        "{named} DescribeInstances for one batch"
+    );
+
+    // A filtered describe (200 ids or fewer) leaves it out; the layer still answers it.
+    let got = ec2.describe(&ours.id, Duration::ZERO).await.unwrap();
+    assert_eq!(got.map(|i| i.state), Some(InstanceState::Pending));
+    // The look-up by UID tag (before a launch) finds it although EC2 does not list it by its
+    // tags yet: it would never be launched twice.
+    let found = ec2.find_by_uid("uid-new").await.unwrap();
+    assert_eq!(found.map(|i| i.id), Some(ours.id.clone()));
+    // It can be terminated meanwhile.
+    ec2.terminate(&ours.id).await.expect("terminate");
+    assert!(
+        ep.call_log(0.0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "TerminateInstances" && e.ids.contains(&ours.id))
+    );
+    assert_eq!(ep.calls().await.unwrap().accepted("CreateTags"), 0);
 }

@@ -889,8 +889,10 @@ async fn metrics_are_served() {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = op.metrics().await;
+    let status_before = e.status("m-1").await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = op.metrics().await;
+    let status_after = e.status("m-1").await;
     assert!(
         probes(&after) >= probes(&before) + 3.0,
         "the agent was not probed meanwhile:\n{after}"
@@ -898,7 +900,307 @@ async fn metrics_are_served() {
     assert_eq!(
         writes(&after),
         writes(&before),
-        "probes that found nothing new wrote status:\n{}",
+        "probes that found nothing new wrote status:\n{}\nstatus before: {}\nstatus after: {}",
+        op.logs(),
+        serde_json::to_string(&status_before).unwrap(),
+        serde_json::to_string(&status_after).unwrap()
+    );
+}
+
+/// The Ready condition's (status, reason, message, observedGeneration).
+fn ready_of(s: &SandboxStatus) -> Option<(String, String, String, Option<i64>)> {
+    s.conditions.iter().find(|c| c.type_ == "Ready").map(|c| {
+        (
+            c.status.clone(),
+            c.reason.clone(),
+            c.message.clone(),
+            c.observed_generation,
+        )
+    })
+}
+
+#[tokio::test]
+async fn every_sandbox_shows_status_at_once_while_launches_wait_for_the_clients_pacing() {
+    let e = env("firststatus", Duration::ZERO).await;
+    // The operator's own RunInstances bucket is tiny: one launch, then one per 5 s, so the
+    // launches of 60 Sandboxes take five minutes. AWS (the endpoint) throttles nothing.
+    let op = Operator::start(&e.ns, &e.ec2.url(), &["--ec2-buckets", "run=1/0.2"]);
+    let n = 60;
+    let names: Vec<String> = (0..n).map(|i| format!("fs-{i:02}")).collect();
+    let manifests: Vec<String> = names.iter().map(|name| e.launched(name, "")).collect();
+    futures::future::join_all(manifests.iter().map(|m| e.apply(m))).await;
+    let applied = std::time::Instant::now();
+    // Every one carries a phase, Ready=False with a reason, and its observedGeneration.
+    let list = eventually(
+        90,
+        "a phase, Ready and observedGeneration on all 60",
+        || async {
+            let list = e.sbx.list(&ListParams::default()).await.ok()?;
+            let all = list.items.len() == n
+                && list.items.iter().all(|s| {
+                    let st = s.status.clone().unwrap_or_default();
+                    st.phase.is_some()
+                        && st.observed_generation.is_some()
+                        && st.observed_generation == s.metadata.generation
+                        && ready_of(&st)
+                            .is_some_and(|r| !r.1.is_empty() && r.3 == s.metadata.generation)
+                });
+            all.then_some(list)
+        },
+    )
+    .await;
+    let launched = e.ec2.calls().await.unwrap().accepted("RunInstances");
+    eprintln!(
+        "all {n} showed status {:.1} s after being applied; {launched} launched by then",
+        applied.elapsed().as_secs_f64()
+    );
+    assert!(
+        launched < n as u64 / 2,
+        "the status must not wait for the launches: {launched} of {n} were launched already"
+    );
+    let mut paced = 0;
+    for s in &list.items {
+        let st = s.status.clone().unwrap_or_default();
+        let (status, reason, message, _) = ready_of(&st).unwrap();
+        assert_eq!(
+            status,
+            "False",
+            "{}: {st:?}",
+            s.metadata.name.as_deref().unwrap()
+        );
+        assert!(
+            st.failure_reason.is_none() && st.phase != Some(SandboxPhase::Failed),
+            "{st:?}"
+        );
+        if reason == "LaunchPaced" {
+            paced += 1;
+            assert_eq!(st.phase, Some(SandboxPhase::Provisioning));
+            assert!(
+                message.contains("client-side pacing") && message.contains("turn comes at"),
+                "{message}"
+            );
+            assert!(!message.contains("throttled by"), "{message}");
+        } else {
+            assert!(
+                matches!(
+                    reason.as_str(),
+                    "PendingLaunch"
+                        | "Launching"
+                        | "InstanceNotRunning"
+                        | "AgentUnhealthy"
+                        | "AwaitingAgent"
+                ),
+                "unexpected reason {reason}: {message}"
+            );
+        }
+    }
+    assert!(
+        paced >= n / 2,
+        "only {paced} of {n} say the client's pacing holds their launch"
+    );
+    // The pacing is logged and counted as pacing, never as throttling: AWS throttled nothing.
+    let text = op.metrics().await;
+    let queued: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("sandbox_operator_ec2_client_paced_total")
+                && l.contains("RunInstances")
+                && l.contains("queued")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(queued >= paced as f64, "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("outcome=\"throttled\"") && !l.ends_with(" 0")),
+        "{text}"
+    );
+    let log = op.logs();
+    for wrong in [
+        "throttled (the account",
+        "throttled by AWS",
+        "RequestLimitExceeded",
+    ] {
+        assert!(!log.contains(wrong), "the log says {wrong:?}:\n{log}");
+    }
+    assert!(e.ec2.calls().await.unwrap().throttled.is_empty());
+    // And the launches do go on, one per turn.
+    eventually(60, "more launches", || async {
+        (e.ec2.calls().await.unwrap().accepted("RunInstances") > launched).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ec2s_eventual_consistency_never_fails_relaunches_or_leaks() {
+    let e = env("consistency", Duration::from_secs(1)).await;
+    let window = Duration::from_secs(40);
+    e.ec2.set_consistency(window).await.unwrap();
+    let op = e.operator();
+    for name in ["ec-1", "ec-2", "ec-3"] {
+        e.apply(&e.launched(name, "")).await;
+    }
+    // Everything every Sandbox showed, sampled until the window is over.
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let sample = |seen: &mut Vec<(String, String)>, name: &str, st: &SandboxStatus| {
+        let word = format!(
+            "{:?} {} {:?}",
+            st.phase,
+            ready_of(st).map(|r| r.1).unwrap_or_default(),
+            st.failure_reason
+        );
+        if seen.last().is_none_or(|(n, w)| n != name || *w != word) {
+            seen.push((name.to_owned(), word));
+        }
+        assert!(
+            st.phase != Some(SandboxPhase::Failed)
+                && st.failure_reason.is_none()
+                && !st.conditions.iter().any(|c| matches!(
+                    c.reason.as_str(),
+                    "InstanceNotFound" | "InstanceTerminated"
+                )),
+            "{name} reads a failure while EC2 does not show its instance yet: {st:?}\n{seen:?}"
+        );
+    };
+    // The instances are launched, and EC2 does not show them yet.
+    let ids = eventually(60, "three instances launched", || async {
+        let mut ids = Vec::new();
+        for name in ["ec-1", "ec-2", "ec-3"] {
+            ids.push(e.status(name).await.instance.map(|i| i.id)?);
+        }
+        Some(ids)
+    })
+    .await;
+    let hidden = e.ec2.consistency().await.unwrap().hidden;
+    assert!(
+        ids.iter().all(|id| hidden.contains(id)),
+        "launched {ids:?}, yet EC2 showed some already ({hidden:?}): the machine is too slow for this test"
+    );
+    // Deleted meanwhile: its instance is terminated all the same.
+    e.sbx
+        .delete("ec-3", &DeleteParams::default())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        for name in ["ec-1", "ec-2"] {
+            sample(&mut seen, name, &e.status(name).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A fresh operator process (no memory of its launches) in the window: the status's own
+    // record of the launch keeps it from reading the instances as gone.
+    let op = op.restart(&e.ns, &e.ec2.url(), &[]);
+    loop {
+        let hidden = e.ec2.consistency().await.unwrap().hidden;
+        for name in ["ec-1", "ec-2"] {
+            sample(&mut seen, name, &e.status(name).await);
+        }
+        if hidden.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for name in ["ec-1", "ec-2"] {
+        let st = e
+            .wait(name, 60, "running", |s| {
+                s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+            })
+            .await;
+        sample(&mut seen, name, &st);
+    }
+    assert!(
+        seen.iter()
+            .any(|(_, w)| w.contains("Launching") || w.contains("InstanceNotRunning")),
+        "{seen:?}"
+    );
+    // Never launched again, never tagged after the fact.
+    let calls = e.ec2.calls().await.unwrap();
+    assert_eq!(
+        calls.accepted("RunInstances"),
+        3,
+        "{calls:?}\n{}",
         op.logs()
+    );
+    assert_eq!(calls.accepted("CreateTags"), 0, "{calls:?}");
+    // The deleted one is gone, and so is its instance.
+    eventually(60, "ec-3 to be gone", || async {
+        e.sbx.get_opt("ec-3").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let state = eventually(60, "ec-3's instance terminated", || async {
+        let out = e
+            .ec2
+            .client()
+            .await
+            .describe_instances()
+            .instance_ids(&ids[2])
+            .send()
+            .await
+            .ok()?;
+        let state = out.reservations()[0].instances()[0]
+            .state()?
+            .name()?
+            .as_str()
+            .to_owned();
+        matches!(state.as_str(), "shutting-down" | "terminated").then_some(state)
+    })
+    .await;
+    assert!(!state.is_empty());
+    assert_eq!(
+        e.instances()
+            .await
+            .iter()
+            .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("running"))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn deleting_sandboxes_logs_no_warning() {
+    let e = env("quietdelete", Duration::from_secs(1)).await;
+    // The periodic EC2 refresh as slow as in production (30 s): the cleanup's own describe is
+    // the one that sees the instance terminated.
+    let op = Operator::start(&e.ns, &e.ec2.url(), &["--ec2-refresh", "30s"]);
+    let names = ["qd-1", "qd-2", "qd-3"];
+    for name in names {
+        e.apply(&e.launched(name, "")).await;
+    }
+    for name in names {
+        e.wait(name, 60, "running", |s| {
+            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+        })
+        .await;
+    }
+    let before = op.logs().len();
+    for name in names {
+        e.sbx.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    for name in names {
+        eventually(60, "the Sandbox to be gone", || async {
+            e.sbx.get_opt(name).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
+    // Past the requeues and EC2 changes still queued for the deleted objects.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log = op.logs();
+    let after = &log[before..];
+    let warnings: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(
+        warnings.is_empty(),
+        "deleting logged warnings:\n{}",
+        warnings.join("\n")
+    );
+    assert!(!after.contains("failed to remove finalizer"), "{after}");
+    assert!(
+        e.instances().await.iter().all(|i| {
+            i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("terminated")
+        })
     );
 }

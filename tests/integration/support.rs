@@ -174,24 +174,21 @@ impl Operator {
                 "--http-addr",
                 &http.to_string(),
             ])
-            .args([
-                "--ec2-refresh",
-                "1s",
-                "--ec2-batch-window",
-                "50ms",
-                "--poll",
-                "500ms",
-                "--resync",
-                "20s",
-            ])
-            .args([
-                "--orphan-sweep",
-                "1s",
-                "--orphan-grace",
-                "3s",
-                "--region",
-                "us-east-1",
-            ])
+            .args(
+                [
+                    ["--ec2-refresh", "1s"],
+                    ["--ec2-batch-window", "50ms"],
+                    ["--poll", "500ms"],
+                    ["--resync", "20s"],
+                    ["--orphan-sweep", "1s"],
+                    ["--orphan-grace", "3s"],
+                    ["--region", "us-east-1"],
+                ]
+                .into_iter()
+                // A flag given in `extra` replaces the test default.
+                .filter(|[flag, _]| !extra.contains(flag))
+                .flatten(),
+            )
             .args(extra)
             .env("KUBECONFIG", cp.kubeconfig_path())
             .env("AWS_ACCESS_KEY_ID", "testing")

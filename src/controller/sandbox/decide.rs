@@ -103,6 +103,35 @@ pub enum ProbeObs {
     },
 }
 
+/// Where a launch stands while the Sandbox has no instance id yet.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum LaunchStage {
+    /// Nothing asked of EC2 yet: the status written on the first reconcile, before any call
+    /// that may wait (the look-up of an earlier launch, the pacing of RunInstances).
+    Pending,
+    /// The operator's own client-side pacing of RunInstances holds the launch back (AWS has
+    /// throttled nothing).
+    Paced {
+        /// When its turn comes; `None`: more launches are queued than the pacing takes on.
+        turn_at: Option<Timestamp>,
+        /// The RunInstances bucket: launches at once.
+        burst: f64,
+        /// The RunInstances bucket: launches per second after the burst.
+        per_second: f64,
+    },
+    /// RunInstances is under way (the default).
+    #[default]
+    Launching,
+    /// RunInstances did not go through for a reason that passes (AWS throttling, capacity,
+    /// server trouble); it is tried again.
+    Retrying {
+        /// A CamelCase reason (`LaunchThrottled`, `InsufficientCapacity`, `LaunchRetrying`).
+        reason: &'static str,
+        /// What happened, in words that do not change from one attempt to the next.
+        message: String,
+    },
+}
+
 /// Everything [`decide`] looks at.
 #[derive(Clone, Debug)]
 pub struct Inputs<'a> {
@@ -127,6 +156,8 @@ pub struct Inputs<'a> {
     pub launch_rejection: Option<&'a Rejection>,
     /// Why the reconciler held the launch back before calling EC2 (its user data is missing).
     pub launch_hold: Option<&'a LaunchHold>,
+    /// Where the launch stands while there is no instance id (read only then).
+    pub launch: LaunchStage,
     /// Now.
     pub now: Timestamp,
     /// Operator-wide settings.
@@ -526,6 +557,51 @@ pub fn new_start_request(start_request: Option<&str>, status: &SandboxStatus) ->
     }
 }
 
+/// The words of the Ready and InstanceRunning conditions while there is no instance id.
+fn launch_words(spec: &SandboxSpec, stage: &LaunchStage) -> (&'static str, String) {
+    if let Some(id) = &spec.instance_id {
+        return ("Adopting", format!("looking up instance {id} in EC2"));
+    }
+    match stage {
+        LaunchStage::Pending => (
+            "PendingLaunch",
+            "the instance is to be launched: looking for one launched earlier for this Sandbox, then RunInstances".into(),
+        ),
+        LaunchStage::Paced {
+            turn_at,
+            burst,
+            per_second,
+        } => {
+            let pacing = format!(
+                "waiting for EC2 capacity in the operator's own client-side pacing of RunInstances ({burst} at once, then {per_second} per second; AWS has throttled nothing)"
+            );
+            let message = match turn_at {
+                Some(at) => format!(
+                    "{pacing}: this launch's turn comes at {}",
+                    at.round(jiff::Unit::Second).unwrap_or(*at)
+                ),
+                None => format!(
+                    "{pacing}: more launches are queued than it takes on; this one asks again later"
+                ),
+            };
+            ("LaunchPaced", message)
+        }
+        LaunchStage::Launching => ("Launching", "launching the instance".into()),
+        LaunchStage::Retrying { reason, message } => (reason, message.clone()),
+    }
+}
+
+/// Whether the instance in status may simply not be shown by EC2 yet: the operator launched
+/// it moments ago and has seen nothing of it but what RunInstances answered (`pending`). One
+/// seen running, stopped or anything else was visible, so its vanishing is real.
+fn launched_within_grace(s: &InstanceStatus, now: Timestamp) -> bool {
+    s.launched_by_operator
+        && s.state.as_deref() == Some(InstanceState::Pending.as_str())
+        && s.launch_time
+            .as_ref()
+            .is_some_and(|t| since(now, t) < crate::ec2::LAUNCH_GRACE)
+}
+
 /// The decision for a Sandbox that is not being deleted.
 pub fn decide(i: &Inputs<'_>) -> Decision {
     let valid = match validate(i.spec) {
@@ -606,21 +682,32 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                     requeue: hold_recheck(i.settings),
                 };
             } else {
-                set(
-                    cs,
-                    cond::INSTANCE_RUNNING,
-                    FALSE,
-                    "Launching",
-                    "launching the instance".into(),
-                );
-                set(
-                    cs,
-                    cond::READY,
-                    FALSE,
-                    "Launching",
-                    "launching the instance".into(),
-                );
+                let (reason, message) = launch_words(i.spec, &i.launch);
+                set(cs, cond::INSTANCE_RUNNING, FALSE, reason, message.clone());
+                set(cs, cond::READY, FALSE, reason, message);
             }
+            st.conditions = std::mem::take(cs);
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: i.settings.poll,
+            };
+        }
+        InstanceObs::Missing { id }
+            if st
+                .instance
+                .as_ref()
+                .is_some_and(|s| s.id == *id && launched_within_grace(s, now)) =>
+        {
+            // EC2 is eventually consistent: an instance the operator launched moments ago may
+            // be unknown to DescribeInstances for a while. Not gone, not to be relaunched.
+            st.phase = Some(SandboxPhase::Provisioning);
+            let msg = format!(
+                "launched instance {id}; EC2 does not list it yet (it is eventually consistent after RunInstances)"
+            );
+            set(cs, cond::INSTANCE_RUNNING, FALSE, "Launching", msg.clone());
+            set(cs, cond::READY, FALSE, "Launching", msg);
             st.conditions = std::mem::take(cs);
             return Decision {
                 status: st,
@@ -1810,6 +1897,29 @@ pub fn decide_delete(spec: &SandboxSpec, instance: &InstanceObs) -> DeleteStep {
             _ => DeleteStep::Terminate(inst.id.clone()),
         },
     }
+}
+
+/// [`decide_delete`], knowing also the status and the clock: an instance the operator launched
+/// moments ago that EC2 does not list yet (it is eventually consistent) is terminated all the
+/// same, not taken for gone.
+pub fn decide_delete_seen(
+    spec: &SandboxSpec,
+    status: &SandboxStatus,
+    instance: &InstanceObs,
+    now: Timestamp,
+) -> DeleteStep {
+    use crate::api::DeletionPolicy;
+    if let InstanceObs::Missing { id } = instance
+        && spec.management_policy == ManagementPolicy::Full
+        && spec.effective_deletion_policy() == DeletionPolicy::Terminate
+        && status
+            .instance
+            .as_ref()
+            .is_some_and(|s| s.id == *id && launched_within_grace(s, now))
+    {
+        return DeleteStep::Terminate(id.clone());
+    }
+    decide_delete(spec, instance)
 }
 
 /// The agent URL for an instance: the explicit URL, or the template (default

@@ -75,6 +75,7 @@ struct Case {
     start_request: Option<String>,
     deploy_attempt: Option<String>,
     rejection: Option<Rejection>,
+    launch: LaunchStage,
     now: Timestamp,
     settings: Settings,
 }
@@ -89,6 +90,7 @@ impl Case {
             start_request: None,
             deploy_attempt: None,
             rejection: None,
+            launch: LaunchStage::default(),
             now: t(0),
             settings: Settings::default(),
         }
@@ -105,6 +107,7 @@ impl Case {
             agent_url: Some("http://10.0.0.5:8000"),
             launch_rejection: self.rejection.as_ref(),
             launch_hold: None,
+            launch: self.launch.clone(),
             now: self.now,
             settings: &self.settings,
         })
@@ -132,6 +135,109 @@ fn no_instance_is_provisioning() {
     assert_eq!(cond(&d, cond::READY).status, "False");
     assert_eq!(cond(&d, cond::READY).reason, "Launching");
     assert!(d.actions.is_empty());
+}
+
+#[test]
+fn the_first_status_says_where_the_launch_stands() {
+    // Pending: written before any EC2 call.
+    let mut c = Case::new(InstanceObs::NoInstance);
+    c.launch = LaunchStage::Pending;
+    let d = c.run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Provisioning));
+    assert_eq!(d.status.observed_generation, Some(1));
+    assert_eq!(cond(&d, cond::READY).status, "False");
+    assert_eq!(cond(&d, cond::READY).reason, "PendingLaunch");
+    assert_eq!(cond(&d, cond::READY).observed_generation, Some(1));
+    assert!(d.actions.is_empty());
+
+    // Held back by the operator's own pacing: said so, with its turn, and not called
+    // throttling.
+    c.launch = LaunchStage::Paced {
+        turn_at: Some(t(95)),
+        burst: 4.0,
+        per_second: 1.8,
+    };
+    let paced = c.run();
+    let ready = cond(&paced, cond::READY);
+    assert_eq!(ready.reason, "LaunchPaced");
+    assert!(
+        ready.message.contains("client-side pacing"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        ready.message.contains(&t(95).to_string()),
+        "{}",
+        ready.message
+    );
+    assert!(!ready.message.contains("throttled by"), "{}", ready.message);
+    assert_eq!(cond(&paced, cond::INSTANCE_RUNNING).reason, "LaunchPaced");
+    // The same turn decided again a minute later writes nothing new.
+    c.status = paced.status.clone();
+    c.now = t(60);
+    assert!(!material_change(&paced.status, &c.run().status));
+
+    // AWS throttling is its own reason.
+    c.launch = LaunchStage::Retrying {
+        reason: "LaunchThrottled",
+        message: "AWS throttled RunInstances".into(),
+    };
+    assert_eq!(cond(&c.run(), cond::READY).reason, "LaunchThrottled");
+
+    // An adopted instance being looked up is not "launching".
+    let mut a = Case::new(InstanceObs::NoInstance);
+    a.spec = adopted_spec();
+    a.launch = LaunchStage::Pending;
+    let d = a.run();
+    assert_eq!(cond(&d, cond::READY).reason, "Adopting");
+    assert_eq!(d.status.phase, Some(SandboxPhase::Provisioning));
+}
+
+#[test]
+fn an_instance_launched_moments_ago_that_ec2_does_not_list_yet_is_launching() {
+    let id = "i-0123456789abcdef0";
+    // Launched by the operator, EC2 said pending (launch time t(-100) in `inst`).
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Pending)));
+    c.now = t(-95);
+    c.step();
+    c.status.instance.as_mut().unwrap().launched_by_operator = true;
+    // EC2 (eventually consistent) does not know the id yet.
+    c.instance = InstanceObs::Missing { id: id.into() };
+    c.now = t(-90);
+    let d = c.step();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Provisioning));
+    assert_eq!(d.status.failure_reason, None);
+    assert_eq!(cond(&d, cond::READY).reason, "Launching");
+    assert!(d.actions.is_empty(), "never relaunched: {:?}", d.actions);
+    // Deleting meanwhile terminates it all the same.
+    assert_eq!(
+        decide_delete_seen(&c.spec, &c.status, &c.instance, c.now),
+        DeleteStep::Terminate(id.into())
+    );
+    // Long after the launch, unknown means gone: Failed, as before.
+    c.now = t(-100) + crate::ec2::LAUNCH_GRACE + Duration::from_secs(1);
+    let d = c.run();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Failed));
+    assert_eq!(d.status.failure_reason.as_deref(), Some("InstanceNotFound"));
+    assert_eq!(
+        decide_delete_seen(&c.spec, &c.status, &c.instance, c.now),
+        DeleteStep::Done
+    );
+    // One EC2 showed running moments after its launch was visible: its vanishing is real.
+    let mut r = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    r.now = t(-95);
+    r.step();
+    r.instance = InstanceObs::Missing { id: id.into() };
+    r.now = t(-90);
+    assert_eq!(r.run().status.phase, Some(SandboxPhase::Failed));
+    // An adopted instance is never taken for one launched moments ago.
+    let mut a = Case::new(InstanceObs::Found(inst(InstanceState::Pending)));
+    a.spec = adopted_spec();
+    a.now = t(-95);
+    a.step();
+    a.instance = InstanceObs::Missing { id: id.into() };
+    let d = a.run();
+    assert_eq!(cond(&d, cond::READY).reason, "InstanceNotFound");
 }
 
 #[test]

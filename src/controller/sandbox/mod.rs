@@ -34,7 +34,8 @@ use crate::ec2::{self, Ec2, Ec2Error, InstanceState, LaunchRequest};
 use crate::metrics::{Metrics, SandboxLabels};
 use crate::util::parse_duration;
 use decide::{
-    Action, DeleteStep, Inputs, InstanceObs, LaunchHold, Note, ProbeObs, Rejection, Settings,
+    Action, DeleteStep, Inputs, InstanceObs, LaunchHold, LaunchStage, Note, ProbeObs, Rejection,
+    Settings,
     StartWhy,
 };
 
@@ -98,6 +99,15 @@ impl Error {
     fn kind(&self) -> &'static str {
         match self {
             Error::Kube { .. } => "kube",
+            // The operator's own pacing and AWS's throttling are counted apart.
+            Error::Ec2 {
+                source: Ec2Error::Paced { .. },
+                ..
+            } => "ec2_paced",
+            Error::Ec2 {
+                source: Ec2Error::Throttled { .. },
+                ..
+            } => "ec2_throttled",
             Error::Ec2 { source, .. } if source.is_transient() => "ec2_transient",
             Error::Ec2 { .. } => "ec2",
             Error::Finalizer { .. } => "finalizer",
@@ -277,13 +287,22 @@ pub async fn reconcile(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, 
         }
     })
     .await
-    .map_err(|e| match e {
+    .or_else(|e| match e {
+        // The cleanup succeeded and the object is gone already: a reconcile that started from
+        // a cached copy (an EC2 change or a requeue queued while the finalizer was being
+        // removed) found nothing left to remove the finalizer from. What it wanted is done.
+        kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(status))
+            if status.is_not_found() =>
+        {
+            tracing::debug!(sandbox = %object, "the Sandbox is gone already; nothing to finalize");
+            Ok(Requeue::await_change())
+        }
         kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer {
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => Err(e),
+        other => Err(Error::Finalizer {
             object,
             message: other.to_string(),
-        },
+        }),
     })
 }
 
@@ -294,18 +313,106 @@ pub fn error_policy(obj: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Requeu
         return Requeue::requeue(ctx.settings.decide.poll);
     }
     ctx.metrics.reconcile_failed(CONTROLLER, err.kind());
-    warn!(sandbox = %key(&obj), error = %err, "reconcile failed; will retry");
     let jitter = Duration::from_millis(u64::from(
         obj.uid()
             .map(|u| u.bytes().map(u32::from).sum::<u32>())
             .unwrap_or(0)
             % 1000,
     ));
+    if let Error::Ec2 {
+        source: Ec2Error::Paced { wait, .. },
+        ..
+    } = err
+    {
+        // The operator's own pacing held the call back: nothing failed and AWS throttled
+        // nothing.
+        info!(sandbox = %key(&obj), error = %err, "waiting for the operator's client-side EC2 pacing");
+        return Requeue::requeue(
+            (*wait).clamp(Duration::from_secs(1), Duration::from_secs(60)) + jitter,
+        );
+    }
+    warn!(sandbox = %key(&obj), error = %err, "reconcile failed; will retry");
     match err {
+        // A capacity shortage does not pass in seconds.
+        Error::Ec2 {
+            source: Ec2Error::Rejected { .. },
+            ..
+        } => Requeue::requeue(Duration::from_secs(30) + jitter),
         Error::Ec2 { source, .. } if source.is_transient() => {
             Requeue::requeue(Duration::from_secs(3) + jitter)
         }
         _ => Requeue::requeue(Duration::from_secs(10) + jitter),
+    }
+}
+
+/// A launch whose turn in the client-side pacing is this close goes ahead (sleeping until the
+/// turn); one further off requeues for it, saying so in its status.
+const LAUNCH_HOLD: Duration = Duration::from_secs(2);
+
+/// Up to 5 s, fixed per UID: spreads the requeues of Sandboxes refused together.
+fn spread(uid: &str) -> Duration {
+    Duration::from_millis(u64::from(uid.bytes().map(u32::from).sum::<u32>()) * 37 % 5000)
+}
+
+/// The launch stage for a RunInstances that did not go through for a passing reason. The
+/// message stays the same from one attempt to the next (no request ids), so retries cause no
+/// status writes.
+fn retrying(e: &Ec2Error) -> LaunchStage {
+    let (reason, message) = match e {
+        Ec2Error::Throttled { .. } => (
+            "LaunchThrottled",
+            "AWS throttled RunInstances (RequestLimitExceeded: the account's request rate limit) after the operator's retries; trying again shortly".to_string(),
+        ),
+        Ec2Error::Rejected { code, .. } => (
+            "InsufficientCapacity",
+            format!("EC2 cannot launch this instance right now ({code}); trying again shortly"),
+        ),
+        _ => (
+            "LaunchRetrying",
+            format!(
+                "RunInstances did not go through ({}); trying again shortly",
+                e.reason()
+            ),
+        ),
+    };
+    LaunchStage::Retrying { reason, message }
+}
+
+/// Writes the status of a Sandbox whose instance is not known yet, before the calls that may
+/// wait: the first reconcile's status, and where the launch stands.
+struct Early<'a> {
+    ctx: &'a Context,
+    api: &'a Api<Sandbox>,
+    obj: &'a Sandbox,
+    uid: &'a str,
+}
+
+impl Early<'_> {
+    async fn write(&self, status: &mut SandboxStatus, stage: LaunchStage) -> Result<(), Error> {
+        let obj = self.obj;
+        let d = decide::decide(&Inputs {
+            spec: &obj.spec,
+            generation: obj.metadata.generation,
+            start_request: None,
+            deploy_attempt: None,
+            status,
+            instance: &InstanceObs::NoInstance,
+            probe: &ProbeObs::NotProbed,
+            agent_url: None,
+            launch_rejection: None,
+            launch_hold: None,
+            launch: stage,
+            now: Timestamp::now(),
+            settings: &self.ctx.settings.decide,
+        });
+        if decide::material_change(status, &d.status) {
+            let rv = write_status(self.api, obj, &d.status, self.ctx).await?;
+            self.ctx
+                .written
+                .remember(self.uid, rv.as_deref(), d.status.clone());
+        }
+        *status = d.status;
+        Ok(())
     }
 }
 
@@ -319,7 +426,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let uid = obj.uid().ok_or_else(|| Error::Malformed(object.clone()))?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
-    let status = fresh_status(&obj, &ctx, &uid);
+    let mut status = fresh_status(&obj, &ctx, &uid);
     let spec = &obj.spec;
     let generation = obj.metadata.generation;
     let settings = &ctx.settings.decide;
@@ -351,6 +458,18 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         }
     };
 
+    // ---- Status first: a new Sandbox shows a phase, Ready=False with a reason and its
+    // observedGeneration before any call that may wait (batching, pacing, throttling). ----
+    let first = status.instance.is_none()
+        && (status.phase.is_none()
+            || crate::api::conditions::get(&status.conditions, decide::cond::READY).is_none());
+    let early = Early {
+        ctx: &ctx,
+        api: &api,
+        obj: &obj,
+        uid: &uid,
+    };
+
     // ---- Which instance? ----
     // A spec the validate step refuses is reported, never acted on (no launch, no probe).
     let valid = decide::validate(spec).is_ok();
@@ -360,10 +479,45 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         &spec.instance_id,
         status.instance.as_ref().map(|i| i.id.clone()),
     ) {
-        (Some(id), _) => Some(id.clone()),
+        (Some(id), _) => {
+            if first {
+                early.write(&mut status, LaunchStage::Launching).await?;
+            }
+            Some(id.clone())
+        }
         (None, Some(id)) => Some(id),
         (None, None) if rejection.is_some() || !valid => None,
         (None, None) => {
+            // Take this launch's turn in the client-side pacing of RunInstances (at once,
+            // without waiting), then say where it stands before anything else.
+            let run = ctx.ec2.rate_limits().run;
+            let paced = |turn_at| LaunchStage::Paced {
+                turn_at,
+                burst: run.capacity,
+                per_second: run.refill_per_second,
+            };
+            match ctx.ec2.launch_turn(&client_token(&uid)) {
+                Ok(turn) if turn.wait > LAUNCH_HOLD => {
+                    early.write(&mut status, paced(Some(turn.at))).await?;
+                    return Ok(Requeue::requeue(turn.wait));
+                }
+                Ok(_) => {
+                    if first {
+                        early.write(&mut status, LaunchStage::Pending).await?;
+                    }
+                }
+                Err(Ec2Error::Paced { wait, .. }) => {
+                    early.write(&mut status, paced(None)).await?;
+                    return Ok(Requeue::requeue(wait + spread(&uid)));
+                }
+                Err(source) => {
+                    return Err(Error::Ec2 {
+                        what: "taking a turn to launch",
+                        object,
+                        source,
+                    });
+                }
+            }
             // Before launching, look for an instance this Sandbox launched already (a crash
             // between RunInstances and the status write).
             let found = ctx
@@ -387,9 +541,12 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                         Some(id)
                     }
                     Err(Error::Ec2 {
-                        source: Ec2Error::Rejected { code, message, .. },
+                        source: source @ Ec2Error::Rejected { .. },
                         ..
-                    }) => {
+                    }) if !source.is_transient() => {
+                        let Ec2Error::Rejected { code, message, .. } = source else {
+                            unreachable!("matched Rejected")
+                        };
                         let rej = Rejection {
                             code: code.clone(),
                             message: message.clone(),
@@ -412,6 +569,35 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                     Err(Error::LaunchHeld { hold, .. }) => {
                         launch_hold = Some(hold);
                         None
+                    }
+                    Err(Error::Ec2 {
+                        source: Ec2Error::Paced { wait, .. },
+                        ..
+                    }) => {
+                        // The turn lapsed and the bucket is busy: back in line.
+                        let run = ctx.ec2.rate_limits().run;
+                        let stage = LaunchStage::Paced {
+                            turn_at: None,
+                            burst: run.capacity,
+                            per_second: run.refill_per_second,
+                        };
+                        early.write(&mut status, stage).await?;
+                        return Ok(Requeue::requeue(
+                            wait.min(Duration::from_secs(60)) + spread(&uid),
+                        ));
+                    }
+                    Err(Error::Ec2 {
+                        what,
+                        object,
+                        source,
+                    }) if source.is_transient() => {
+                        // Say so, then requeue with backoff (error_policy).
+                        early.write(&mut status, retrying(&source)).await?;
+                        return Err(Error::Ec2 {
+                            what,
+                            object,
+                            source,
+                        });
                     }
                     Err(e) => return Err(e),
                 },
@@ -513,6 +699,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         agent_url: agent_url.as_deref(),
         launch_rejection: rejection.as_ref(),
         launch_hold: launch_hold.as_ref(),
+        launch: LaunchStage::Launching,
         now: Timestamp::now(),
         settings,
     };
@@ -911,7 +1098,9 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = obj.uid().unwrap_or_default();
-    let mut status = obj.status.clone().unwrap_or_default();
+    // What was written last, even if the cached copy does not show it yet (an instance id
+    // recorded moments ago must not be missed: EC2 may not list the instance by its tags yet).
+    let mut status = fresh_status(&obj, &ctx, &uid);
     let id = match (
         &obj.spec.instance_id,
         status.instance.as_ref().map(|i| i.id.clone()),
@@ -945,7 +1134,7 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
             None => InstanceObs::Missing { id: id.clone() },
         },
     };
-    let step = decide::decide_delete(&obj.spec, &observed);
+    let step = decide::decide_delete_seen(&obj.spec, &status, &observed, Timestamp::now());
     if status.phase != Some(SandboxPhase::Terminating) && step != DeleteStep::Done {
         status.phase = Some(SandboxPhase::Terminating);
         if let InstanceObs::Found(i) = &observed {

@@ -57,6 +57,7 @@ fn run(
         agent_url: None,
         launch_rejection: None,
         launch_hold: hold,
+        launch: super::decide::LaunchStage::Launching,
         now: now(),
         settings: &Settings::default(),
     })

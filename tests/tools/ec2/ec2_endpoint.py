@@ -7,8 +7,8 @@ It adds what the operator must cope with on real EC2 and moto lacks. Everything 
 Usage
 -----
     python ec2_endpoint.py --port 0 [--pending-seconds F] [--stopping-seconds F]
-                           [--shutting-down-seconds F] [--throttle] [--exit-on-stdin-eof]
-                           [--verbose]
+                           [--shutting-down-seconds F] [--consistency-seconds F] [--throttle]
+                           [--exit-on-stdin-eof] [--verbose]
 
 Once ready it prints exactly one line, ``LISTENING <port>``, on stdout (``--port 0`` picks a
 free port) and nothing else there; diagnostics go to stderr. It runs until SIGTERM/SIGINT, or,
@@ -78,6 +78,16 @@ What the layer adds
    it (``ms``, waiting for moto's lock included) and how long moto itself took (``moto_ms``,
    0 when the call never reached moto). The bench reads it to time a spec change to its EC2 call and
    to see how long moto takes.
+7. Eventual consistency (off unless ``--consistency-seconds`` or the control API sets a time):
+   as AWS documents for EC2, an instance is not visible everywhere at once after RunInstances.
+   For ``consistency_seconds`` after its launch, an instance is unknown by id: a
+   DescribeInstances naming it (``InstanceId.N``) fails as a whole with
+   ``InvalidInstanceID.NotFound`` ("The instance ID 'i-…' does not exist" / "The instance IDs
+   'i-…, i-…' do not exist", naming every id not visible yet), whatever else it names; a
+   DescribeInstances without ids (filtered or not) leaves it out of the answer; and CreateTags
+   on it fails with ``InvalidInstanceID.NotFound``. Other actions (Start/Stop/Terminate, the
+   RunInstances answer itself and a ClientToken repeat of it) see it at once. The time applies
+   to instances launched after it is set.
 
 Control API (JSON over HTTP on the same port; never reaches moto)
 -----------------------------------------------------------------
@@ -111,6 +121,9 @@ Control API (JSON over HTTP on the same port; never reaches moto)
                                         "shutting_down_seconds": 2}   (each key optional; applies
                                        to transitions that start afterwards)
     GET    /_endpoint/delays        -> the same three numbers
+    PUT    /_endpoint/consistency   <- {"seconds": 5}   (0 = off; applies to later launches)
+    GET    /_endpoint/consistency   -> {"seconds": 5, "hidden": ["i-…", ...]}   the instances not
+                                       visible yet
 
 Errors of the control API answer 4xx with {"error": "..."}.
 
@@ -269,6 +282,7 @@ def _backend_run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
     with STATE_LOCK:
         for instance in reservation.instances:
             _begin_transition(instance, "pending", 0, seconds)
+    CONSISTENCY.launched([instance.id for instance in reservation.instances])
     return reservation
 
 
@@ -384,6 +398,110 @@ def _response_terminate_instances(self: InstanceResponse) -> ActionResult:
     elbv2_backends[self.current_account][self.region].notify_terminate_instances(instance_ids)
     return ActionResult({"TerminatingInstances": result})
 
+
+# --------------------------------------------------------------------------------------------
+# Eventual consistency
+# --------------------------------------------------------------------------------------------
+
+
+class Consistency:
+    """Which new instances EC2 does not show yet, and for how long after a launch."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seconds = 0.0
+        # instance id -> monotonic time from which it is visible
+        self.visible_at: dict[str, float] = {}
+
+    def configure(self, body: dict[str, Any]) -> None:
+        unknown = set(body) - {"seconds"}
+        if unknown:
+            raise ValueError(f"unknown keys: {sorted(unknown)}")
+        value = body.get("seconds")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ValueError("seconds must be a number >= 0")
+        with self.lock:
+            self.seconds = float(value)
+
+    def launched(self, instance_ids: list[str]) -> None:
+        with self.lock:
+            if self.seconds > 0:
+                until = time.monotonic() + self.seconds
+                for instance_id in instance_ids:
+                    self.visible_at[instance_id] = until
+
+    def hidden(self) -> set[str]:
+        """The ids not visible yet (forgetting those whose time has come)."""
+        now = time.monotonic()
+        with self.lock:
+            for instance_id in [i for i, t in self.visible_at.items() if t <= now]:
+                del self.visible_at[instance_id]
+            return set(self.visible_at)
+
+    def as_dict(self) -> dict[str, Any]:
+        hidden = sorted(self.hidden())
+        with self.lock:
+            return {"seconds": self.seconds, "hidden": hidden}
+
+
+CONSISTENCY = Consistency()
+
+
+def not_found_message(instance_ids: list[str]) -> str:
+    """AWS's wording of InvalidInstanceID.NotFound."""
+    if len(instance_ids) > 1:
+        return f"The instance IDs '{', '.join(instance_ids)}' do not exist"
+    return f"The instance ID '{instance_ids[0]}' does not exist"
+
+
+def hidden_named(action: str, params: dict[str, str]) -> list[str]:
+    """The ids a call names that EC2 does not show yet, if the call is one they fail."""
+    if action == "DescribeInstances":
+        prefix = "InstanceId."
+    elif action == "CreateTags":
+        prefix = "ResourceId."
+    else:
+        return []
+    named = [v for k, v in sorted(params.items(), key=lambda kv: _param_index(kv[0])) if k.startswith(prefix)]
+    if not named:
+        return []
+    hidden = CONSISTENCY.hidden()
+    out: list[str] = []
+    for instance_id in named:
+        if instance_id in hidden and instance_id not in out:
+            out.append(instance_id)
+    return out
+
+
+def _param_index(key: str) -> tuple[str, int]:
+    head, _, tail = key.rpartition(".")
+    try:
+        return (head, int(tail))
+    except ValueError:
+        return (key, 0)
+
+
+_orig_backend_describe_instances = InstanceBackend.describe_instances
+
+
+def _backend_describe_instances(self: Any, filters: Any = None) -> Any:
+    """DescribeInstances without ids: instances not visible yet are left out."""
+    reservations = _orig_backend_describe_instances(self, filters)
+    hidden = CONSISTENCY.hidden()
+    if not hidden:
+        return reservations
+    out = []
+    for reservation in reservations:
+        visible = [i for i in reservation.instances if i.id not in hidden]
+        if len(visible) != len(reservation.instances):
+            # `reservations` holds shallow copies: reassigning the list leaves moto's own alone.
+            reservation.instances = visible
+        if visible:
+            out.append(reservation)
+    return out
+
+
+InstanceBackend.describe_instances = _backend_describe_instances  # type: ignore[method-assign]
 
 # --------------------------------------------------------------------------------------------
 # ClientToken idempotency
@@ -866,6 +984,13 @@ class EndpointApp:
                     start_response, fault["status"], fault["code"], fault["message"]
                 )
             self.counts.bump("calls", action)
+            # EC2's own answer for ids it does not show yet (an accepted call, as on AWS).
+            unseen = hidden_named(action, params)
+            if unseen:
+                log("accepted")
+                return self.ec2_error(
+                    start_response, 400, "InvalidInstanceID.NotFound", not_found_message(unseen)
+                )
 
         environ["wsgi.input"] = BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
@@ -911,6 +1036,11 @@ class EndpointApp:
             ("GET", "/throttle"): self.throttle.as_dict,
             ("PUT", "/delays"): lambda: (DELAYS.update(body), DELAYS.as_dict())[1],
             ("GET", "/delays"): DELAYS.as_dict,
+            ("PUT", "/consistency"): lambda: (
+                CONSISTENCY.configure(body),
+                CONSISTENCY.as_dict(),
+            )[1],
+            ("GET", "/consistency"): CONSISTENCY.as_dict,
         }
         handler = routes.get((method, route))
         if handler is None:
@@ -970,6 +1100,12 @@ def main() -> None:
     parser.add_argument("--pending-seconds", type=float, default=0.0)
     parser.add_argument("--stopping-seconds", type=float, default=0.0)
     parser.add_argument("--shutting-down-seconds", type=float, default=0.0)
+    parser.add_argument(
+        "--consistency-seconds",
+        type=float,
+        default=0.0,
+        help="how long a new instance stays unknown to DescribeInstances and CreateTags",
+    )
     parser.add_argument("--throttle", action="store_true", help="start with throttling on")
     parser.add_argument(
         "--exit-on-stdin-eof", action="store_true", help="exit when stdin is closed"
@@ -984,6 +1120,7 @@ def main() -> None:
             "shutting_down_seconds": args.shutting_down_seconds,
         }
     )
+    CONSISTENCY.configure({"seconds": args.consistency_seconds})
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
     if args.exit_on_stdin_eof:
