@@ -1323,6 +1323,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_passes_the_start_checks() {
+        let c: OperatorConfig =
+            serde_yaml::from_str(include_str!("../examples/operator-config.yaml")).unwrap();
+        let w = c.webhook.unwrap();
+        assert_eq!(w.default_environment.as_deref(), Some("staging"));
+        check(&w).unwrap();
+        crate::util::parse_duration(&w.delivery_memory).unwrap();
+    }
+
+    #[test]
     fn a_default_environment_must_be_configured() {
         let c: WebhookConfig = serde_yaml::from_str(
             "defaultEnvironment: qa\nenvironments: {staging: {namespace: s}}\n",
