@@ -3,16 +3,32 @@
 //!
 //! Checks, in order: body size (413), body arrival within the request timeout (408), HMAC-SHA256
 //! signature over the raw body in constant time (401), event (400), JSON payload (400),
-//! timestamp window (400), environment (404), then the delivery record (below). Every refusal,
-//! whatever refuses it (a wrong method: 405; an unknown path under [`PREFIX`]: 404; handling
-//! that outlasts the request timeout: 503), is JSON: `{"error": "<what to fix>"}`.
+//! timestamp window when the payload has one (400), environment (400 when none is given and no
+//! default is configured or header and payload disagree, 404 when the config lacks it), then
+//! the delivery record (below). Every refusal, whatever refuses it (a wrong method: 405; an
+//! unknown path under [`PREFIX`]: 404; handling that outlasts the request timeout: 503), is
+//! JSON: `{"error": "<what to fix>"}`.
+//!
+//! **Both senders the GhostHands documents describe are accepted as they send:** the event is
+//! `X-GH-Event: deploy_ready` and/or the payload's `"event": "ghosthands.deploy_ready"` (either
+//! form in either place; at least one of them); the environment is the `X-GH-Environment`
+//! header, else the payload's `environment`, else `webhook.defaultEnvironment`; `timestamp` is
+//! optional. Unknown payload fields (`image_latest`, ...) are ignored.
+//!
+//! **Status.** Every accepted (or duplicate) delivery is answered with the SandboxDeploy's name
+//! and a status URL, [`STATUS_PREFIX`]`/<environment>/<name>`. A `GET` on it, signed like a
+//! delivery (`X-GH-Webhook-Signature: sha256=<HMAC-SHA256 of the request path>` with the same
+//! secret), answers the rollout's phase and counts, so that CI can wait for the rollout and fail
+//! with it (`examples/ci/`).
 //!
 //! **Deliveries are remembered** apart from the SandboxDeploy they create, so deleting a rollout
 //! (or the history limit pruning it) never lets a replay of its delivery create it again. The
 //! records live in one ConfigMap per environment namespace, [`DELIVERIES`], keyed by the SHA-256
 //! of the environment and the raw body (the signed bytes: a replay is the same bytes), each kept
 //! until twice the skew window after the payload's timestamp (by then the timestamp check
-//! refuses the body anyway) and pruned on the next write. Being an API object it holds across
+//! refuses the body anyway) and pruned on the next write. A payload without a timestamp cannot
+//! go stale: its record is kept for `webhook.deliveryMemory` (default 30 days), and that record
+//! (with the duplicate check on the SandboxDeploy's name) is all that refuses its replay. Being an API object it holds across
 //! restarts and leader changes, and every replica (standbys serve the webhook too) reads the
 //! same one; every write is guarded by the resourceVersion read, so of two replicas handling
 //! one delivery at once exactly one claims it. A record is `pending` until its deploy is
@@ -41,11 +57,16 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::api::{
-    DeployImage, DeploySource, DeployStrategy, SandboxDeploy, SandboxDeploySpec, SandboxSelector,
+    DeployImage, DeployPhase, DeploySource, DeployStrategy, SandboxDeploy, SandboxDeploySpec,
+    SandboxSelector,
 };
 
 /// The path CI posts to.
 pub const PATH: &str = "/api/v1/webhooks/ghosthands/deploy";
+/// A deploy's status is at `STATUS_PREFIX/<environment>/<name>` (GET, signed over the path).
+pub const STATUS_PREFIX: &str = "/api/v1/webhooks/ghosthands/deploys";
+/// The event forms accepted, in the `X-GH-Event` header or the payload's `event`.
+pub const EVENTS: [&str; 2] = ["deploy_ready", "ghosthands.deploy_ready"];
 /// Every path under this prefix belongs to the webhook (an unknown one is a JSON 404).
 pub const PREFIX: &str = "/api/v1/webhooks";
 /// The ConfigMap, in each environment's namespace, that remembers the deliveries.
@@ -77,6 +98,18 @@ pub struct WebhookConfig {
     /// What each `X-GH-Environment` value deploys to.
     #[serde(default)]
     pub environments: BTreeMap<String, EnvironmentConfig>,
+    /// The environment of a delivery that names none (no `X-GH-Environment` header, no
+    /// `environment` in the payload); unset: such a delivery is refused (400).
+    #[serde(default)]
+    pub default_environment: Option<String>,
+    /// How long a delivery without a `timestamp` is remembered as received (default 720h): the
+    /// replay protection of such payloads, which never go stale.
+    #[serde(default = "default_delivery_memory")]
+    pub delivery_memory: String,
+}
+
+fn default_delivery_memory() -> String {
+    "720h".into()
 }
 
 fn default_skew() -> String {
@@ -138,6 +171,8 @@ pub struct WebhookState {
     skew: Duration,
     /// `requestTimeout`, parsed.
     request_timeout: Duration,
+    /// `deliveryMemory`, parsed.
+    memory: Duration,
 }
 
 impl WebhookState {
@@ -145,11 +180,14 @@ impl WebhookState {
     /// field to fix.
     pub fn new(config: WebhookConfig, client: kube::Client) -> Result<Self, String> {
         let (skew, request_timeout) = check(&config)?;
+        let memory = crate::util::parse_duration(&config.delivery_memory)
+            .map_err(|e| format!("webhook.deliveryMemory: {e}"))?;
         Ok(Self {
             config,
             client,
             skew,
             request_timeout,
+            memory,
         })
     }
 }
@@ -165,6 +203,14 @@ fn check(config: &WebhookConfig) -> Result<(Duration, Duration), String> {
     }
     if config.max_body_bytes == 0 {
         return Err("webhook.maxBodyBytes: must be more than 0".into());
+    }
+    if let Some(d) = &config.default_environment
+        && !config.environments.contains_key(d)
+    {
+        return Err(format!(
+            "webhook.defaultEnvironment: {d:?} is not one of webhook.environments ({})",
+            known(config)
+        ));
     }
     Ok((skew, request_timeout))
 }
@@ -189,7 +235,114 @@ struct Payload {
     run_id: Option<serde_json::Value>,
     #[serde(default)]
     run_url: Option<String>,
-    timestamp: String,
+    #[serde(default)]
+    timestamp: Option<String>,
+    #[serde(default)]
+    environment: Option<String>,
+}
+
+/// The configured environments, for messages.
+fn known(config: &WebhookConfig) -> String {
+    if config.environments.is_empty() {
+        return "none configured".into();
+    }
+    config
+        .environments
+        .keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where an environment came from, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvironmentSource {
+    /// The `X-GH-Environment` header.
+    Header,
+    /// The payload's `environment`.
+    Payload,
+    /// `webhook.defaultEnvironment`.
+    Default,
+}
+
+/// The delivery's environment: the header, else the payload, else the configured default.
+/// Header and payload that disagree are refused (the header is not signed; the payload is).
+pub fn resolve_environment(
+    header: Option<&str>,
+    payload: Option<&str>,
+    default: Option<&str>,
+) -> Result<(String, EnvironmentSource), String> {
+    fn clean(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty())
+    }
+    match (clean(header), clean(payload)) {
+        (Some(h), Some(p)) if h != p => Err(format!(
+            "X-GH-Environment {:?} and the payload's environment {:?} disagree: send one, or the same in both",
+            trunc(h),
+            trunc(p)
+        )),
+        (Some(h), _) => Ok((h.to_string(), EnvironmentSource::Header)),
+        (None, Some(p)) => Ok((p.to_string(), EnvironmentSource::Payload)),
+        (None, None) => match clean(default) {
+            Some(d) => Ok((d.to_string(), EnvironmentSource::Default)),
+            None => Err("no environment: send X-GH-Environment or an \"environment\" field in the payload, or set webhook.defaultEnvironment".into()),
+        },
+    }
+}
+
+/// Checks the event: the header and the payload's field, each optional but not both, each one
+/// of [`EVENTS`].
+pub fn check_event(header: Option<&str>, payload: Option<&str>) -> Result<(), String> {
+    for (what, v) in [("X-GH-Event", header), ("the payload's event", payload)] {
+        if let Some(v) = v
+            && !EVENTS.contains(&v.trim())
+        {
+            return Err(format!(
+                "unknown event {:?} in {what}: only deploy_ready (or ghosthands.deploy_ready) is handled",
+                trunc(v)
+            ));
+        }
+    }
+    if header.is_none() && payload.is_none() {
+        return Err("no event: send X-GH-Event: deploy_ready or \"event\": \"ghosthands.deploy_ready\" in the payload".into());
+    }
+    Ok(())
+}
+
+/// A value from the request, cut short for a message.
+fn trunc(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+/// The status path of a deploy made for `environment`.
+pub fn status_path(environment: &str, name: &str) -> String {
+    let env: String = environment
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("{STATUS_PREFIX}/{env}/{name}")
+}
+
+/// The absolute status URL, from the request's Host (and X-Forwarded-Proto/Host when a proxy
+/// set them).
+fn status_url(headers: &HeaderMap, path: &str) -> Option<String> {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let host = h("x-forwarded-host").or(h("host"))?;
+    let host = host.split(',').next()?.trim();
+    if host.is_empty() || host.contains(['/', ' ', '@']) {
+        return None;
+    }
+    let proto = match h("x-forwarded-proto").map(|p| p.split(',').next().unwrap_or("").trim()) {
+        Some("https") => "https",
+        _ => "http",
+    };
+    Some(format!("{proto}://{host}{path}"))
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {
@@ -232,6 +385,18 @@ pub fn router(state: Option<WebhookState>) -> Router {
                 );
                 r.headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static("POST"));
+                r
+            }),
+        )
+        .route(
+            &format!("{STATUS_PREFIX}/{{environment}}/{{name}}"),
+            axum::routing::get(status).fallback(|| async {
+                let mut r = refuse(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "only GET is accepted on a deploy's status URL",
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET"));
                 r
             }),
         )
@@ -434,26 +599,19 @@ async fn deliver(state: &WebhookState, headers: &HeaderMap, body: Bytes) -> Resp
     if !signature_valid(&key, &body, &signature) {
         return refuse(StatusCode::UNAUTHORIZED, "bad signature");
     }
-    let event = header("x-gh-event").unwrap_or_default();
-    if event != "deploy_ready" {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            &format!("unknown event {event:?}: only deploy_ready is handled"),
-        );
+    let event_header = header("x-gh-event");
+    // The header alone is checked before the body is parsed, so a wrong event is named as such.
+    if let Some(e) = &event_header
+        && let Err(e) = check_event(Some(e), None)
+    {
+        return refuse(StatusCode::BAD_REQUEST, &e);
     }
     let payload: Payload = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("bad payload: {e}")),
     };
-    if payload
-        .event
-        .as_deref()
-        .is_some_and(|e| e != "ghosthands.deploy_ready" && e != "deploy_ready")
-    {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "payload event is not ghosthands.deploy_ready",
-        );
+    if let Err(e) = check_event(event_header.as_deref(), payload.event.as_deref()) {
+        return refuse(StatusCode::BAD_REQUEST, &e);
     }
     if !crate::agent::protocol::is_valid_image_tag(&payload.image_tag) {
         return refuse(
@@ -461,25 +619,49 @@ async fn deliver(state: &WebhookState, headers: &HeaderMap, body: Bytes) -> Resp
             "image_tag is not a valid docker tag",
         );
     }
-    let Ok(ts) = payload.timestamp.parse::<Timestamp>() else {
-        return refuse(StatusCode::BAD_REQUEST, "timestamp is not an RFC 3339 time");
-    };
     let now = Timestamp::now();
-    let off = (now.as_second() - ts.as_second()).unsigned_abs();
-    if off > state.skew.as_secs() {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            &format!(
-                "stale timestamp: {off}s from now, more than {}",
-                state.config.max_skew
-            ),
-        );
-    }
-    let environment = header("x-gh-environment").unwrap_or_default();
+    // No timestamp (the older sender): nothing goes stale, the delivery record refuses replays.
+    let ts = match &payload.timestamp {
+        None => None,
+        Some(t) => {
+            let Ok(ts) = t.parse::<Timestamp>() else {
+                return refuse(StatusCode::BAD_REQUEST, "timestamp is not an RFC 3339 time");
+            };
+            let off = (now.as_second() - ts.as_second()).unsigned_abs();
+            if off > state.skew.as_secs() {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "stale timestamp: {off}s from now, more than {}",
+                        state.config.max_skew
+                    ),
+                );
+            }
+            Some(ts)
+        }
+    };
+    let (environment, from) = match resolve_environment(
+        header("x-gh-environment").as_deref(),
+        payload.environment.as_deref(),
+        state.config.default_environment.as_deref(),
+    ) {
+        Ok(e) => e,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, &e),
+    };
     let Some(env) = state.config.environments.get(&environment) else {
+        let from = match from {
+            EnvironmentSource::Header => "X-GH-Environment",
+            EnvironmentSource::Payload => "the payload's environment",
+            EnvironmentSource::Default => "webhook.defaultEnvironment",
+        };
+        warn!(environment = %trunc(&environment), "webhook: a signed delivery for an environment the config lacks, refused");
         return refuse(
             StatusCode::NOT_FOUND,
-            &format!("unknown environment {environment:?}"),
+            &format!(
+                "unknown environment {:?} (from {from}): this operator deploys to {} (webhook.environments); send one of them, or add it to the operator's config. Nothing was created or recorded",
+                trunc(&environment),
+                known(&state.config)
+            ),
         );
     };
     let name = deploy_name(&environment, &payload.image_tag);
@@ -488,7 +670,9 @@ async fn deliver(state: &WebhookState, headers: &HeaderMap, body: Bytes) -> Resp
     // ---- The delivery's record: claimed before anything is created. ----
     let records = Records::new(state.client.clone(), &ns);
     let key = delivery_key(&environment, &body);
-    let record = new_delivery(&environment, &name, ts, now, state.skew);
+    let record = new_delivery(&environment, &name, ts, now, state.skew, state.memory);
+    let path = status_path(&environment, &name);
+    let url = status_url(headers, &path);
     match records
         .claim(&key, &record, now, state.request_timeout)
         .await
@@ -503,6 +687,9 @@ async fn deliver(state: &WebhookState, headers: &HeaderMap, body: Bytes) -> Resp
                     "reason": format!("this delivery was already received at {received_at}; it never creates a SandboxDeploy twice, even once that one is deleted"),
                     "name": name,
                     "namespace": ns,
+                    "environment": environment,
+                    "status_path": path,
+                    "status_url": url,
                 }),
             );
         }
@@ -581,7 +768,11 @@ async fn deliver(state: &WebhookState, headers: &HeaderMap, body: Bytes) -> Resp
             info!(deploy = %name, namespace = %ns, paused = !env.auto_deploy, "webhook: SandboxDeploy created");
             answer(
                 StatusCode::ACCEPTED,
-                json!({"status": "deploy_created", "name": name, "namespace": ns, "paused": !env.auto_deploy}),
+                json!({
+                    "status": "deploy_created", "name": name, "namespace": ns,
+                    "environment": environment, "paused": !env.auto_deploy,
+                    "status_path": path, "status_url": url,
+                }),
             )
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -594,6 +785,9 @@ async fn deliver(state: &WebhookState, headers: &HeaderMap, body: Bytes) -> Resp
                     "reason": format!("SandboxDeploy {name} already exists for this environment and tag"),
                     "name": name,
                     "namespace": ns,
+                    "environment": environment,
+                    "status_path": path,
+                    "status_url": url,
                 }),
             )
         }
@@ -617,6 +811,123 @@ async fn deliver(state: &WebhookState, headers: &HeaderMap, body: Bytes) -> Resp
     }
 }
 
+/// The phases after which a rollout changes no more.
+fn finished(phase: Option<DeployPhase>) -> bool {
+    matches!(
+        phase,
+        Some(
+            DeployPhase::Succeeded
+                | DeployPhase::Failed
+                | DeployPhase::Aborted
+                | DeployPhase::Superseded
+        )
+    )
+}
+
+/// `GET STATUS_PREFIX/<environment>/<name>`: the rollout's phase and counts, for a CI job that
+/// waits on it. Authenticated like a delivery: `X-GH-Webhook-Signature: sha256=<hex
+/// HMAC-SHA256 of the request path>` with the webhook's secret (401 otherwise); an environment
+/// the config lacks or a deploy that is not in its namespace: 404. Every answer is JSON.
+async fn status(
+    State(state): State<WebhookState>,
+    path: Result<axum::extract::Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let run = async {
+        let Some(signature) = headers
+            .get("x-gh-webhook-signature")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "missing X-GH-Webhook-Signature: sha256=<hex HMAC-SHA256 of the request path with the webhook secret>",
+            );
+        };
+        let key = match secret(&state).await {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %e, "webhook: no usable secret");
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the webhook secret is not available",
+                );
+            }
+        };
+        if !signature_valid(&key, uri.path().as_bytes(), signature) {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "bad signature: X-GH-Webhook-Signature must be sha256=<hex HMAC-SHA256 of the request path (without the query) with the webhook secret>",
+            );
+        }
+        let Ok(axum::extract::Path((environment, name))) = path else {
+            return refuse(StatusCode::NOT_FOUND, "not a deploy's status path");
+        };
+        let Some(env) = state.config.environments.get(&environment) else {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "unknown environment {:?}: this operator deploys to {}",
+                    trunc(&environment),
+                    known(&state.config)
+                ),
+            );
+        };
+        let api: Api<SandboxDeploy> = Api::namespaced(state.client.clone(), &env.namespace);
+        let d = match api.get_opt(&name).await {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                return refuse(
+                    StatusCode::NOT_FOUND,
+                    &format!(
+                        "no SandboxDeploy {:?} in environment {environment:?} (namespace {})",
+                        trunc(&name),
+                        env.namespace
+                    ),
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, deploy = %name, "webhook: reading a deploy's status failed");
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "reading the SandboxDeploy failed; retry",
+                );
+            }
+        };
+        let st = d.status.clone().unwrap_or_default();
+        // Not reconciled yet: nothing has happened, which Pending says.
+        let phase = st.phase.unwrap_or(DeployPhase::Pending);
+        let observed =
+            st.observed_generation.is_some() && st.observed_generation == d.metadata.generation;
+        answer(
+            StatusCode::OK,
+            json!({
+                "name": name,
+                "namespace": env.namespace,
+                "environment": environment,
+                "tag": d.spec.image.tag,
+                "paused": d.spec.paused,
+                "phase": phase,
+                "observed": observed,
+                "done": finished(st.phase),
+                "succeeded": st.phase == Some(DeployPhase::Succeeded),
+                "total": st.total,
+                "updated": st.updated,
+                "failed": st.failed,
+                "wave": st.wave,
+                "message": st.message,
+            }),
+        )
+    };
+    match tokio::time::timeout(state.request_timeout, run).await {
+        Ok(r) => r,
+        Err(_) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reading the deploy's status took longer than requestTimeout; retry",
+        ),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Delivery records.
 // ---------------------------------------------------------------------------------------------
@@ -631,8 +942,9 @@ pub struct Delivery {
     pub environment: String,
     /// The SandboxDeploy it made.
     pub deploy: String,
-    /// The payload's timestamp.
-    pub timestamp: String,
+    /// The payload's timestamp, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
     /// When it was (last) claimed.
     pub received_at: String,
     /// When the record may go: two skew windows past the payload's timestamp.
@@ -654,25 +966,28 @@ pub fn delivery_key(environment: &str, body: &[u8]) -> String {
     hex::encode(h.finalize())[..40].to_string()
 }
 
-/// The record of a delivery being handled now.
+/// The record of a delivery being handled now. With a timestamp it is kept two skew windows
+/// past it; without one (the body never goes stale) for `memory`.
 fn new_delivery(
     environment: &str,
     deploy: &str,
-    timestamp: Timestamp,
+    timestamp: Option<Timestamp>,
     now: Timestamp,
     skew: Duration,
+    memory: Duration,
 ) -> Delivery {
     // The body is accepted until `timestamp + skew` by this replica's clock; another skew
     // window on top covers replicas whose clocks differ.
-    let keep_until = timestamp
-        .max(now)
-        .saturating_add(skew.saturating_mul(2))
-        .unwrap_or(Timestamp::MAX);
+    let keep_until = match timestamp {
+        Some(t) => t.max(now).saturating_add(skew.saturating_mul(2)),
+        None => now.saturating_add(memory),
+    }
+    .unwrap_or(Timestamp::MAX);
     Delivery {
         state: STATE_PENDING.into(),
         environment: environment.into(),
         deploy: deploy.into(),
-        timestamp: timestamp.to_string(),
+        timestamp: timestamp.map(|t| t.to_string()),
         received_at: whole_seconds(now).to_string(),
         keep_until: whole_seconds(keep_until).to_string(),
     }
@@ -892,10 +1207,148 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A record of a timestamped delivery.
+    fn nd(env: &str, deploy: &str, ts: Timestamp, now: Timestamp, skew: Duration) -> Delivery {
+        new_delivery(env, deploy, Some(ts), now, skew, Duration::from_secs(3600))
+    }
+
+    #[test]
+    fn a_delivery_without_timestamp_is_remembered_for_the_delivery_memory() {
+        let d = new_delivery(
+            "staging",
+            "staging-abc",
+            None,
+            at("2026-03-01T12:00:00Z"),
+            Duration::from_secs(300),
+            Duration::from_secs(30 * 86400),
+        );
+        assert_eq!(d.timestamp, None);
+        assert_eq!(d.keep_until, "2026-03-31T12:00:00Z");
+        // Its replay a day later (the timestamp check cannot refuse it) is still a duplicate.
+        let mut records = BTreeMap::new();
+        let t0 = at("2026-03-01T12:00:00Z");
+        let timeout = Duration::from_secs(10);
+        assert_eq!(claim_in(&mut records, "k", &d, t0, timeout), Claim::Claimed);
+        let mut done = d.clone();
+        done.state = STATE_DELIVERED.into();
+        records.insert("k".into(), serde_json::to_string(&done).unwrap());
+        assert!(matches!(
+            claim_in(&mut records, "k", &d, at("2026-03-02T12:00:00Z"), timeout),
+            Claim::Delivered { .. }
+        ));
+        // A record written before timestamps became optional still reads.
+        let old = r#"{"state":"delivered","environment":"staging","deploy":"x","timestamp":"2026-03-01T12:00:00Z","receivedAt":"2026-03-01T12:00:00Z","keepUntil":"2026-03-01T12:10:00Z"}"#;
+        let old: Delivery = serde_json::from_str(old).unwrap();
+        assert_eq!(old.timestamp.as_deref(), Some("2026-03-01T12:00:00Z"));
+    }
+
+    #[test]
+    fn environments_come_from_the_header_then_the_payload_then_the_default() {
+        use EnvironmentSource::*;
+        let r = resolve_environment;
+        assert_eq!(
+            r(Some("staging"), None, Some("production")).unwrap(),
+            ("staging".into(), Header)
+        );
+        assert_eq!(
+            r(None, Some("staging"), Some("production")).unwrap(),
+            ("staging".into(), Payload)
+        );
+        // Seed 001 sends both, the same.
+        assert_eq!(
+            r(Some("staging"), Some("staging"), None).unwrap(),
+            ("staging".into(), Header)
+        );
+        assert_eq!(
+            r(None, None, Some("production")).unwrap(),
+            ("production".into(), Default)
+        );
+        assert_eq!(
+            r(Some(" "), None, Some("p")).unwrap(),
+            ("p".into(), Default)
+        );
+        let e = r(None, None, None).unwrap_err();
+        assert!(e.contains("defaultEnvironment"), "{e}");
+        let e = r(Some("staging"), Some("production"), None).unwrap_err();
+        assert!(e.contains("disagree"), "{e}");
+    }
+
+    #[test]
+    fn events_in_either_place_in_either_form() {
+        for (h, p) in [
+            (Some("deploy_ready"), Some("ghosthands.deploy_ready")),
+            (Some("deploy_ready"), None),
+            (None, Some("ghosthands.deploy_ready")),
+            (None, Some("deploy_ready")),
+            (Some("ghosthands.deploy_ready"), None),
+        ] {
+            assert_eq!(check_event(h, p), Ok(()), "{h:?} {p:?}");
+        }
+        assert!(check_event(None, None).unwrap_err().contains("no event"));
+        assert!(
+            check_event(Some("push"), None)
+                .unwrap_err()
+                .contains("push")
+        );
+        assert!(
+            check_event(Some("deploy_ready"), Some("ghosthands.deleted"))
+                .unwrap_err()
+                .contains("payload")
+        );
+    }
+
+    #[test]
+    fn status_paths_and_urls() {
+        assert_eq!(
+            status_path("staging", "staging-abc"),
+            "/api/v1/webhooks/ghosthands/deploys/staging/staging-abc"
+        );
+        assert_eq!(
+            status_path("a b/c", "n"),
+            "/api/v1/webhooks/ghosthands/deploys/a%20b%2Fc/n"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("ops.example:8080"));
+        assert_eq!(
+            status_url(&h, "/p").as_deref(),
+            Some("http://ops.example:8080/p")
+        );
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("ci.example"));
+        assert_eq!(
+            status_url(&h, "/p").as_deref(),
+            Some("https://ci.example/p")
+        );
+        assert_eq!(status_url(&HeaderMap::new(), "/p"), None);
+    }
+
+    #[test]
+    fn the_example_config_passes_the_start_checks() {
+        let c: OperatorConfig =
+            serde_yaml::from_str(include_str!("../examples/operator-config.yaml")).unwrap();
+        let w = c.webhook.unwrap();
+        assert_eq!(w.default_environment.as_deref(), Some("staging"));
+        check(&w).unwrap();
+        crate::util::parse_duration(&w.delivery_memory).unwrap();
+    }
+
+    #[test]
+    fn a_default_environment_must_be_configured() {
+        let c: WebhookConfig = serde_yaml::from_str(
+            "defaultEnvironment: qa\nenvironments: {staging: {namespace: s}}\n",
+        )
+        .unwrap();
+        let e = check(&c).unwrap_err();
+        assert!(
+            e.starts_with("webhook.defaultEnvironment") && e.contains("staging"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_record_is_kept_two_skew_windows_past_its_timestamp() {
         let skew = Duration::from_secs(300);
-        let d = new_delivery(
+        let d = nd(
             "staging",
             "staging-abc",
             at("2026-03-01T12:00:00Z"),
@@ -907,7 +1360,7 @@ mod tests {
         assert_eq!(d.keep_until, "2026-03-01T12:11:00Z");
         assert_eq!(d.deploy, "staging-abc");
         // A timestamp ahead of the clock (within the skew) counts from the timestamp.
-        let d = new_delivery(
+        let d = nd(
             "staging",
             "n",
             at("2026-03-01T12:04:00Z"),
@@ -923,19 +1376,19 @@ mod tests {
         let timeout = Duration::from_secs(10);
         let t0 = at("2026-03-01T12:00:00Z");
         let mut records = BTreeMap::new();
-        let d = new_delivery("staging", "staging-abc", t0, t0, skew);
+        let d = nd("staging", "staging-abc", t0, t0, skew);
         // First: claimed, recorded pending.
         assert_eq!(claim_in(&mut records, "k", &d, t0, timeout), Claim::Claimed);
         // The same delivery while the first request works: in progress.
         let t1 = at("2026-03-01T12:00:05Z");
-        let again = new_delivery("staging", "staging-abc", t0, t1, skew);
+        let again = nd("staging", "staging-abc", t0, t1, skew);
         assert_eq!(
             claim_in(&mut records, "k", &again, t1, timeout),
             Claim::InProgress
         );
         // The first request died: past the request timeout the record is taken over.
         let t2 = at("2026-03-01T12:00:11Z");
-        let late = new_delivery("staging", "staging-abc", t0, t2, skew);
+        let late = nd("staging", "staging-abc", t0, t2, skew);
         assert_eq!(
             claim_in(&mut records, "k", &late, t2, timeout),
             Claim::Claimed

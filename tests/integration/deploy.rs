@@ -1024,3 +1024,446 @@ async fn webhook_refusals_are_json_at_every_layer_and_a_replay_never_recreates_a
         "the webhook secret reached the log"
     );
 }
+
+/// Waits for the operator's HTTP server.
+async fn http_up(op: &Operator) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://{}/healthz", op.http))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "operator HTTP never came up:\n{}",
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The status and JSON body of an answer; panics when the body is not JSON.
+async fn json_answer(r: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{status}: the body is not JSON ({e}): {text:?}"));
+    (status, v)
+}
+
+/// Both seeds' senders as they send (seed 004 section 4.3: the event in the body and the
+/// header, no X-GH-Environment, `image_latest`; seed 001 section 7: X-GH-Environment and an
+/// `environment` field, no timestamp), with the secret in a Kubernetes Secret (`secretRef`),
+/// through the real binary; the status URL; and a signed delivery for an environment the config
+/// lacks.
+#[tokio::test]
+async fn webhook_accepts_both_seed_senders_with_a_secret_ref_and_answers_status() {
+    let client = support::client().await;
+    let ns = support::namespace(&client, "webhook-seeds").await;
+    let secret = "seed-shared-secret-4242424242";
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "ci-webhook"}, "stringData": {"secret": secret},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "webhook:\n  secretRef: {{namespace: {ns}, name: ci-webhook, key: secret}}\n  defaultEnvironment: staging\n  environments:\n    staging:\n      namespace: {ns}\n      selector: {{environment: staging}}\n      autoDeploy: false\n    production:\n      namespace: {ns}\n      selector: {{environment: prod}}\n      autoDeploy: false\n"
+    );
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let ec2 = Ec2Endpoint::start(Ec2EndpointOptions::default())
+        .await
+        .unwrap();
+    let op = Operator::start(
+        &ns,
+        &ec2.url(),
+        &["--config", config_path.to_str().unwrap()],
+    );
+    http_up(&op).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}{}", op.http, sandbox_operator::webhook::PATH);
+    let deploys: Api<SandboxDeploy> = Api::namespaced(client.clone(), &ns);
+    let post = |body: &[u8], key: &str, headers: &[(&str, &str)]| {
+        let mut r = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-gh-webhook-signature", sign(key, body));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(body.to_vec()).send()
+    };
+
+    // ---- Seed 004, section 4.3, verbatim but for a timestamp of now. ----
+    let seed004 = format!(
+        r#"{{
+  "event": "ghosthands.deploy_ready",
+  "image": "123456789.dkr.ecr.us-east-1.amazonaws.com/ghosthands:abc123def",
+  "image_tag": "abc123def",
+  "image_latest": "123456789.dkr.ecr.us-east-1.amazonaws.com/ghosthands:latest",
+  "commit_sha": "abc123def456789",
+  "commit_message": "fix: resolve form filling timeout on Workday",
+  "branch": "main",
+  "repository": "WeKruit/GHOST-HANDS",
+  "run_id": "12345678",
+  "run_url": "https://github.com/WeKruit/GHOST-HANDS/actions/runs/12345678",
+  "timestamp": "{}"
+}}"#,
+        k8s_openapi::jiff::Timestamp::now()
+    );
+    let (status, v) = json_answer(
+        post(
+            seed004.as_bytes(),
+            secret,
+            &[("x-gh-event", "deploy_ready")],
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["name"], "staging-abc123def", "{v}");
+    assert_eq!(v["environment"], "staging", "the configured default: {v}");
+    let status_path = v["status_path"].as_str().unwrap().to_string();
+    assert_eq!(
+        status_path,
+        "/api/v1/webhooks/ghosthands/deploys/staging/staging-abc123def"
+    );
+    assert_eq!(
+        v["status_url"].as_str().unwrap(),
+        format!("http://{}{status_path}", op.http)
+    );
+    let d = deploys.get("staging-abc123def").await.unwrap();
+    assert_eq!(d.spec.image.tag, "abc123def");
+    assert_eq!(
+        d.spec.image.repository.as_deref(),
+        Some("123456789.dkr.ecr.us-east-1.amazonaws.com/ghosthands")
+    );
+    let src = d.spec.source.as_ref().unwrap();
+    assert_eq!(src.run_id.as_deref(), Some("12345678"));
+    assert_eq!(src.repository.as_deref(), Some("WeKruit/GHOST-HANDS"));
+    assert!(d.spec.paused);
+
+    // ---- Seed 001, section 7: X-GH-Environment and an environment field, no timestamp. ----
+    let seed001 = br#"{"image":"123456789.dkr.ecr.us-east-1.amazonaws.com/ghosthands:0f1e2d3c","image_tag":"0f1e2d3c","commit_sha":"0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c","commit_message":"feat: new form filler","environment":"production"}"#;
+    let seed001_headers = [
+        ("x-gh-event", "deploy_ready"),
+        ("x-gh-environment", "production"),
+    ];
+    let (status, v) = json_answer(post(seed001, secret, &seed001_headers).await.unwrap()).await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["name"], "production-0f1e2d3c", "{v}");
+    assert!(
+        deploys
+            .get_opt("production-0f1e2d3c")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // No timestamp: the record of its content refuses the replay, even once the deploy is gone.
+    deploys
+        .delete("production-0f1e2d3c", &Default::default())
+        .await
+        .unwrap();
+    support::eventually(30, "the SandboxDeploy deleted", || {
+        let deploys = deploys.clone();
+        async move {
+            deploys
+                .get_opt("production-0f1e2d3c")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    let (status, v) = json_answer(post(seed001, secret, &seed001_headers).await.unwrap()).await;
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("duplicate")),
+        "{v}"
+    );
+    assert!(v["status_path"].as_str().is_some(), "{v}");
+    assert!(
+        deploys
+            .get_opt("production-0f1e2d3c")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let records: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let data = records
+        .get(sandbox_operator::webhook::DELIVERIES)
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    let record: sandbox_operator::webhook::Delivery = serde_json::from_str(
+        &data[&sandbox_operator::webhook::delivery_key("production", seed001)],
+    )
+    .unwrap();
+    assert_eq!(record.timestamp, None);
+    let keep: k8s_openapi::jiff::Timestamp = record.keep_until.parse().unwrap();
+    let days = k8s_openapi::jiff::Timestamp::now()
+        .duration_until(keep)
+        .as_secs()
+        / 86400;
+    assert!((29..=30).contains(&days), "kept {days} days: {record:?}");
+
+    // ---- Signed with the right secret, for an environment the config lacks: 404 naming the
+    // environment and the configured ones; nothing created, nothing recorded. ----
+    let before = deploys
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    let qa = br#"{"event":"ghosthands.deploy_ready","image_tag":"qa1","environment":"qa"}"#;
+    for headers in [
+        &[("x-gh-event", "deploy_ready"), ("x-gh-environment", "qa")][..],
+        &[][..],
+    ] {
+        let (status, v) = json_answer(post(qa, secret, headers).await.unwrap()).await;
+        assert_eq!(status, 404, "{headers:?}: {v}");
+        let e = v["error"].as_str().unwrap();
+        assert!(
+            e.contains("\"qa\"") && e.contains("production, staging"),
+            "{e}"
+        );
+    }
+    // Header and payload disagreeing (the header is not signed): 400.
+    let (status, v) = json_answer(
+        post(
+            seed001,
+            secret,
+            &[
+                ("x-gh-event", "deploy_ready"),
+                ("x-gh-environment", "staging"),
+            ],
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("disagree"), "{v}");
+    // No event anywhere: 400.
+    let no_event = br#"{"image_tag":"ne1","environment":"staging"}"#;
+    let (status, v) = json_answer(post(no_event, secret, &[]).await.unwrap()).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("no event"), "{v}");
+    let after = deploys
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert_eq!(before, after, "a refused delivery created a deploy");
+    let data = records
+        .get(sandbox_operator::webhook::DELIVERIES)
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert!(
+        !data.contains_key(&sandbox_operator::webhook::delivery_key("qa", qa)),
+        "a refused delivery was recorded"
+    );
+
+    // ---- The status URL: signed over the path; 401 unsigned or wrongly signed; 404 for an
+    // unknown deploy or environment; 405 for another method. ----
+    let get = |path: String, sig: Option<String>| {
+        let mut r = http.get(format!("http://{}{path}", op.http));
+        if let Some(s) = sig {
+            r = r.header("x-gh-webhook-signature", s);
+        }
+        r.send()
+    };
+    let (status, v) = json_answer(
+        get(
+            status_path.clone(),
+            Some(sign(secret, status_path.as_bytes())),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["name"], "staging-abc123def");
+    assert_eq!(v["tag"], "abc123def");
+    assert_eq!(v["paused"], true);
+    assert_eq!(v["done"], false, "a paused deploy is not finished: {v}");
+    for k in ["phase", "total", "updated", "failed"] {
+        assert!(!v[k].is_null(), "{k} missing: {v}");
+    }
+    // Once reconciled, the phase the SandboxDeploy's status has.
+    support::eventually(60, "the status URL reports AwaitingApproval", || {
+        let f = get(
+            status_path.clone(),
+            Some(sign(secret, status_path.as_bytes())),
+        );
+        async move {
+            let (_, v) = json_answer(f.await.unwrap()).await;
+            (v["phase"] == "AwaitingApproval" && v["observed"] == true).then_some(())
+        }
+    })
+    .await;
+    let unknown = "/api/v1/webhooks/ghosthands/deploys/staging/staging-nope".to_string();
+    let other_env = "/api/v1/webhooks/ghosthands/deploys/qa/staging-abc123def".to_string();
+    let cases: Vec<(&str, String, Option<String>, u16)> = vec![
+        ("unsigned", status_path.clone(), None, 401),
+        (
+            "another secret",
+            status_path.clone(),
+            Some(sign("wrong", status_path.as_bytes())),
+            401,
+        ),
+        (
+            "another path's signature",
+            status_path.clone(),
+            Some(sign(secret, unknown.as_bytes())),
+            401,
+        ),
+        ("unsigned unknown", unknown.clone(), None, 401),
+        (
+            "unknown deploy",
+            unknown.clone(),
+            Some(sign(secret, unknown.as_bytes())),
+            404,
+        ),
+        (
+            "unknown environment",
+            other_env.clone(),
+            Some(sign(secret, other_env.as_bytes())),
+            404,
+        ),
+    ];
+    for (what, path, sig, want) in cases {
+        let (status, v) = json_answer(get(path, sig).await.unwrap()).await;
+        assert_eq!(status, want, "{what}: {v}");
+        assert!(v["error"].is_string(), "{what}: {v}");
+    }
+    let (status, v) = json_answer(
+        http.post(format!("http://{}{status_path}", op.http))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 405, "{v}");
+
+    // ---- The Secret is read at request time: rotating it takes effect without a restart. ----
+    let rotated = "seed-shared-secret-rotated-777";
+    let patch = serde_json::json!({"stringData": {"secret": rotated}});
+    secrets
+        .patch("ci-webhook", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let again = format!(
+        r#"{{"event":"ghosthands.deploy_ready","image_tag":"rot1","timestamp":"{}"}}"#,
+        k8s_openapi::jiff::Timestamp::now()
+    );
+    let (status, v) = json_answer(
+        post(again.as_bytes(), secret, &[("x-gh-event", "deploy_ready")])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401, "the old secret still works: {v}");
+    let (status, v) = json_answer(
+        post(again.as_bytes(), rotated, &[("x-gh-event", "deploy_ready")])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["name"], "staging-rot1");
+    let logs = op.logs();
+    assert!(
+        !logs.contains(secret) && !logs.contains(rotated),
+        "the webhook secret reached the log"
+    );
+}
+
+/// The CI step of examples/ci/ (bash, openssl, curl, jq), run as it is against the real operator
+/// and real agents: it succeeds for a rollout that succeeds and fails for one that fails.
+#[tokio::test]
+async fn webhook_ci_script_waits_for_the_rollout_and_fails_with_it() {
+    let mut f = fleet("webhook-ci", &[("ok", &["ok1"]), ("bad", &["bad1"])], &[]).await;
+    f.agents["bad1"].fail_health_for("v2");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "ci-script-secret-1234567890";
+    std::fs::write(dir.path().join("secret"), format!("{secret}\n")).unwrap();
+    let config = format!(
+        "webhook:\n  secretFile: {}\n  environments:\n    ok:\n      namespace: {ns}\n      selector: {{matchLabels: {{group: ok}}}}\n      strategy: {{maxUnavailable: 1, autoRollback: false}}\n      autoDeploy: true\n    bad:\n      namespace: {ns}\n      selector: {{matchLabels: {{group: bad}}}}\n      strategy: {{maxUnavailable: 1, autoRollback: false}}\n      autoDeploy: true\n",
+        dir.path().join("secret").display(),
+        ns = f.ns
+    );
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let ec2_url = f._ec2.url();
+    f.op = f.op.restart(
+        &f.ns,
+        &ec2_url,
+        &["--config", config_path.to_str().unwrap()],
+    );
+    http_up(&f.op).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ci/deploy.sh");
+    let run = |environment: &str| {
+        let out = tokio::process::Command::new("bash")
+            .arg(script)
+            .env(
+                "DEPLOY_WEBHOOK_URL",
+                format!("http://{}{}", f.op.http, sandbox_operator::webhook::PATH),
+            )
+            .env("DEPLOY_WEBHOOK_SECRET", secret)
+            .env("DEPLOY_ENVIRONMENT", environment)
+            .env("IMAGE_TAG", "v2")
+            .env("COMMIT_SHA", "0123456789abcdef")
+            .env("COMMIT_MESSAGE", "feat: v2")
+            .env("DEPLOY_POLL_INTERVAL", "1")
+            .env("DEPLOY_WAIT_TIMEOUT", "240")
+            .output();
+        async move {
+            let out = out.await.unwrap();
+            (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        }
+    };
+    let (ok, out) = run("ok").await;
+    assert!(
+        ok,
+        "the step failed for a rollout that succeeds:\n{out}\n{}",
+        f.op.logs()
+    );
+    assert!(out.contains("Succeeded: 1/1 updated, 0 failed"), "{out}");
+    let st = f.deploys.get("ok-v2").await.unwrap().status.unwrap();
+    assert_eq!(st.phase, Some(DeployPhase::Succeeded));
+    assert!(f.agents["ok1"].docker_calls().contains("up tag=v2"));
+
+    let (ok, out) = run("bad").await;
+    assert!(!ok, "the step passed for a rollout that fails:\n{out}");
+    assert!(out.contains("rollout bad-v2 ended Failed"), "{out}");
+    let st = f.deploys.get("bad-v2").await.unwrap().status.unwrap();
+    assert_eq!(st.phase, Some(DeployPhase::Failed));
+    assert_eq!((st.total, st.failed), (1, 1));
+
+    // A refused delivery fails the step at once.
+    let (ok, out) = run("qa").await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("404") && out.contains("unknown environment"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(secret) && !f.op.logs().contains(secret),
+        "the secret was printed"
+    );
+}
