@@ -35,8 +35,7 @@ use crate::metrics::{Metrics, SandboxLabels};
 use crate::util::parse_duration;
 use decide::{
     Action, DeleteStep, Inputs, InstanceObs, LaunchHold, LaunchStage, Note, ProbeObs, Rejection,
-    Settings,
-    StartWhy,
+    Settings, StartWhy,
 };
 
 /// The field manager for status writes.
@@ -280,14 +279,18 @@ pub async fn reconcile(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, 
         .ok_or_else(|| Error::Malformed(obj.name_any()))?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let object = key(&obj);
-    finalizer(&api, SANDBOX_FINALIZER, obj, |event| async {
+    let result = finalizer(&api, SANDBOX_FINALIZER, obj, |event| async {
         match event {
             Fin::Apply(s) => apply(s, ctx.clone()).await,
             Fin::Cleanup(s) => cleanup(s, ctx.clone()).await,
         }
     })
-    .await
-    .or_else(|e| match e {
+    .await;
+    let e = match result {
+        Ok(requeue) => return Ok(requeue),
+        Err(e) => e,
+    };
+    match e {
         // The cleanup succeeded and the object is gone already: a reconcile that started from
         // a cached copy (an EC2 change or a requeue queued while the finalizer was being
         // removed) found nothing left to remove the finalizer from. What it wanted is done.
@@ -303,7 +306,7 @@ pub async fn reconcile(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, 
             object,
             message: other.to_string(),
         }),
-    })
+    }
 }
 
 /// Requeues after an error: transient EC2 trouble (throttling) soon and with jitter, the rest
