@@ -1246,3 +1246,362 @@ async fn agent_engine_deploy_and_rollback_figures() {
         median(failed_total)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// End to end: the real operator binary drives two sandboxes whose agents run real containers.
+
+/// Every string `docker inspect` shows of the project's and its targeted workers' containers,
+/// except `Config.Env`: env_file values are meant to go there, so it necessarily holds them
+/// (what the test checks is that they went nowhere else: labels, Cmd, Args, Entrypoint, Path,
+/// HostConfig, ...).
+fn inspect_without_env(h: &Host) -> Vec<(String, String)> {
+    let out = h
+        .engine
+        .docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", h.project),
+        ])
+        .unwrap();
+    let mut ids: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+    ids.extend(h.targeted.iter().map(|t| t.name.clone()));
+    ids.iter()
+        .map(|id| {
+            let mut v = h.inspect(id);
+            let env = v["Config"]["Env"].take();
+            assert!(env.is_array(), "{id} has no Config.Env");
+            (
+                format!("docker inspect {id} ({})", h.project),
+                v.to_string(),
+            )
+        })
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_engine_operator_rolls_out_then_a_secret_rotation_reaches_the_workers() {
+    use base64::Engine as _;
+    use k8s_openapi::api::core::v1::{Event, Secret};
+    use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+    use sandbox_operator::api::{
+        BundleTargetState, DeployPhase, Sandbox, SandboxDeploy, SecretBundle, TargetPhase,
+    };
+    use sandbox_operator::testenv::ec2::{Ec2Endpoint, Ec2EndpointOptions};
+
+    let a = Host::start(
+        "e2e-a",
+        Options {
+            targeted: vec!["ta"],
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = Host::start("e2e-b", Options::default()).await;
+    let hosts = [("sbx-a", &a), ("sbx-b", &b)];
+
+    let client = crate::support::client().await;
+    let ns = crate::support::namespace(&client, "engine-e2e").await;
+    let ec2 = Ec2Endpoint::start(Ec2EndpointOptions::default())
+        .await
+        .unwrap();
+    let ami = ec2.defaults().await.unwrap().ami;
+    let op = crate::support::Operator::start(&ns, &ec2.url(), &[]);
+    let sbx: Api<Sandbox> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let deploys: Api<SandboxDeploy> = Api::namespaced(client.clone(), &ns);
+    let bundles: Api<SecretBundle> = Api::namespaced(client.clone(), &ns);
+    let token: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "agent-token"}, "stringData": {"token": a.token},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &token)
+        .await
+        .unwrap();
+    for (name, h) in hosts {
+        let manifest = serde_json::json!({
+            "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "Sandbox",
+            "metadata": {"name": name, "labels": {"group": "e2e"}},
+            "spec": {
+                "environment": "staging", "instanceType": "t3.large", "launch": {"imageId": ami},
+                "agent": {"url": h.url(), "tokenSecretRef": {"name": "agent-token", "key": "token"}, "probeInterval": "2s", "timeout": "2s"},
+            },
+        });
+        sbx.patch(
+            name,
+            &PatchParams::apply("gitops").force(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .unwrap();
+    }
+    let op_ref = &op;
+    let wait = |what: String, secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        move |ok: bool, last: &dyn std::fmt::Debug| {
+            assert!(
+                ok || Instant::now() < deadline,
+                "timed out waiting for {what}: {last:?}\n{}",
+                op_ref.logs()
+            );
+        }
+    };
+    for (name, _) in hosts {
+        let check = wait(format!("{name} Ready"), 90);
+        loop {
+            let s = sbx.get(name).await.unwrap();
+            let ready = s.status.as_ref().is_some_and(|st| {
+                st.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            check(ready, &s.status);
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    // The rollout: v1 -> v2, one sandbox at a time.
+    let d: SandboxDeploy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SandboxDeploy", "metadata": {"name": "e2e-v2"},
+        "spec": {"image": {"tag": "v2"}, "selector": {"matchLabels": {"group": "e2e"}}, "strategy": {"maxUnavailable": 1}},
+    }))
+    .unwrap();
+    deploys.create(&PostParams::default(), &d).await.unwrap();
+    let check = wait("the rollout".into(), 180);
+    let st = loop {
+        let st = deploys
+            .get("e2e-v2")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let done = matches!(st.phase, Some(DeployPhase::Succeeded | DeployPhase::Failed));
+        check(done, &st);
+        if done {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(st.phase, Some(DeployPhase::Succeeded), "{st:#?}");
+    assert_eq!((st.total, st.updated, st.failed), (2, 2, 0));
+    assert!(
+        st.targets
+            .iter()
+            .all(|t| t.phase == TargetPhase::Succeeded && t.from_tag.as_deref() == Some("v1")),
+        "{st:#?}"
+    );
+    for (name, h) in hosts {
+        for svc in ["api", "worker"] {
+            let v = h.inspect(&h.container(svc));
+            assert_eq!(v["Config"]["Image"], h.image("v2"), "{name} {svc}");
+            assert_eq!(v["State"]["Running"], true, "{name} {svc}");
+        }
+        for t in &h.targeted {
+            assert_eq!(h.image_of(&t.name), h.image("v2"), "{name} {}", t.name);
+        }
+        let s = sbx.get(name).await.unwrap();
+        let check = wait(format!("{name} reporting v2"), 30);
+        let mut s = s;
+        loop {
+            let tag = s
+                .status
+                .as_ref()
+                .and_then(|st| st.agent.as_ref())
+                .and_then(|ag| ag.image_tag.clone());
+            check(tag.as_deref() == Some("v2"), &tag);
+            if tag.as_deref() == Some("v2") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            s = sbx.get(name).await.unwrap();
+        }
+    }
+
+    // The SecretBundle: a canary value reaches the running workers (compose worker recreated,
+    // targeted workers recreated), then rotations do too.
+    let canary = |n: u32| {
+        format!(
+            "CANARY{}x{n}x{}",
+            std::process::id(),
+            jiff::Timestamp::now().as_millisecond()
+        )
+    };
+    let mut canaries = vec![canary(0)];
+    let secret = |value: &str| -> Secret {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "worker-secrets"},
+            "stringData": {
+                "CANARY": value,
+                "QUOTED": format!("pre \"{value}\" $post `tick`\nsecond line"),
+                "PLAIN": "hello",
+            },
+        }))
+        .unwrap()
+    };
+    secrets
+        .patch(
+            "worker-secrets",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&secret(&canaries[0])),
+        )
+        .await
+        .unwrap();
+    let bundle: SecretBundle = serde_json::from_value(serde_json::json!({
+        "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SecretBundle", "metadata": {"name": "worker-env"},
+        "spec": {
+            "sources": [{"secretName": "worker-secrets"}],
+            "targets": {"sandboxes": {"selector": {"matchLabels": {"group": "e2e"}}, "restartServices": ["worker", "targeted"]}},
+        },
+    }))
+    .unwrap();
+    bundles
+        .create(&PostParams::default(), &bundle)
+        .await
+        .unwrap();
+
+    /// Waits until every worker (compose and targeted) of both hosts reports `value`.
+    async fn wait_value(hosts: &[(&str, &Host)], value: &str, what: &str) {
+        let start = Instant::now();
+        for (name, h) in hosts {
+            let mut ports = vec![h.worker_port];
+            ports.extend(h.targeted.iter().map(|t| t.port));
+            for port in ports {
+                loop {
+                    let env = h.env_at(port).await;
+                    if env.get("CANARY").map(String::as_str) == Some(value) {
+                        break;
+                    }
+                    assert!(
+                        start.elapsed() < DEADLINE,
+                        "{what}: the worker of {name} on port {port} never saw the new value"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    wait_value(&hosts, &canaries[0], "the first sync").await;
+    let check = wait("the bundle synced".into(), 60);
+    loop {
+        let st = bundles
+            .get("worker-env")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let synced = st.targets.len() == 2
+            && st
+                .targets
+                .iter()
+                .all(|t| t.state == BundleTargetState::Synced);
+        check(synced, &st);
+        if synced {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let quoted = a.env_at(a.worker_port).await;
+    assert_eq!(
+        quoted["QUOTED"],
+        format!("pre \"{}\" $post `tick`\nsecond line", canaries[0])
+    );
+
+    // Rotations: from the Secret's change to every worker reporting the new value.
+    let mut times = Vec::new();
+    for n in 1..=3 {
+        let value = canary(n);
+        canaries.push(value.clone());
+        let start = Instant::now();
+        secrets
+            .patch(
+                "worker-secrets",
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&secret(&value)),
+            )
+            .await
+            .unwrap();
+        wait_value(&hosts, &value, "a rotation").await;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    println!(
+        "FIGURE Secret change to every running worker (2 sandboxes, compose worker + 1 targeted worker recreated) reporting the new value: median {:.2} s of {:?}",
+        median(times.clone()),
+        times.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>()
+    );
+
+    // The canary went where it should, and nowhere else: not the engine's view of the
+    // containers (labels, Cmd, Args, Entrypoint, ...), the engine's log, the agents' logs and
+    // files, the operator's log, the Kubernetes objects or the Events.
+    let mut places: Vec<(String, String)> = Vec::new();
+    for (name, h) in hosts {
+        places.extend(inspect_without_env(h));
+        places.push((format!("agent log ({name})"), h.logs()));
+        for f in files_under(&h.dir.join("state")) {
+            places.push((
+                format!("agent file {}", f.display()),
+                String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned(),
+            ));
+        }
+    }
+    // (Config.Env does hold it: that is where env_file values go.)
+    let env_of_worker = a.inspect(&a.container("worker"))["Config"]["Env"].to_string();
+    assert!(env_of_worker.contains(canaries.last().unwrap().as_str()));
+    places.push((
+        "the engine's log".into(),
+        std::fs::read_to_string(a.engine.log_path()).unwrap_or_default(),
+    ));
+    places.push(("operator log".into(), op.logs()));
+    for ev in Api::<Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        places.push((
+            format!("event {}", ev.metadata.name.clone().unwrap_or_default()),
+            serde_json::to_string(&ev).unwrap(),
+        ));
+    }
+    for x in bundles.list(&ListParams::default()).await.unwrap() {
+        places.push(("SecretBundle".into(), serde_json::to_string(&x).unwrap()));
+    }
+    for x in sbx.list(&ListParams::default()).await.unwrap() {
+        places.push(("Sandbox".into(), serde_json::to_string(&x).unwrap()));
+    }
+    for x in deploys.list(&ListParams::default()).await.unwrap() {
+        places.push(("SandboxDeploy".into(), serde_json::to_string(&x).unwrap()));
+    }
+    assert!(places.len() > 10, "{}", places.len());
+    for c in &canaries {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c);
+        for (place, text) in &places {
+            assert!(
+                !text.contains(c.as_str()) && !text.contains(&b64),
+                "the canary leaked into {place}: {}",
+                text.lines()
+                    .filter(|l| l.contains(c.as_str()) || l.contains(&b64))
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+}
