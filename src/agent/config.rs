@@ -1082,6 +1082,105 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/agent/agent.yaml");
+        let c = AgentConfig::from_yaml(text).unwrap();
+        c.validate().unwrap();
+        // The service the SecretBundle examples restart reads the file PUT /env writes
+        // (valet-worker: EnvironmentFile=/opt/valet/.env).
+        assert_eq!(c.env_file, PathBuf::from("/opt/valet/.env"));
+        assert_eq!(
+            c.services["worker"].systemd_unit.as_deref(),
+            Some("valet-worker")
+        );
+        // Its commented ECR login is valid too.
+        let ecr = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("#   shell: "))
+            .unwrap();
+        let mut c = c;
+        c.deploy.login = Some(LoginConfig {
+            shell: Some(ecr.into()),
+            ..Default::default()
+        });
+        c.validate().unwrap();
+        assert!(ecr.starts_with("aws ecr get-login-password"), "{ecr}");
+    }
+
+    #[test]
+    fn login_forms() {
+        let ok = |y: &str| AgentConfig::from_yaml(y).unwrap().validate();
+        ok("deploy:\n  login: {shell: \"aws ecr get-login-password | docker login --username AWS --password-stdin r.example\"}\n").unwrap();
+        ok("deploy:\n  login: {registry: \"127.0.0.1:5000\", username: AWS, passwordFile: /etc/pw}\n").unwrap();
+        for (y, why) in [
+            (
+                "deploy:\n  login: {registry: r, username: u}\n",
+                "go together",
+            ),
+            ("deploy:\n  login: {}\n", "set shell, or"),
+            ("deploy:\n  login: {shell: \" \"}\n", "empty"),
+            (
+                "deploy:\n  login: {shell: x, registry: r, username: u, passwordFile: /p}\n",
+                "not both",
+            ),
+            (
+                "deploy:\n  login: {registry: \"-x\", username: u, passwordFile: /p}\n",
+                "host[:port]",
+            ),
+            (
+                "deploy:\n  loginCommand: [x]\n  login: {shell: x}\n",
+                "either",
+            ),
+        ] {
+            let e = ok(y).unwrap_err().to_string();
+            assert!(e.contains(why), "{y}: {e}");
+        }
+        assert!(AgentConfig::from_yaml("deploy:\n  login: {password: x}\n").is_err());
+        let c = AgentConfig::from_yaml("deploy:\n  onDrainTimeout: abort\n").unwrap();
+        assert_eq!(c.deploy.on_drain_timeout, DrainTimeoutAction::Abort);
+        assert!(AgentConfig::from_yaml("deploy:\n  onDrainTimeout: wait\n").is_err());
+    }
+
+    #[test]
+    fn targeted_workers_and_service_actions() {
+        let c = AgentConfig::default();
+        assert_eq!(c.targeted_workers.selector, vec!["gh.role=targeted-worker"]);
+        assert_eq!(
+            c.targeted_env_files(),
+            vec![PathBuf::from("/opt/ghosthands/.env")]
+        );
+        let ok = |y: &str| AgentConfig::from_yaml(y).unwrap().validate();
+        ok("targetedWorkers: {selector: [], envFiles: [/a, /b]}\nservices:\n  tw: {targetedWorkers: true}\n  w: {composeService: worker, healthUrl: \"http://127.0.0.1:3101/worker/status\"}\n").unwrap();
+        for (y, why) in [
+            (
+                "targetedWorkers: {selector: [\"a b\"]}\n",
+                "not a label filter",
+            ),
+            (
+                "targetedWorkers: {ownKeys: [\"1X\"]}\n",
+                "not a variable name",
+            ),
+            (
+                "targetedWorkers: {statusUrl: \"nope {port}\"}\n",
+                "statusUrl",
+            ),
+            ("services:\n  tw: {targetedWorkers: false}\n", "only true"),
+            (
+                "services:\n  w: {composeService: w, targetedWorkers: true}\n",
+                "exactly one",
+            ),
+            (
+                "services:\n  w: {composeService: w, healthUrl: x}\n",
+                "healthUrl",
+            ),
+            ("docker: {observeInterval: 0s}\n", "observeInterval"),
+        ] {
+            let e = ok(y).unwrap_err().to_string();
+            assert!(e.contains(why), "{y}: {e}");
+        }
+    }
+
+    #[test]
     fn service_names() {
         assert!(is_valid_service_name("adspower"));
         assert!(is_valid_service_name("valet-worker.service"));

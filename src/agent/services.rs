@@ -173,3 +173,113 @@ async fn wait_compose_running(engine: &Engine<'_>, svc: &str) -> Result<(), Stri
         d.health_check_tries
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::config::Dur;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn cfg(dir: &std::path::Path) -> AgentConfig {
+        let mut c = AgentConfig::default();
+        c.systemctl = dir.join("systemctl");
+        c.deploy.health_check_tries = 3;
+        c.deploy.health_check_interval = Dur::millis(20);
+        c.deploy.health_check_timeout = Dur::millis(500);
+        c
+    }
+
+    /// A systemctl that restarts fine and then reports `state` for is-active.
+    fn systemctl(dir: &std::path::Path, state: &str) {
+        let p = dir.join("systemctl");
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {}/calls\n[ \"$1\" = is-active ] && {{ echo {state}; [ {state} = active ]; exit $?; }}\nexit 0\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn unit(u: &str) -> ServiceAction {
+        ServiceAction {
+            systemd_unit: Some(u.into()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_unit_that_does_not_come_back_is_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let http = reqwest::Client::new();
+        systemctl(dir.path(), "active");
+        let r = restart(&c, &Redactor::default(), &http, "vw", &unit("valet-worker")).await;
+        assert!(r.success, "{r:?}");
+        assert!(r.message.starts_with("vw restarted"), "{r:?}");
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert_eq!(calls, "restart valet-worker\nis-active valet-worker\n");
+
+        systemctl(dir.path(), "failed");
+        let r = restart(&c, &Redactor::default(), &http, "vw", &unit("valet-worker")).await;
+        assert!(!r.success);
+        assert_eq!(
+            r.message,
+            "restarting vw: restarted, but valet-worker is not active (failed)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_health_url_that_never_answers_is_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let action = ServiceAction {
+            command: Some(vec!["true".into()]),
+            health_url: Some(format!("http://{dead}/health")),
+            ..Default::default()
+        };
+        let r = restart(
+            &c,
+            &Redactor::default(),
+            &reqwest::Client::new(),
+            "x",
+            &action,
+        )
+        .await;
+        assert!(!r.success);
+        assert!(
+            r.message
+                .starts_with("restarting x: restarted, but not healthy after 3 tries"),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_restart_timeout_bounds_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.limits.restart_timeout = Dur::millis(200);
+        let action = ServiceAction {
+            command: Some(vec!["sleep".into(), "5".into()]),
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let r = restart(
+            &c,
+            &Redactor::default(),
+            &reqwest::Client::new(),
+            "x",
+            &action,
+        )
+        .await;
+        assert!(!r.success);
+        assert!(r.message.contains("limits.restartTimeout"), "{r:?}");
+        assert!(start.elapsed() < Duration::from_secs(4));
+    }
+}

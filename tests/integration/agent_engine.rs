@@ -646,7 +646,12 @@ async fn agent_engine_deploy_logs_in_pulls_drains_and_runs_the_new_tag() {
             listed.state.as_str(),
             listed.port
         ),
-        (tw.name.as_str(), Some("abc"), "running", Some(tw.port))
+        (
+            tw.name.as_str(),
+            Some(tw.id.as_str()),
+            "running",
+            Some(tw.port)
+        )
     );
     // Give the worker a job: the deploy drains it through its HTTP endpoint first.
     let r = http()
@@ -1012,6 +1017,30 @@ async fn agent_engine_env_push_reaches_the_running_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_engine_bad_credentials_and_a_broken_compose_file_leave_the_old_workers() {
+    // No login at all: the registry refuses the agent's anonymous pull.
+    let h = Host::start(
+        "engine-nologin",
+        Options {
+            login: Login::None,
+            ..Default::default()
+        },
+    )
+    .await;
+    let worker_id = h.inspect(&h.container("worker"))["Id"].clone();
+    let id = h.deploy("v2").await;
+    let (_, d) = h.wait_deploy_done(&id).await;
+    assert_eq!(d.state, DeployState::RolledBack, "{d:#?}");
+    assert_eq!(step(&d, DeployStep::Login).status, StepStatus::Skipped);
+    assert!(
+        step(&d, DeployStep::Pull)
+            .message
+            .contains("no basic auth credentials"),
+        "the engine's own message: {}",
+        step(&d, DeployStep::Pull).message
+    );
+    assert_eq!(h.inspect(&h.container("worker"))["Id"], worker_id);
+    drop(h);
+
     let wrong = format!("wrong-password-{}", std::process::id());
     let h = Host::start(
         "engine-badcreds",
