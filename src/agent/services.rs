@@ -181,8 +181,10 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn cfg(dir: &std::path::Path) -> AgentConfig {
-        let mut c = AgentConfig::default();
-        c.systemctl = dir.join("systemctl");
+        let mut c = AgentConfig {
+            systemctl: dir.join("systemctl"),
+            ..Default::default()
+        };
         c.deploy.health_check_tries = 3;
         c.deploy.health_check_interval = Dur::millis(20);
         c.deploy.health_check_timeout = Dur::millis(500);

@@ -586,7 +586,7 @@ fn http() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
-fn step<'a>(d: &'a DeployInfo, s: DeployStep) -> &'a sandbox_operator::agent::protocol::StepRecord {
+fn step(d: &DeployInfo, s: DeployStep) -> &sandbox_operator::agent::protocol::StepRecord {
     d.steps
         .iter()
         .rev()
