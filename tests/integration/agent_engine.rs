@@ -1337,11 +1337,19 @@ async fn agent_engine_operator_rolls_out_then_a_secret_rotation_reaches_the_work
         "e2e-a",
         Options {
             targeted: vec!["ta"],
+            health_tries: 12,
             ..Default::default()
         },
     )
     .await;
-    let b = Host::start("e2e-b", Options::default()).await;
+    let b = Host::start(
+        "e2e-b",
+        Options {
+            health_tries: 12,
+            ..Default::default()
+        },
+    )
+    .await;
     let hosts = [("sbx-a", &a), ("sbx-b", &b)];
 
     let client = crate::support::client().await;
@@ -1475,17 +1483,22 @@ async fn agent_engine_operator_rolls_out_then_a_secret_rotation_reaches_the_work
         )
     };
     let mut canaries = vec![canary(0)];
-    let secret = |value: &str| -> Secret {
+    let secret_with = |value: &str, broken: bool| -> Secret {
+        let mut data = serde_json::json!({
+            "CANARY": value,
+            "QUOTED": format!("pre \"{value}\" $post `tick`\nsecond line"),
+            "PLAIN": "hello",
+        });
+        if broken {
+            data["GH_STATUS_FAIL"] = "1".into();
+        }
         serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "worker-secrets"},
-            "stringData": {
-                "CANARY": value,
-                "QUOTED": format!("pre \"{value}\" $post `tick`\nsecond line"),
-                "PLAIN": "hello",
-            },
+            "stringData": data,
         }))
         .unwrap()
     };
+    let secret = |value: &str| secret_with(value, false);
     secrets
         .patch(
             "worker-secrets",
@@ -1576,6 +1589,105 @@ async fn agent_engine_operator_rolls_out_then_a_secret_rotation_reaches_the_work
         median(times.clone()),
         times.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>()
     );
+
+    // A push after which the workers do not come back: each target fails with the agent's
+    // message; fixing the Secret puts them right.
+    let last = canaries.last().unwrap().clone();
+    secrets
+        .patch(
+            "worker-secrets",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&secret_with(&last, true)),
+        )
+        .await
+        .unwrap();
+    let check = wait("the targets failed".into(), 90);
+    let broken_keys = |st: &sandbox_operator::api::SecretBundleStatus| {
+        st.keys.iter().any(|k| k == "GH_STATUS_FAIL")
+    };
+    let st = loop {
+        let st = bundles
+            .get("worker-env")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        if broken_keys(&st) {
+            // Never synced while its workers do not come back.
+            for t in &st.targets {
+                assert!(
+                    !(t.state == BundleTargetState::Synced && t.synced_hash == st.content_hash),
+                    "{} is Synced with content its worker does not come back with: {st:#?}\n{}\n{}",
+                    t.name,
+                    a.logs(),
+                    b.logs()
+                );
+            }
+        }
+        let failed = broken_keys(&st)
+            && st.targets.len() == 2
+            && st
+                .targets
+                .iter()
+                .all(|t| t.state == BundleTargetState::Failed);
+        check(failed, &st);
+        if failed {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for t in &st.targets {
+        let m = t.message.as_deref().unwrap_or_default();
+        assert!(
+            m.contains("restarting worker: recreated, but not healthy") && m.contains("HTTP 503"),
+            "{}: {m}",
+            t.name
+        );
+    }
+    let ta = &st.targets.iter().find(|t| t.name == "sbx-a").unwrap();
+    assert!(
+        ta.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("restarting targeted:"),
+        "{ta:?}"
+    );
+    // (A key left out of an applied stringData stays in data: remove it from data.)
+    secrets
+        .patch(
+            "worker-secrets",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"data": {"GH_STATUS_FAIL": null}})),
+        )
+        .await
+        .unwrap();
+    let check = wait("the targets synced again".into(), 90);
+    loop {
+        let st = bundles
+            .get("worker-env")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let synced = !broken_keys(&st)
+            && st
+                .targets
+                .iter()
+                .all(|t| t.state == BundleTargetState::Synced);
+        check(synced, &st);
+        if synced {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for (_, h) in hosts {
+        h.wait_http_ok(&format!("http://127.0.0.1:{}/worker/status", h.worker_port))
+            .await;
+        for t in &h.targeted {
+            h.wait_http_ok(&format!("http://127.0.0.1:{}/worker/status", t.port))
+                .await;
+        }
+    }
 
     // The canary went where it should, and nowhere else: not the engine's view of the
     // containers (labels, Cmd, Args, Entrypoint, ...), the engine's log, the agents' logs and

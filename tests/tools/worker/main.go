@@ -12,7 +12,7 @@
 // role, as the GhostHands image's CMD does), GH_WORKER_UNHEALTHY, GH_IGNORE_DRAIN (drain is
 // acknowledged but the jobs keep running: a worker that ignores drain), GH_JOBS (active jobs at
 // start), GH_IGNORE_SIGTERM (SIGTERM is ignored: only the engine's SIGKILL after the stop grace
-// ends it).
+// ends it), GH_STATUS_FAIL (the worker's status answers 503: a worker that does not come up).
 package main
 
 import (
@@ -85,7 +85,12 @@ func main() {
 	})
 
 	worker := http.NewServeMux()
+	statusFail := os.Getenv("GH_STATUS_FAIL") == "1"
 	worker.HandleFunc("/worker/status", func(w http.ResponseWriter, r *http.Request) {
+		if statusFail {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]any{"error": "not ready"})
+			return
+		}
 		st.mu.Lock()
 		defer st.mu.Unlock()
 		writeJSON(w, http.StatusOK, map[string]any{
