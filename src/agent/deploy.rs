@@ -11,6 +11,11 @@
 //!                                                                      failed               failed
 //! ```
 //!
+//! `up` also replaces the targeted workers (standalone containers, see
+//! [`crate::agent::containers`]) on the new tag, and `rollback_up` puts them back on the image
+//! each ran before. A drain that times out stops the worker anyway (`onDrainTimeout: proceed`,
+//! as `gh-deploy.sh` did) or fails the step (`abort`).
+//!
 //! [`next_step`] is the pure transition function; [`run_deploy`] drives it through a
 //! [`DeployOps`] (the docker and HTTP edges, [`CommandOps`] in production), recording every step
 //! in the [`DeployManager`], which keeps the current deploy in memory for `/health` and persists

@@ -281,7 +281,8 @@ pub enum DeployStep {
     RecordPrevious,
     /// Write the new `GH_IMAGE_TAG` into the env file.
     SetImageTag,
-    /// The optional registry login command (`aws ecr get-login-password | docker login ...`).
+    /// The optional registry login (`aws ecr get-login-password | docker login ...`, or
+    /// `docker login --password-stdin` with configured credentials).
     Login,
     /// `docker compose pull`.
     Pull,
@@ -289,13 +290,15 @@ pub enum DeployStep {
     Drain,
     /// `docker compose stop -t <grace> <worker>`.
     StopWorker,
-    /// `docker compose up -d --remove-orphans`.
+    /// `docker compose up -d --remove-orphans`, then each targeted worker drained and recreated
+    /// on the new tag.
     Up,
     /// Poll the worker's health URL.
     HealthCheck,
     /// Restore the previous `GH_IMAGE_TAG` in the env file.
     RollbackImageTag,
-    /// `docker compose up -d --remove-orphans` with the previous tag.
+    /// `docker compose up -d --remove-orphans` with the previous tag, and the targeted workers
+    /// back on the image each ran before.
     RollbackUp,
     /// Poll the worker's health URL again.
     RollbackHealthCheck,

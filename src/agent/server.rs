@@ -542,6 +542,18 @@ fn allowed_service<'a>(cfg: &'a AgentConfig, name: &str) -> Result<&'a ServiceAc
 }
 
 async fn restart_service(st: &AppState, name: &str, action: &ServiceAction) -> RestartResponse {
+    // A deploy replaces the same containers: the two must not race.
+    if (action.compose_service.is_some() || action.targeted_workers.is_some())
+        && st.deploys.is_running()
+    {
+        return RestartResponse {
+            success: false,
+            service: name.into(),
+            message: format!(
+                "restarting {name}: a deploy is running and replaces the containers; retry when it has finished"
+            ),
+        };
+    }
     services::restart(&st.cfg, &st.redactor, &st.http, name, action).await
 }
 

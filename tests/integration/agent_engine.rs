@@ -880,6 +880,18 @@ async fn agent_engine_killed_mid_deploy_leaves_a_running_worker_and_a_truthful_h
     })
     .await;
     assert_eq!(h.gh_env_tag(), "v2", "the deploy had written the new tag");
+    // Meanwhile an env push may write its file but not recreate the containers the deploy is
+    // replacing.
+    let e = h
+        .client()
+        .put_env("PLAIN=hello\n", &["worker".to_string()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Server { status: 502, message, .. } if message.contains("a deploy is running")),
+        "{e:?}"
+    );
+    assert_eq!(h.inspect(&h.container("worker"))["Id"], worker_id);
     h.kill_agent();
     h.start_agent();
     let health = h.health().await;
