@@ -181,6 +181,87 @@ pub struct ServiceAction {
     /// Any command (argv, no shell).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// `true`: recreate the running targeted workers (see `targetedWorkers`) on their image, so
+    /// they read their env files again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targeted_workers: Option<bool>,
+    /// After the restart, poll this URL until it answers 2xx (`deploy.healthCheckTries` tries,
+    /// `deploy.healthCheckInterval` apart); a service that does not is reported failed. Without
+    /// it: a compose service must be running (and healthy, if it has a health check), a systemd
+    /// unit active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_url: Option<String>,
+}
+
+/// How the deploy logs in to the registry before pulling. Exactly one form.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoginConfig {
+    /// A shell command (`sh -c`), e.g. the ECR form
+    /// `aws ecr get-login-password --region REGION | docker login --username AWS
+    /// --password-stdin ACCOUNT.dkr.ecr.REGION.amazonaws.com`. Its output is shown redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// The registry for `docker login` (with `username` and `passwordFile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The password (first line), given to `docker login --password-stdin` on its stdin: never
+    /// in argv, never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// What the deploy does when the worker is not deploy-safe after `drainTimeout`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainTimeoutAction {
+    /// Stop it anyway with `stopGrace` (what `gh-deploy.sh` did).
+    #[default]
+    Proceed,
+    /// Give up: the deploy fails at `drain`, the env file is restored, the containers are
+    /// left running.
+    Abort,
+}
+
+/// Standalone worker containers (the seeds' `deploy.sh start-worker`), recreated on the new image
+/// during a deploy (after `up`, before the health check) and rolled back with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TargetedWorkersConfig {
+    /// Label filters (`key=value` or `key`) a container must all match; empty: no targeted
+    /// workers.
+    pub selector: Vec<String>,
+    /// The env files whose variables the workers get when recreated, in order (later wins).
+    /// Empty: `deploy.envFile`.
+    pub env_files: Vec<PathBuf>,
+    /// Variables taken from the running container when it is recreated (its own settings, set
+    /// when it was started), on top of the env files.
+    pub own_keys: Vec<String>,
+    /// The variable holding a worker's status port (for `statusUrl`, `drainUrl`).
+    pub port_key: String,
+    /// A worker's status; `{port}` is replaced by its port.
+    pub status_url: String,
+    /// POST here drains a worker; `{port}` as above.
+    pub drain_url: String,
+    /// The image repository to run; default: the container's current image without its tag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Default for TargetedWorkersConfig {
+    fn default() -> Self {
+        Self {
+            selector: vec!["gh.role=targeted-worker".into()],
+            env_files: Vec::new(),
+            own_keys: vec!["GH_WORKER_ID".into(), "GH_WORKER_PORT".into()],
+            port_key: "GH_WORKER_PORT".into(),
+            status_url: "http://127.0.0.1:{port}/worker/status".into(),
+            drain_url: "http://127.0.0.1:{port}/worker/drain".into(),
+            image: None,
+        }
+    }
 }
 
 /// The worker's service, for the `worker_service` check (state and restart count).
@@ -245,6 +326,9 @@ pub struct DockerConfig {
     pub pass_env_file: bool,
     /// The compose service of the worker (stopped with a grace before `up`).
     pub worker_service: String,
+    /// How often the running containers are looked at (`docker compose ps` for the worker's
+    /// image tag, the targeted workers) for `/health`.
+    pub observe_interval: Dur,
 }
 
 impl Default for DockerConfig {
@@ -256,6 +340,7 @@ impl Default for DockerConfig {
             project_name: None,
             pass_env_file: true,
             worker_service: "worker".into(),
+            observe_interval: Dur::secs(5),
         }
     }
 }
@@ -292,6 +377,12 @@ pub struct DeployConfig {
     /// A command run before `pull` (e.g. a registry login script); none by default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub login_command: Option<Vec<String>>,
+    /// The registry login before `pull`: a shell command or credentials (instead of
+    /// `loginCommand`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login: Option<LoginConfig>,
+    /// When the worker is not deploy-safe after `drainTimeout`: `proceed` or `abort`.
+    pub on_drain_timeout: DrainTimeoutAction,
     /// How long to wait for the worker to become deploy-safe after asking it to drain.
     pub drain_timeout: Dur,
     /// How often to ask the worker's status while draining.
@@ -314,6 +405,8 @@ impl Default for DeployConfig {
             env_file: None,
             image_tag_key: "GH_IMAGE_TAG".into(),
             login_command: None,
+            login: None,
+            on_drain_timeout: DrainTimeoutAction::Proceed,
             drain_timeout: Dur::secs(60),
             drain_poll_interval: Dur::secs(2),
             stop_grace: Dur::secs(35),
@@ -416,6 +509,8 @@ pub struct AgentConfig {
     pub docker: DockerConfig,
     pub worker: WorkerConfig,
     pub deploy: DeployConfig,
+    /// Standalone worker containers the deploy recreates on the new image.
+    pub targeted_workers: TargetedWorkersConfig,
     /// Services `POST /restart` and `PUT /env` may restart, by name.
     pub services: BTreeMap<String, ServiceAction>,
     pub checks: ChecksConfig,
@@ -452,6 +547,7 @@ impl Default for AgentConfig {
                 env_file: Some("/opt/ghosthands/.env".into()),
                 ..DeployConfig::default()
             },
+            targeted_workers: TargetedWorkersConfig::default(),
             services,
             checks: ChecksConfig::default(),
             refresh_interval: Dur::secs(5),
@@ -531,14 +627,25 @@ impl AgentConfig {
                 s.systemd_unit.is_some(),
                 s.compose_service.is_some(),
                 s.command.is_some(),
+                s.targeted_workers.is_some(),
             ]
             .into_iter()
             .filter(|b| *b)
             .count();
             if n != 1 {
                 return bad(format!(
-                    "services.{name}: set exactly one of systemdUnit, composeService, command"
+                    "services.{name}: set exactly one of systemdUnit, composeService, command, targetedWorkers"
                 ));
+            }
+            if s.targeted_workers == Some(false) {
+                return bad(format!(
+                    "services.{name}.targetedWorkers: only true is meaningful"
+                ));
+            }
+            if let Some(u) = &s.health_url
+                && reqwest::Url::parse(u).is_err()
+            {
+                return bad(format!("services.{name}.healthUrl: not a URL"));
             }
             if s.command.as_ref().is_some_and(|c| c.is_empty()) {
                 return bad(format!("services.{name}.command: empty"));
@@ -574,10 +681,89 @@ impl AgentConfig {
         {
             return bad("deploy.loginCommand: empty".into());
         }
+        if let Some(l) = &self.deploy.login {
+            self.validate_login(l)?;
+        }
+        self.validate_targeted()?;
+        if self.docker.observe_interval.0.is_zero() {
+            return bad("docker.observeInterval must be positive".into());
+        }
         if self.checks.warn_percent > self.checks.fail_percent {
             return bad("checks.warnPercent must not exceed checks.failPercent".into());
         }
         Ok(())
+    }
+}
+
+impl AgentConfig {
+    fn validate_login(&self, l: &LoginConfig) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("deploy.login: {m}")));
+        if self.deploy.login_command.is_some() {
+            return bad("set either deploy.loginCommand or deploy.login, not both");
+        }
+        let creds = [
+            l.registry.is_some(),
+            l.username.is_some(),
+            l.password_file.is_some(),
+        ];
+        match (&l.shell, creds.iter().filter(|b| **b).count()) {
+            (Some(sh), 0) if sh.trim().is_empty() => bad("shell: empty"),
+            (Some(_), 0) => Ok(()),
+            (None, 3) => {
+                let ok = |v: &Option<String>| {
+                    v.as_deref().is_some_and(|v| {
+                        !v.is_empty() && !v.starts_with('-') && !v.contains(char::is_whitespace)
+                    })
+                };
+                if !ok(&l.registry) {
+                    return bad("registry must be a host[:port] (no spaces, not starting with -)");
+                }
+                if !ok(&l.username) {
+                    return bad("username must be a word (no spaces, not starting with -)");
+                }
+                Ok(())
+            }
+            (None, 0) => bad("set shell, or registry, username and passwordFile"),
+            (None, _) => bad("registry, username and passwordFile go together"),
+            (Some(_), _) => bad("set shell, or registry, username and passwordFile, not both"),
+        }
+    }
+
+    fn validate_targeted(&self) -> Result<(), ConfigError> {
+        let t = &self.targeted_workers;
+        let bad = |m: String| Err(ConfigError::Invalid(format!("targetedWorkers.{m}")));
+        for f in &t.selector {
+            if f.is_empty() || f.starts_with('=') || f.contains(char::is_whitespace) {
+                return bad(format!(
+                    "selector: {f:?} is not a label filter (key or key=value)"
+                ));
+            }
+        }
+        for k in t.own_keys.iter().chain([&t.port_key]) {
+            if !crate::agent::envfile::is_valid_key(k) {
+                return bad(format!("ownKeys/portKey: {k:?} is not a variable name"));
+            }
+        }
+        for (name, url) in [("statusUrl", &t.status_url), ("drainUrl", &t.drain_url)] {
+            if reqwest::Url::parse(&url.replace("{port}", "1")).is_err() {
+                return bad(format!("{name}: not a URL"));
+            }
+        }
+        if let Some(img) = &t.image
+            && (img.is_empty() || img.contains(char::is_whitespace) || img.starts_with('-'))
+        {
+            return bad("image: not an image repository".into());
+        }
+        Ok(())
+    }
+
+    /// The env files the targeted workers get.
+    pub fn targeted_env_files(&self) -> Vec<PathBuf> {
+        if self.targeted_workers.env_files.is_empty() {
+            vec![self.deploy_env_file().to_path_buf()]
+        } else {
+            self.targeted_workers.env_files.clone()
+        }
     }
 }
 
@@ -727,12 +913,18 @@ Configuration file keys (YAML, camelCase; defaults in brackets):
   docker.projectName            -p [none]
   docker.passEnvFile            pass deploy.envFile as --env-file [true]
   docker.workerService          compose service stopped before up [worker]
+  docker.observeInterval        how often /health looks at the running containers [5s]
   worker.statusUrl              worker status JSON [http://127.0.0.1:3101/worker/status]
   worker.drainUrl               POST to drain the worker [http://127.0.0.1:3101/worker/drain]
   worker.healthUrl              API health polled after up [http://127.0.0.1:3100/health]
   deploy.envFile                env file holding the image tag [/opt/ghosthands/.env]
   deploy.imageTagKey            the image tag variable [GH_IMAGE_TAG]
   deploy.loginCommand           argv run before pull, e.g. a registry login [none]
+  deploy.login.shell            or: a shell command, e.g. aws ecr get-login-password | docker login
+                                --username AWS --password-stdin REGISTRY [none]
+  deploy.login.registry|username|passwordFile
+                                or: docker login --password-stdin with these credentials [none]
+  deploy.onDrainTimeout         proceed (stop with the grace) | abort (fail the deploy) [proceed]
   deploy.drainTimeout           longest wait for deploy_safe [60s]
   deploy.drainPollInterval      worker status polling while draining [2s]
   deploy.stopGrace              docker compose stop -t [35s]
@@ -740,8 +932,17 @@ Configuration file keys (YAML, camelCase; defaults in brackets):
   deploy.healthCheckInterval    time between them [2s]
   deploy.healthCheckTimeout     one health check request [5s]
   deploy.commandTimeout         one docker command [600s]
-  services.NAME                 restart allow-list: {systemdUnit: U} | {composeService: S} | {command: [argv]}
-                                [adspower: {systemdUnit: adspower}]
+  services.NAME                 restart allow-list: {systemdUnit: U} | {composeService: S} (recreated, so
+                                it reads its env files again) | {command: [argv]} | {targetedWorkers: true};
+                                optional healthUrl checked after the restart [adspower: {systemdUnit: adspower}]
+  targetedWorkers.selector      label filters of standalone workers the deploy recreates
+                                [gh.role=targeted-worker]
+  targetedWorkers.envFiles      their env files [deploy.envFile]
+  targetedWorkers.ownKeys       variables kept from the running container [GH_WORKER_ID, GH_WORKER_PORT]
+  targetedWorkers.portKey       variable holding a worker's status port [GH_WORKER_PORT]
+  targetedWorkers.statusUrl|drainUrl
+                                [http://127.0.0.1:{port}/worker/status, .../worker/drain]
+  targetedWorkers.image         repository to run [the container's image without its tag]
   checks.display|vnc|novnc      probes: {tcp: host:port} | {http: url} (200/301/302) | {command: [argv]}
                                 | {process: name} | {systemdUnit: unit} | {path: file}; unset = warn
   checks.workerService          {systemdUnit: U} | {composeService: S}: state and restart count
@@ -878,6 +1079,105 @@ mod tests {
         assert_eq!(c.listen.port(), 9);
         assert_eq!(c.deploy.health_check_interval, Dur::millis(250));
         assert_eq!(c.docker.compose_files.len(), 2);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/agent/agent.yaml");
+        let c = AgentConfig::from_yaml(text).unwrap();
+        c.validate().unwrap();
+        // The service the SecretBundle examples restart reads the file PUT /env writes
+        // (valet-worker: EnvironmentFile=/opt/valet/.env).
+        assert_eq!(c.env_file, PathBuf::from("/opt/valet/.env"));
+        assert_eq!(
+            c.services["worker"].systemd_unit.as_deref(),
+            Some("valet-worker")
+        );
+        // Its commented ECR login is valid too.
+        let ecr = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("#   shell: "))
+            .unwrap();
+        let mut c = c;
+        c.deploy.login = Some(LoginConfig {
+            shell: Some(ecr.into()),
+            ..Default::default()
+        });
+        c.validate().unwrap();
+        assert!(ecr.starts_with("aws ecr get-login-password"), "{ecr}");
+    }
+
+    #[test]
+    fn login_forms() {
+        let ok = |y: &str| AgentConfig::from_yaml(y).unwrap().validate();
+        ok("deploy:\n  login: {shell: \"aws ecr get-login-password | docker login --username AWS --password-stdin r.example\"}\n").unwrap();
+        ok("deploy:\n  login: {registry: \"127.0.0.1:5000\", username: AWS, passwordFile: /etc/pw}\n").unwrap();
+        for (y, why) in [
+            (
+                "deploy:\n  login: {registry: r, username: u}\n",
+                "go together",
+            ),
+            ("deploy:\n  login: {}\n", "set shell, or"),
+            ("deploy:\n  login: {shell: \" \"}\n", "empty"),
+            (
+                "deploy:\n  login: {shell: x, registry: r, username: u, passwordFile: /p}\n",
+                "not both",
+            ),
+            (
+                "deploy:\n  login: {registry: \"-x\", username: u, passwordFile: /p}\n",
+                "host[:port]",
+            ),
+            (
+                "deploy:\n  loginCommand: [x]\n  login: {shell: x}\n",
+                "either",
+            ),
+        ] {
+            let e = ok(y).unwrap_err().to_string();
+            assert!(e.contains(why), "{y}: {e}");
+        }
+        assert!(AgentConfig::from_yaml("deploy:\n  login: {password: x}\n").is_err());
+        let c = AgentConfig::from_yaml("deploy:\n  onDrainTimeout: abort\n").unwrap();
+        assert_eq!(c.deploy.on_drain_timeout, DrainTimeoutAction::Abort);
+        assert!(AgentConfig::from_yaml("deploy:\n  onDrainTimeout: wait\n").is_err());
+    }
+
+    #[test]
+    fn targeted_workers_and_service_actions() {
+        let c = AgentConfig::default();
+        assert_eq!(c.targeted_workers.selector, vec!["gh.role=targeted-worker"]);
+        assert_eq!(
+            c.targeted_env_files(),
+            vec![PathBuf::from("/opt/ghosthands/.env")]
+        );
+        let ok = |y: &str| AgentConfig::from_yaml(y).unwrap().validate();
+        ok("targetedWorkers: {selector: [], envFiles: [/a, /b]}\nservices:\n  tw: {targetedWorkers: true}\n  w: {composeService: worker, healthUrl: \"http://127.0.0.1:3101/worker/status\"}\n").unwrap();
+        for (y, why) in [
+            (
+                "targetedWorkers: {selector: [\"a b\"]}\n",
+                "not a label filter",
+            ),
+            (
+                "targetedWorkers: {ownKeys: [\"1X\"]}\n",
+                "not a variable name",
+            ),
+            (
+                "targetedWorkers: {statusUrl: \"nope {port}\"}\n",
+                "statusUrl",
+            ),
+            ("services:\n  tw: {targetedWorkers: false}\n", "only true"),
+            (
+                "services:\n  w: {composeService: w, targetedWorkers: true}\n",
+                "exactly one",
+            ),
+            (
+                "services:\n  w: {composeService: w, healthUrl: x}\n",
+                "healthUrl",
+            ),
+            ("docker: {observeInterval: 0s}\n", "observeInterval"),
+        ] {
+            let e = ok(y).unwrap_err().to_string();
+            assert!(e.contains(why), "{y}: {e}");
+        }
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //!                                                                      failed               failed
 //! ```
 //!
+//! `up` also replaces the targeted workers (standalone containers, see
+//! [`crate::agent::containers`]) on the new tag, and `rollback_up` puts them back on the image
+//! each ran before. A drain that times out stops the worker anyway (`onDrainTimeout: proceed`,
+//! as `gh-deploy.sh` did) or fails the step (`abort`).
+//!
 //! [`next_step`] is the pure transition function; [`run_deploy`] drives it through a
 //! [`DeployOps`] (the docker and HTTP edges, [`CommandOps`] in production), recording every step
 //! in the [`DeployManager`], which keeps the current deploy in memory for `/health` and persists
@@ -19,7 +24,8 @@
 //! X"), so `/health` never says running forever.
 
 use crate::agent::checks::compose_args;
-use crate::agent::config::AgentConfig;
+use crate::agent::config::{AgentConfig, DrainTimeoutAction};
+use crate::agent::containers::{self, Engine, WorkerSpec};
 use crate::agent::envfile;
 use crate::agent::exec::{self, Redactor};
 use crate::agent::protocol::{DeployInfo, DeployState, DeployStep, StepRecord, StepStatus};
@@ -162,7 +168,7 @@ impl DeployManager {
         {
             let now = Timestamp::now();
             let msg = format!(
-                "agent restarted during deploy at step {}; the instance may run either tag",
+                "{INTERRUPTED} at step {}; the instance may run either tag",
                 d.step
             );
             if let Some(s) = d.steps.last_mut()
@@ -430,6 +436,58 @@ pub async fn run_deploy<O: DeployOps>(mgr: Arc<DeployManager>, ops: Arc<O>, id: 
     }
 }
 
+/// After a restart of the agent: a deploy it cut short before any container was touched had
+/// changed only the env file. The previous tag goes back there, so the file names what runs and
+/// a later `up` (or a reboot) does not start the new tag unchecked; the message says so.
+pub async fn recover_interrupted(mgr: &Arc<DeployManager>, ops: &CommandOps) {
+    use DeployStep::*;
+    let Some(d) = mgr.current() else {
+        return;
+    };
+    let recorded = d
+        .steps
+        .iter()
+        .any(|s| s.name == RecordPrevious && s.status == StepStatus::Succeeded);
+    let touched = d
+        .steps
+        .iter()
+        .any(|s| !matches!(s.name, RecordPrevious | SetImageTag | Login | Pull | Drain));
+    if d.state != DeployState::Failed || !d.message.starts_with(INTERRUPTED) || !recorded || touched
+    {
+        return;
+    }
+    match ops.read_tag().await {
+        Ok(Some(t)) if t == d.tag && d.previous_tag.as_deref() != Some(t.as_str()) => {}
+        _ => return,
+    }
+    let prev = d.previous_tag.clone();
+    let outcome = ops.write_tag(prev.as_deref()).await;
+    let step = d.step;
+    let message = match &outcome {
+        Outcome::Failed(e) => format!(
+            "{INTERRUPTED} at step {step}; the containers were not touched, but the env file still names {} ({e})",
+            d.tag
+        ),
+        _ => format!(
+            "{INTERRUPTED} at step {step}; the containers were not touched: env file restored to {}",
+            prev.as_deref().unwrap_or("(no tag)")
+        ),
+    };
+    tracing::warn!(deploy = %d.id, "{message}");
+    mgr.update(&d.id, |d| d.message = message).await;
+}
+
+/// How the message of a deploy cut short by a restart of the agent begins.
+const INTERRUPTED: &str = "agent restarted during deploy";
+
+fn replaced_note(done: &[String]) -> String {
+    if done.is_empty() {
+        String::new()
+    } else {
+        format!(" (already replaced: {})", done.join(", "))
+    }
+}
+
 fn final_message(
     state: DeployState,
     tag: &str,
@@ -471,9 +529,139 @@ pub struct CommandOps {
     pub redactor: Redactor,
     /// Held while an env file is read, edited and written (shared with `PUT /env`).
     pub env_lock: Arc<tokio::sync::Mutex<()>>,
+    /// What the running deploy remembers between its steps.
+    pub memory: DeployMemory,
+}
+
+/// What a deploy remembers between its steps (one deploy runs at a time).
+#[derive(Debug, Default)]
+pub struct DeployMemory {
+    /// The targeted workers as they ran before `up` replaced them (for the rollback).
+    targeted: std::sync::Mutex<Option<Vec<WorkerSpec>>>,
+}
+
+impl DeployMemory {
+    fn forget(&self) {
+        *self.targeted.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    fn set_targeted(&self, specs: Vec<WorkerSpec>) {
+        *self.targeted.lock().unwrap_or_else(|e| e.into_inner()) = Some(specs);
+    }
+    fn targeted(&self) -> Option<Vec<WorkerSpec>> {
+        self.targeted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl CommandOps {
+    fn engine(&self) -> Engine<'_> {
+        Engine {
+            cfg: &self.cfg,
+            redactor: &self.redactor,
+        }
+    }
+
+    /// `up`, then the targeted workers: each drained, replaced by a container of the new tag
+    /// (see [`Engine::replace_worker`]) and checked. What they ran before is remembered for the
+    /// rollback.
+    async fn up_and_targeted(&self, tag: &str) -> Outcome {
+        let timeout = self.cfg.deploy.command_timeout.0;
+        let up = self
+            .docker(&["up", "-d", "--remove-orphans"], timeout)
+            .await;
+        if up.is_failure() {
+            return up;
+        }
+        let engine = self.engine();
+        let specs = match engine.targeted_specs().await {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(format!("{}; but {e}", up.message())),
+        };
+        self.memory.set_targeted(specs.clone());
+        if specs.is_empty() {
+            return up;
+        }
+        let start = Instant::now();
+        let not_drained = engine.drain_targeted(&self.http, &specs).await;
+        let mut done = Vec::new();
+        for spec in &specs {
+            if let Err(e) = engine
+                .replace_worker(&self.http, spec, &spec.image(tag))
+                .await
+            {
+                return Outcome::Failed(format!(
+                    "{}; targeted worker {e}{}",
+                    up.message(),
+                    replaced_note(&done)
+                ));
+            }
+            done.push(spec.name.clone());
+        }
+        let drained = if not_drained.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (stopped with the {} grace though not drained: {})",
+                self.cfg.deploy.stop_grace,
+                not_drained.join(", ")
+            )
+        };
+        Outcome::Ok(format!(
+            "{}; targeted workers {} recreated on {tag} in {}{drained}",
+            up.message(),
+            done.join(", "),
+            containers::secs(start)
+        ))
+    }
+
+    /// The rollback's `up`, then the targeted workers back on the image each ran before (those
+    /// that already run it are left alone).
+    async fn rollback_up_and_targeted(&self) -> Outcome {
+        let timeout = self.cfg.deploy.command_timeout.0;
+        let up = self
+            .docker(&["up", "-d", "--remove-orphans"], timeout)
+            .await;
+        let specs = self.memory.targeted().unwrap_or_default();
+        let engine = self.engine();
+        let mut restored = Vec::new();
+        let mut failed = Vec::new();
+        for spec in &specs {
+            let Some(tag) = spec.tag.as_deref() else {
+                failed.push(format!("{}: its previous tag is unknown", spec.name));
+                continue;
+            };
+            let image = spec.image(tag);
+            if engine.container_image(&spec.name).await == Some((image.clone(), true)) {
+                continue;
+            }
+            match engine.replace_worker(&self.http, spec, &image).await {
+                Ok(()) => restored.push(spec.name.clone()),
+                Err(e) => failed.push(e),
+            }
+        }
+        let mut msg = up.message().to_string();
+        if !restored.is_empty() {
+            msg.push_str(&format!(
+                "; targeted workers {} back on their previous image",
+                restored.join(", ")
+            ));
+        }
+        if !failed.is_empty() {
+            msg.push_str(&format!(
+                "; targeted workers not restored: {}",
+                failed.join("; ")
+            ));
+            return Outcome::Failed(msg);
+        }
+        if up.is_failure() {
+            Outcome::Failed(msg)
+        } else {
+            Outcome::Ok(msg)
+        }
+    }
+
     async fn docker(&self, sub: &[&str], timeout: Duration) -> Outcome {
         let args = compose_args(&self.cfg, sub);
         let what = format!("docker compose {}", sub.join(" "));
@@ -567,9 +755,14 @@ impl CommandOps {
                     ),
                     Err(e) => format!("status unknown: {e}"),
                 };
-                Outcome::Warn(format!(
-                    "{asked}worker not deploy-safe after {waited:.0}s ({state}); stopping it with a {grace}s grace"
-                ))
+                match d.on_drain_timeout {
+                    DrainTimeoutAction::Proceed => Outcome::Warn(format!(
+                        "{asked}worker not deploy-safe after {waited:.0}s ({state}); stopping it with a {grace}s grace"
+                    )),
+                    DrainTimeoutAction::Abort => Outcome::Failed(format!(
+                        "{asked}worker not deploy-safe after {waited:.0}s ({state}); not stopping it (onDrainTimeout: abort)"
+                    )),
+                }
             }
         }
     }
@@ -631,6 +824,8 @@ pub async fn wait_deploy_safe(
 
 impl DeployOps for CommandOps {
     async fn read_tag(&self) -> Result<Option<String>, String> {
+        // A new deploy starts here: nothing remembered from the last one applies.
+        self.memory.forget();
         let path = self.cfg.deploy_env_file();
         match tokio::fs::read(path).await {
             Ok(b) => envfile::parse_bytes(&b)
@@ -647,13 +842,10 @@ impl DeployOps for CommandOps {
         match step {
             DeployStep::SetImageTag => self.write_tag(Some(tag)).await,
             DeployStep::RollbackImageTag => self.write_tag(previous).await,
-            DeployStep::Login => match &d.login_command {
-                None => Outcome::Skipped("no login command configured".into()),
-                Some(argv) => match exec::run_argv(argv, cmd_timeout).await {
-                    Ok(out) if out.success() => Outcome::Ok("login: ok".into()),
-                    Ok(out) => Outcome::Failed(format!("login: {}", out.describe(&self.redactor))),
-                    Err(e) => Outcome::Failed(self.redactor.redact(&e.to_string())),
-                },
+            DeployStep::Login => match self.engine().login().await {
+                Ok(None) => Outcome::Skipped("no login command configured".into()),
+                Ok(Some(m)) => Outcome::Ok(m),
+                Err(e) => Outcome::Failed(e),
             },
             DeployStep::Pull => self.docker(&["pull"], cmd_timeout).await,
             DeployStep::Drain => self.drain().await,
@@ -663,10 +855,8 @@ impl DeployOps for CommandOps {
                 self.docker(&["stop", "-t", &grace, &svc], d.stop_grace.0 + cmd_timeout)
                     .await
             }
-            DeployStep::Up | DeployStep::RollbackUp => {
-                self.docker(&["up", "-d", "--remove-orphans"], cmd_timeout)
-                    .await
-            }
+            DeployStep::Up => self.up_and_targeted(tag).await,
+            DeployStep::RollbackUp => self.rollback_up_and_targeted().await,
             DeployStep::HealthCheck | DeployStep::RollbackHealthCheck => self.health().await,
             DeployStep::RecordPrevious | DeployStep::Unknown => {
                 Outcome::Failed(format!("step {step} is not run by run_step"))

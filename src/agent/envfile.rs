@@ -306,7 +306,7 @@ pub fn render_value(value: &str) -> String {
             '\\' => out.push_str("\\\\"),
             '"' => out.push_str("\\\""),
             '$' => out.push_str("\\$"),
-            '`' => out.push_str("\\`"),
+            // A backtick stays as it is: compose's env_file reader keeps the backslash of `\``.
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),

@@ -10,17 +10,21 @@
 //! - [`checks`], [`metrics`], [`worker`]: what `/health` reports and how it is gathered;
 //! - [`envfile`]: env-file parsing, validation, rendering and atomic writes;
 //! - [`config`]: the YAML configuration and the command line;
-//! - [`exec`]: running commands with limits, and redacting secrets from their output.
+//! - [`exec`]: running commands with limits, and redacting secrets from their output;
+//! - [`containers`]: the registry login, the targeted workers, recreating compose services, what
+//!   the engine runs.
 
 pub mod checks;
 pub mod client;
 pub mod config;
+pub mod containers;
 pub mod deploy;
 pub mod envfile;
 pub mod exec;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod services;
 pub mod worker;
 
 pub use client::{AgentClient, AgentError, AgentToken};

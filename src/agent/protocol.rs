@@ -101,6 +101,33 @@ pub struct HealthReport {
     /// The seeds' `health-check.sh` checks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<Check>,
+    /// The standalone worker containers (label `gh.role=targeted-worker`), as the engine shows
+    /// them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targeted_workers: Vec<TargetedWorker>,
+}
+
+/// A standalone worker container (the seeds' `deploy.sh start-worker`), as `/health` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetedWorker {
+    /// The container's name.
+    pub name: String,
+    /// Its `gh.worker_id` label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// The image it runs (`repository:tag`).
+    #[serde(default)]
+    pub image: String,
+    /// The tag of that image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_tag: Option<String>,
+    /// The engine's state: `running`, `exited`, `created`, ...
+    #[serde(default)]
+    pub state: String,
+    /// Its status port, when its environment names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 impl HealthReport {
@@ -261,7 +288,8 @@ pub enum DeployStep {
     RecordPrevious,
     /// Write the new `GH_IMAGE_TAG` into the env file.
     SetImageTag,
-    /// The optional registry login command (`aws ecr get-login-password | docker login ...`).
+    /// The optional registry login (`aws ecr get-login-password | docker login ...`, or
+    /// `docker login --password-stdin` with configured credentials).
     Login,
     /// `docker compose pull`.
     Pull,
@@ -269,13 +297,15 @@ pub enum DeployStep {
     Drain,
     /// `docker compose stop -t <grace> <worker>`.
     StopWorker,
-    /// `docker compose up -d --remove-orphans`.
+    /// `docker compose up -d --remove-orphans`, then each targeted worker drained and recreated
+    /// on the new tag.
     Up,
     /// Poll the worker's health URL.
     HealthCheck,
     /// Restore the previous `GH_IMAGE_TAG` in the env file.
     RollbackImageTag,
-    /// `docker compose up -d --remove-orphans` with the previous tag.
+    /// `docker compose up -d --remove-orphans` with the previous tag, and the targeted workers
+    /// back on the image each ran before.
     RollbackUp,
     /// Poll the worker's health URL again.
     RollbackHealthCheck,

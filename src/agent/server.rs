@@ -15,15 +15,17 @@
 //! Nothing here logs a request body, a header, the token or an env value; command output that
 //! reaches a log line or a response goes through the [`Redactor`] first.
 
-use crate::agent::checks::{Collector, EnvHash, Snapshot, compose_args};
+use crate::agent::checks::{Collector, EnvHash, Snapshot};
 use crate::agent::config::{AgentConfig, ServiceAction, is_valid_service_name};
+use crate::agent::containers::EngineView;
 use crate::agent::deploy::{self, CommandOps, DeployManager};
 use crate::agent::envfile;
-use crate::agent::exec::{self, Redactor};
+use crate::agent::exec::Redactor;
 use crate::agent::protocol::{
     self, CheckStatus, DeployAccepted, DeployRequest, DeployState, DrainRequest, DrainResponse,
     ErrorBody, HealthReport, PutEnvRequest, PutEnvResponse, RestartRequest, RestartResponse,
 };
+use crate::agent::services;
 use crate::agent::worker;
 use axum::Router;
 use axum::body::Body;
@@ -35,7 +37,6 @@ use axum::routing::{get, post, put};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
-use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -105,6 +106,8 @@ pub struct AppState {
     http: reqwest::Client,
     env_lock: Arc<tokio::sync::Mutex<()>>,
     env_hash: EnvHash,
+    /// What the engine showed at the last look (the worker's image, the targeted workers).
+    engine_view: Arc<RwLock<EngineView>>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -119,6 +122,7 @@ impl AppState {
         let redactor = Redactor::default();
         redactor.set_values("token", [token]);
         let (deploys, warning) = DeployManager::load_with(&cfg.state_file, redactor.clone());
+        let deploys = Arc::new(deploys);
         if let Some(w) = warning {
             tracing::warn!(state_file = %cfg.state_file.display(), "{w}");
         }
@@ -132,7 +136,9 @@ impl AppState {
             http: http.clone(),
             redactor: redactor.clone(),
             env_lock: env_lock.clone(),
+            memory: Default::default(),
         });
+        deploy::recover_interrupted(&deploys, &ops).await;
         let env_hash = EnvHash::default();
         let mut collector = Collector::new(
             cfg.clone(),
@@ -145,7 +151,8 @@ impl AppState {
             cfg,
             token_digest: Arc::new(RwLock::new(digest(token))),
             snapshot: Arc::new(RwLock::new(Arc::new(first))),
-            deploys: Arc::new(deploys),
+            deploys,
+            engine_view: Arc::default(),
             ops,
             redactor,
             http,
@@ -192,10 +199,22 @@ impl AppState {
     pub fn report(&self) -> HealthReport {
         let snap = self.snapshot();
         let deploy = self.deploys.current();
+        let view = self
+            .engine_view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The engine's word on the running image counts once it was looked at after the last
+        // deploy ended.
+        let seen_after_deploy = view.taken_at.is_some_and(|t| match &deploy {
+            None => true,
+            Some(d) => d.state != DeployState::Running && d.finished_at.is_some_and(|f| t > f),
+        });
         let image_tag = match &deploy {
             Some(d) if d.state == DeployState::Running => {
                 d.previous_tag.clone().or_else(|| snap.image_tag.clone())
             }
+            _ if seen_after_deploy && view.running_tag.is_some() => view.running_tag.clone(),
             Some(d) if d.finished_at.is_some_and(|f| f > snap.taken_at) => match d.state {
                 DeployState::Succeeded => Some(d.tag.clone()),
                 DeployState::RolledBack => d.previous_tag.clone(),
@@ -232,6 +251,18 @@ impl AppState {
             browser_status: Some(snap.browser_status.clone()),
             checked_at: Some(snap.taken_at),
             checks: snap.checks.clone(),
+            targeted_workers: view.targeted,
+        }
+    }
+
+    /// Looks at the engine every `docker.observeInterval`, forever.
+    pub async fn observe_loop(self) {
+        let mut tick = tokio::time::interval(self.cfg.docker.observe_interval.0);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let v = EngineView::observe(&self.cfg, &self.redactor).await;
+            *self.engine_view.write().unwrap_or_else(|e| e.into_inner()) = v;
         }
     }
 }
@@ -511,47 +542,19 @@ fn allowed_service<'a>(cfg: &'a AgentConfig, name: &str) -> Result<&'a ServiceAc
 }
 
 async fn restart_service(st: &AppState, name: &str, action: &ServiceAction) -> RestartResponse {
-    let timeout = st.cfg.limits.restart_timeout.0;
-    let (program, args): (PathBuf, Vec<OsString>) = if let Some(unit) = &action.systemd_unit {
-        (
-            st.cfg.systemctl.clone(),
-            vec!["restart".into(), unit.into()],
-        )
-    } else if let Some(svc) = &action.compose_service {
-        (
-            st.cfg.docker.binary.clone(),
-            compose_args(&st.cfg, &["restart", svc]),
-        )
-    } else if let Some(argv) = action.command.as_ref().filter(|a| !a.is_empty()) {
-        (
-            PathBuf::from(&argv[0]),
-            argv[1..].iter().map(OsString::from).collect(),
-        )
-    } else {
+    // A deploy replaces the same containers: the two must not race.
+    if (action.compose_service.is_some() || action.targeted_workers.is_some())
+        && st.deploys.is_running()
+    {
         return RestartResponse {
             success: false,
             service: name.into(),
-            message: "no restart action configured".into(),
+            message: format!(
+                "restarting {name}: a deploy is running and replaces the containers; retry when it has finished"
+            ),
         };
-    };
-    let (success, message) = match exec::run(&program, &args, timeout).await {
-        Ok(out) if out.success() => (true, format!("{name} restarted")),
-        Ok(out) => (
-            false,
-            format!("restarting {name}: {}", out.describe(&st.redactor)),
-        ),
-        Err(e) => (
-            false,
-            format!("restarting {name}: {}", st.redactor.redact(&e.to_string())),
-        ),
-    };
-    let message = st.redactor.redact(&message);
-    tracing::info!(service = name, success, detail = %message, "service restart");
-    RestartResponse {
-        success,
-        service: name.into(),
-        message,
     }
+    services::restart(&st.cfg, &st.redactor, &st.http, name, action).await
 }
 
 async fn restart(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
@@ -726,6 +729,7 @@ pub async fn run(cfg: AgentConfig, addr_file: Option<PathBuf>) -> Result<(), Ser
     }
     tracing::info!(%addr, version = AGENT_VERSION, "sandbox-agent listening");
     tokio::spawn(refresh_loop(st.clone(), collector));
+    tokio::spawn(st.clone().observe_loop());
     let hup_state = st.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

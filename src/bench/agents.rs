@@ -243,6 +243,7 @@ async fn health(State(farm): State<Arc<Farm>>, Path(name): Path<String>) -> Resp
         browser_status: Some("running".into()),
         checked_at: Timestamp::from_millisecond(sample_ms).ok(),
         checks: vec![],
+        targeted_workers: vec![],
     };
     drop(agents);
     Json(report).into_response()

@@ -163,13 +163,16 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The registry's address and the account the tests log in with.
+/// The registry's address and the accounts the tests log in with.
 #[derive(Debug, Clone)]
 pub struct Registry {
     /// `127.0.0.1:PORT`.
     pub addr: String,
     pub username: String,
     pub password: String,
+    /// A second account named `AWS`, as ECR's (`aws ecr get-login-password | docker login
+    /// --username AWS --password-stdin REGISTRY`); its password is [`Registry::aws_password`].
+    pub aws_password: String,
 }
 
 impl Registry {
@@ -225,13 +228,12 @@ impl DockerEngine {
         std::fs::write(config_dir.join("config.json"), "{}\n")
             .map_err(io("writing the client config"))?;
 
+        let seed = hex::encode(sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes()));
         let registry = Registry {
             addr: format!("127.0.0.1:{}", free_port()),
             username: "sandbox".into(),
-            password: format!(
-                "pw-{}",
-                &hex::encode(sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes()))[..16]
-            ),
+            password: format!("pw-{}", &seed[..16]),
+            aws_password: format!("ecr-{}", &seed[16..40]),
         };
         let engine = DockerEngine {
             sock: dir.join("d.sock"),
@@ -251,14 +253,22 @@ impl DockerEngine {
 
     fn start_registry(&self, bin: &Path, htpasswd: &Path) -> Result<(), DockerError> {
         let auth = self.dir.join("htpasswd");
-        let o = Command::new(htpasswd)
-            .args(["-Bbn", &self.registry.username, &self.registry.password])
-            .output()
-            .map_err(io("running htpasswd"))?;
-        if !o.status.success() {
-            return Err(command_error("htpasswd -Bbn", &o));
+        let mut lines = Vec::new();
+        for (user, pw) in [
+            (self.registry.username.as_str(), &self.registry.password),
+            ("AWS", &self.registry.aws_password),
+        ] {
+            let o = Command::new(htpasswd)
+                .args(["-Bbn", user, pw])
+                .output()
+                .map_err(io("running htpasswd"))?;
+            if !o.status.success() {
+                return Err(command_error("htpasswd -Bbn", &o));
+            }
+            lines.extend_from_slice(String::from_utf8_lossy(&o.stdout).trim().as_bytes());
+            lines.push(b'\n');
         }
-        std::fs::write(&auth, &o.stdout).map_err(io("writing htpasswd"))?;
+        std::fs::write(&auth, &lines).map_err(io("writing htpasswd"))?;
         let cfg = self.dir.join("registry.yml");
         std::fs::write(
             &cfg,
@@ -410,6 +420,20 @@ impl DockerEngine {
     /// registry login.
     pub fn config_dir(&self) -> &Path {
         &self.config_dir
+    }
+
+    /// A client configuration directory of its own under `dir` (for `DOCKER_CONFIG`): the
+    /// compose plugin, and no registry login (so a pull works only after a login of its own).
+    pub fn client_config(&self, dir: &Path) -> Result<PathBuf, DockerError> {
+        let plugins = dir.join("cli-plugins");
+        std::fs::create_dir_all(&plugins).map_err(io("creating a client config directory"))?;
+        let link = plugins.join("docker-compose");
+        if !link.exists() {
+            std::os::unix::fs::symlink(compose_binary()?, &link)
+                .map_err(io("linking the compose plugin"))?;
+        }
+        std::fs::write(dir.join("config.json"), "{}\n").map_err(io("writing the client config"))?;
+        Ok(dir.to_path_buf())
     }
 
     /// The variables that point a `docker` client at this engine.

@@ -752,7 +752,14 @@ async fn agent_env_restarts_named_services_and_refuses_bad_ones() {
     assert!(r.restarted.iter().all(|r| r.success), "{r:?}");
     assert!(f.dir.join("restarted-adspower").exists());
     let log = std::fs::read_to_string(f.docker_dir.join("calls.log")).unwrap();
-    assert!(log.lines().any(|l| l.ends_with("restart worker")), "{log}");
+    // Recreated, not restarted: `docker compose restart` keeps the old environment (Docker
+    // documents that it does not re-read env files).
+    assert!(
+        log.lines()
+            .any(|l| l.ends_with("up -d --force-recreate --no-deps -t 35 worker")),
+        "{log}"
+    );
+    assert!(!log.lines().any(|l| l.ends_with("restart worker")), "{log}");
 
     // A service outside the allow-list: 403, and nothing written.
     let before = std::fs::read(f.dir.join("valet.env")).unwrap();

@@ -4,6 +4,7 @@
 mod support;
 
 mod agent;
+mod agent_engine;
 mod crds;
 mod deploy;
 mod ec2_endpoint;

@@ -727,7 +727,11 @@ fn assess_sandbox(
         gate(inp, &mut a, mem, Why::Retry);
         return a;
     }
-    let synced = prev.and_then(|p| p.synced_hash.as_deref()) == Some(hash);
+    // A failed push since (of other content) may have replaced the file the agent held: the
+    // target holds what it last acknowledged only while no push to it has failed.
+    let synced = prev.is_some_and(|p| {
+        p.synced_hash.as_deref() == Some(hash) && p.state != BundleTargetState::Failed
+    });
     if synced {
         let synced_at = prev.and_then(|p| p.synced_at.as_ref()).map(|t| t.0);
         // Drift: the agent, asked after the push, reports a different file.
@@ -755,7 +759,12 @@ fn assess_sandbox(
         gate(inp, &mut a, mem, Why::Drift);
         return a;
     }
-    if s.reported_hash.as_deref() == Some(hash) {
+    // The last push of this content failed: the agent may hold the file (it writes it before
+    // restarting the services) while a service did not come back. The file alone is not a
+    // push that took effect: the push is retried (after its backoff).
+    let last_push_failed = prev.is_some_and(|p| p.state == BundleTargetState::Failed)
+        || mem.is_some_and(|m| m.hash.as_deref() == Some(hash) && m.failures > 0 && !m.skipped);
+    if s.reported_hash.as_deref() == Some(hash) && !last_push_failed {
         // The agent already holds this content (for example after the bundle's status was lost):
         // record it instead of rewriting the file and restarting services.
         a.entry.state = BundleTargetState::Synced;
@@ -1448,6 +1457,60 @@ mod tests {
             p.targets[0].entry.synced_hash.as_ref(),
             Some(&c.content.hash)
         );
+    }
+
+    #[test]
+    fn a_failed_push_is_not_synced_because_the_agent_holds_the_file() {
+        let mut c = Case::new();
+        c.sandboxes = vec![sbx("a", "running")];
+        let mut mem = Memory::default();
+        let msg = "env file written (sha256 x), but restarting worker: recreated, but not healthy";
+        remember(
+            &mut mem,
+            &Outcome::Failed {
+                message: msg.into(),
+            },
+            &c.inputs(),
+            7,
+        );
+        c.memory.insert(TargetKey::Sandbox("a".into()), mem.clone());
+        // The agent reports the new file (it was written before the restart failed).
+        c.sandboxes[0].reported_hash = Some(c.content.hash.clone());
+        c.sandboxes[0].reported_at = Some(c.now);
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Failed);
+        assert_eq!(p.targets[0].entry.message.as_deref(), Some(msg));
+        // Retried when the backoff is over, not recorded as synced.
+        c.now = mem.retry_at.unwrap();
+        assert_eq!(c.plan().targets[0].push, Some(Why::Retry));
+        // Without the memory (a restarted operator), the Failed entry of the status says so.
+        c.memory.clear();
+        c.status.targets = vec![p.targets[0].entry.clone()];
+        assert_eq!(pushed(&c.plan()), ["a"]);
+    }
+
+    #[test]
+    fn a_revert_after_a_failed_push_is_pushed_at_once() {
+        let mut c = Case::new();
+        c.sandboxes = vec![sbx("a", "running")];
+        let good = c.content.clone();
+        // Synced with the good content; then other content failed (its file written, a service
+        // did not come back) and the bundle went back to the good content.
+        let synced_at = c.now;
+        c.status.targets = vec![BundleTargetStatus {
+            kind: BundleTargetKind::Sandbox,
+            name: "a".into(),
+            synced_hash: Some(good.hash.clone()),
+            synced_at: Some(Time(synced_at)),
+            state: BundleTargetState::Failed,
+            message: Some("restarting worker: recreated, but not healthy".into()),
+        }];
+        c.sandboxes[0].reported_hash = Some("bad".into());
+        c.sandboxes[0].reported_at = Some(synced_at + Duration::from_secs(30));
+        c.now = synced_at + Duration::from_secs(60);
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["a"], "{:?}", p.targets[0]);
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //	GET  /test/env        (both ports) the environment this process was started with, as JSON
 //
 // Settings (environment): GH_API_PORT (3100), GH_WORKER_PORT (3101), GH_ROLE (api, worker or
-// both; default both), GH_WORKER_UNHEALTHY, GH_IGNORE_DRAIN (drain is acknowledged but the jobs
-// keep running: a worker that ignores drain), GH_JOBS (active jobs at start).
+// both; default both; the first argument, when given, wins: the container's command picks the
+// role, as the GhostHands image's CMD does), GH_WORKER_UNHEALTHY, GH_IGNORE_DRAIN (drain is
+// acknowledged but the jobs keep running: a worker that ignores drain), GH_JOBS (active jobs at
+// start), GH_IGNORE_SIGTERM (SIGTERM is ignored: only the engine's SIGKILL after the stop grace
+// ends it), GH_STATUS_FAIL (the worker's status answers 503: a worker that does not come up).
 package main
 
 import (
@@ -52,6 +55,9 @@ func main() {
 		st.jobs = n
 	}
 	role := os.Getenv("GH_ROLE")
+	if len(os.Args) > 1 {
+		role = os.Args[1]
+	}
 	if role == "" {
 		role = "both"
 	}
@@ -79,7 +85,12 @@ func main() {
 	})
 
 	worker := http.NewServeMux()
+	statusFail := os.Getenv("GH_STATUS_FAIL") == "1"
 	worker.HandleFunc("/worker/status", func(w http.ResponseWriter, r *http.Request) {
+		if statusFail {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]any{"error": "not ready"})
+			return
+		}
 		st.mu.Lock()
 		defer st.mu.Unlock()
 		writeJSON(w, http.StatusOK, map[string]any{
@@ -142,7 +153,12 @@ func main() {
 	}
 	log.Printf("gh-worker started: role=%s tag=%s unhealthy=%v", role, os.Getenv("GH_IMAGE_TAG"), unhealthy)
 	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	if os.Getenv("GH_IGNORE_SIGTERM") == "1" {
+		signal.Ignore(syscall.SIGTERM)
+		signal.Notify(sig, syscall.SIGINT)
+	} else {
+		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	}
 	<-sig
 	log.Printf("gh-worker stopping")
 }
