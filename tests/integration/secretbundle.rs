@@ -614,14 +614,15 @@ async fn a_failed_restart_stays_failed_until_a_push_and_restart_succeed() {
     e.sandbox("a", &[], &a.url).await;
     e.sandbox_state("a", "running", &a.url).await;
     stand_in.watch("a", &a);
-    // The worker's restart fails: the agent runs `docker compose restart worker`, which the fake
-    // docker fails while this file exists. The agent writes the env file first.
+    // The worker's restart fails: the agent recreates it (`docker compose up -d --force-recreate
+    // --no-deps worker`, since `restart` does not re-read env files), which the fake docker fails
+    // while this file exists. The agent writes the env file first.
     let fail = a.dir.join("docker").join("fail-restart");
     std::fs::write(&fail, "").unwrap();
     let restarts = || {
         a.docker_calls()
             .lines()
-            .filter(|l| l.starts_with("restart "))
+            .filter(|l| l.starts_with("up ") && l.contains("--force-recreate"))
             .count()
     };
     e.bundle(
