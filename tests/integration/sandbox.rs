@@ -925,15 +925,19 @@ async fn every_sandbox_shows_status_at_once_while_launches_wait_for_the_clients_
     // The operator's own RunInstances bucket is tiny: one launch, then one per 5 s, so the
     // launches of 60 Sandboxes take five minutes. AWS (the endpoint) throttles nothing.
     let op = Operator::start(&e.ns, &e.ec2.url(), &["--ec2-buckets", "run=1/0.2"]);
-    let n = 60;
-    let names: Vec<String> = (0..n).map(|i| format!("fs-{i:02}")).collect();
+    // `FIRST_STATUS_SANDBOXES=500` measures the figure the issue asks for (printed below).
+    let n: usize = std::env::var("FIRST_STATUS_SANDBOXES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let names: Vec<String> = (0..n).map(|i| format!("fs-{i:03}")).collect();
     let manifests: Vec<String> = names.iter().map(|name| e.launched(name, "")).collect();
     futures::future::join_all(manifests.iter().map(|m| e.apply(m))).await;
     let applied = std::time::Instant::now();
     // Every one carries a phase, Ready=False with a reason, and its observedGeneration.
     let list = eventually(
-        90,
-        "a phase, Ready and observedGeneration on all 60",
+        90 + n as u64 / 5,
+        "a phase, Ready and observedGeneration on all of them",
         || async {
             let list = e.sbx.list(&ListParams::default()).await.ok()?;
             let all = list.items.len() == n
@@ -975,8 +979,11 @@ async fn every_sandbox_shows_status_at_once_while_launches_wait_for_the_clients_
         if reason == "LaunchPaced" {
             paced += 1;
             assert_eq!(st.phase, Some(SandboxPhase::Provisioning));
+            // With its turn known it says when; past the queue the bucket takes on (hundreds
+            // applied at once) it says it asks again later.
             assert!(
-                message.contains("client-side pacing") && message.contains("turn comes at"),
+                message.contains("client-side pacing")
+                    && (message.contains("turn comes at") || message.contains("asks again later")),
                 "{message}"
             );
             assert!(!message.contains("throttled by"), "{message}");
@@ -1003,9 +1010,10 @@ async fn every_sandbox_shows_status_at_once_while_launches_wait_for_the_clients_
     let queued: f64 = text
         .lines()
         .filter(|l| {
+            // queued: took a turn in line; refused: past the line, asks again later.
             l.starts_with("sandbox_operator_ec2_client_paced_total")
                 && l.contains("RunInstances")
-                && l.contains("queued")
+                && (l.contains("queued") || l.contains("refused"))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
