@@ -284,7 +284,13 @@ mod tests {
         )
         .await;
         assert!(!r.success);
-        assert!(r.message.contains("limits.restartTimeout"), "{r:?}");
+        // Whichever fires first, the whole restart's bound or the command's own (the same
+        // 200 ms), the message says the restart did not finish in time.
+        assert!(
+            r.message.contains("limits.restartTimeout")
+                || r.message.contains("did not finish within 200ms"),
+            "{r:?}"
+        );
         assert!(start.elapsed() < Duration::from_secs(4));
     }
 }
