@@ -727,6 +727,18 @@ fn assess_sandbox(
         gate(inp, &mut a, mem, Why::Retry);
         return a;
     }
+    // The agent holds other content that this process pushed since the entry's sync (a change
+    // and then its revert, whether or not that push's restart succeeded): the entry's older sync
+    // no longer describes the file. Not foreign drift: push the current content now.
+    // (The memory of another content's outcome is not `mem`, which only keeps this content's.)
+    let holds_our_other_push = inp.memory.get(&a.key).is_some_and(|m| {
+        m.hash.as_deref().is_some_and(|h| h != hash)
+            && s.reported_hash.as_deref() == m.hash.as_deref()
+    });
+    if holds_our_other_push {
+        gate(inp, &mut a, mem, Why::Outdated);
+        return a;
+    }
     // A failed push since (of other content) may have replaced the file the agent held: the
     // target holds what it last acknowledged only while no push to it has failed.
     let synced = prev.is_some_and(|p| {
@@ -1488,6 +1500,32 @@ mod tests {
         c.memory.clear();
         c.status.targets = vec![p.targets[0].entry.clone()];
         assert_eq!(pushed(&c.plan()), ["a"]);
+    }
+
+    #[test]
+    fn a_revert_after_our_own_push_of_other_content_is_pushed_not_waited_on_as_drift() {
+        let mut c = Case::new();
+        c.sandboxes = vec![sbx("a", "running")];
+        let good = c.content.hash.clone();
+        let synced_at = c.now;
+        c.status.targets = vec![synced_entry("a", &good, synced_at)];
+        // This process pushed other content since (its outcome remembered), and the agent
+        // reports it; then the bundle went back to the good content.
+        let mem = Memory {
+            hash: Some("other".into()),
+            ..Default::default()
+        };
+        c.memory.insert(TargetKey::Sandbox("a".into()), mem);
+        c.sandboxes[0].reported_hash = Some("other".into());
+        c.sandboxes[0].reported_at = Some(synced_at + Duration::from_secs(5));
+        c.now = synced_at + Duration::from_secs(10);
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["a"], "{:?}", p.targets[0]);
+        // Foreign drift (content nobody here pushed) still waits for the refresh.
+        c.memory.clear();
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Pending);
     }
 
     #[test]
