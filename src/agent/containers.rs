@@ -12,7 +12,7 @@
 use crate::agent::checks::compose_args;
 use crate::agent::config::AgentConfig;
 use crate::agent::envfile;
-use crate::agent::exec::{CmdOutput, ExecError, Redactor};
+use crate::agent::exec::{self, CmdOutput, ExecError, Redactor};
 use crate::agent::protocol::TargetedWorker;
 use crate::agent::worker;
 use serde_json::Value;
@@ -21,10 +21,9 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Output kept from each stream of a command.
-const MAX_OUTPUT: usize = 64 * 1024;
 
 /// How a child process gets its environment.
 #[derive(Default)]
@@ -111,7 +110,7 @@ pub async fn run(
                 let _ = pipe.shutdown().await;
             }
         };
-        let (_, o, e) = tokio::join!(feed, read_bounded(stdout), read_bounded(stderr));
+        let (_, o, e) = tokio::join!(feed, exec::read_bounded(stdout), exec::read_bounded(stderr));
         let status = child.wait().await;
         (status, o, e)
     };
@@ -130,27 +129,6 @@ pub async fn run(
             stderr,
         }),
     }
-}
-
-async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> String {
-    let Some(mut r) = r else {
-        return String::new();
-    };
-    let mut kept = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > MAX_OUTPUT {
-                    let cut = kept.len() - MAX_OUTPUT;
-                    kept.drain(..cut);
-                }
-            }
-        }
-    }
-    String::from_utf8_lossy(&kept).into_owned()
 }
 
 /// The docker CLI of the configuration, with the agent's redactor.

@@ -135,7 +135,8 @@ pub async fn run_argv(argv: &[String], timeout: Duration) -> Result<CmdOutput, E
     run(Path::new(program), &args, timeout).await
 }
 
-async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> String {
+/// A child's output stream, keeping its last 64 KiB.
+pub(crate) async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> String {
     let Some(mut r) = r else {
         return String::new();
     };
