@@ -23,8 +23,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
-/// Output kept from each stream of a command.
-
 /// How a child process gets its environment.
 #[derive(Default)]
 pub enum ChildEnv {
