@@ -8,6 +8,8 @@
 //! - [`operator`]: `sandbox-operator run`: the controllers and the HTTP server;
 //! - [`import`]: `sandbox-operator import`: Sandbox manifests for a fleet that already runs, from
 //!   the old admin database's `sandboxes` table or from EC2 tags;
+//! - [`notify`]: notifications (Slack-compatible and generic JSON webhooks) on rollouts, sick
+//!   sandboxes and failed secret syncs, from a watcher task of its own;
 //! - [`leader`]: Lease-based leader election for more than one replica;
 //! - [`redact`]: one masking of secrets in every encoding, shared by the agent and the operator;
 //! - [`metrics`]: the Prometheus metrics;
@@ -23,6 +25,7 @@ pub mod import;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
+pub mod notify;
 pub mod operator;
 pub mod redact;
 pub mod util;

@@ -47,6 +47,15 @@ pub struct SandboxLabels {
     pub name: String,
 }
 
+/// One notification sink and what became of a notice.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotificationLabels {
+    /// The sink's name in the config.
+    pub sink: String,
+    /// sent, failed, deduplicated, rate_limited or dropped.
+    pub result: String,
+}
+
 /// Every metric the operator exports, registered once.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -71,6 +80,8 @@ pub struct Metrics {
     pub sandbox_active_workers: Family<SandboxLabels, Gauge>,
     /// Instances tagged by the operator whose Sandbox is gone.
     pub orphans: Gauge,
+    /// Notifications per sink and result.
+    pub notifications: Family<NotificationLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,6 +106,7 @@ impl Metrics {
             sandbox_disk: Family::default(),
             sandbox_active_workers: Family::default(),
             orphans: Gauge::default(),
+            notifications: Family::default(),
         };
         registry.register(
             "reconciles",
@@ -142,6 +154,11 @@ impl Metrics {
             "Instances tagged by the operator whose Sandbox is gone",
             m.orphans.clone(),
         );
+        registry.register(
+            "notifications",
+            "Notifications per sink and result (sent, failed, deduplicated, rate_limited, dropped)",
+            m.notifications.clone(),
+        );
         *m.registry.lock().expect("registry") = registry;
         m
     }
@@ -175,6 +192,16 @@ impl Metrics {
             .get_or_create(&ErrorLabels {
                 controller: controller.into(),
                 error: error.into(),
+            })
+            .inc();
+    }
+
+    /// Counts what became of a notice for a sink.
+    pub fn notified(&self, sink: &str, result: &str) {
+        self.notifications
+            .get_or_create(&NotificationLabels {
+                sink: sink.into(),
+                result: result.into(),
             })
             .inc();
     }

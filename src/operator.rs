@@ -21,7 +21,8 @@ use crate::util::parse_duration;
 /// Settings of `sandbox-operator run`, from flags and environment variables.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// A YAML config file (the CI webhook's environments and secret; see README).
+    /// A YAML config file (the CI webhook's environments and secret, notification sinks; see
+    /// README).
     #[arg(long, env = "SANDBOX_OPERATOR_CONFIG")]
     pub config: Option<std::path::PathBuf>,
     /// Address of the HTTP server for /healthz, /readyz, /metrics and the CI webhook.
@@ -169,6 +170,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
         None => Default::default(),
     };
+    // Notification sinks are checked at start too: a typo in an event name is an error now.
+    let notify_settings = match &config.notifications {
+        Some(n) => Some(n.check().map_err(|e| {
+            RunError::Setting(match &args.config {
+                Some(p) => format!("--config {}: {e}", p.display()),
+                None => e,
+            })
+        })?),
+        None => None,
+    };
     let client = kube::Client::try_default().await?;
     let buckets = crate::ec2::RateLimits::default()
         .with_overrides(&args.ec2_buckets)
@@ -304,6 +315,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         bundle_ctx.set_ledger(ledger.clone());
         deploy_ctx.set_ledger(ledger.clone());
     }
+    // The notifier watches on its own: no reconcile ever waits for a notification.
+    let notifier = notify_settings.map(|n| {
+        tokio::spawn(crate::notify::run(
+            client.clone(),
+            args.namespace.clone(),
+            n,
+            metrics.clone(),
+            shutdown(),
+        ))
+    });
     let controllers = tokio::spawn(futures::future::join3(
         sandbox::run(ctx, args.namespace.clone(), shutdown()),
         crate::controller::deploy::run(deploy_ctx, args.namespace.clone(), shutdown()),
@@ -318,6 +339,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if tokio::select! { _ = shutdown_signal() => false, _ = lost => true } {
         // Stop acting at once: another replica may hold the lease already.
         controllers.abort();
+        if let Some(n) = &notifier {
+            n.abort();
+        }
         let _ = stop_tx.send(true);
         let _ = http.await;
         return Err(RunError::LeaseLost);
@@ -326,6 +350,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     ready.store(false, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    if let Some(n) = notifier {
+        let _ = tokio::time::timeout(Duration::from_secs(5), n).await;
+    }
     if let Some(l) = leadership {
         l.release().await;
     }

@@ -158,6 +158,9 @@ pub struct OperatorConfig {
     /// The CI webhook; absent: the endpoint answers 404.
     #[serde(default)]
     pub webhook: Option<WebhookConfig>,
+    /// Notification sinks; absent: nobody is told.
+    #[serde(default)]
+    pub notifications: Option<crate::notify::NotificationsConfig>,
 }
 
 /// What the webhook needs at request time.
@@ -1330,6 +1333,12 @@ mod tests {
         assert_eq!(w.default_environment.as_deref(), Some("staging"));
         check(&w).unwrap();
         crate::util::parse_duration(&w.delivery_memory).unwrap();
+        let n = c.notifications.unwrap().check().unwrap();
+        assert_eq!(
+            n.sinks.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["ops-slack", "audit"]
+        );
+        assert!(n.sinks[1].events.is_none(), "no filter: every event");
     }
 
     #[test]
