@@ -227,6 +227,7 @@ pub fn observe_bundle(b: &SecretBundle) -> Observation {
         .map(|c| c.reason.clone());
     let mut o = Observation {
         failing,
+        phase: ready.map(|c| c.reason.clone()),
         reason: ready.map(|c| c.reason.clone()),
         message: ready.map(|c| c.message.clone()),
         ..Default::default()
@@ -424,6 +425,27 @@ pub fn transitions(
     out
 }
 
+/// The Ready reasons of a SecretBundle that settle nothing: a push round under way, after which
+/// it is synced or failing again.
+pub const BUNDLE_UNSETTLED_REASONS: [&str; 1] = ["Syncing"];
+
+/// What to remember of `new`: a secret bundle that is pushing again ([`BUNDLE_UNSETTLED_REASONS`])
+/// is still failing if it was (its retry is no recovery, and the same failure after it is no
+/// news); anything else is remembered as seen.
+pub fn settle(kind: Kind, old: Option<&Observation>, mut new: Observation) -> Observation {
+    if kind == Kind::SecretBundle
+        && new.failing.is_none()
+        && new
+            .phase
+            .as_deref()
+            .is_some_and(|p| BUNDLE_UNSETTLED_REASONS.contains(&p))
+        && let Some(old) = old
+    {
+        new.failing = old.failing.clone();
+    }
+    new
+}
+
 /// What the notifier remembers of the objects it watches, and the notices their changes make.
 #[derive(Debug, Default)]
 pub struct Memory {
@@ -456,6 +478,7 @@ impl Memory {
         }
         match self.last.get(&key) {
             Some(old) => {
+                let new = settle(key.kind, Some(old), new);
                 let out = transitions(&key, Some(old), &new, now);
                 self.last.insert(key, new);
                 out
@@ -476,6 +499,7 @@ impl Memory {
 
     /// An object changed (or appeared) while watching: the notices of its transition.
     pub fn changed(&mut self, key: ObjectKey, new: Observation, now: Timestamp) -> Vec<Notice> {
+        let new = settle(key.kind, self.last.get(&key), new);
         let out = transitions(&key, self.last.get(&key), &new, now);
         self.last.insert(key, new);
         out
@@ -621,8 +645,48 @@ fn severity(e: Event) -> &'static str {
     if e.warning() { "warning" } else { "info" }
 }
 
+/// `v` with every string in it masked.
+fn mask_value(v: &serde_json::Value, redaction: &Redaction) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(redaction.redact(s)),
+        Value::Array(a) => Value::Array(a.iter().map(|x| mask_value(x, redaction)).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| (redaction.redact(k), mask_value(x, redaction)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// `n` with every known secret masked in each of its texts. Each text is masked on its own,
+/// before any encoding: masking a rendered JSON document would let a `KEY=` rule swallow the
+/// rest of its line, the closing quotes and braces included.
+pub fn masked(n: &Notice, redaction: &Redaction) -> Notice {
+    let r = |s: &str| redaction.redact(s);
+    Notice {
+        object: ObjectKey {
+            kind: n.object.kind,
+            namespace: r(&n.object.namespace),
+            name: r(&n.object.name),
+        },
+        event: n.event,
+        target: n.target.as_deref().map(r),
+        reason: r(&n.reason),
+        message: r(&n.message),
+        at: n.at,
+        details: n
+            .details
+            .iter()
+            .map(|(k, v)| (r(k), mask_value(v, redaction)))
+            .collect(),
+    }
+}
+
 /// The generic webhook's JSON body for `n`, every known secret masked.
 pub fn webhook_body(n: &Notice, redaction: &Redaction) -> String {
+    let n = &masked(n, redaction);
     let body = WebhookBody {
         version: 1,
         kind: n.object.kind.as_str(),
@@ -636,8 +700,7 @@ pub fn webhook_body(n: &Notice, redaction: &Redaction) -> String {
         timestamp: n.at.to_string(),
         details: &n.details,
     };
-    let json = serde_json::to_string(&body).unwrap_or_default();
-    redaction.redact(&json)
+    serde_json::to_string(&body).unwrap_or_default()
 }
 
 /// Escapes Slack's three control characters in text.
@@ -660,6 +723,7 @@ pub fn text(n: &Notice) -> String {
 /// A Slack-compatible incoming webhook's JSON body for `n` (`text`, and `blocks` with the
 /// message and a context line), every known secret masked.
 pub fn slack_body(n: &Notice, redaction: &Redaction) -> String {
+    let n = &masked(n, redaction);
     let text = slack_escape(&text(n));
     let context = slack_escape(&format!(
         "{} {}/{} · {} · {} · {}",
@@ -677,7 +741,7 @@ pub fn slack_body(n: &Notice, redaction: &Redaction) -> String {
             {"type": "context", "elements": [{"type": "mrkdwn", "text": context}]},
         ],
     });
-    redaction.redact(&body.to_string())
+    body.to_string()
 }
 
 #[cfg(test)]
@@ -840,6 +904,41 @@ mod tests {
     }
 
     #[test]
+    fn a_bundle_pushing_again_is_still_failing_and_its_same_failure_is_no_news() {
+        let now = at("2026-03-01T12:00:00Z");
+        let k = key(Kind::SecretBundle, "gh");
+        let ready = |r: &str, failing: bool| Observation {
+            phase: Some(r.into()),
+            reason: Some(r.into()),
+            failing: failing.then(|| r.to_string()),
+            ..Default::default()
+        };
+        let mut m = Memory::default();
+        m.list_started(Kind::SecretBundle);
+        m.listed(k.clone(), ready("SyncFailed", true), now);
+        m.list_done(Kind::SecretBundle);
+        // A retry round (after a restart, or the backoff's next try) fails the same way.
+        assert!(
+            m.changed(k.clone(), ready("Syncing", false), now)
+                .is_empty()
+        );
+        assert!(
+            m.changed(k.clone(), ready("SyncFailed", true), now)
+                .is_empty()
+        );
+        // Synced is a recovery: the next failure is news.
+        assert!(m.changed(k.clone(), ready("Synced", false), now).is_empty());
+        assert!(
+            m.changed(k.clone(), ready("Syncing", false), now)
+                .is_empty()
+        );
+        assert_eq!(
+            events(&m.changed(k.clone(), ready("SyncFailed", true), now)),
+            ["secret_sync_failed"]
+        );
+    }
+
+    #[test]
     fn a_list_at_start_records_without_telling_and_a_relist_tells_what_was_missed() {
         let now = at("2026-03-01T12:00:00Z");
         let mut m = Memory::default();
@@ -969,9 +1068,10 @@ mod tests {
     #[test]
     fn bodies_carry_the_fields_and_never_a_secret_canary() {
         let canary = "canary-Zq8-\"quoted\"-value";
-        let redaction = Redaction::of([&Secrets::values([canary])]);
+        let redaction = Redaction::of([&Secrets::new(["API_KEY"], [canary])]);
         let mut n = notice("web-v2", Event::DeployFailed, at("2026-03-01T12:00:00Z"));
-        n.message = format!("agent said: {canary} <&>");
+        // A `KEY=` line in a message masks the rest of that text, never the body around it.
+        n.message = format!("agent said: {canary} <&> | API_KEY=short");
         n.reason = "TargetFailed".into();
         n.details.insert("tag".into(), "v2".into());
         n.details.insert("leak".into(), canary.into());
@@ -987,6 +1087,11 @@ mod tests {
             assert!(body.contains(MASK), "{what}: {body}");
         }
         let g: serde_json::Value = serde_json::from_str(&generic).unwrap();
+        assert_eq!(
+            g["message"],
+            format!("agent said: {MASK} <&> | API_KEY={MASK}")
+        );
+        assert_eq!(g["details"]["leak"], MASK);
         assert_eq!(g["version"], 1);
         assert_eq!(g["kind"], "SandboxDeploy");
         assert_eq!(g["namespace"], "fleet");

@@ -287,10 +287,8 @@ impl Sender {
             .map_err(|e| {
                 if e.is_timeout() {
                     format!("no answer within {:?}", self.sink.timeout)
-                } else if e.is_connect() {
-                    format!("could not connect: {}", e.without_url())
                 } else {
-                    e.without_url().to_string()
+                    describe(e)
                 }
             })?;
         let status = r.status();
@@ -347,6 +345,19 @@ impl Sender {
             }
         }
     }
+}
+
+/// A request's error and its causes, without the URL (the caller masks what is left).
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// One sink as the watcher side sees it: its gate and its sender's queue.

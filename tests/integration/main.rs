@@ -14,6 +14,7 @@ mod fleet;
 mod import;
 mod ledger;
 mod legacy;
+mod notify;
 mod outage;
 mod sandbox;
 mod secretbundle;
