@@ -596,7 +596,7 @@ async fn figure_webhook_to_first_target_deploying() {
     let http = reqwest::Client::new();
     let url = format!("http://{}{}", op.http, sandbox_operator::webhook::PATH);
     let mut times = Vec::new();
-    for i in 0..7 {
+    for i in 0..11 {
         let tag = format!("fig{i}");
         let body = serde_json::to_vec(&json!({
             "image": format!("registry.example/ghosthands:{tag}"), "image_tag": tag,
