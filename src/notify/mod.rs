@@ -367,6 +367,31 @@ struct Outlet {
     queue: tokio::sync::mpsc::Sender<Notice>,
 }
 
+impl Outlet {
+    /// Passes `n` through the gate into the sender's queue, without ever waiting: what does not
+    /// go is counted (and a full queue logged). Returns the outcome (`queued` or the metric's
+    /// result; `filtered` is not counted).
+    fn offer(&mut self, n: &Notice, now: Timestamp, metrics: &Metrics) -> &'static str {
+        let verdict = self.gate.verdict(n, now);
+        if let Some(result) = verdict.result() {
+            metrics.notified(&self.name, result);
+            debug!(sink = %self.name, event = n.event.as_str(), object = %n.dedup_key(), result, "notification not sent");
+            return result;
+        }
+        if verdict != Verdict::Send {
+            return "filtered";
+        }
+        match self.queue.try_send(n.clone()) {
+            Ok(()) => "queued",
+            Err(_) => {
+                metrics.notified(&self.name, "dropped");
+                warn!(sink = %self.name, event = n.event.as_str(), object = %n.dedup_key(), "notification dropped: the sink's queue is full (it is slow or down)");
+                "dropped"
+            }
+        }
+    }
+}
+
 /// What the three watches say, as one stream.
 enum Seen {
     Init(Kind),
@@ -516,18 +541,7 @@ pub async fn run(
         for n in notices {
             debug!(event = n.event.as_str(), object = %n.dedup_key(), "notice");
             for o in outlets.iter_mut() {
-                let verdict = o.gate.verdict(&n, now);
-                if let Some(result) = verdict.result() {
-                    metrics.notified(&o.name, result);
-                    debug!(sink = %o.name, event = n.event.as_str(), object = %n.dedup_key(), result, "notification not sent");
-                }
-                if verdict != Verdict::Send {
-                    continue;
-                }
-                if o.queue.try_send(n.clone()).is_err() {
-                    metrics.notified(&o.name, "dropped");
-                    warn!(sink = %o.name, event = n.event.as_str(), object = %n.dedup_key(), "notification dropped: the sink's queue is full (it is slow or down)");
-                }
+                o.offer(&n, now, &metrics);
             }
         }
     }
@@ -591,5 +605,63 @@ mod tests {
             assert!(e.contains(says), "{bad}\n=> {e}");
         }
         assert!(config(&ok.replace("type: slack", "type: teams")).is_err());
+    }
+
+    #[test]
+    fn an_outlet_never_waits_for_a_full_queue_and_counts_what_it_drops() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let mut o = Outlet {
+            name: "ops".into(),
+            gate: SinkGate::new(
+                Some([Event::DeployFailed, Event::SandboxUnhealthy].into()),
+                Duration::from_secs(60),
+                TokenBucket::new(10, 1.0),
+            ),
+            queue: tx,
+        };
+        let metrics = Metrics::new();
+        let now: Timestamp = "2026-03-01T12:00:00Z".parse().unwrap();
+        let n = |name: &str, event| Notice {
+            object: ObjectKey {
+                kind: Kind::SandboxDeploy,
+                namespace: "fleet".into(),
+                name: name.into(),
+            },
+            event,
+            target: None,
+            reason: "R".into(),
+            message: "m".into(),
+            at: now,
+            details: Default::default(),
+        };
+        assert_eq!(
+            o.offer(&n("a", Event::DeployFailed), now, &metrics),
+            "queued"
+        );
+        // The sender has not taken it yet: the next one is dropped at once, not waited for.
+        assert_eq!(
+            o.offer(&n("b", Event::DeployFailed), now, &metrics),
+            "dropped"
+        );
+        assert_eq!(
+            o.offer(&n("a", Event::DeployFailed), now, &metrics),
+            "deduplicated"
+        );
+        assert_eq!(
+            o.offer(&n("c", Event::DeploySucceeded), now, &metrics),
+            "filtered"
+        );
+        assert_eq!(rx.try_recv().unwrap().object.name, "a");
+        assert_eq!(
+            o.offer(&n("d", Event::SandboxUnhealthy), now, &metrics),
+            "queued"
+        );
+        let text = metrics.encode();
+        for line in [
+            "sandbox_operator_notifications_total{sink=\"ops\",result=\"dropped\"} 1",
+            "sandbox_operator_notifications_total{sink=\"ops\",result=\"deduplicated\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
     }
 }
