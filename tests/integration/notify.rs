@@ -659,3 +659,38 @@ async fn figure_webhook_to_first_target_deploying() {
         ms.len()
     );
 }
+
+/// A sink configuration the operator cannot use stops `run` at start, naming the field.
+#[test]
+fn a_bad_sink_config_stops_run_at_start_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (yaml, says) in [
+        (
+            "events: [deploy_exploded]",
+            "notifications.sinks[0].events: unknown event \"deploy_exploded\"; the events are deploy_started,",
+        ),
+        (
+            "rateLimit: {burst: 0}",
+            "notifications.sinks[0].rateLimit.burst: must be at least 1",
+        ),
+        ("timeout: soon", "notifications.sinks[0].timeout"),
+    ] {
+        let path = dir.path().join("config.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "notifications:\n  sinks:\n  - name: ops\n    type: slack\n    urlSecretRef: {{namespace: n, name: s, key: url}}\n    {yaml}\n"
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-operator"))
+            .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .env("KUBECONFIG", dir.path().join("none"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{yaml}: {err}");
+        assert!(err.contains(says), "{yaml}: {err}");
+    }
+}
