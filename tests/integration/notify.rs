@@ -378,6 +378,29 @@ async fn notifications_reach_slack_and_webhook_once_per_transition_and_a_dead_si
     })
     .await;
 
+    // A sandbox whose instance is terminated behind the operator's back: Failed.
+    let instance = e
+        .sbx
+        .get("s1")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.instance)
+        .map(|i| i.id)
+        .expect("s1's instance id");
+    e.ec2
+        .client()
+        .await
+        .terminate_instances()
+        .instance_ids(&instance)
+        .send()
+        .await
+        .unwrap();
+    e.wait_sandbox(&op, "s1", "Failed", |s| {
+        s.status.as_ref().and_then(|st| st.phase) == Some(SandboxPhase::Failed)
+    })
+    .await;
+
     let expected: Vec<(&str, &str, &str, &str)> = vec![
         ("SandboxDeploy", "ok-v2", "deploy_started", ""),
         ("SandboxDeploy", "ok-v2", "deploy_succeeded", ""),
@@ -387,6 +410,7 @@ async fn notifications_reach_slack_and_webhook_once_per_transition_and_a_dead_si
         ("SandboxDeploy", "gate-v4", "deploy_awaiting_approval", ""),
         ("SecretBundle", "fly", "secret_sync_failed", ""),
         ("Sandbox", "s2", "sandbox_unhealthy", ""),
+        ("Sandbox", "s1", "sandbox_failed", ""),
     ];
     let has_all = |v: &[Value]| {
         expected.iter().all(|(k, n, ev, t)| {
@@ -446,6 +470,9 @@ async fn notifications_reach_slack_and_webhook_once_per_transition_and_a_dead_si
     );
     let sick = find("s2", "sandbox_unhealthy");
     assert_eq!(sick["kind"], "Sandbox");
+    let dead = find("s1", "sandbox_failed");
+    assert_eq!(dead["reason"], "InstanceTerminated", "{dead}");
+    assert_eq!(dead["details"]["instanceId"], instance.as_str(), "{dead}");
     let sync = find("fly", "secret_sync_failed");
     assert_eq!(sync["reason"], "SyncFailed");
 
