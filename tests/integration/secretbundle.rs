@@ -1415,7 +1415,15 @@ async fn canaries_end_to_end(db: LedgerDb) {
     let fly = tempfile::tempdir().unwrap();
     std::fs::write(fly.path().join("fail-echo"), "").unwrap();
     let fly_env = format!("FAKE_FLYCTL_DIR={}", fly.path().display());
-    let mut args = vec!["--flyctl", FAKE_FLYCTL, "--flyctl-env", &fly_env];
+    // This test takes the flyctl path (its failure echoes the input); the API has its own.
+    let mut args = vec![
+        "--fly-method",
+        "flyctl",
+        "--flyctl",
+        FAKE_FLYCTL,
+        "--flyctl-env",
+        &fly_env,
+    ];
     if let Some(u) = &ledger_url {
         args.extend(["--ledger", u.as_str()]);
     }

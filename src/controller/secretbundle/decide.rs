@@ -16,8 +16,8 @@ use k8s_openapi::jiff::Timestamp;
 use crate::agent::envfile;
 use crate::api::conditions::{self, Desired, FALSE, TRUE};
 use crate::api::{
-    BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment, SandboxSelector,
-    SecretBundleStatus, SecretSource,
+    BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment,
+    SandboxSelector, SecretBundleStatus, SecretSource,
 };
 
 /// Condition types.
@@ -49,6 +49,9 @@ pub mod reason {
     pub const SYNCING: &str = "Syncing";
     /// Some targets failed (retried with backoff).
     pub const SYNC_FAILED: &str = "SyncFailed";
+    /// Every target holds the content, some Fly.io apps staged (their Machines take it at their
+    /// next deploy or update).
+    pub const STAGED: &str = "Staged";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,6 +455,8 @@ pub struct FlyObs {
     pub blocked: Option<FlyBlock>,
     /// A fingerprint of the credential (a changed token retries at once).
     pub fingerprint: u64,
+    /// Pushed through Fly's Machines API (else through flyctl).
+    pub api: bool,
 }
 
 /// What the reconciler remembers about one target between reconciles (in memory only: after a
@@ -472,6 +477,27 @@ pub struct Memory {
     pub skipped: bool,
     /// The last outcome's message (never a value).
     pub message: Option<String>,
+    /// A Fly.io app (API): the digest of each managed key Fly answered after the last set.
+    pub fly_digests: BTreeMap<String, String>,
+}
+
+/// What a visit of a Fly.io app through the API found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlyVisit {
+    /// The keys the bundle now manages there (its keys).
+    pub managed_keys: Vec<String>,
+    /// The fingerprint of their digests as Fly lists them now.
+    pub fingerprint: String,
+    /// Their digests.
+    pub digests: BTreeMap<String, String>,
+    /// Managed keys found changed or missing (then set again).
+    pub drifted: Vec<String>,
+    /// Drift seen from the fingerprint alone (no key could be named).
+    pub drift_unnamed: bool,
+    /// Keys it unset (no longer in the bundle).
+    pub unset: Vec<String>,
+    /// Whether it set the values (else it only listed and compared).
+    pub set: bool,
 }
 
 /// What a push to one target gave.
@@ -491,6 +517,24 @@ pub enum Outcome {
     Skipped {
         /// Why (scrubbed).
         message: String,
+    },
+    /// A Fly.io app's secrets (API) hold this content, staged: listed, and set where needed.
+    Staged {
+        /// The content hash.
+        hash: String,
+        /// What the visit found and did.
+        fly: FlyVisit,
+    },
+    /// A Fly.io API call failed.
+    FlyFailed {
+        /// What went wrong (scrubbed).
+        message: String,
+        /// The CamelCase reason (FlyUnauthorized, FlyThrottled, ...).
+        reason: String,
+        /// How long Fly asked to wait (`Retry-After`).
+        retry_after: Option<Duration>,
+        /// The app does not exist: skipped until refresh or a change, like flyctl's answer.
+        skip: bool,
     },
 }
 
@@ -651,6 +695,10 @@ fn entry(key: &TargetKey, prev: Option<&BundleTargetStatus>) -> BundleTargetStat
         synced_at: prev.and_then(|p| p.synced_at.clone()),
         state: BundleTargetState::Pending,
         message: None,
+        reason: None,
+        // The keys a bundle manages on a Fly.io app survive every state: they are the only
+        // ones it may ever unset.
+        fly: prev.and_then(|p| p.fly.clone()),
     }
 }
 
@@ -821,6 +869,9 @@ fn assess_fly(
         }
         None => {}
     }
+    if f.api {
+        return assess_fly_api(inp, a, prev, mem);
+    }
     if prev.and_then(|p| p.synced_hash.as_deref()) == Some(hash) {
         // flyctl reports no digest that could show drift: what was imported stays imported.
         a.entry.state = BundleTargetState::Synced;
@@ -838,6 +889,89 @@ fn assess_fly(
     }
     gate(inp, &mut a, mem, Why::Outdated);
     a
+}
+
+/// A Fly.io app through the API: its digests are listed and compared once per
+/// refreshInterval (drift), and a new content is set at once.
+fn assess_fly_api(
+    inp: &Inputs<'_>,
+    mut a: Assessment,
+    prev: Option<&BundleTargetStatus>,
+    mem: Option<&Memory>,
+) -> Assessment {
+    let hash = inp.content.hash.as_str();
+    let staged = prev.filter(|p| {
+        p.synced_hash.as_deref() == Some(hash) && p.state == BundleTargetState::Staged
+    });
+    if let Some(p) = staged {
+        let last = p
+            .fly
+            .as_ref()
+            .and_then(|f| f.checked_at.as_ref())
+            .or(p.synced_at.as_ref())
+            .map(|t| t.0);
+        let due = last.map_or(inp.now, |t| add(t, inp.refresh));
+        if due > inp.now {
+            a.entry.state = BundleTargetState::Staged;
+            a.entry.message = p.message.clone();
+            a.wake_at = Some(due);
+            return a;
+        }
+        // Time to compare digests: the app keeps its standing meanwhile.
+        gate(inp, &mut a, mem, Why::Drift);
+        if a.push.is_some() {
+            a.entry.state = BundleTargetState::Staged;
+            a.entry.message = p.message.clone();
+            a.blocks_ready = false;
+        }
+        return a;
+    }
+    if let Some(m) = mem
+        && m.skipped
+        && m.retry_at.is_none_or(|t| t > inp.now)
+    {
+        a.entry.state = BundleTargetState::Skipped;
+        a.entry.message = m.message.clone();
+        a.entry.reason = prev.and_then(|p| p.reason.clone());
+        a.wake_at = m.retry_at;
+        return a;
+    }
+    gate(inp, &mut a, mem, Why::Outdated);
+    if a.push.is_none() {
+        a.entry.reason = prev.and_then(|p| p.reason.clone());
+    }
+    a
+}
+
+/// What the reconciler hands the API edge about one app: the keys it manages there and what
+/// it recorded (from status, and the per-key digests this process remembers).
+pub fn fly_known(
+    inp: &Inputs<'_>,
+    app: &str,
+) -> crate::controller::secretbundle::fly::api::Known {
+    let key = TargetKey::FlyApp(app.to_string());
+    let prev = inp.status.targets.iter().find(|t| TargetKey::of(t) == key);
+    let fly = prev.and_then(|p| p.fly.clone()).unwrap_or_default();
+    let mut desired: Vec<String> = inp.content.vars.keys().cloned().collect();
+    desired.sort();
+    let mut managed = fly.managed_keys.clone();
+    managed.sort();
+    let current = prev.is_some_and(|p| {
+        p.synced_hash.as_deref() == Some(inp.content.hash.as_str())
+            && p.state == BundleTargetState::Staged
+    }) && managed == desired;
+    let digests = inp
+        .memory
+        .get(&key)
+        .filter(|m| m.hash.as_deref() == Some(inp.content.hash.as_str()))
+        .map(|m| m.fly_digests.clone())
+        .unwrap_or_default();
+    crate::controller::secretbundle::fly::api::Known {
+        current,
+        managed: fly.managed_keys,
+        fingerprint: fly.digest_fingerprint,
+        digests,
+    }
 }
 
 /// Updates a target's memory with the outcome of a push.
@@ -862,6 +996,35 @@ pub fn remember(mem: &mut Memory, outcome: &Outcome, inp: &Inputs<'_>, fingerpri
             mem.failures = 0;
             mem.retry_at = Some(add(inp.now, inp.refresh));
             mem.skipped = true;
+            mem.message = Some(message.clone());
+        }
+        Outcome::Staged { fly, .. } => {
+            mem.failures = 0;
+            mem.retry_at = None;
+            mem.skipped = false;
+            mem.message = None;
+            mem.fly_digests = fly.digests.clone();
+        }
+        Outcome::FlyFailed {
+            message,
+            skip: true,
+            ..
+        } => {
+            mem.failures = 0;
+            mem.retry_at = Some(add(inp.now, inp.refresh));
+            mem.skipped = true;
+            mem.message = Some(message.clone());
+        }
+        Outcome::FlyFailed {
+            message,
+            retry_after,
+            ..
+        } => {
+            mem.failures = if mem.skipped { 1 } else { mem.failures + 1 };
+            // The controller's backoff, or longer when Fly asked for longer.
+            let wait = backoff(inp.settings, mem.failures).max(retry_after.unwrap_or_default());
+            mem.retry_at = Some(add(inp.now, wait));
+            mem.skipped = false;
             mem.message = Some(message.clone());
         }
     }
@@ -893,16 +1056,89 @@ pub fn entry_after(a: &Assessment, outcome: &Outcome, inp: &Inputs<'_>) -> Bundl
             e.state = BundleTargetState::Skipped;
             e.message = Some(message.clone());
         }
+        Outcome::Staged { hash, fly } if *hash == inp.content.hash => {
+            e.state = BundleTargetState::Staged;
+            if fly.set || e.synced_hash.as_deref() != Some(hash) {
+                e.synced_at = Some(Time(inp.now));
+            }
+            e.synced_hash = Some(hash.clone());
+            e.reason = None;
+            let mut st = e.fly.take().unwrap_or_default();
+            st.managed_keys = fly.managed_keys.clone();
+            st.managed_keys.sort();
+            st.digest_fingerprint = Some(fly.fingerprint.clone());
+            st.checked_at = Some(Time(inp.now));
+            if !fly.drifted.is_empty() || fly.drift_unnamed {
+                st.drifted_keys = fly.drifted.clone();
+                st.drift_seen_at = Some(Time(inp.now));
+            }
+            e.message = Some(staged_message(fly, inp));
+            e.fly = Some(st);
+        }
+        Outcome::Staged { hash, .. } => {
+            e.state = BundleTargetState::Failed;
+            e.message = Some(format!(
+                "the target acknowledged content {} instead of {}",
+                short(hash),
+                inp.content.short_hash()
+            ));
+        }
+        Outcome::FlyFailed {
+            message,
+            reason,
+            skip,
+            ..
+        } => {
+            e.state = if *skip {
+                BundleTargetState::Skipped
+            } else {
+                BundleTargetState::Failed
+            };
+            e.message = Some(message.clone());
+            e.reason = Some(reason.clone());
+        }
     }
     e
+}
+
+/// The message of a staged Fly.io app: what was done, and that Machines take it later.
+fn staged_message(fly: &FlyVisit, inp: &Inputs<'_>) -> String {
+    let mut m = if fly.set {
+        format!(
+            "set content {} ({} keys) through Fly's API: staged, not deployed; the app's Machines take it at their next deploy or update",
+            inp.content.short_hash(),
+            fly.managed_keys.len()
+        )
+    } else {
+        format!(
+            "content {} is staged on the app (digests unchanged); the app's Machines take it at their next deploy or update",
+            inp.content.short_hash()
+        )
+    };
+    if !fly.unset.is_empty() {
+        m.push_str(&format!(
+            "; unset keys no longer in the bundle: {}",
+            fly.unset.join(", ")
+        ));
+    }
+    if !fly.drifted.is_empty() {
+        m.push_str(&format!(
+            "; drift corrected: {} changed or missing on Fly.io",
+            fly.drifted.join(", ")
+        ));
+    } else if fly.drift_unnamed {
+        m.push_str("; drift corrected: the keys' digests on Fly.io differed from those recorded");
+    }
+    m
 }
 
 /// Whether an outcome counts against Ready.
 pub fn outcome_blocks_ready(outcome: &Outcome, inp: &Inputs<'_>) -> bool {
     match outcome {
-        Outcome::Synced { hash } => *hash != inp.content.hash,
+        Outcome::Synced { hash } | Outcome::Staged { hash, .. } => *hash != inp.content.hash,
         Outcome::Failed { .. } => true,
         Outcome::Skipped { .. } => false,
+        Outcome::FlyFailed { skip, .. } => !skip,
     }
 }
 
@@ -958,8 +1194,22 @@ pub fn summarize(
     let skipped = names(&|t| t.entry.state == BundleTargetState::Skipped);
     let waiting = names(&|t| t.entry.state == BundleTargetState::Pending && t.blocks_ready);
     let parked = names(&|t| t.entry.state == BundleTargetState::Pending && !t.blocks_ready);
+    let staged = names(&|t| t.entry.state == BundleTargetState::Staged);
     let total = targets.len();
+    // Staged targets hold the content too (in the app's secrets, not yet in its Machines).
     let synced = total - failed.len() - skipped.len() - waiting.len() - parked.len();
+    // The one reason every failed (or every skipped) target shares, when they carry one: a
+    // Fly.io API answer (FlyUnauthorized, FlyThrottled, ...) says more than SyncFailed.
+    let shared_reason = |state: BundleTargetState| -> Option<String> {
+        let mut reasons = targets
+            .iter()
+            .filter(|t| t.entry.state == state)
+            .map(|t| t.entry.reason.clone());
+        let first = reasons.next()??;
+        reasons.all(|r| r.as_deref() == Some(&first)).then_some(first)
+    };
+    let failed_reason = shared_reason(BundleTargetState::Failed);
+    let skipped_reason = shared_reason(BundleTargetState::Skipped);
     st.targets = targets.into_iter().map(|t| t.entry).collect();
 
     let hash = content.short_hash();
@@ -975,7 +1225,7 @@ pub fn summarize(
     } else if !failed.is_empty() {
         (
             FALSE,
-            reason::SYNC_FAILED,
+            failed_reason.as_deref().unwrap_or(reason::SYNC_FAILED),
             match &first_failure {
                 Some(m) => format!(
                     "{} of {total} targets failed to take content {hash}: {} (first: {m})",
@@ -1016,7 +1266,15 @@ pub fn summarize(
         if !skipped.is_empty() {
             m.push_str(&format!("; skipped: {}", list(&skipped)));
         }
-        (TRUE, reason::SYNCED, m)
+        if staged.is_empty() {
+            (TRUE, reason::SYNCED, m)
+        } else {
+            m.push_str(&format!(
+                "; staged, not deployed: {} (the apps' Machines take it at their next deploy or update)",
+                list(&staged)
+            ));
+            (TRUE, reason::STAGED, m)
+        }
     };
     conditions::set(
         &mut st.conditions,
@@ -1032,9 +1290,16 @@ pub fn summarize(
     let degraded = if !failed.is_empty() || !invalid_credentials.is_empty() {
         let mut all = failed.clone();
         all.extend(skipped.iter().cloned());
-        Some(("TargetsFailed", format!("failing: {}", list(&all))))
+        let why = match (&failed_reason, invalid_credentials.is_empty(), skipped.is_empty()) {
+            (Some(r), true, true) => r.as_str(),
+            _ => "TargetsFailed",
+        };
+        Some((why, format!("failing: {}", list(&all))))
     } else if !skipped.is_empty() {
-        Some(("TargetsSkipped", format!("skipped: {}", list(&skipped))))
+        Some((
+            skipped_reason.as_deref().unwrap_or("TargetsSkipped"),
+            format!("skipped: {}", list(&skipped)),
+        ))
     } else {
         None
     };
@@ -1360,6 +1625,8 @@ mod tests {
             synced_at: Some(Time(at)),
             state: BundleTargetState::Synced,
             message: None,
+            reason: None,
+            fly: None,
         }
     }
 
@@ -1543,6 +1810,8 @@ mod tests {
             synced_at: Some(Time(synced_at)),
             state: BundleTargetState::Failed,
             message: Some("restarting worker: recreated, but not healthy".into()),
+            reason: None,
+            fly: None,
         }];
         c.sandboxes[0].reported_hash = Some("bad".into());
         c.sandboxes[0].reported_at = Some(synced_at + Duration::from_secs(30));
@@ -1720,6 +1989,7 @@ mod tests {
             app: "gone".into(),
             blocked: None,
             fingerprint: 1,
+            api: false,
         }];
         assert_eq!(pushed(&c.plan()), ["gone"]);
         let mut mem = Memory::default();
@@ -1748,6 +2018,7 @@ mod tests {
             app: "app".into(),
             blocked: Some(FlyBlock::Credential("token is empty".into())),
             fingerprint: 1,
+            api: false,
         }];
         let p = c.plan();
         assert!(pushed(&p).is_empty());
@@ -1779,6 +2050,8 @@ mod tests {
                 synced_at: None,
                 state,
                 message: None,
+                reason: None,
+                fly: None,
             },
             blocks_ready: state != BundleTargetState::Skipped,
         };
