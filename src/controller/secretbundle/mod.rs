@@ -1681,7 +1681,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             match t {
-                PushTarget::Fly { .. } => Outcome::Failed {
+                PushTarget::Fly { .. } | PushTarget::FlyApi { .. } => Outcome::Failed {
                     message: "x".into(),
                 },
                 PushTarget::Sandbox { .. } => Outcome::Synced { hash: "h".into() },
