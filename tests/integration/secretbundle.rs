@@ -1754,7 +1754,10 @@ async fn seeding_teaches_the_redaction_every_bundle_value_and_agent_token() {
 // errors, checks the bearer token, keeps each app's secrets with its own digests, and can be told
 // to throttle or fail. The controller under test talks HTTP to it as it would to Fly.
 
-const FLY_API_STANDIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/fly-api/fly_api.py");
+const FLY_API_STANDIN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/tools/fly-api/fly_api.py"
+);
 
 struct FlyApiStandIn {
     child: std::process::Child,
@@ -1776,12 +1779,16 @@ impl FlyApiStandIn {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {FLY_API_STANDIN} with {}: {e}", python.display()));
+            .unwrap_or_else(|e| {
+                panic!("starting {FLY_API_STANDIN} with {}: {e}", python.display())
+            });
         let stdout = child.stdout.take().unwrap();
         let line = tokio::task::spawn_blocking(move || {
             use std::io::BufRead;
             let mut line = String::new();
-            std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
             line
         })
         .await
@@ -1967,13 +1974,19 @@ async fn fly_api_sets_staged_secrets_unsets_removed_keys_and_leaves_others_alone
     // Staged is said as it is: set, not deployed; never Synced.
     let t = target(&st, "web").unwrap();
     assert!(
-        t.message.as_deref().unwrap().contains("staged, not deployed"),
+        t.message
+            .as_deref()
+            .unwrap()
+            .contains("staged, not deployed"),
         "{t:?}"
     );
     assert_eq!(st.synced_targets, 0);
     let (status, why, msg) = cond(&st, "Ready").unwrap();
     assert_eq!((status.as_str(), why.as_str()), ("True", "Staged"), "{msg}");
-    assert!(msg.contains("staged, not deployed: Fly.io app web"), "{msg}");
+    assert!(
+        msg.contains("staged, not deployed: Fly.io app web"),
+        "{msg}"
+    );
     let mut keys: Vec<String> = NASTY.iter().map(|(k, _)| k.to_string()).collect();
     keys.sort();
     assert_eq!(fly_of(&st, "web").managed_keys, keys);
@@ -1981,7 +1994,10 @@ async fn fly_api_sets_staged_secrets_unsets_removed_keys_and_leaves_others_alone
     // Nothing of the values or their digests in status.
     let status_json = serde_json::to_string(&st).unwrap();
     for (_, d) in api.digests(&token, "web").await {
-        assert!(!status_json.contains(&d), "a digest in status: {status_json}");
+        assert!(
+            !status_json.contains(&d),
+            "a digest in status: {status_json}"
+        );
     }
     assert!(
         e.event_reasons("fly")
@@ -2000,7 +2016,10 @@ async fn fly_api_sets_staged_secrets_unsets_removed_keys_and_leaves_others_alone
     let st = e
         .wait("fly", 30, "JWT_SECRET and EMPTY unset", |s| {
             state_of(s, "web") == Some(BundleTargetState::Staged)
-                && !fly_of(s, "web").managed_keys.iter().any(|k| k == "JWT_SECRET")
+                && !fly_of(s, "web")
+                    .managed_keys
+                    .iter()
+                    .any(|k| k == "JWT_SECRET")
         })
         .await;
     let mut want = map(&fewer);
@@ -2074,10 +2093,16 @@ async fn fly_api_drift_is_seen_in_status_and_corrected() {
         })
         .await;
     assert_eq!(state_of(&st, "web"), Some(BundleTargetState::Staged));
-    assert_eq!(api.values("web").await, map(&[("A", "alpha"), ("B", "beta")]));
+    assert_eq!(
+        api.values("web").await,
+        map(&[("A", "alpha"), ("B", "beta")])
+    );
     assert!(fly_of(&st, "web").drift_seen_at.is_some());
     let msg = target(&st, "web").unwrap().message.clone().unwrap();
-    assert!(msg.contains("drift corrected: B changed or missing"), "{msg}");
+    assert!(
+        msg.contains("drift corrected: B changed or missing"),
+        "{msg}"
+    );
     assert!(
         e.event_reasons("fly")
             .await
@@ -2103,7 +2128,10 @@ async fn fly_api_drift_is_seen_in_status_and_corrected() {
         fly_of(s, "web").drifted_keys == ["A"]
     })
     .await;
-    assert_eq!(api.values("web").await, map(&[("A", "alpha"), ("B", "beta")]));
+    assert_eq!(
+        api.values("web").await,
+        map(&[("A", "alpha"), ("B", "beta")])
+    );
 }
 
 #[tokio::test]
@@ -2168,12 +2196,17 @@ async fn fly_api_errors_have_clear_reasons_and_throttling_is_retried() {
     )
     .await;
     let st = e
-        .wait("fly", 60, "web, busy and flaky staged, ghost skipped", |s| {
-            ["web", "busy", "flaky"]
-                .iter()
-                .all(|a| state_of(s, a) == Some(BundleTargetState::Staged))
-                && state_of(s, "ghost") == Some(BundleTargetState::Skipped)
-        })
+        .wait(
+            "fly",
+            60,
+            "web, busy and flaky staged, ghost skipped",
+            |s| {
+                ["web", "busy", "flaky"]
+                    .iter()
+                    .all(|a| state_of(s, a) == Some(BundleTargetState::Staged))
+                    && state_of(s, "ghost") == Some(BundleTargetState::Skipped)
+            },
+        )
         .await;
     assert_eq!(reason_of(&st, "ghost").as_deref(), Some("FlyAppNotFound"));
     assert!(
@@ -2196,7 +2229,10 @@ async fn fly_api_errors_have_clear_reasons_and_throttling_is_retried() {
         2,
         "{busy:?}"
     );
-    assert!(busy.iter().any(|(m, s)| m == "POST" && *s == 200), "{busy:?}");
+    assert!(
+        busy.iter().any(|(m, s)| m == "POST" && *s == 200),
+        "{busy:?}"
+    );
     let flaky = api.log_for("flaky").await;
     assert_eq!(flaky.first(), Some(&("GET".to_string(), 500)), "{flaky:?}");
     let reasons = e.event_reasons("fly").await;
@@ -2232,7 +2268,10 @@ async fn fly_api_canary_leaks_nowhere() {
         Timestamp::now().as_nanosecond()
     );
     let token = format!("FlyV1 fm2_TOKENCANARY{}x", Timestamp::now().as_nanosecond());
-    let refused = format!("FlyV1 fm2_REFUSEDCANARY{}x", Timestamp::now().as_nanosecond());
+    let refused = format!(
+        "FlyV1 fm2_REFUSEDCANARY{}x",
+        Timestamp::now().as_nanosecond()
+    );
     let api = FlyApiStandIn::start().await;
     api.token(&token).await;
     api.app("web").await;
@@ -2271,7 +2310,10 @@ async fn fly_api_canary_leaks_nowhere() {
         "operator logs".into(),
         String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string(),
     )];
-    assert!(places[0].1.contains("FlyThrottled"), "logs were not captured");
+    assert!(
+        places[0].1.contains("FlyThrottled"),
+        "logs were not captured"
+    );
     for ev in e.events().await {
         places.push((
             format!("event {}", ev.metadata.name.clone().unwrap_or_default()),
@@ -2280,7 +2322,10 @@ async fn fly_api_canary_leaks_nowhere() {
     }
     for b in e.bundles.list(&ListParams::default()).await.unwrap() {
         places.push((
-            format!("SecretBundle {}", b.metadata.name.clone().unwrap_or_default()),
+            format!(
+                "SecretBundle {}",
+                b.metadata.name.clone().unwrap_or_default()
+            ),
             serde_json::to_string(&b).unwrap(),
         ));
     }

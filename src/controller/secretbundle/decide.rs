@@ -16,8 +16,8 @@ use k8s_openapi::jiff::Timestamp;
 use crate::agent::envfile;
 use crate::api::conditions::{self, Desired, FALSE, TRUE};
 use crate::api::{
-    BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment,
-    SandboxSelector, SecretBundleStatus, SecretSource,
+    BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment, SandboxSelector,
+    SecretBundleStatus, SecretSource,
 };
 
 /// Condition types.
@@ -900,9 +900,8 @@ fn assess_fly_api(
     mem: Option<&Memory>,
 ) -> Assessment {
     let hash = inp.content.hash.as_str();
-    let staged = prev.filter(|p| {
-        p.synced_hash.as_deref() == Some(hash) && p.state == BundleTargetState::Staged
-    });
+    let staged = prev
+        .filter(|p| p.synced_hash.as_deref() == Some(hash) && p.state == BundleTargetState::Staged);
     if let Some(p) = staged {
         let last = p
             .fly
@@ -945,10 +944,7 @@ fn assess_fly_api(
 
 /// What the reconciler hands the API edge about one app: the keys it manages there and what
 /// it recorded (from status, and the per-key digests this process remembers).
-pub fn fly_known(
-    inp: &Inputs<'_>,
-    app: &str,
-) -> crate::controller::secretbundle::fly::api::Known {
+pub fn fly_known(inp: &Inputs<'_>, app: &str) -> crate::controller::secretbundle::fly::api::Known {
     let key = TargetKey::FlyApp(app.to_string());
     let prev = inp.status.targets.iter().find(|t| TargetKey::of(t) == key);
     let fly = prev.and_then(|p| p.fly.clone()).unwrap_or_default();
@@ -1206,7 +1202,9 @@ pub fn summarize(
             .filter(|t| t.entry.state == state)
             .map(|t| t.entry.reason.clone());
         let first = reasons.next()??;
-        reasons.all(|r| r.as_deref() == Some(&first)).then_some(first)
+        reasons
+            .all(|r| r.as_deref() == Some(&first))
+            .then_some(first)
     };
     let failed_reason = shared_reason(BundleTargetState::Failed);
     let skipped_reason = shared_reason(BundleTargetState::Skipped);
@@ -1290,7 +1288,11 @@ pub fn summarize(
     let degraded = if !failed.is_empty() || !invalid_credentials.is_empty() {
         let mut all = failed.clone();
         all.extend(skipped.iter().cloned());
-        let why = match (&failed_reason, invalid_credentials.is_empty(), skipped.is_empty()) {
+        let why = match (
+            &failed_reason,
+            invalid_credentials.is_empty(),
+            skipped.is_empty(),
+        ) {
             (Some(r), true, true) => r.as_str(),
             _ => "TargetsFailed",
         };
@@ -2024,6 +2026,170 @@ mod tests {
         assert!(pushed(&p).is_empty());
         assert_eq!(p.targets[0].entry.state, BundleTargetState::Failed);
         assert!(p.targets[0].invalid_credential.is_some());
+    }
+
+    fn api_app(c: &mut Case) {
+        c.fly = vec![FlyObs {
+            app: "web".into(),
+            blocked: None,
+            fingerprint: 1,
+            api: true,
+        }];
+    }
+
+    fn visit(set: bool, drifted: &[&str]) -> Outcome {
+        Outcome::Staged {
+            hash: content().hash,
+            fly: FlyVisit {
+                managed_keys: vec!["A".into()],
+                fingerprint: "f".repeat(64),
+                digests: [("A".to_string(), "d1".to_string())].into(),
+                drifted: drifted.iter().map(|s| s.to_string()).collect(),
+                drift_unnamed: false,
+                unset: vec![],
+                set,
+            },
+        }
+    }
+
+    /// Applies an outcome to the case as the reconciler does (status entry and memory).
+    fn apply(c: &mut Case, o: &Outcome) {
+        let p = c.plan();
+        let a = p.targets.iter().find(|a| a.key.name() == "web").unwrap();
+        let e = entry_after(a, o, &c.inputs());
+        let mut m = c.memory.get(&a.key).cloned().unwrap_or_default();
+        remember(&mut m, o, &c.inputs(), 1);
+        c.memory.insert(a.key.clone(), m);
+        c.status.targets = vec![e];
+    }
+
+    #[test]
+    fn api_apps_are_staged_never_synced_and_checked_for_drift_once_per_refresh() {
+        let mut c = Case::new();
+        api_app(&mut c);
+        assert_eq!(pushed(&c.plan()), ["web"]);
+        apply(&mut c, &visit(true, &[]));
+        let e = &c.status.targets[0];
+        assert_eq!(e.state, BundleTargetState::Staged);
+        assert!(
+            e.message
+                .as_deref()
+                .unwrap()
+                .contains("staged, not deployed"),
+            "{e:?}"
+        );
+        let fly = e.fly.clone().unwrap();
+        assert_eq!(fly.managed_keys, ["A"]);
+        assert_eq!(fly.checked_at, Some(Time(c.now)));
+        // The bundle knows what it set: handed to the next visit.
+        let known = fly_known(&c.inputs(), "web");
+        assert!(known.current);
+        assert_eq!(known.managed, ["A"]);
+        assert_eq!(known.digests.get("A").map(String::as_str), Some("d1"));
+        // Staged holds Ready (reason Staged), counted apart from Synced.
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Staged);
+        assert!(!p.targets[0].blocks_ready);
+        assert_eq!(p.requeue, Duration::from_secs(3600));
+        let st = summarize(&c.status, Some(1), &c.content, standing_of(&p), &[], c.now);
+        assert_eq!(st.synced_targets, 0);
+        let ready = conditions::get(&st.conditions, cond::READY).unwrap();
+        assert_eq!(ready.reason, reason::STAGED);
+        assert!(
+            ready
+                .message
+                .contains("staged, not deployed: Fly.io app web")
+        );
+        // A refresh later: a check (keeps its standing while it runs).
+        c.now = c.now + Duration::from_secs(3600);
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["web"]);
+        assert_eq!(p.targets[0].push, Some(Why::Drift));
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Staged);
+        assert!(!p.targets[0].blocks_ready);
+        // Drift found and corrected: named in status, kept after the next quiet check.
+        apply(&mut c, &visit(true, &["A"]));
+        let fly = c.status.targets[0].fly.clone().unwrap();
+        assert_eq!(fly.drifted_keys, ["A"]);
+        assert_eq!(fly.drift_seen_at, Some(Time(c.now)));
+        c.now = c.now + Duration::from_secs(3600);
+        apply(&mut c, &visit(false, &[]));
+        let e = &c.status.targets[0];
+        assert_eq!(e.fly.as_ref().unwrap().drifted_keys, ["A"]);
+        assert!(e.message.as_deref().unwrap().contains("digests unchanged"));
+        // New content: not current any more, pushed at once.
+        c.content = render(&[src("s", None)], &[data("s", &[("A", "2")])]).unwrap();
+        assert!(!fly_known(&c.inputs(), "web").current);
+        assert_eq!(c.plan().targets[0].push, Some(Why::Outdated));
+    }
+
+    #[test]
+    fn api_failures_carry_their_reason_and_honour_retry_after() {
+        let mut c = Case::new();
+        api_app(&mut c);
+        let throttled = Outcome::FlyFailed {
+            message: "throttled".into(),
+            reason: "FlyThrottled".into(),
+            retry_after: Some(Duration::from_secs(40)),
+            skip: false,
+        };
+        apply(&mut c, &throttled);
+        let e = &c.status.targets[0];
+        assert_eq!(e.state, BundleTargetState::Failed);
+        assert_eq!(e.reason.as_deref(), Some("FlyThrottled"));
+        // Fly's 40 s, not the 5 s backoff.
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.requeue, Duration::from_secs(40));
+        let st = summarize(&c.status, Some(1), &c.content, standing_of(&p), &[], c.now);
+        assert_eq!(
+            conditions::get(&st.conditions, cond::READY).unwrap().reason,
+            "FlyThrottled"
+        );
+        assert_eq!(
+            conditions::get(&st.conditions, cond::DEGRADED)
+                .unwrap()
+                .reason,
+            "FlyThrottled"
+        );
+        c.now = c.now + Duration::from_secs(40);
+        assert_eq!(pushed(&c.plan()), ["web"]);
+        // 404: skipped with its reason, looked at again after refreshInterval.
+        let missing = Outcome::FlyFailed {
+            message: "no such app".into(),
+            reason: "FlyAppNotFound".into(),
+            retry_after: None,
+            skip: true,
+        };
+        apply(&mut c, &missing);
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Skipped);
+        assert_eq!(p.targets[0].entry.reason.as_deref(), Some("FlyAppNotFound"));
+        let st = summarize(&c.status, Some(1), &c.content, standing_of(&p), &[], c.now);
+        assert!(conditions::is_true(&st.conditions, cond::READY));
+        assert_eq!(
+            conditions::get(&st.conditions, cond::DEGRADED)
+                .unwrap()
+                .reason,
+            "FlyAppNotFound"
+        );
+        // The managed keys survive a failure: they are what the next success may unset.
+        apply(&mut c, &visit(true, &[]));
+        apply(
+            &mut c,
+            &Outcome::FlyFailed {
+                message: "down".into(),
+                reason: "FlyUnavailable".into(),
+                retry_after: None,
+                skip: false,
+            },
+        );
+        assert_eq!(
+            c.status.targets[0].fly.as_ref().unwrap().managed_keys,
+            ["A"]
+        );
     }
 
     #[test]

@@ -361,7 +361,10 @@ pub mod api {
 
     /// sha256 (hex) over the names and digests of `keys` as listed: `name\0digest\n`, sorted,
     /// a missing key or digest counting as empty.
-    pub fn fingerprint<'a>(keys: impl IntoIterator<Item = &'a String>, listed: &[Listed]) -> String {
+    pub fn fingerprint<'a>(
+        keys: impl IntoIterator<Item = &'a String>,
+        listed: &[Listed],
+    ) -> String {
         let by_name: BTreeMap<&str, &str> = listed
             .iter()
             .map(|l| (l.name.as_str(), l.digest.as_deref().unwrap_or("")))
@@ -533,7 +536,9 @@ pub mod api {
                     "Fly.io throttled the requests for app {app} (429); retried in {}s as it asked",
                     d.as_secs()
                 ),
-                None => format!("Fly.io throttled the requests for app {app} (429); retried with backoff"),
+                None => format!(
+                    "Fly.io throttled the requests for app {app} (429); retried with backoff"
+                ),
             },
             Problem::Unavailable => format!(
                 "Fly.io's API failed for app {app} ({}); retried with backoff",

@@ -1049,7 +1049,10 @@ async fn record(ctx: &Context, obj: &SecretBundle, object: &str, target: &Target
             Outcome::Staged { hash, .. } => (
                 L::Succeeded,
                 hash.clone(),
-                Some("staged through Fly's API: the Machines take it at their next deploy or update".into()),
+                Some(
+                    "staged through Fly's API: the Machines take it at their next deploy or update"
+                        .into(),
+                ),
             ),
             Outcome::FlyFailed { message, .. } => (
                 L::Failed,
