@@ -2143,9 +2143,11 @@ async fn fly_api_errors_have_clear_reasons_and_throttling_is_retried() {
     api.app("web").await;
     api.app("busy").await;
     api.app("flaky").await;
-    // busy: two 429s asking for a 1 s wait; flaky: one 500.
+    api.app("strict").await;
+    // busy: two 429s asking for a 1 s wait; flaky: one 500; strict: one 422.
     api.fault("busy", 429, 2, Some(1)).await;
     api.fault("flaky", 500, 1, None).await;
+    api.fault("strict", 422, 1, None).await;
     let e = api_env("secretbundle-flyapi-errors", &api).await;
     e.secret("src", &[("A", "alpha")]).await;
     e.secret("fly", &[("token", &token)]).await;
@@ -2191,6 +2193,7 @@ async fn fly_api_errors_have_clear_reasons_and_throttling_is_retried() {
                 {"app": "ghost", "tokenSecretRef": {"name": "fly", "key": "token"}},
                 {"app": "busy", "tokenSecretRef": {"name": "fly", "key": "token"}},
                 {"app": "flaky", "tokenSecretRef": {"name": "fly", "key": "token"}},
+                {"app": "strict", "tokenSecretRef": {"name": "fly", "key": "token"}},
             ]},
         }),
     )
@@ -2199,9 +2202,9 @@ async fn fly_api_errors_have_clear_reasons_and_throttling_is_retried() {
         .wait(
             "fly",
             60,
-            "web, busy and flaky staged, ghost skipped",
+            "web, busy, flaky and strict staged, ghost skipped",
             |s| {
-                ["web", "busy", "flaky"]
+                ["web", "busy", "flaky", "strict"]
                     .iter()
                     .all(|a| state_of(s, a) == Some(BundleTargetState::Staged))
                     && state_of(s, "ghost") == Some(BundleTargetState::Skipped)
@@ -2219,7 +2222,7 @@ async fn fly_api_errors_have_clear_reasons_and_throttling_is_retried() {
     );
     assert_eq!(cond(&st, "Degraded").unwrap().1, "FlyAppNotFound");
     assert_eq!(cond(&st, "Ready").unwrap().0, "True");
-    for app in ["web", "busy", "flaky"] {
+    for app in ["web", "busy", "flaky", "strict"] {
         assert_eq!(api.values(app).await, map(&[("A", "alpha")]), "{app}");
         assert_eq!(reason_of(&st, app), None, "{app}");
     }
@@ -2236,7 +2239,12 @@ async fn fly_api_errors_have_clear_reasons_and_throttling_is_retried() {
     let flaky = api.log_for("flaky").await;
     assert_eq!(flaky.first(), Some(&("GET".to_string(), 500)), "{flaky:?}");
     let reasons = e.event_reasons("fly").await;
-    for r in ["FlyThrottled", "FlyUnavailable", "FlyAppNotFound"] {
+    for r in [
+        "FlyThrottled",
+        "FlyUnavailable",
+        "FlyRejected",
+        "FlyAppNotFound",
+    ] {
         assert!(reasons.iter().any(|(x, _)| x == r), "{r}: {reasons:?}");
     }
     assert!(
@@ -2353,4 +2361,63 @@ async fn fly_api_canary_leaks_nowhere() {
         }
     }
     assert!(places.len() > 4, "{}", places.len());
+}
+
+/// The operator binary as shipped: with no `--fly-method` it pushes through the API
+/// (`--fly-api-url`), and no flyctl exists anywhere it could run.
+#[tokio::test]
+async fn the_operator_pushes_through_the_api_by_default_without_flyctl() {
+    let api = FlyApiStandIn::start().await;
+    let token = fly_token();
+    api.token(&token).await;
+    api.app("web").await;
+    let client = support::client().await;
+    let ns = support::namespace(&client, "secretbundle-flyapi-op").await;
+    let mut op = support::Operator::start(
+        &ns,
+        "http://127.0.0.1:9",
+        &["--fly-api-url", &api.url, "--flyctl", "/nonexistent/flyctl"],
+    );
+    let e = Env {
+        bundles: Api::namespaced(client.clone(), &ns),
+        sbx: Api::namespaced(client.clone(), &ns),
+        secrets: Api::namespaced(client.clone(), &ns),
+        client: client.clone(),
+        ns: ns.clone(),
+        fly: tempfile::tempdir().unwrap(),
+        _stop: tokio::sync::oneshot::channel().0,
+    };
+    e.secret("src", &[("A", "alpha-value"), ("B", "beta-value")])
+        .await;
+    e.secret("fly", &[("token", &token)]).await;
+    e.bundle(
+        "fly",
+        json!({
+            "sources": [{"secretName": "src"}],
+            "targets": {"flyApps": [{"app": "web", "tokenSecretRef": {"name": "fly", "key": "token"}}]},
+        }),
+    )
+    .await;
+    let st = e
+        .wait("fly", 60, "web staged by the operator", |s| {
+            state_of(s, "web") == Some(BundleTargetState::Staged)
+        })
+        .await;
+    assert_eq!(
+        api.values("web").await,
+        map(&[("A", "alpha-value"), ("B", "beta-value")])
+    );
+    assert_eq!(fly_of(&st, "web").managed_keys, ["A", "B"]);
+    op.kill();
+    let logs = op.logs();
+    assert!(
+        !logs.contains("/nonexistent/flyctl"),
+        "flyctl was run:\n{logs}"
+    );
+    for secret in ["alpha-value", token.trim_start_matches("FlyV1 ")] {
+        assert!(
+            !logs.contains(secret),
+            "{secret} in the operator log:\n{logs}"
+        );
+    }
 }

@@ -144,7 +144,11 @@ class Handler(BaseHTTPRequestHandler):
                 fault[1] -= 1
                 status, _, retry_after = fault
                 headers = {"Retry-After": str(retry_after)} if status == 429 and retry_after is not None else None
-                message = "rate limit exceeded" if status == 429 else "internal server error"
+                message = {
+                    429: "rate limit exceeded",
+                    422: "validation failed",
+                    408: "request timed out",
+                }.get(status, "internal server error")
                 return self.error(status, message, headers, token_ok=True)
             if app not in APPS:
                 return self.error(404, "app not found", token_ok=True)
