@@ -872,7 +872,11 @@ fn assess_fly(
     if f.api {
         return assess_fly_api(inp, a, prev, mem);
     }
-    if prev.and_then(|p| p.synced_hash.as_deref()) == Some(hash) {
+    // (Content only staged through the API, before a switch to flyctl, is imported again: an
+    // import without --stage deploys it.)
+    if prev.is_some_and(|p| {
+        p.synced_hash.as_deref() == Some(hash) && p.state != BundleTargetState::Staged
+    }) {
         // flyctl reports no digest that could show drift: what was imported stays imported.
         a.entry.state = BundleTargetState::Synced;
         return a;
