@@ -2106,7 +2106,7 @@ mod tests {
                 .contains("staged, not deployed: Fly.io app web")
         );
         // A refresh later: a check (keeps its standing while it runs).
-        c.now = c.now + Duration::from_secs(3600);
+        c.now += Duration::from_secs(3600);
         let p = c.plan();
         assert_eq!(pushed(&p), ["web"]);
         assert_eq!(p.targets[0].push, Some(Why::Drift));
@@ -2117,7 +2117,7 @@ mod tests {
         let fly = c.status.targets[0].fly.clone().unwrap();
         assert_eq!(fly.drifted_keys, ["A"]);
         assert_eq!(fly.drift_seen_at, Some(Time(c.now)));
-        c.now = c.now + Duration::from_secs(3600);
+        c.now += Duration::from_secs(3600);
         apply(&mut c, &visit(false, &[]));
         let e = &c.status.targets[0];
         assert_eq!(e.fly.as_ref().unwrap().drifted_keys, ["A"]);
@@ -2157,7 +2157,7 @@ mod tests {
                 .reason,
             "FlyThrottled"
         );
-        c.now = c.now + Duration::from_secs(40);
+        c.now += Duration::from_secs(40);
         assert_eq!(pushed(&c.plan()), ["web"]);
         // 404: skipped with its reason, looked at again after refreshInterval.
         let missing = Outcome::FlyFailed {
