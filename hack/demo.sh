@@ -115,7 +115,7 @@ AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_EC2_METADATA_DISABLED=true
 FAKE_FLYCTL_DIR="$work/flyctl" SANDBOX_OPERATOR_LOG=info \
   "$bin/sandbox-operator" run --namespace "$ns" --ec2-endpoint "$ec2" --region us-east-1 \
   --http-addr "127.0.0.1:$op_port" --ec2-refresh 1s --poll 500ms --resync 30s \
-  --flyctl "$repo/tests/tools/fake-flyctl" --flyctl-env "FAKE_FLYCTL_DIR=$work/flyctl" \
+  --fly-method flyctl --flyctl "$repo/tests/tools/fake-flyctl" --flyctl-env "FAKE_FLYCTL_DIR=$work/flyctl" \
   --ledger "sqlite://$work/ledger.db" \
   >"$work/operator.log" 2>&1 9>&- &
 pids+=($!)

@@ -77,7 +77,14 @@ pub struct RunArgs {
     /// Finished SandboxDeploys kept per namespace; older ones are deleted.
     #[arg(long, env = "SANDBOX_OPERATOR_DEPLOY_HISTORY", default_value_t = 50)]
     pub deploy_history_limit: usize,
-    /// The flyctl binary SecretBundles push Fly.io secrets with (a name in PATH, or a path).
+    /// How SecretBundles push to Fly.io apps whose spec names no method: `api` (Fly's Machines
+    /// API, no CLI needed) or `flyctl`.
+    #[arg(long, env = "SANDBOX_OPERATOR_FLY_METHOD", default_value = "api", value_parser = ["api", "flyctl"])]
+    pub fly_method: String,
+    /// The base URL of Fly's Machines API.
+    #[arg(long, env = "SANDBOX_OPERATOR_FLY_API_URL", default_value = crate::controller::secretbundle::fly::api::DEFAULT_URL)]
+    pub fly_api_url: String,
+    /// The flyctl binary for Fly.io apps pushed with flyctl (a name in PATH, or a path).
     #[arg(long, env = "SANDBOX_OPERATOR_FLYCTL", default_value = "flyctl")]
     pub flyctl: std::path::PathBuf,
     /// Extra environment for flyctl, KEY=VALUE (repeatable); its environment is otherwise
@@ -308,6 +315,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         crate::controller::secretbundle::ControllerSettings {
             flyctl: args.flyctl.clone(),
             flyctl_env: args.flyctl_env.clone(),
+            fly_api: crate::controller::secretbundle::FlyApiSettings {
+                url: args.fly_api_url.clone(),
+                ..Default::default()
+            },
+            fly_api_default: args.fly_method == "api",
             ..Default::default()
         },
     );

@@ -96,7 +96,8 @@ pub struct BundleTargets {
     /// Sandboxes whose agent writes the `.env` and restarts the named services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandboxes: Option<SandboxTargets>,
-    /// Fly.io apps that get the values through `flyctl secrets import`, each listed once.
+    /// Fly.io apps that get the values, each listed once: through Fly's Machines API (the app
+    /// secrets endpoints) or through `flyctl secrets import` (see `method`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.app == a.app))").message("flyApps lists an app more than once: list each app once"))]
@@ -133,9 +134,25 @@ pub struct FlyAppTarget {
     /// The Secret key holding the Fly.io API token for this app.
     pub token_secret_ref: SecretKeyRef,
     /// Stage the secrets (`--stage`): the app picks them up on its next deploy instead of
-    /// restarting now.
+    /// restarting now. flyctl only: the API always stages (Fly's Machines take new secrets when
+    /// they are next updated or deployed).
     #[serde(default)]
     pub stage: bool,
+    /// How the secrets reach the app: `Api` (Fly's Machines API, no CLI needed) or `Flyctl`
+    /// (`flyctl secrets import`). Unset: the operator's default (`Api`, or `Flyctl` when the
+    /// operator is started with `--flyctl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<FlyMethod>,
+}
+
+/// How a bundle's secrets reach a Fly.io app.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlyMethod {
+    /// Fly's Machines API (`/v1/apps/{app}/secrets`): the secrets are set and staged; drift is
+    /// seen from their digests, and keys the bundle no longer holds are unset.
+    Api,
+    /// `flyctl secrets import`: the operator's image must hold flyctl.
+    Flyctl,
 }
 
 /// The kind of a bundle target.
@@ -143,7 +160,7 @@ pub struct FlyAppTarget {
 pub enum BundleTargetKind {
     /// A Sandbox, through its agent.
     Sandbox,
-    /// A Fly.io app, through flyctl.
+    /// A Fly.io app, through its API or flyctl.
     FlyApp,
 }
 
@@ -158,6 +175,9 @@ pub enum BundleTargetState {
     Failed,
     /// Not synced, on purpose (for example a Fly.io app that does not exist).
     Skipped,
+    /// A Fly.io app's secrets hold the bundle's content, staged: its Machines take it when they
+    /// are next updated or deployed (Fly's API sets secrets without deploying them).
+    Staged,
 }
 
 /// The observed state of a bundle.
@@ -205,9 +225,41 @@ pub struct BundleTargetStatus {
     /// When it was last synced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced_at: Option<Time>,
-    /// Pending, Synced, Failed or Skipped.
+    /// Pending, Synced, Staged, Failed or Skipped.
     pub state: BundleTargetState,
     /// What happened (never a value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Why it failed or was skipped, in one CamelCase word (Fly.io API targets: FlyUnauthorized,
+    /// FlyAppNotFound, FlyRejected, FlyThrottled, FlyUnavailable, FlyUnreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A Fly.io app pushed through the API: the keys this bundle manages there and what its
+    /// digests looked like after the last set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fly: Option<FlyAppStatus>,
+}
+
+/// What a bundle knows of a Fly.io app's secrets (API method). Key names and a fingerprint of
+/// Fly's digests only, never a value or a digest.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FlyAppStatus {
+    /// The keys this bundle set on the app: the only ones it ever unsets. Secrets that others
+    /// set are left alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub managed_keys: Vec<String>,
+    /// sha256 of the managed keys' names and the digests Fly reported right after the last
+    /// set: a later list whose digests differ is drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest_fingerprint: Option<String>,
+    /// When the app's secrets were last listed and compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<Time>,
+    /// The managed keys last found changed or missing on Fly.io (then set again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drifted_keys: Vec<String>,
+    /// When that drift was seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_seen_at: Option<Time>,
 }

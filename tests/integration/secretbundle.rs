@@ -1415,7 +1415,15 @@ async fn canaries_end_to_end(db: LedgerDb) {
     let fly = tempfile::tempdir().unwrap();
     std::fs::write(fly.path().join("fail-echo"), "").unwrap();
     let fly_env = format!("FAKE_FLYCTL_DIR={}", fly.path().display());
-    let mut args = vec!["--flyctl", FAKE_FLYCTL, "--flyctl-env", &fly_env];
+    // This test takes the flyctl path (its failure echoes the input); the API has its own.
+    let mut args = vec![
+        "--fly-method",
+        "flyctl",
+        "--flyctl",
+        FAKE_FLYCTL,
+        "--flyctl-env",
+        &fly_env,
+    ];
     if let Some(u) = &ledger_url {
         args.extend(["--ledger", u.as_str()]);
     }
@@ -1738,4 +1746,678 @@ async fn seeding_teaches_the_redaction_every_bundle_value_and_agent_token() {
     assert!(out.starts_with("compose failed: "), "{out}");
     // A KEY=value line of the bundle's keys is masked whatever its value.
     assert_eq!(process().redact("SEEDED=x"), format!("SEEDED={MASK}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fly.io through its Machines API, against tests/tools/fly-api/fly_api.py: a local stand-in
+// (Fly's API cannot run here) that answers exactly the documented app secrets requests and
+// errors, checks the bearer token, keeps each app's secrets with its own digests, and can be told
+// to throttle or fail. The controller under test talks HTTP to it as it would to Fly.
+
+const FLY_API_STANDIN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/tools/fly-api/fly_api.py"
+);
+
+struct FlyApiStandIn {
+    child: std::process::Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl FlyApiStandIn {
+    async fn start() -> Self {
+        let venv = sandbox_operator::testenv::cache_dir().join("venv/bin/python");
+        let python = if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("python3")
+        };
+        let mut child = std::process::Command::new(&python)
+            .arg(FLY_API_STANDIN)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting {FLY_API_STANDIN} with {}: {e}", python.display())
+            });
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        let port: u16 = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the Fly API stand-in said {line:?}"));
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn control(&self, path: &str, body: serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}/_standin/{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+
+    async fn app(&self, name: &str) {
+        self.control("apps", json!({"name": name})).await;
+    }
+
+    async fn token(&self, token: &str) {
+        self.control("tokens", json!({"token": token})).await;
+    }
+
+    /// The app's next `times` requests answer `status`.
+    async fn fault(&self, app: &str, status: u16, times: u32, retry_after: Option<u64>) {
+        self.control(
+            "faults",
+            json!({"app": app, "status": status, "times": times, "retry_after": retry_after}),
+        )
+        .await;
+    }
+
+    /// What the app's Machines would read.
+    async fn values(&self, app: &str) -> BTreeMap<String, String> {
+        self.http
+            .get(format!("{}/_standin/values/{app}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Every request: method, path, status, token_ok.
+    async fn log(&self) -> Vec<serde_json::Value> {
+        self.http
+            .get(format!("{}/_standin/log", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn log_for(&self, app: &str) -> Vec<(String, u16)> {
+        let path = format!("/v1/apps/{app}/secrets");
+        self.log()
+            .await
+            .into_iter()
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(&path)))
+            .map(|r| {
+                (
+                    r["method"].as_str().unwrap().to_string(),
+                    r["status"].as_u64().unwrap() as u16,
+                )
+            })
+            .collect()
+    }
+
+    /// Someone else, through the documented API: `POST /v1/apps/{app}/secrets`.
+    async fn set_as_someone_else(&self, token: &str, app: &str, values: serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/apps/{app}/secrets", self.url))
+            .bearer_auth(token)
+            .json(&json!({ "values": values }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    /// `GET /v1/apps/{app}/secrets`: name -> digest.
+    async fn digests(&self, token: &str, app: &str) -> BTreeMap<String, String> {
+        let v: serde_json::Value = self
+            .http
+            .get(format!("{}/v1/apps/{app}/secrets", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_string(),
+                    s["digest"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for FlyApiStandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A namespace and the controller, with the API as the default method, pointed at `api`.
+async fn api_env(test: &str, api: &FlyApiStandIn) -> Env {
+    let url = api.url.clone();
+    env(test, move |s| {
+        s.fly_api = secretbundle::FlyApiSettings {
+            url,
+            timeout: Duration::from_secs(10),
+        };
+        s.fly_api_default = true;
+    })
+    .await
+}
+
+fn fly_of(st: &SecretBundleStatus, app: &str) -> sandbox_operator::api::FlyAppStatus {
+    target(st, app)
+        .and_then(|t| t.fly.clone())
+        .unwrap_or_default()
+}
+
+fn reason_of(st: &SecretBundleStatus, app: &str) -> Option<String> {
+    target(st, app).and_then(|t| t.reason.clone())
+}
+
+#[tokio::test]
+async fn fly_api_sets_staged_secrets_unsets_removed_keys_and_leaves_others_alone() {
+    let api = FlyApiStandIn::start().await;
+    let token = fly_token();
+    api.token(&token).await;
+    api.app("web").await;
+    // A secret someone else set: never this bundle's to touch.
+    api.set_as_someone_else(&token, "web", json!({"THEIRS": "not-ours"}))
+        .await;
+    let theirs = api.digests(&token, "web").await["THEIRS"].clone();
+    let e = api_env("secretbundle-flyapi-push", &api).await;
+    e.secret("src", NASTY).await;
+    e.secret("fly", &[("token", &token)]).await;
+    e.bundle(
+        "fly",
+        json!({
+            "sources": [{"secretName": "src"}],
+            "targets": {"flyApps": [{"app": "web", "tokenSecretRef": {"name": "fly", "key": "token"}}]},
+        }),
+    )
+    .await;
+    let st = e
+        .wait("fly", 30, "web staged", |s| {
+            state_of(s, "web") == Some(BundleTargetState::Staged)
+        })
+        .await;
+    // Every value arrived exactly, next to the other secret.
+    let mut want = map(NASTY);
+    want.insert("THEIRS".into(), "not-ours".into());
+    assert_eq!(api.values("web").await, want);
+    // Staged is said as it is: set, not deployed; never Synced.
+    let t = target(&st, "web").unwrap();
+    assert!(
+        t.message
+            .as_deref()
+            .unwrap()
+            .contains("staged, not deployed"),
+        "{t:?}"
+    );
+    assert_eq!(st.synced_targets, 0);
+    let (status, why, msg) = cond(&st, "Ready").unwrap();
+    assert_eq!((status.as_str(), why.as_str()), ("True", "Staged"), "{msg}");
+    assert!(
+        msg.contains("staged, not deployed: Fly.io app web"),
+        "{msg}"
+    );
+    let mut keys: Vec<String> = NASTY.iter().map(|(k, _)| k.to_string()).collect();
+    keys.sort();
+    assert_eq!(fly_of(&st, "web").managed_keys, keys);
+    assert_eq!(t.synced_hash, st.content_hash);
+    // Nothing of the values or their digests in status.
+    let status_json = serde_json::to_string(&st).unwrap();
+    for (_, d) in api.digests(&token, "web").await {
+        assert!(
+            !status_json.contains(&d),
+            "a digest in status: {status_json}"
+        );
+    }
+    assert!(
+        e.event_reasons("fly")
+            .await
+            .iter()
+            .any(|(r, m)| r == "Staged" && m.contains("staged, not deployed"))
+    );
+
+    // A key removed from the source Secret is unset on the app; THEIRS stays as it was.
+    let fewer: Vec<(&str, &str)> = NASTY
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "JWT_SECRET" && *k != "EMPTY")
+        .collect();
+    e.secret("src", &fewer).await;
+    let st = e
+        .wait("fly", 30, "JWT_SECRET and EMPTY unset", |s| {
+            state_of(s, "web") == Some(BundleTargetState::Staged)
+                && !fly_of(s, "web")
+                    .managed_keys
+                    .iter()
+                    .any(|k| k == "JWT_SECRET")
+        })
+        .await;
+    let mut want = map(&fewer);
+    want.insert("THEIRS".into(), "not-ours".into());
+    assert_eq!(api.values("web").await, want);
+    assert_eq!(api.digests(&token, "web").await["THEIRS"], theirs);
+    assert!(
+        target(&st, "web")
+            .unwrap()
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("unset keys no longer in the bundle: EMPTY, JWT_SECRET"),
+        "{st:?}"
+    );
+    // Every request carried the token; none asked to delete a secret.
+    let log = api.log().await;
+    assert!(log.iter().all(|r| r["token_ok"] == json!(true)), "{log:?}");
+    assert!(log.iter().all(|r| r["method"] != "DELETE"), "{log:?}");
+
+    // Dropping the last key of another bundle's... no: taking THEIRS into the bundle makes it
+    // managed (the bundle declares it); leaving it out again unsets it, as any managed key.
+    e.secret("src", &[("ONLY", "1")]).await;
+    e.wait("fly", 30, "only ONLY", |s| {
+        fly_of(s, "web").managed_keys == ["ONLY"]
+    })
+    .await;
+    assert_eq!(
+        api.values("web").await,
+        map(&[("ONLY", "1"), ("THEIRS", "not-ours")])
+    );
+}
+
+#[tokio::test]
+async fn fly_api_drift_is_seen_in_status_and_corrected() {
+    let api = FlyApiStandIn::start().await;
+    let token = fly_token();
+    api.token(&token).await;
+    api.app("web").await;
+    let e = api_env("secretbundle-flyapi-drift", &api).await;
+    e.secret("src", &[("A", "alpha"), ("B", "beta")]).await;
+    e.secret("fly", &[("token", &token)]).await;
+    e.bundle(
+        "fly",
+        json!({
+            "sources": [{"secretName": "src"}],
+            "targets": {"flyApps": [{"app": "web", "tokenSecretRef": {"name": "fly", "key": "token"}}]},
+            "refreshInterval": "10s",
+        }),
+    )
+    .await;
+    let st = e
+        .wait("fly", 30, "web staged", |s| {
+            state_of(s, "web") == Some(BundleTargetState::Staged)
+        })
+        .await;
+    assert!(fly_of(&st, "web").drifted_keys.is_empty());
+    let sets_before = api
+        .log_for("web")
+        .await
+        .iter()
+        .filter(|(m, _)| m == "POST")
+        .count();
+    assert_eq!(sets_before, 1);
+    // Someone changes B on Fly.io.
+    api.set_as_someone_else(&token, "web", json!({"B": "tampered"}))
+        .await;
+    let st = e
+        .wait("fly", 40, "drift seen and corrected", |s| {
+            fly_of(s, "web").drifted_keys == ["B"]
+        })
+        .await;
+    assert_eq!(state_of(&st, "web"), Some(BundleTargetState::Staged));
+    assert_eq!(
+        api.values("web").await,
+        map(&[("A", "alpha"), ("B", "beta")])
+    );
+    assert!(fly_of(&st, "web").drift_seen_at.is_some());
+    let msg = target(&st, "web").unwrap().message.clone().unwrap();
+    assert!(
+        msg.contains("drift corrected: B changed or missing"),
+        "{msg}"
+    );
+    assert!(
+        e.event_reasons("fly")
+            .await
+            .iter()
+            .any(|(r, m)| r == "FlyDrift" && m.contains("B changed or missing"))
+    );
+    // A later check with nothing changed sets nothing (one list per refresh, no POST).
+    let posts = |l: &[(String, u16)]| l.iter().filter(|(m, _)| m == "POST").count();
+    let after = posts(&api.log_for("web").await);
+    let gets = api.log_for("web").await.len() - after;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.log_for("web").await.len() - posts(&api.log_for("web").await) <= gets {
+        assert!(Instant::now() < deadline, "no check after the correction");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(posts(&api.log_for("web").await), after);
+    // A removed key is drift too: set again.
+    let d = api.digests(&token, "web").await;
+    assert_eq!(d.len(), 2);
+    api.set_as_someone_else(&token, "web", json!({"A": null}))
+        .await;
+    e.wait("fly", 40, "A set again", |s| {
+        fly_of(s, "web").drifted_keys == ["A"]
+    })
+    .await;
+    assert_eq!(
+        api.values("web").await,
+        map(&[("A", "alpha"), ("B", "beta")])
+    );
+}
+
+#[tokio::test]
+async fn fly_api_errors_have_clear_reasons_and_throttling_is_retried() {
+    let api = FlyApiStandIn::start().await;
+    let token = fly_token();
+    let refused = format!("FlyV1 fm2_REFUSED{}AAAA", std::process::id());
+    api.token(&token).await;
+    api.app("web").await;
+    api.app("busy").await;
+    api.app("flaky").await;
+    api.app("strict").await;
+    // busy: two 429s asking for a 1 s wait; flaky: one 500; strict: one 422.
+    api.fault("busy", 429, 2, Some(1)).await;
+    api.fault("flaky", 500, 1, None).await;
+    api.fault("strict", 422, 1, None).await;
+    let e = api_env("secretbundle-flyapi-errors", &api).await;
+    e.secret("src", &[("A", "alpha")]).await;
+    e.secret("fly", &[("token", &token)]).await;
+    e.secret("bad", &[("token", &refused)]).await;
+    e.bundle(
+        "fly",
+        json!({
+            "sources": [{"secretName": "src"}],
+            "targets": {"flyApps": [
+                {"app": "web", "tokenSecretRef": {"name": "bad", "key": "token"}},
+            ]},
+        }),
+    )
+    .await;
+    // 401: Failed, reason FlyUnauthorized, on the target and on Ready and Degraded.
+    let st = e
+        .wait("fly", 30, "unauthorized", |s| {
+            reason_of(s, "web").as_deref() == Some("FlyUnauthorized")
+        })
+        .await;
+    assert_eq!(state_of(&st, "web"), Some(BundleTargetState::Failed));
+    let msg = target(&st, "web").unwrap().message.clone().unwrap();
+    assert!(msg.contains("fly tokens create deploy -a web"), "{msg}");
+    assert!(!msg.contains(&refused), "{msg}");
+    assert_eq!(cond(&st, "Ready").unwrap().1, "FlyUnauthorized");
+    assert_eq!(cond(&st, "Degraded").unwrap().1, "FlyUnauthorized");
+    assert!(api.values("web").await.is_empty());
+    assert!(
+        e.event_reasons("fly")
+            .await
+            .iter()
+            .any(|(r, _)| r == "FlyUnauthorized")
+    );
+
+    // 404 (no such app): Skipped, reason FlyAppNotFound; the others go through, the throttled
+    // one after Fly's Retry-After, the failing one after the backoff.
+    e.bundle(
+        "fly",
+        json!({
+            "sources": [{"secretName": "src"}],
+            "targets": {"flyApps": [
+                {"app": "web", "tokenSecretRef": {"name": "fly", "key": "token"}},
+                {"app": "ghost", "tokenSecretRef": {"name": "fly", "key": "token"}},
+                {"app": "busy", "tokenSecretRef": {"name": "fly", "key": "token"}},
+                {"app": "flaky", "tokenSecretRef": {"name": "fly", "key": "token"}},
+                {"app": "strict", "tokenSecretRef": {"name": "fly", "key": "token"}},
+            ]},
+        }),
+    )
+    .await;
+    let st = e
+        .wait(
+            "fly",
+            60,
+            "web, busy, flaky and strict staged, ghost skipped",
+            |s| {
+                ["web", "busy", "flaky", "strict"]
+                    .iter()
+                    .all(|a| state_of(s, a) == Some(BundleTargetState::Staged))
+                    && state_of(s, "ghost") == Some(BundleTargetState::Skipped)
+            },
+        )
+        .await;
+    assert_eq!(reason_of(&st, "ghost").as_deref(), Some("FlyAppNotFound"));
+    assert!(
+        target(&st, "ghost")
+            .unwrap()
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("Fly.io app ghost does not exist")
+    );
+    assert_eq!(cond(&st, "Degraded").unwrap().1, "FlyAppNotFound");
+    assert_eq!(cond(&st, "Ready").unwrap().0, "True");
+    for app in ["web", "busy", "flaky", "strict"] {
+        assert_eq!(api.values(app).await, map(&[("A", "alpha")]), "{app}");
+        assert_eq!(reason_of(&st, app), None, "{app}");
+    }
+    let busy = api.log_for("busy").await;
+    assert_eq!(
+        busy.iter().filter(|(_, s)| *s == 429).count(),
+        2,
+        "{busy:?}"
+    );
+    assert!(
+        busy.iter().any(|(m, s)| m == "POST" && *s == 200),
+        "{busy:?}"
+    );
+    let flaky = api.log_for("flaky").await;
+    assert_eq!(flaky.first(), Some(&("GET".to_string(), 500)), "{flaky:?}");
+    let reasons = e.event_reasons("fly").await;
+    for r in [
+        "FlyThrottled",
+        "FlyUnavailable",
+        "FlyRejected",
+        "FlyAppNotFound",
+    ] {
+        assert!(reasons.iter().any(|(x, _)| x == r), "{r}: {reasons:?}");
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|(r, m)| r == "FlyThrottled" && m.contains("retried in 1s as it asked")),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn fly_api_canary_leaks_nowhere() {
+    let logs = LogBuf::default();
+    let subscriber = {
+        let w = logs.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish()
+    };
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // See a_canary_value_leaks_nowhere: a second dispatcher keeps callsite interest honest.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+
+    let canary = format!(
+        "CANARY{}x{}",
+        std::process::id(),
+        Timestamp::now().as_nanosecond()
+    );
+    let token = format!("FlyV1 fm2_TOKENCANARY{}x", Timestamp::now().as_nanosecond());
+    let refused = format!(
+        "FlyV1 fm2_REFUSEDCANARY{}x",
+        Timestamp::now().as_nanosecond()
+    );
+    let api = FlyApiStandIn::start().await;
+    api.token(&token).await;
+    api.app("web").await;
+    api.app("throttled").await;
+    api.fault("throttled", 429, 3, Some(1)).await;
+    let e = api_env("secretbundle-flyapi-canary", &api).await;
+    let quoted = format!("pre \"{canary}\" $post\nsecond line {canary}");
+    e.secret("src", &[("CANARY", &canary), ("QUOTED", &quoted)])
+        .await;
+    e.secret("fly", &[("token", &token)]).await;
+    e.secret("bad", &[("token", &refused)]).await;
+    e.bundle(
+        "leaky",
+        json!({
+            "sources": [{"secretName": "src"}],
+            "targets": {"flyApps": [
+                {"app": "web", "tokenSecretRef": {"name": "fly", "key": "token"}},
+                {"app": "ghost", "tokenSecretRef": {"name": "fly", "key": "token"}},
+                {"app": "locked", "tokenSecretRef": {"name": "bad", "key": "token"}},
+                {"app": "throttled", "tokenSecretRef": {"name": "fly", "key": "token"}},
+            ]},
+        }),
+    )
+    .await;
+    e.wait("leaky", 60, "every path taken", |s| {
+        state_of(s, "web") == Some(BundleTargetState::Staged)
+            && state_of(s, "ghost") == Some(BundleTargetState::Skipped)
+            && state_of(s, "locked") == Some(BundleTargetState::Failed)
+            && state_of(s, "throttled") == Some(BundleTargetState::Staged)
+    })
+    .await;
+    // Sanity: the canary did travel where it should.
+    assert_eq!(api.values("web").await.get("CANARY"), Some(&canary));
+
+    let mut places: Vec<(String, String)> = vec![(
+        "operator logs".into(),
+        String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string(),
+    )];
+    assert!(
+        places[0].1.contains("FlyThrottled"),
+        "logs were not captured"
+    );
+    for ev in e.events().await {
+        places.push((
+            format!("event {}", ev.metadata.name.clone().unwrap_or_default()),
+            serde_json::to_string(&ev).unwrap(),
+        ));
+    }
+    for b in e.bundles.list(&ListParams::default()).await.unwrap() {
+        places.push((
+            format!(
+                "SecretBundle {}",
+                b.metadata.name.clone().unwrap_or_default()
+            ),
+            serde_json::to_string(&b).unwrap(),
+        ));
+    }
+    places.push((
+        "stand-in request log".into(),
+        serde_json::to_string(&api.log().await).unwrap(),
+    ));
+    let token_body = token.trim_start_matches("FlyV1 ").to_string();
+    let refused_body = refused.trim_start_matches("FlyV1 ").to_string();
+    for (place, text) in &places {
+        for (what, secret) in [
+            ("canary", canary.as_str()),
+            ("token", token_body.as_str()),
+            ("refused token", refused_body.as_str()),
+        ] {
+            assert!(
+                !text.contains(secret),
+                "the {what} leaked into {place}: {}",
+                text.lines()
+                    .filter(|l| l.contains(secret))
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    assert!(places.len() > 4, "{}", places.len());
+}
+
+/// The operator binary as shipped: with no `--fly-method` it pushes through the API
+/// (`--fly-api-url`), and no flyctl exists anywhere it could run.
+#[tokio::test]
+async fn the_operator_pushes_through_the_api_by_default_without_flyctl() {
+    let api = FlyApiStandIn::start().await;
+    let token = fly_token();
+    api.token(&token).await;
+    api.app("web").await;
+    let client = support::client().await;
+    let ns = support::namespace(&client, "secretbundle-flyapi-op").await;
+    let mut op = support::Operator::start(
+        &ns,
+        "http://127.0.0.1:9",
+        &["--fly-api-url", &api.url, "--flyctl", "/nonexistent/flyctl"],
+    );
+    let e = Env {
+        bundles: Api::namespaced(client.clone(), &ns),
+        sbx: Api::namespaced(client.clone(), &ns),
+        secrets: Api::namespaced(client.clone(), &ns),
+        client: client.clone(),
+        ns: ns.clone(),
+        fly: tempfile::tempdir().unwrap(),
+        _stop: tokio::sync::oneshot::channel().0,
+    };
+    e.secret("src", &[("A", "alpha-value"), ("B", "beta-value")])
+        .await;
+    e.secret("fly", &[("token", &token)]).await;
+    e.bundle(
+        "fly",
+        json!({
+            "sources": [{"secretName": "src"}],
+            "targets": {"flyApps": [{"app": "web", "tokenSecretRef": {"name": "fly", "key": "token"}}]},
+        }),
+    )
+    .await;
+    let st = e
+        .wait("fly", 60, "web staged by the operator", |s| {
+            state_of(s, "web") == Some(BundleTargetState::Staged)
+        })
+        .await;
+    assert_eq!(
+        api.values("web").await,
+        map(&[("A", "alpha-value"), ("B", "beta-value")])
+    );
+    assert_eq!(fly_of(&st, "web").managed_keys, ["A", "B"]);
+    op.kill();
+    let logs = op.logs();
+    assert!(
+        !logs.contains("/nonexistent/flyctl"),
+        "flyctl was run:\n{logs}"
+    );
+    for secret in ["alpha-value", token.trim_start_matches("FlyV1 ")] {
+        assert!(
+            !logs.contains(secret),
+            "{secret} in the operator log:\n{logs}"
+        );
+    }
 }

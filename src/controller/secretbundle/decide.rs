@@ -49,6 +49,9 @@ pub mod reason {
     pub const SYNCING: &str = "Syncing";
     /// Some targets failed (retried with backoff).
     pub const SYNC_FAILED: &str = "SyncFailed";
+    /// Every target holds the content, some Fly.io apps staged (their Machines take it at their
+    /// next deploy or update).
+    pub const STAGED: &str = "Staged";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,6 +455,8 @@ pub struct FlyObs {
     pub blocked: Option<FlyBlock>,
     /// A fingerprint of the credential (a changed token retries at once).
     pub fingerprint: u64,
+    /// Pushed through Fly's Machines API (else through flyctl).
+    pub api: bool,
 }
 
 /// What the reconciler remembers about one target between reconciles (in memory only: after a
@@ -472,6 +477,27 @@ pub struct Memory {
     pub skipped: bool,
     /// The last outcome's message (never a value).
     pub message: Option<String>,
+    /// A Fly.io app (API): the digest of each managed key Fly answered after the last set.
+    pub fly_digests: BTreeMap<String, String>,
+}
+
+/// What a visit of a Fly.io app through the API found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlyVisit {
+    /// The keys the bundle now manages there (its keys).
+    pub managed_keys: Vec<String>,
+    /// The fingerprint of their digests as Fly lists them now.
+    pub fingerprint: String,
+    /// Their digests.
+    pub digests: BTreeMap<String, String>,
+    /// Managed keys found changed or missing (then set again).
+    pub drifted: Vec<String>,
+    /// Drift seen from the fingerprint alone (no key could be named).
+    pub drift_unnamed: bool,
+    /// Keys it unset (no longer in the bundle).
+    pub unset: Vec<String>,
+    /// Whether it set the values (else it only listed and compared).
+    pub set: bool,
 }
 
 /// What a push to one target gave.
@@ -491,6 +517,24 @@ pub enum Outcome {
     Skipped {
         /// Why (scrubbed).
         message: String,
+    },
+    /// A Fly.io app's secrets (API) hold this content, staged: listed, and set where needed.
+    Staged {
+        /// The content hash.
+        hash: String,
+        /// What the visit found and did.
+        fly: FlyVisit,
+    },
+    /// A Fly.io API call failed.
+    FlyFailed {
+        /// What went wrong (scrubbed).
+        message: String,
+        /// The CamelCase reason (FlyUnauthorized, FlyThrottled, ...).
+        reason: String,
+        /// How long Fly asked to wait (`Retry-After`).
+        retry_after: Option<Duration>,
+        /// The app does not exist: skipped until refresh or a change, like flyctl's answer.
+        skip: bool,
     },
 }
 
@@ -651,6 +695,10 @@ fn entry(key: &TargetKey, prev: Option<&BundleTargetStatus>) -> BundleTargetStat
         synced_at: prev.and_then(|p| p.synced_at.clone()),
         state: BundleTargetState::Pending,
         message: None,
+        reason: None,
+        // The keys a bundle manages on a Fly.io app survive every state: they are the only
+        // ones it may ever unset.
+        fly: prev.and_then(|p| p.fly.clone()),
     }
 }
 
@@ -821,7 +869,14 @@ fn assess_fly(
         }
         None => {}
     }
-    if prev.and_then(|p| p.synced_hash.as_deref()) == Some(hash) {
+    if f.api {
+        return assess_fly_api(inp, a, prev, mem);
+    }
+    // (Content only staged through the API, before a switch to flyctl, is imported again: an
+    // import without --stage deploys it.)
+    if prev.is_some_and(|p| {
+        p.synced_hash.as_deref() == Some(hash) && p.state != BundleTargetState::Staged
+    }) {
         // flyctl reports no digest that could show drift: what was imported stays imported.
         a.entry.state = BundleTargetState::Synced;
         return a;
@@ -838,6 +893,85 @@ fn assess_fly(
     }
     gate(inp, &mut a, mem, Why::Outdated);
     a
+}
+
+/// A Fly.io app through the API: its digests are listed and compared once per
+/// refreshInterval (drift), and a new content is set at once.
+fn assess_fly_api(
+    inp: &Inputs<'_>,
+    mut a: Assessment,
+    prev: Option<&BundleTargetStatus>,
+    mem: Option<&Memory>,
+) -> Assessment {
+    let hash = inp.content.hash.as_str();
+    let staged = prev
+        .filter(|p| p.synced_hash.as_deref() == Some(hash) && p.state == BundleTargetState::Staged);
+    if let Some(p) = staged {
+        let last = p
+            .fly
+            .as_ref()
+            .and_then(|f| f.checked_at.as_ref())
+            .or(p.synced_at.as_ref())
+            .map(|t| t.0);
+        let due = last.map_or(inp.now, |t| add(t, inp.refresh));
+        if due > inp.now {
+            a.entry.state = BundleTargetState::Staged;
+            a.entry.message = p.message.clone();
+            a.wake_at = Some(due);
+            return a;
+        }
+        // Time to compare digests: the app keeps its standing meanwhile.
+        gate(inp, &mut a, mem, Why::Drift);
+        if a.push.is_some() {
+            a.entry.state = BundleTargetState::Staged;
+            a.entry.message = p.message.clone();
+            a.blocks_ready = false;
+        }
+        return a;
+    }
+    if let Some(m) = mem
+        && m.skipped
+        && m.retry_at.is_none_or(|t| t > inp.now)
+    {
+        a.entry.state = BundleTargetState::Skipped;
+        a.entry.message = m.message.clone();
+        a.entry.reason = prev.and_then(|p| p.reason.clone());
+        a.wake_at = m.retry_at;
+        return a;
+    }
+    gate(inp, &mut a, mem, Why::Outdated);
+    if a.push.is_none() {
+        a.entry.reason = prev.and_then(|p| p.reason.clone());
+    }
+    a
+}
+
+/// What the reconciler hands the API edge about one app: the keys it manages there and what
+/// it recorded (from status, and the per-key digests this process remembers).
+pub fn fly_known(inp: &Inputs<'_>, app: &str) -> crate::controller::secretbundle::fly::api::Known {
+    let key = TargetKey::FlyApp(app.to_string());
+    let prev = inp.status.targets.iter().find(|t| TargetKey::of(t) == key);
+    let fly = prev.and_then(|p| p.fly.clone()).unwrap_or_default();
+    let mut desired: Vec<String> = inp.content.vars.keys().cloned().collect();
+    desired.sort();
+    let mut managed = fly.managed_keys.clone();
+    managed.sort();
+    let current = prev.is_some_and(|p| {
+        p.synced_hash.as_deref() == Some(inp.content.hash.as_str())
+            && p.state == BundleTargetState::Staged
+    }) && managed == desired;
+    let digests = inp
+        .memory
+        .get(&key)
+        .filter(|m| m.hash.as_deref() == Some(inp.content.hash.as_str()))
+        .map(|m| m.fly_digests.clone())
+        .unwrap_or_default();
+    crate::controller::secretbundle::fly::api::Known {
+        current,
+        managed: fly.managed_keys,
+        fingerprint: fly.digest_fingerprint,
+        digests,
+    }
 }
 
 /// Updates a target's memory with the outcome of a push.
@@ -862,6 +996,35 @@ pub fn remember(mem: &mut Memory, outcome: &Outcome, inp: &Inputs<'_>, fingerpri
             mem.failures = 0;
             mem.retry_at = Some(add(inp.now, inp.refresh));
             mem.skipped = true;
+            mem.message = Some(message.clone());
+        }
+        Outcome::Staged { fly, .. } => {
+            mem.failures = 0;
+            mem.retry_at = None;
+            mem.skipped = false;
+            mem.message = None;
+            mem.fly_digests = fly.digests.clone();
+        }
+        Outcome::FlyFailed {
+            message,
+            skip: true,
+            ..
+        } => {
+            mem.failures = 0;
+            mem.retry_at = Some(add(inp.now, inp.refresh));
+            mem.skipped = true;
+            mem.message = Some(message.clone());
+        }
+        Outcome::FlyFailed {
+            message,
+            retry_after,
+            ..
+        } => {
+            mem.failures = if mem.skipped { 1 } else { mem.failures + 1 };
+            // The controller's backoff, or longer when Fly asked for longer.
+            let wait = backoff(inp.settings, mem.failures).max(retry_after.unwrap_or_default());
+            mem.retry_at = Some(add(inp.now, wait));
+            mem.skipped = false;
             mem.message = Some(message.clone());
         }
     }
@@ -893,16 +1056,89 @@ pub fn entry_after(a: &Assessment, outcome: &Outcome, inp: &Inputs<'_>) -> Bundl
             e.state = BundleTargetState::Skipped;
             e.message = Some(message.clone());
         }
+        Outcome::Staged { hash, fly } if *hash == inp.content.hash => {
+            e.state = BundleTargetState::Staged;
+            if fly.set || e.synced_hash.as_deref() != Some(hash) {
+                e.synced_at = Some(Time(inp.now));
+            }
+            e.synced_hash = Some(hash.clone());
+            e.reason = None;
+            let mut st = e.fly.take().unwrap_or_default();
+            st.managed_keys = fly.managed_keys.clone();
+            st.managed_keys.sort();
+            st.digest_fingerprint = Some(fly.fingerprint.clone());
+            st.checked_at = Some(Time(inp.now));
+            if !fly.drifted.is_empty() || fly.drift_unnamed {
+                st.drifted_keys = fly.drifted.clone();
+                st.drift_seen_at = Some(Time(inp.now));
+            }
+            e.message = Some(staged_message(fly, inp));
+            e.fly = Some(st);
+        }
+        Outcome::Staged { hash, .. } => {
+            e.state = BundleTargetState::Failed;
+            e.message = Some(format!(
+                "the target acknowledged content {} instead of {}",
+                short(hash),
+                inp.content.short_hash()
+            ));
+        }
+        Outcome::FlyFailed {
+            message,
+            reason,
+            skip,
+            ..
+        } => {
+            e.state = if *skip {
+                BundleTargetState::Skipped
+            } else {
+                BundleTargetState::Failed
+            };
+            e.message = Some(message.clone());
+            e.reason = Some(reason.clone());
+        }
     }
     e
+}
+
+/// The message of a staged Fly.io app: what was done, and that Machines take it later.
+fn staged_message(fly: &FlyVisit, inp: &Inputs<'_>) -> String {
+    let mut m = if fly.set {
+        format!(
+            "set content {} ({} keys) through Fly's API: staged, not deployed; the app's Machines take it at their next deploy or update",
+            inp.content.short_hash(),
+            fly.managed_keys.len()
+        )
+    } else {
+        format!(
+            "content {} is staged on the app (digests unchanged); the app's Machines take it at their next deploy or update",
+            inp.content.short_hash()
+        )
+    };
+    if !fly.unset.is_empty() {
+        m.push_str(&format!(
+            "; unset keys no longer in the bundle: {}",
+            fly.unset.join(", ")
+        ));
+    }
+    if !fly.drifted.is_empty() {
+        m.push_str(&format!(
+            "; drift corrected: {} changed or missing on Fly.io",
+            fly.drifted.join(", ")
+        ));
+    } else if fly.drift_unnamed {
+        m.push_str("; drift corrected: the keys' digests on Fly.io differed from those recorded");
+    }
+    m
 }
 
 /// Whether an outcome counts against Ready.
 pub fn outcome_blocks_ready(outcome: &Outcome, inp: &Inputs<'_>) -> bool {
     match outcome {
-        Outcome::Synced { hash } => *hash != inp.content.hash,
+        Outcome::Synced { hash } | Outcome::Staged { hash, .. } => *hash != inp.content.hash,
         Outcome::Failed { .. } => true,
         Outcome::Skipped { .. } => false,
+        Outcome::FlyFailed { skip, .. } => !skip,
     }
 }
 
@@ -958,8 +1194,24 @@ pub fn summarize(
     let skipped = names(&|t| t.entry.state == BundleTargetState::Skipped);
     let waiting = names(&|t| t.entry.state == BundleTargetState::Pending && t.blocks_ready);
     let parked = names(&|t| t.entry.state == BundleTargetState::Pending && !t.blocks_ready);
+    let staged = names(&|t| t.entry.state == BundleTargetState::Staged);
     let total = targets.len();
+    // Staged targets hold the content too (in the app's secrets, not yet in its Machines).
     let synced = total - failed.len() - skipped.len() - waiting.len() - parked.len();
+    // The one reason every failed (or every skipped) target shares, when they carry one: a
+    // Fly.io API answer (FlyUnauthorized, FlyThrottled, ...) says more than SyncFailed.
+    let shared_reason = |state: BundleTargetState| -> Option<String> {
+        let mut reasons = targets
+            .iter()
+            .filter(|t| t.entry.state == state)
+            .map(|t| t.entry.reason.clone());
+        let first = reasons.next()??;
+        reasons
+            .all(|r| r.as_deref() == Some(&first))
+            .then_some(first)
+    };
+    let failed_reason = shared_reason(BundleTargetState::Failed);
+    let skipped_reason = shared_reason(BundleTargetState::Skipped);
     st.targets = targets.into_iter().map(|t| t.entry).collect();
 
     let hash = content.short_hash();
@@ -975,7 +1227,7 @@ pub fn summarize(
     } else if !failed.is_empty() {
         (
             FALSE,
-            reason::SYNC_FAILED,
+            failed_reason.as_deref().unwrap_or(reason::SYNC_FAILED),
             match &first_failure {
                 Some(m) => format!(
                     "{} of {total} targets failed to take content {hash}: {} (first: {m})",
@@ -1016,7 +1268,15 @@ pub fn summarize(
         if !skipped.is_empty() {
             m.push_str(&format!("; skipped: {}", list(&skipped)));
         }
-        (TRUE, reason::SYNCED, m)
+        if staged.is_empty() {
+            (TRUE, reason::SYNCED, m)
+        } else {
+            m.push_str(&format!(
+                "; staged, not deployed: {} (the apps' Machines take it at their next deploy or update)",
+                list(&staged)
+            ));
+            (TRUE, reason::STAGED, m)
+        }
     };
     conditions::set(
         &mut st.conditions,
@@ -1032,9 +1292,20 @@ pub fn summarize(
     let degraded = if !failed.is_empty() || !invalid_credentials.is_empty() {
         let mut all = failed.clone();
         all.extend(skipped.iter().cloned());
-        Some(("TargetsFailed", format!("failing: {}", list(&all))))
+        let why = match (
+            &failed_reason,
+            invalid_credentials.is_empty(),
+            skipped.is_empty(),
+        ) {
+            (Some(r), true, true) => r.as_str(),
+            _ => "TargetsFailed",
+        };
+        Some((why, format!("failing: {}", list(&all))))
     } else if !skipped.is_empty() {
-        Some(("TargetsSkipped", format!("skipped: {}", list(&skipped))))
+        Some((
+            skipped_reason.as_deref().unwrap_or("TargetsSkipped"),
+            format!("skipped: {}", list(&skipped)),
+        ))
     } else {
         None
     };
@@ -1360,6 +1631,8 @@ mod tests {
             synced_at: Some(Time(at)),
             state: BundleTargetState::Synced,
             message: None,
+            reason: None,
+            fly: None,
         }
     }
 
@@ -1543,6 +1816,8 @@ mod tests {
             synced_at: Some(Time(synced_at)),
             state: BundleTargetState::Failed,
             message: Some("restarting worker: recreated, but not healthy".into()),
+            reason: None,
+            fly: None,
         }];
         c.sandboxes[0].reported_hash = Some("bad".into());
         c.sandboxes[0].reported_at = Some(synced_at + Duration::from_secs(30));
@@ -1720,6 +1995,7 @@ mod tests {
             app: "gone".into(),
             blocked: None,
             fingerprint: 1,
+            api: false,
         }];
         assert_eq!(pushed(&c.plan()), ["gone"]);
         let mut mem = Memory::default();
@@ -1748,11 +2024,176 @@ mod tests {
             app: "app".into(),
             blocked: Some(FlyBlock::Credential("token is empty".into())),
             fingerprint: 1,
+            api: false,
         }];
         let p = c.plan();
         assert!(pushed(&p).is_empty());
         assert_eq!(p.targets[0].entry.state, BundleTargetState::Failed);
         assert!(p.targets[0].invalid_credential.is_some());
+    }
+
+    fn api_app(c: &mut Case) {
+        c.fly = vec![FlyObs {
+            app: "web".into(),
+            blocked: None,
+            fingerprint: 1,
+            api: true,
+        }];
+    }
+
+    fn visit(set: bool, drifted: &[&str]) -> Outcome {
+        Outcome::Staged {
+            hash: content().hash,
+            fly: FlyVisit {
+                managed_keys: vec!["A".into()],
+                fingerprint: "f".repeat(64),
+                digests: [("A".to_string(), "d1".to_string())].into(),
+                drifted: drifted.iter().map(|s| s.to_string()).collect(),
+                drift_unnamed: false,
+                unset: vec![],
+                set,
+            },
+        }
+    }
+
+    /// Applies an outcome to the case as the reconciler does (status entry and memory).
+    fn apply(c: &mut Case, o: &Outcome) {
+        let p = c.plan();
+        let a = p.targets.iter().find(|a| a.key.name() == "web").unwrap();
+        let e = entry_after(a, o, &c.inputs());
+        let mut m = c.memory.get(&a.key).cloned().unwrap_or_default();
+        remember(&mut m, o, &c.inputs(), 1);
+        c.memory.insert(a.key.clone(), m);
+        c.status.targets = vec![e];
+    }
+
+    #[test]
+    fn api_apps_are_staged_never_synced_and_checked_for_drift_once_per_refresh() {
+        let mut c = Case::new();
+        api_app(&mut c);
+        assert_eq!(pushed(&c.plan()), ["web"]);
+        apply(&mut c, &visit(true, &[]));
+        let e = &c.status.targets[0];
+        assert_eq!(e.state, BundleTargetState::Staged);
+        assert!(
+            e.message
+                .as_deref()
+                .unwrap()
+                .contains("staged, not deployed"),
+            "{e:?}"
+        );
+        let fly = e.fly.clone().unwrap();
+        assert_eq!(fly.managed_keys, ["A"]);
+        assert_eq!(fly.checked_at, Some(Time(c.now)));
+        // The bundle knows what it set: handed to the next visit.
+        let known = fly_known(&c.inputs(), "web");
+        assert!(known.current);
+        assert_eq!(known.managed, ["A"]);
+        assert_eq!(known.digests.get("A").map(String::as_str), Some("d1"));
+        // Staged holds Ready (reason Staged), counted apart from Synced.
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Staged);
+        assert!(!p.targets[0].blocks_ready);
+        assert_eq!(p.requeue, Duration::from_secs(3600));
+        let st = summarize(&c.status, Some(1), &c.content, standing_of(&p), &[], c.now);
+        assert_eq!(st.synced_targets, 0);
+        let ready = conditions::get(&st.conditions, cond::READY).unwrap();
+        assert_eq!(ready.reason, reason::STAGED);
+        assert!(
+            ready
+                .message
+                .contains("staged, not deployed: Fly.io app web")
+        );
+        // A refresh later: a check (keeps its standing while it runs).
+        c.now += Duration::from_secs(3600);
+        let p = c.plan();
+        assert_eq!(pushed(&p), ["web"]);
+        assert_eq!(p.targets[0].push, Some(Why::Drift));
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Staged);
+        assert!(!p.targets[0].blocks_ready);
+        // Drift found and corrected: named in status, kept after the next quiet check.
+        apply(&mut c, &visit(true, &["A"]));
+        let fly = c.status.targets[0].fly.clone().unwrap();
+        assert_eq!(fly.drifted_keys, ["A"]);
+        assert_eq!(fly.drift_seen_at, Some(Time(c.now)));
+        c.now += Duration::from_secs(3600);
+        apply(&mut c, &visit(false, &[]));
+        let e = &c.status.targets[0];
+        assert_eq!(e.fly.as_ref().unwrap().drifted_keys, ["A"]);
+        assert!(e.message.as_deref().unwrap().contains("digests unchanged"));
+        // New content: not current any more, pushed at once.
+        c.content = render(&[src("s", None)], &[data("s", &[("A", "2")])]).unwrap();
+        assert!(!fly_known(&c.inputs(), "web").current);
+        assert_eq!(c.plan().targets[0].push, Some(Why::Outdated));
+    }
+
+    #[test]
+    fn api_failures_carry_their_reason_and_honour_retry_after() {
+        let mut c = Case::new();
+        api_app(&mut c);
+        let throttled = Outcome::FlyFailed {
+            message: "throttled".into(),
+            reason: "FlyThrottled".into(),
+            retry_after: Some(Duration::from_secs(40)),
+            skip: false,
+        };
+        apply(&mut c, &throttled);
+        let e = &c.status.targets[0];
+        assert_eq!(e.state, BundleTargetState::Failed);
+        assert_eq!(e.reason.as_deref(), Some("FlyThrottled"));
+        // Fly's 40 s, not the 5 s backoff.
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.requeue, Duration::from_secs(40));
+        let st = summarize(&c.status, Some(1), &c.content, standing_of(&p), &[], c.now);
+        assert_eq!(
+            conditions::get(&st.conditions, cond::READY).unwrap().reason,
+            "FlyThrottled"
+        );
+        assert_eq!(
+            conditions::get(&st.conditions, cond::DEGRADED)
+                .unwrap()
+                .reason,
+            "FlyThrottled"
+        );
+        c.now += Duration::from_secs(40);
+        assert_eq!(pushed(&c.plan()), ["web"]);
+        // 404: skipped with its reason, looked at again after refreshInterval.
+        let missing = Outcome::FlyFailed {
+            message: "no such app".into(),
+            reason: "FlyAppNotFound".into(),
+            retry_after: None,
+            skip: true,
+        };
+        apply(&mut c, &missing);
+        let p = c.plan();
+        assert!(pushed(&p).is_empty());
+        assert_eq!(p.targets[0].entry.state, BundleTargetState::Skipped);
+        assert_eq!(p.targets[0].entry.reason.as_deref(), Some("FlyAppNotFound"));
+        let st = summarize(&c.status, Some(1), &c.content, standing_of(&p), &[], c.now);
+        assert!(conditions::is_true(&st.conditions, cond::READY));
+        assert_eq!(
+            conditions::get(&st.conditions, cond::DEGRADED)
+                .unwrap()
+                .reason,
+            "FlyAppNotFound"
+        );
+        // The managed keys survive a failure: they are what the next success may unset.
+        apply(&mut c, &visit(true, &[]));
+        apply(
+            &mut c,
+            &Outcome::FlyFailed {
+                message: "down".into(),
+                reason: "FlyUnavailable".into(),
+                retry_after: None,
+                skip: false,
+            },
+        );
+        assert_eq!(
+            c.status.targets[0].fly.as_ref().unwrap().managed_keys,
+            ["A"]
+        );
     }
 
     #[test]
@@ -1779,6 +2220,8 @@ mod tests {
                 synced_at: None,
                 state,
                 message: None,
+                reason: None,
+                fly: None,
             },
             blocks_ready: state != BundleTargetState::Skipped,
         };

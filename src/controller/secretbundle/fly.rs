@@ -1,4 +1,4 @@
-//! Fly.io, the pure part: the token format check, the text `flyctl secrets import` reads on
+//! Fly.io, the pure part: the Machines API's requests and answers ([`api`]), the token format check, the text `flyctl secrets import` reads on
 //! stdin, a port of flyctl's parser of that text (to prove each value survives it), and the
 //! reading of flyctl's output (app missing or failed).
 //!
@@ -262,6 +262,438 @@ pub fn excerpt(output: &str, max: usize) -> String {
     }
     let skip = tail.chars().count() - max;
     format!("...{}", tail.chars().skip(skip).collect::<String>())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Machines API (method `Api`): the pure part. The HTTP calls are in `fly_api.rs`.
+// ---------------------------------------------------------------------------------------------
+
+/// What Fly.io's documentation says about the app secrets endpoints, in our words (no CLI is
+/// needed for any of it):
+///
+/// - "Working with the Machines API": the public base URL is `https://api.machines.dev`; every
+///   request carries `Authorization: Bearer <token>` (a token from `fly tokens deploy` manages
+///   one app). Status codes: 200/201/202/204 success; 400 bad parameters; 401 the token is
+///   missing or invalid; 404 the resource (here the app) was not found; 408 timed out; 422
+///   validation failed; 5xx an error of Fly's servers. Rate limits apply per action and per app
+///   (about 1 request per second with short bursts); the page lists no 429 body, so a 429 is
+///   read like any error and its `Retry-After` (seconds) is honoured when present.
+/// - The Machines API reference (its OpenAPI spec, operations "List app secrets", "Update app
+///   secrets", "Delete an app secret"): `GET /v1/apps/{app}/secrets` answers
+///   `{"secrets": [{"name", "digest", "created_at", "updated_at"}]}` (values only with
+///   `show_secrets`, which this operator never asks for); `POST /v1/apps/{app}/secrets` takes
+///   `{"values": {"NAME": "value", "OTHER": null}}` (a null unsets) and answers the secrets
+///   with their new digests and a `version`; errors are `{"error": "..."}`.
+/// - "Apps resource" (section "Set app secrets"): Machines inherit the app's secrets, and
+///   existing Machines must be updated to pick up secrets set after they were created. So a
+///   set through the API is *staged*: the status says Staged, never Synced.
+/// - "Secrets and Fly Apps" and "fly secrets list": the list shows a digest of each value, never
+///   the value. How Fly computes the digest is not documented, so drift is found by comparing
+///   the digests listed now with those Fly answered right after this bundle's last set
+///   (recorded as a fingerprint in status, and per key in memory to name the keys).
+pub mod api {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde::Deserialize;
+    use sha2::{Digest, Sha256};
+
+    /// The public base URL.
+    pub const DEFAULT_URL: &str = "https://api.machines.dev";
+
+    /// One secret as listed (or as an update answers it).
+    #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+    pub struct Listed {
+        /// The secret's name.
+        pub name: String,
+        /// Fly's digest of its value.
+        #[serde(default)]
+        pub digest: Option<String>,
+        /// When it was last set.
+        #[serde(default)]
+        pub updated_at: Option<String>,
+    }
+
+    /// The answer of `GET /v1/apps/{app}/secrets` (and, with `version`, of the update).
+    #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+    pub struct SecretList {
+        /// The secrets.
+        #[serde(default)]
+        pub secrets: Vec<Listed>,
+        /// The secrets' version (update answers).
+        #[serde(default)]
+        pub version: Option<i64>,
+    }
+
+    /// Fly's error body.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    struct ErrorBody {
+        #[serde(default)]
+        error: Option<String>,
+    }
+
+    /// What this bundle knows of the app before a visit.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Known {
+        /// The app's status entry holds the current content (last set, or confirmed).
+        pub current: bool,
+        /// The keys this bundle set there before.
+        pub managed: Vec<String>,
+        /// The fingerprint recorded after the last set.
+        pub fingerprint: Option<String>,
+        /// Per key, the digest Fly answered after the last set (this process only).
+        pub digests: BTreeMap<String, String>,
+    }
+
+    /// What to do on a visit.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Visit {
+        /// Set every desired key (the content is new, or drifted, or a key is missing).
+        pub set: bool,
+        /// Keys this bundle set before, no longer in it, and still on the app: unset them.
+        pub unset: Vec<String>,
+        /// Managed keys whose digest differs from the one recorded (or that are missing).
+        pub drifted: Vec<String>,
+        /// The recorded fingerprint differs, though no single key could be named (after a
+        /// restart, with no digests in memory).
+        pub drift_unnamed: bool,
+    }
+
+    /// sha256 (hex) over the names and digests of `keys` as listed: `name\0digest\n`, sorted,
+    /// a missing key or digest counting as empty.
+    pub fn fingerprint<'a>(
+        keys: impl IntoIterator<Item = &'a String>,
+        listed: &[Listed],
+    ) -> String {
+        let by_name: BTreeMap<&str, &str> = listed
+            .iter()
+            .map(|l| (l.name.as_str(), l.digest.as_deref().unwrap_or("")))
+            .collect();
+        let mut keys: Vec<&String> = keys.into_iter().collect();
+        keys.sort();
+        keys.dedup();
+        let mut h = Sha256::new();
+        for k in keys {
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(by_name.get(k.as_str()).copied().unwrap_or("").as_bytes());
+            h.update(b"\n");
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// Decides a visit: the desired keys, what this bundle knew, and the app's list.
+    pub fn visit<'a>(
+        desired: impl IntoIterator<Item = &'a String>,
+        known: &Known,
+        listed: &[Listed],
+    ) -> Visit {
+        let desired: Vec<&String> = desired.into_iter().collect();
+        let on_app: BTreeMap<&str, Option<&str>> = listed
+            .iter()
+            .map(|l| (l.name.as_str(), l.digest.as_deref()))
+            .collect();
+        let mut v = Visit {
+            unset: known
+                .managed
+                .iter()
+                .filter(|k| !desired.contains(k) && on_app.contains_key(k.as_str()))
+                .cloned()
+                .collect(),
+            ..Visit::default()
+        };
+        if !known.current {
+            v.set = true;
+            return v;
+        }
+        for k in &desired {
+            match on_app.get(k.as_str()) {
+                None => v.drifted.push((*k).clone()),
+                Some(d) => {
+                    if let Some(was) = known.digests.get(*k)
+                        && Some(was.as_str()) != *d
+                    {
+                        v.drifted.push((*k).clone());
+                    }
+                }
+            }
+        }
+        let fp_differs = known
+            .fingerprint
+            .as_ref()
+            .is_some_and(|f| *f != fingerprint(desired.iter().copied(), listed));
+        v.drift_unnamed = v.drifted.is_empty() && fp_differs;
+        v.set = !v.drifted.is_empty() || v.drift_unnamed;
+        v
+    }
+
+    /// The `POST /v1/apps/{app}/secrets` body: every desired value, and null for each key to
+    /// unset. Holds values: never logged, never in a message.
+    pub fn update_body(
+        values: &BTreeMap<String, String>,
+        set: bool,
+        unset: &[String],
+    ) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        if set {
+            for (k, v) in values {
+                m.insert(k.clone(), serde_json::Value::String(v.clone()));
+            }
+        }
+        for k in unset {
+            m.insert(k.clone(), serde_json::Value::Null);
+        }
+        serde_json::json!({ "values": m })
+    }
+
+    /// What a failed call means.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Problem {
+        /// 401 or 403: the token is missing, invalid, or may not manage this app.
+        Unauthorized,
+        /// 404: no such app (or the token cannot see it).
+        AppNotFound,
+        /// 400 or 422: Fly refused the request (a name or value it does not accept).
+        Rejected,
+        /// 429: too many requests.
+        Throttled,
+        /// 408 or 5xx: Fly's servers failed or timed out.
+        Unavailable,
+        /// No answer (connection, TLS, timeout) or an answer that is not Fly's.
+        Unreachable,
+    }
+
+    impl Problem {
+        /// The CamelCase reason status and conditions carry.
+        pub fn reason(self) -> &'static str {
+            match self {
+                Problem::Unauthorized => "FlyUnauthorized",
+                Problem::AppNotFound => "FlyAppNotFound",
+                Problem::Rejected => "FlyRejected",
+                Problem::Throttled => "FlyThrottled",
+                Problem::Unavailable => "FlyUnavailable",
+                Problem::Unreachable => "FlyUnreachable",
+            }
+        }
+    }
+
+    /// A failed call, read: what it means, Fly's own words (an excerpt, to be scrubbed), and
+    /// how long Fly asked to wait.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Failure {
+        /// What it means.
+        pub problem: Problem,
+        /// The HTTP status.
+        pub status: u16,
+        /// Fly's `error` text, or the start of the body.
+        pub said: String,
+        /// `Retry-After`, in seconds.
+        pub retry_after: Option<Duration>,
+    }
+
+    /// Reads a non-2xx answer.
+    pub fn classify(status: u16, body: &str, retry_after: Option<&str>) -> Failure {
+        let problem = match status {
+            401 | 403 => Problem::Unauthorized,
+            404 => Problem::AppNotFound,
+            400 | 422 => Problem::Rejected,
+            429 => Problem::Throttled,
+            408 | 500..=599 => Problem::Unavailable,
+            _ => Problem::Unreachable,
+        };
+        let said = serde_json::from_str::<ErrorBody>(body)
+            .ok()
+            .and_then(|b| b.error)
+            .unwrap_or_else(|| body.trim().to_string());
+        let said = super::excerpt(&said, 200);
+        let retry_after = retry_after
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(3600)));
+        Failure {
+            problem,
+            status,
+            said,
+            retry_after,
+        }
+    }
+
+    /// The message for a failure (`said` already scrubbed), telling what to fix.
+    pub fn message(app: &str, f: &Failure) -> String {
+        let what = match f.problem {
+            Problem::Unauthorized => format!(
+                "Fly.io refused the token for app {app} ({}): store a token that may manage the app (fly tokens create deploy -a {app}) in the token Secret",
+                f.status
+            ),
+            Problem::AppNotFound => format!(
+                "Fly.io app {app} does not exist (or the token cannot see it) (404); skipped until the spec or the content changes or refreshInterval passes"
+            ),
+            Problem::Rejected => format!(
+                "Fly.io refused the secrets of app {app} ({}); retried with backoff",
+                f.status
+            ),
+            Problem::Throttled => match f.retry_after {
+                Some(d) => format!(
+                    "Fly.io throttled the requests for app {app} (429); retried in {}s as it asked",
+                    d.as_secs()
+                ),
+                None => format!(
+                    "Fly.io throttled the requests for app {app} (429); retried with backoff"
+                ),
+            },
+            Problem::Unavailable => format!(
+                "Fly.io's API failed for app {app} ({}); retried with backoff",
+                f.status
+            ),
+            Problem::Unreachable => format!(
+                "Fly.io's API answered app {app} unexpectedly ({}); retried with backoff",
+                f.status
+            ),
+        };
+        if f.said.is_empty() {
+            what
+        } else {
+            format!("{what}: {}", f.said)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn listed(kv: &[(&str, &str)]) -> Vec<Listed> {
+            kv.iter()
+                .map(|(k, d)| Listed {
+                    name: k.to_string(),
+                    digest: Some(d.to_string()),
+                    updated_at: None,
+                })
+                .collect()
+        }
+
+        fn keys(k: &[&str]) -> Vec<String> {
+            k.iter().map(|s| s.to_string()).collect()
+        }
+
+        #[test]
+        fn new_content_sets_everything_and_unsets_only_managed_keys_still_there() {
+            let desired = keys(&["A", "B"]);
+            let known = Known {
+                current: false,
+                managed: keys(&["A", "GONE", "ALREADY_GONE"]),
+                ..Known::default()
+            };
+            let on_app = listed(&[("A", "d1"), ("GONE", "d2"), ("THEIRS", "d3")]);
+            let v = visit(&desired, &known, &on_app);
+            assert!(v.set);
+            assert_eq!(v.unset, keys(&["GONE"]));
+            assert!(v.drifted.is_empty());
+            // THEIRS (set by someone else) is never touched, in the body either.
+            let values: BTreeMap<String, String> =
+                [("A".into(), "1".into()), ("B".into(), "2".into())].into();
+            let body = update_body(&values, v.set, &v.unset);
+            assert_eq!(
+                body,
+                serde_json::json!({"values": {"A": "1", "B": "2", "GONE": null}})
+            );
+        }
+
+        #[test]
+        fn current_content_with_the_same_digests_needs_nothing() {
+            let desired = keys(&["A", "B"]);
+            let on_app = listed(&[("A", "d1"), ("B", "d2"), ("THEIRS", "x")]);
+            let known = Known {
+                current: true,
+                managed: desired.clone(),
+                fingerprint: Some(fingerprint(&desired, &on_app)),
+                digests: [("A".into(), "d1".into()), ("B".into(), "d2".into())].into(),
+            };
+            assert_eq!(visit(&desired, &known, &on_app), Visit::default());
+            // Someone else's secret changing is not drift of this bundle.
+            let mut other = on_app.clone();
+            other[2].digest = Some("y".into());
+            assert_eq!(visit(&desired, &known, &other), Visit::default());
+        }
+
+        #[test]
+        fn changed_or_missing_managed_keys_are_drift_and_set_again() {
+            let desired = keys(&["A", "B"]);
+            let on_app = listed(&[("A", "d1"), ("B", "d2")]);
+            let known = Known {
+                current: true,
+                managed: desired.clone(),
+                fingerprint: Some(fingerprint(&desired, &on_app)),
+                digests: [("A".into(), "d1".into()), ("B".into(), "d2".into())].into(),
+            };
+            let changed = listed(&[("A", "d1"), ("B", "zz")]);
+            let v = visit(&desired, &known, &changed);
+            assert!(v.set);
+            assert_eq!(v.drifted, keys(&["B"]));
+            let missing = listed(&[("B", "d2")]);
+            assert_eq!(visit(&desired, &known, &missing).drifted, keys(&["A"]));
+            // After a restart (no digests in memory) the fingerprint still shows it.
+            let restarted = Known {
+                digests: BTreeMap::new(),
+                ..known.clone()
+            };
+            let v = visit(&desired, &restarted, &changed);
+            assert!(v.set && v.drift_unnamed && v.drifted.is_empty());
+            assert!(!visit(&desired, &restarted, &on_app).set);
+        }
+
+        #[test]
+        fn the_fingerprint_depends_on_names_and_digests_only_of_the_keys_given() {
+            let a = listed(&[("A", "1"), ("B", "2"), ("X", "9")]);
+            let b = listed(&[("B", "2"), ("A", "1")]);
+            let k = keys(&["B", "A"]);
+            assert_eq!(fingerprint(&k, &a), fingerprint(&k, &b));
+            assert_ne!(fingerprint(&k, &a), fingerprint(&k, &listed(&[("A", "1")])));
+            assert_ne!(
+                fingerprint(&k, &a),
+                fingerprint(&k, &listed(&[("A", "1"), ("B", "3")]))
+            );
+            assert_eq!(fingerprint(&k, &a).len(), 64);
+        }
+
+        #[test]
+        fn errors_are_read_by_status() {
+            let f = classify(401, r#"{"error":"unauthorized"}"#, None);
+            assert_eq!(f.problem, Problem::Unauthorized);
+            assert_eq!(f.said, "unauthorized");
+            assert_eq!(f.problem.reason(), "FlyUnauthorized");
+            assert_eq!(classify(403, "", None).problem, Problem::Unauthorized);
+            let f = classify(404, r#"{"error":"app not found"}"#, None);
+            assert_eq!(f.problem.reason(), "FlyAppNotFound");
+            assert_eq!(classify(422, "{}", None).problem, Problem::Rejected);
+            assert_eq!(classify(400, "bad", None).said, "bad");
+            let f = classify(429, r#"{"error":"rate limited"}"#, Some("7"));
+            assert_eq!(f.problem, Problem::Throttled);
+            assert_eq!(f.retry_after, Some(Duration::from_secs(7)));
+            assert_eq!(
+                classify(429, "", Some("Wed, 21 Oct 2015 07:28:00 GMT")).retry_after,
+                None
+            );
+            assert_eq!(classify(503, "", None).problem, Problem::Unavailable);
+            assert_eq!(classify(500, "<html>", None).said, "<html>");
+            assert_eq!(classify(302, "", None).problem, Problem::Unreachable);
+            let m = message("api", &classify(401, "{}", None));
+            assert!(m.contains("fly tokens create deploy -a api"), "{m}");
+            let m = message("api", &classify(429, "{}", Some("3")));
+            assert!(m.contains("retried in 3s"), "{m}");
+        }
+
+        #[test]
+        fn answers_parse_as_documented() {
+            let l: SecretList = serde_json::from_str(
+                r#"{"secrets":[{"name":"A","digest":"abc","created_at":"2026-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z"}]}"#,
+            )
+            .unwrap();
+            assert_eq!(l.secrets[0].name, "A");
+            assert_eq!(l.secrets[0].digest.as_deref(), Some("abc"));
+            let u: SecretList =
+                serde_json::from_str(r#"{"secrets":[],"version":3,"Version":3}"#).unwrap();
+            assert_eq!(u.version, Some(3));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The SecretBundle controller: Kubernetes Secrets rendered into one deterministic `.env`, pushed
-//! to every selected Sandbox through its agent's `PUT /env` and to Fly.io apps through
-//! `flyctl secrets import`.
+//! to every selected Sandbox through its agent's `PUT /env` and to Fly.io apps through Fly's
+//! Machines API (`POST /v1/apps/{app}/secrets`, staged; drift seen from the listed digests; keys
+//! the bundle dropped unset) or `flyctl secrets import`.
 //!
 //! The reconcile reads the source Secrets, renders them ([`decide::render`]), asks
 //! [`decide::plan`] which targets to push now, pushes at most `maxParallel` at a time, and writes
@@ -19,7 +20,10 @@
 
 pub mod decide;
 pub mod fly;
+pub mod fly_api;
 pub mod scrub;
+
+pub use fly_api::FlyApiSettings;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -44,7 +48,9 @@ use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use crate::agent::client::{AgentClient, AgentError, AgentToken, Timeouts};
-use crate::api::{Sandbox, SecretBundle, SecretBundleSpec, SecretBundleStatus, SecretKeyRef};
+use crate::api::{
+    FlyMethod, Sandbox, SecretBundle, SecretBundleSpec, SecretBundleStatus, SecretKeyRef,
+};
 use crate::metrics::Metrics;
 use crate::util::parse_duration;
 use decide::{
@@ -111,6 +117,12 @@ pub struct ControllerSettings {
     pub progress_interval: Duration,
     /// The name events are reported under.
     pub reporter: String,
+    /// Fly's Machines API (for apps whose method is `Api`).
+    pub fly_api: FlyApiSettings,
+    /// Whether the API (else flyctl) is the method of Fly.io apps whose spec names none. The
+    /// operator's `--fly-method` sets it (default: the API); `false` here keeps a library user
+    /// on flyctl, as before the API existed.
+    pub fly_api_default: bool,
 }
 
 impl Default for ControllerSettings {
@@ -123,6 +135,8 @@ impl Default for ControllerSettings {
             decide: decide::Settings::default(),
             progress_interval: Duration::from_secs(2),
             reporter: "sandbox-operator".into(),
+            fly_api: FlyApiSettings::default(),
+            fly_api_default: false,
         }
     }
 }
@@ -456,12 +470,19 @@ pub enum PushTarget {
         /// Where its token is.
         token: Option<SecretKeyRef>,
     },
-    /// A Fly.io app.
+    /// A Fly.io app, through flyctl.
     Fly {
         /// The app.
         app: String,
         /// `--stage`.
         stage: bool,
+    },
+    /// A Fly.io app, through the Machines API.
+    FlyApi {
+        /// The app.
+        app: String,
+        /// What the bundle knows of the app's secrets.
+        known: fly::api::Known,
     },
 }
 
@@ -470,7 +491,9 @@ impl PushTarget {
     pub fn key(&self) -> TargetKey {
         match self {
             PushTarget::Sandbox { name, .. } => TargetKey::Sandbox(name.clone()),
-            PushTarget::Fly { app, .. } => TargetKey::FlyApp(app.clone()),
+            PushTarget::Fly { app, .. } | PushTarget::FlyApi { app, .. } => {
+                TargetKey::FlyApp(app.clone())
+            }
         }
     }
 }
@@ -575,7 +598,13 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
     let fly_stdin = fly::render_import(&content.vars);
     let mut fly_obs = Vec::new();
     let mut fly_tokens: HashMap<String, String> = HashMap::new();
+    let default_method = if ctx.settings.fly_api_default {
+        FlyMethod::Api
+    } else {
+        FlyMethod::Flyctl
+    };
     for t in &spec.targets.fly_apps {
+        let api = t.method.unwrap_or(default_method) == FlyMethod::Api;
         let r = &t.token_secret_ref;
         let mut fingerprint = 0;
         let mut blocked = match secrets.value(r).await? {
@@ -605,7 +634,9 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
                 }
             }
         };
+        // The API takes any value as JSON; only flyctl's import text has limits.
         if blocked.is_none()
+            && !api
             && let Err(e) = &fly_stdin
         {
             blocked = Some(FlyBlock::Value(e.to_string()));
@@ -614,6 +645,7 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
             app: t.app.clone(),
             blocked,
             fingerprint,
+            api,
         });
     }
 
@@ -717,6 +749,12 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
                     name: name.clone(),
                     url: s.agent_url.clone().unwrap_or_default(),
                     token: token_ref,
+                });
+            }
+            TargetKey::FlyApp(app) if fly_obs.iter().any(|f| &f.app == app && f.api) => {
+                targets.push(PushTarget::FlyApi {
+                    app: app.clone(),
+                    known: decide::fly_known(&inputs, app),
                 });
             }
             TargetKey::FlyApp(app) => {
@@ -833,6 +871,27 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
         .values()
         .filter(|(o, _)| matches!(o, Outcome::Synced { hash } if *hash == content.hash))
         .count();
+    let staged_now: Vec<&str> = outcomes
+        .iter()
+        .filter(|(_, (o, _))| {
+            matches!(o, Outcome::Staged { hash, fly } if *hash == content.hash && fly.set)
+        })
+        .map(|(k, _)| k.name())
+        .collect();
+    if !staged_now.is_empty() {
+        ctx.publish(
+            &obj,
+            false,
+            "Staged",
+            format!(
+                "set content {} ({} keys) on Fly.io app(s) {} through Fly's API: staged, not deployed; the Machines take it at their next deploy or update",
+                content.short_hash(),
+                content.vars.len(),
+                staged_now.join(", ")
+            ),
+        )
+        .await;
+    }
     if synced_now > 0 {
         ctx.publish(
             &obj,
@@ -848,13 +907,16 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
     }
     // Ready turning False is reported once, unless this round's failures were reported
     // target by target already (or it is a rollout still under way).
-    let failed_now = outcomes
-        .values()
-        .any(|(o, _)| matches!(o, Outcome::Failed { .. }));
+    let failed_now = outcomes.values().any(|(o, _)| {
+        matches!(
+            o,
+            Outcome::Failed { .. } | Outcome::FlyFailed { skip: false, .. }
+        )
+    });
     if ready_changed(&old, &new)
         && let Some((why, message)) = decide_ready(&new)
         && why != decide::reason::SYNCING
-        && (why != decide::reason::SYNC_FAILED || !failed_now)
+        && ((why != decide::reason::SYNC_FAILED && !why.starts_with("Fly")) || !failed_now)
     {
         ctx.publish(&obj, true, &why, message).await;
     }
@@ -974,10 +1036,28 @@ async fn record(ctx: &Context, obj: &SecretBundle, object: &str, target: &Target
                 status.content_hash.clone().unwrap_or_default(),
                 Some(message.clone()),
             ),
-            Outcome::Skipped { message } => (
+            Outcome::Skipped { message }
+            | Outcome::FlyFailed {
+                message,
+                skip: true,
+                ..
+            } => (
                 L::Failed,
                 status.content_hash.clone().unwrap_or_default(),
                 Some(format!("skipped: {message}")),
+            ),
+            Outcome::Staged { hash, .. } => (
+                L::Succeeded,
+                hash.clone(),
+                Some(
+                    "staged through Fly's API: the Machines take it at their next deploy or update"
+                        .into(),
+                ),
+            ),
+            Outcome::FlyFailed { message, .. } => (
+                L::Failed,
+                status.content_hash.clone().unwrap_or_default(),
+                Some(message.clone()),
             ),
         };
         ledger.record(SecretSyncEvent {
@@ -997,8 +1077,9 @@ async fn record(ctx: &Context, obj: &SecretBundle, object: &str, target: &Target
     };
     let result = match o {
         Outcome::Synced { .. } => "synced",
-        Outcome::Failed { .. } => "failed",
-        Outcome::Skipped { .. } => "skipped",
+        Outcome::Staged { .. } => "staged",
+        Outcome::Failed { .. } | Outcome::FlyFailed { skip: false, .. } => "failed",
+        Outcome::Skipped { .. } | Outcome::FlyFailed { skip: true, .. } => "skipped",
     };
     ctx.pushes
         .get_or_create(&PushLabels {
@@ -1018,6 +1099,50 @@ async fn record(ctx: &Context, obj: &SecretBundle, object: &str, target: &Target
         Outcome::Skipped { message } => {
             warn!(bundle = %object, target = %target, reason = %message, "target skipped");
             ctx.publish(obj, true, "TargetSkipped", format!("{target}: {message}"))
+                .await;
+        }
+        Outcome::Staged { hash, fly } => {
+            debug!(bundle = %object, target = %target, content = %decide_short(hash), set = fly.set, unset = ?fly.unset, "staged");
+            if !fly.drifted.is_empty() || fly.drift_unnamed {
+                let keys = if fly.drifted.is_empty() {
+                    "the managed keys' digests differed from those recorded".to_string()
+                } else {
+                    format!("{} changed or missing", fly.drifted.join(", "))
+                };
+                warn!(bundle = %object, target = %target, drift = %keys, "drift on Fly.io corrected");
+                ctx.publish(
+                    obj,
+                    true,
+                    "FlyDrift",
+                    format!("{target}: {keys} on Fly.io; set again"),
+                )
+                .await;
+            }
+            if !fly.unset.is_empty() {
+                ctx.publish(
+                    obj,
+                    false,
+                    "FlyUnset",
+                    format!(
+                        "{target}: unset keys no longer in the bundle: {}",
+                        fly.unset.join(", ")
+                    ),
+                )
+                .await;
+            }
+        }
+        Outcome::FlyFailed {
+            message,
+            reason,
+            skip,
+            ..
+        } => {
+            if *skip {
+                warn!(bundle = %object, target = %target, %reason, message = %message, "target skipped");
+            } else {
+                warn!(bundle = %object, target = %target, %reason, error = %message, "push failed; will retry with backoff");
+            }
+            ctx.publish(obj, true, reason, format!("{target}: {message}"))
                 .await;
         }
     }
@@ -1335,6 +1460,7 @@ impl Pusher for Edge<'_> {
                 self.push_sandbox(name, url, token.as_ref()).await
             }
             PushTarget::Fly { app, stage } => self.push_fly(app, *stage).await,
+            PushTarget::FlyApi { app, known } => self.push_fly_api(app, known).await,
         }
     }
 }
@@ -1380,6 +1506,72 @@ impl Edge<'_> {
             },
             Err(e) => Outcome::Failed {
                 message: self.scrubber.scrub(&e.to_string()),
+            },
+        }
+    }
+
+    /// A visit through Fly's Machines API: list the app's secrets, decide
+    /// ([`fly::api::visit`]), set and unset in one update when needed, and report what the
+    /// app's digests are now.
+    async fn push_fly_api(&self, app: &str, known: &fly::api::Known) -> Outcome {
+        let Some(token) = self.fly_tokens.get(app) else {
+            return Outcome::Failed {
+                message: "no usable token (see the conditions)".into(),
+            };
+        };
+        let client = fly_api::FlyApi::new(&self.ctx.http, &self.ctx.settings.fly_api, app, token);
+        let failed = |f: fly::api::Failure| Outcome::FlyFailed {
+            message: fly::api::message(app, &f),
+            reason: f.problem.reason().to_string(),
+            retry_after: f.retry_after,
+            skip: f.problem == fly::api::Problem::AppNotFound,
+        };
+        let listed = match client.list(self.scrubber).await {
+            Ok(l) => l,
+            Err(f) => return failed(f),
+        };
+        let vars = &self.content.vars;
+        let v = fly::api::visit(vars.keys(), known, &listed.secrets);
+        let after = if v.set || !v.unset.is_empty() {
+            debug!(bundle = %self.object, app = %app, set = v.set, unset = ?v.unset, drifted = ?v.drifted, "Fly.io API: updating the app's secrets");
+            match client.update(vars, v.set, &v.unset, self.scrubber).await {
+                Err(f) => return failed(f),
+                // The update answers the secrets with their new digests; list when it did not.
+                Ok(u) if vars.keys().all(|k| u.secrets.iter().any(|s| &s.name == k)) => u,
+                Ok(_) => match client.list(self.scrubber).await {
+                    Ok(l) => l,
+                    Err(f) => return failed(f),
+                },
+            }
+        } else {
+            listed
+        };
+        let digests: BTreeMap<String, String> = after
+            .secrets
+            .iter()
+            .filter(|s| vars.contains_key(&s.name))
+            .map(|s| (s.name.clone(), s.digest.clone().unwrap_or_default()))
+            .collect();
+        if let Some(k) = vars.keys().find(|k| !digests.contains_key(*k)) {
+            return Outcome::FlyFailed {
+                message: format!(
+                    "Fly.io app {app} does not list key {k} after it was set; retried with backoff"
+                ),
+                reason: fly::api::Problem::Unreachable.reason().to_string(),
+                retry_after: None,
+                skip: false,
+            };
+        }
+        Outcome::Staged {
+            hash: self.content.hash.clone(),
+            fly: decide::FlyVisit {
+                managed_keys: vars.keys().cloned().collect(),
+                fingerprint: fly::api::fingerprint(vars.keys(), &after.secrets),
+                digests,
+                drifted: v.drifted,
+                drift_unnamed: v.drift_unnamed,
+                unset: v.unset,
+                set: v.set,
             },
         }
     }
@@ -1492,7 +1684,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             match t {
-                PushTarget::Fly { .. } => Outcome::Failed {
+                PushTarget::Fly { .. } | PushTarget::FlyApi { .. } => Outcome::Failed {
                     message: "x".into(),
                 },
                 PushTarget::Sandbox { .. } => Outcome::Synced { hash: "h".into() },
