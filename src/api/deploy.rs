@@ -95,7 +95,7 @@ pub struct DeployStrategy {
     /// Set failed targets back to the tag they had before.
     #[serde(default = "default_true")]
     pub auto_rollback: bool,
-    /// Deploy also to sandboxes that are not healthy (phase Unhealthy or Failed, or an agent
+    /// Deploy also to sandboxes that are not healthy (phase Unhealthy, Failed or Terminated, or an agent
     /// reported unhealthy). By default they are skipped, as the seeds deployed only to active
     /// sandboxes, and counted in `status.skipped`.
     #[serde(default)]

@@ -16,7 +16,8 @@ pub const START_REQUESTED_ANNOTATION: &str = "fleet.valet.dev/start-requested-at
 /// retried in a loop.
 pub const DEPLOY_ATTEMPT_ANNOTATION: &str = "fleet.valet.dev/deploy-attempt";
 /// A day-2 action asked of the Sandbox controller: `restart-adspower`, `probe`, `drain`,
-/// `terminate` or `terminate-force` (see [`DAY2_ACTIONS`]). Done once per
+/// `terminate` or `terminate-force` (see [`DAY2_ACTIONS`]); terminate leaves the Sandbox in
+/// phase Terminated. Done once per
 /// [`ACTION_ID_ANNOTATION`] value; the result goes to `status.lastAction` and the annotations are
 /// removed once it is final. `kubectl sandbox restart-adspower|probe|drain|terminate` sets both.
 pub const ACTION_ANNOTATION: &str = "fleet.valet.dev/action";
@@ -397,6 +398,10 @@ pub enum SandboxPhase {
     Stopped,
     /// The Sandbox is being deleted and the deletion policy is being carried out.
     Terminating,
+    /// The instance was terminated by a terminate request (`kubectl sandbox terminate`). The
+    /// Sandbox stays as its record, as the seeds' table kept terminated sandboxes, and nothing is
+    /// launched in its place: delete it when it is no longer wanted.
+    Terminated,
     /// A terminal problem that needs a person: see `failureReason` and `failureMessage`.
     Failed,
 }

@@ -8,8 +8,9 @@
 //!                                            day-2 actions (annotation fleet.valet.dev/action with
 //!                                            a fresh fleet.valet.dev/action-id); waits for the
 //!                                            result in status.lastAction unless --no-wait
-//!   kubectl sandbox terminate NAME [--force] drain, then delete the Sandbox and terminate its
-//!                                            instance (--force: without draining)
+//!   kubectl sandbox terminate NAME [--force] drain, then terminate the instance (--force:
+//!                                            without draining); the Sandbox stays, phase
+//!                                            Terminated, as its record
 //!   kubectl sandbox approve|abort|retry DEPLOY
 //!   kubectl sandbox tree                     the fleet: environments, sandboxes, health, image
 
@@ -65,8 +66,8 @@ enum Cmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Drain, wait for the active workers to finish, then delete the Sandbox and terminate its
-    /// instance (whatever deletionPolicy says).
+    /// Drain, wait for the active workers to finish, then terminate the instance (whatever
+    /// deletionPolicy says); the Sandbox stays, in phase Terminated, as its record.
     Terminate {
         name: String,
         /// Do not drain: terminate at once.
@@ -142,8 +143,6 @@ async fn day2(
             match a.result.as_str() {
                 "Succeeded" => return Ok(line),
                 "Failed" | "Rejected" => return Err(line.trim_end().into()),
-                // Terminate: the finalizer takes it from here.
-                _ if a.reason == "Terminating" => return Ok(line),
                 _ => {}
             }
         }

@@ -115,6 +115,7 @@ pub fn seeds_status(phase: Option<SandboxPhase>, ec2_state: Option<&str>) -> &'s
         Some(SandboxPhase::Stopped) => "stopped",
         Some(SandboxPhase::Terminating) if gone => "terminated",
         Some(SandboxPhase::Terminating) => "terminating",
+        Some(SandboxPhase::Terminated) => "terminated",
         Some(SandboxPhase::Failed) if gone => "terminated",
         Some(SandboxPhase::Failed) => "unhealthy",
     }

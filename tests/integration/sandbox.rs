@@ -1419,9 +1419,54 @@ async fn day2_terminate_drains_first_and_force_from_the_plugin_skips_the_drain()
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(e.instance_state(&ids["t-drain"]).await, "running");
     assert!(e.sbx.get_opt("t-drain").await.unwrap().is_some());
-    // The jobs finish: the Sandbox goes, and its instance is terminated.
+    // The jobs finish: the instance is terminated; the Sandbox stays, phase Terminated, as the
+    // record (Retain did not keep the instance: the request asked for it).
     busy.set_active(0);
-    eventually(90, "t-drain deleted", || async {
+    let st = e
+        .wait("t-drain", 90, "terminated", |s| {
+            last_action(s, "t-1").is_some_and(|a| a.result == "Succeeded")
+        })
+        .await;
+    assert_eq!(st.phase, Some(SandboxPhase::Terminated));
+    assert_eq!(cond(&st, "Ready").unwrap().1, "Terminated");
+    assert_eq!(e.instance_state(&ids["t-drain"]).await, "terminated");
+    eventually(30, "the request removed", || async {
+        let a = e.annotations("t-drain").await;
+        (!a.contains_key("fleet.valet.dev/action")).then_some(())
+    })
+    .await;
+    // Nothing is launched in its place.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(e.ec2.calls().await.unwrap().accepted("RunInstances"), 2);
+    assert_eq!(
+        e.status("t-drain").await.phase,
+        Some(SandboxPhase::Terminated)
+    );
+
+    // The ledger's row says terminated, and keeps saying so once the Sandbox is deleted.
+    let ledger = sandbox_operator::ledger::Ledger::connect(&op.ledger)
+        .await
+        .unwrap();
+    let row_of = |name: &'static str| {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .sandboxes()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| r.name == name)
+        }
+    };
+    eventually(30, "the terminated row", || async {
+        row_of("t-drain").await.filter(|r| r.status == "terminated")
+    })
+    .await;
+    e.sbx
+        .delete("t-drain", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(60, "t-drain deleted", || async {
         e.sbx
             .get_opt("t-drain")
             .await
@@ -1430,21 +1475,9 @@ async fn day2_terminate_drains_first_and_force_from_the_plugin_skips_the_drain()
             .then_some(())
     })
     .await;
-    assert_eq!(e.instance_state(&ids["t-drain"]).await, "terminated");
-
-    // The ledger keeps its row, as terminated.
-    let ledger = sandbox_operator::ledger::Ledger::connect(&op.ledger)
-        .await
-        .unwrap();
-    let row = eventually(30, "the terminated row", || async {
-        ledger
-            .sandboxes()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|r| r.name == "t-drain" && r.status == "terminated")
-    })
-    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let row = row_of("t-drain").await.expect("the row stays");
+    assert_eq!(row.status, "terminated");
     assert_eq!(row.instance_id.as_deref(), Some(ids["t-drain"].as_str()));
     assert_eq!(row.ec2_status.as_deref(), Some("terminated"));
 
@@ -1464,25 +1497,43 @@ async fn day2_terminate_drains_first_and_force_from_the_plugin_skips_the_drain()
         .expect("running kubectl-sandbox");
     let text = support::text(&out);
     assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("terminate-force") && text.contains("Terminating"),
-        "{text}"
-    );
-    eventually(90, "t-force deleted", || async {
-        e.sbx
-            .get_opt("t-force")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    assert!(text.contains("terminate-force: Succeeded"), "{text}");
     assert_eq!(e.instance_state(&ids["t-force"]).await, "terminated");
+    assert_eq!(
+        e.status("t-force").await.phase,
+        Some(SandboxPhase::Terminated)
+    );
     assert_eq!(
         other.health().await.draining_since,
         None,
         "force never asked the agent to drain"
     );
+    // A refused action exits non-zero with the reason.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-sandbox"))
+        .args([
+            "-n",
+            &e.ns,
+            "restart-adspower",
+            "t-force",
+            "--timeout",
+            "60s",
+        ])
+        .env("KUBECONFIG", support::control_plane().kubeconfig_path())
+        .output()
+        .expect("running kubectl-sandbox");
+    let text = support::text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("InstanceNotRunning"), "{text}");
     let events = e.events("t-drain").await;
-    assert!(events.iter().any(|(r, _)| r == "Terminated"), "{events:?}");
+    for reason in [
+        "ActionStarted",
+        "Terminating",
+        "Terminated",
+        "ActionSucceeded",
+    ] {
+        assert!(
+            events.iter().any(|(r, _)| r == reason),
+            "{reason}: {events:?}"
+        );
+    }
 }

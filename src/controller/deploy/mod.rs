@@ -199,6 +199,9 @@ fn unhealthy(st: &crate::api::SandboxStatus) -> Option<String> {
     };
     match st.phase {
         Some(SandboxPhase::Unhealthy) => Some(format!("phase Unhealthy{}", agent_msg())),
+        Some(SandboxPhase::Terminated) => {
+            Some("phase Terminated: its instance was terminated on request".into())
+        }
         Some(SandboxPhase::Failed) => Some(format!(
             "phase Failed: {}",
             st.failure_reason.as_deref().unwrap_or("see its status")

@@ -493,10 +493,12 @@ pub enum Action {
     /// Day-2: ask the agent to drain now (`POST /drain`, not waiting); the answer is the
     /// request's result ([`finish_action`]).
     DrainNow,
-    /// Day-2 terminate: delete the Sandbox object. Its finalizer then terminates the instance,
-    /// whatever `deletionPolicy` says, because the terminate request is on it
-    /// ([`decide_delete_requested`]).
-    DeleteSandbox,
+    /// Day-2 terminate: TerminateInstances. The Sandbox stays, in phase Terminated, as the
+    /// record of what ran; nothing is launched in its place.
+    TerminateInstance {
+        /// The instance id.
+        id: String,
+    },
 }
 
 /// Why an instance is being started.
@@ -740,6 +742,10 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
                 requeue: i.settings.poll,
             };
         }
+        InstanceObs::Missing { id } if terminated_on_request(&st) => {
+            // EC2 forgets terminated instances after a while.
+            return terminated_decision(i, st, cs, id, "terminated");
+        }
         InstanceObs::Missing { id } => {
             let launched = st.instance.as_ref().is_some_and(|s| s.launched_by_operator);
             if launched {
@@ -799,6 +805,9 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
     let id = instance.id.clone();
 
     match instance.state {
+        InstanceState::ShuttingDown | InstanceState::Terminated if terminated_on_request(&st) => {
+            return terminated_decision(i, st, cs, &id, instance.state.as_str());
+        }
         InstanceState::ShuttingDown | InstanceState::Terminated => {
             st.phase = Some(SandboxPhase::Failed);
             st.failure_reason = Some("InstanceTerminated".into());
@@ -1271,6 +1280,87 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
         actions,
         notes,
         requeue,
+    }
+}
+
+/// Whether the instance was terminated by a terminate request (the phase says so, or a terminate
+/// request asked EC2 for it).
+fn terminated_on_request(st: &SandboxStatus) -> bool {
+    st.phase == Some(SandboxPhase::Terminated)
+        || st.last_action.as_ref().is_some_and(|a| {
+            matches!(a.name.as_str(), day2::TERMINATE | day2::TERMINATE_FORCE)
+                && (a.reason == TERMINATING || a.reason == TERMINATED)
+        })
+}
+
+const TERMINATING: &str = "Terminating";
+const TERMINATED: &str = "Terminated";
+
+/// The decision for a Sandbox whose instance a terminate request terminated: phase Terminated,
+/// kept as the record, nothing launched, started or probed.
+fn terminated_decision(
+    i: &Inputs<'_>,
+    mut st: SandboxStatus,
+    cs: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    id: &str,
+    state: &str,
+) -> Decision {
+    let mut notes = Vec::new();
+    if st.phase != Some(SandboxPhase::Terminated) {
+        notes.push(Note {
+            warning: false,
+            reason: TERMINATED,
+            message: format!("instance {id} is {state}, as a terminate request asked"),
+        });
+    }
+    st.phase = Some(SandboxPhase::Terminated);
+    st.failure_reason = None;
+    st.failure_message = None;
+    st.agent = clear_agent(st.agent.take());
+    st.idle_since = None;
+    if let Some(inst) = st.instance.as_mut() {
+        inst.state = Some(state.to_string());
+    }
+    for (type_, status, reason, message) in [
+        (
+            cond::INSTANCE_RUNNING,
+            FALSE,
+            TERMINATED,
+            format!("instance {id} is {state}, as a terminate request asked"),
+        ),
+        (
+            cond::AGENT_HEALTHY,
+            UNKNOWN,
+            "InstanceNotRunning",
+            "the agent is not probed while the instance is not running".to_string(),
+        ),
+        (
+            cond::READY,
+            FALSE,
+            TERMINATED,
+            format!(
+                "instance {id} was terminated on request; nothing is launched in its place: delete the Sandbox when its record is no longer wanted"
+            ),
+        ),
+    ] {
+        conditions::set(
+            cs,
+            Desired {
+                type_,
+                status,
+                reason,
+                message,
+            },
+            i.generation,
+            i.now,
+        );
+    }
+    st.conditions = std::mem::take(cs);
+    Decision {
+        status: st,
+        actions: Vec::new(),
+        notes,
+        requeue: i.settings.resync,
     }
 }
 
@@ -2036,22 +2126,20 @@ pub fn action_wants_probe(status: &SandboxStatus, req: Option<ActionRequest<'_>>
     let Some(req) = req else { return false };
     let last = status.last_action.as_ref();
     if req.is(last) {
-        return last.is_some_and(|a| a.result == day2::IN_PROGRESS && a.name == day2::TERMINATE);
+        return last.is_some_and(|a| a.result == day2::IN_PROGRESS && a.reason == DRAINING);
     }
     DAY2_ACTIONS.contains(&req.name) && req.name != day2::TERMINATE_FORCE
 }
 
-/// Whether a Sandbox being deleted carries a terminate request: its instance is then terminated
-/// whatever `deletionPolicy` says.
-pub fn terminate_requested(action: Option<&str>) -> bool {
-    matches!(action, Some(day2::TERMINATE | day2::TERMINATE_FORCE))
-}
+const DRAINING: &str = "Draining";
 
 /// The result of an action the reconciler carried out ([`Action::RestartService`],
-/// [`Action::DrainNow`]): recorded in `status.lastAction`, with the Event to publish.
+/// [`Action::DrainNow`], a refused [`Action::TerminateInstance`]): recorded in
+/// `status.lastAction` (`reason` when it failed), with the Event to publish.
 pub fn finish_action(
     status: &mut SandboxStatus,
     ok: bool,
+    reason: &str,
     message: String,
     now: Timestamp,
 ) -> Option<Note> {
@@ -2060,7 +2148,7 @@ pub fn finish_action(
         return None;
     }
     a.result = if ok { day2::SUCCEEDED } else { day2::FAILED }.into();
-    a.reason = if ok { "Done" } else { "AgentRefused" }.into();
+    a.reason = if ok { "Done" } else { reason }.into();
     a.message = Some(message.clone());
     a.finished_at = Some(time(now));
     Some(Note {
@@ -2119,20 +2207,80 @@ fn set_action(
     });
 }
 
+/// Where the instance stands, for a terminate request.
+enum Gone {
+    /// No instance id yet.
+    NoInstance,
+    /// Terminated, shutting down, or forgotten by EC2.
+    Terminated(String),
+    /// It exists: running (`true`) or not.
+    Exists { id: String, running: bool },
+}
+
+fn gone(i: &Inputs<'_>, st: &SandboxStatus) -> Gone {
+    match i.instance {
+        InstanceObs::NoInstance => Gone::NoInstance,
+        InstanceObs::Missing { id } => Gone::Terminated(id.clone()),
+        InstanceObs::Found(inst) => match inst.state {
+            InstanceState::ShuttingDown | InstanceState::Terminated => {
+                Gone::Terminated(inst.id.clone())
+            }
+            s => Gone::Exists {
+                id: inst.id.clone(),
+                running: s == InstanceState::Running && st.phase != Some(SandboxPhase::Terminated),
+            },
+        },
+    }
+}
+
+/// Asks EC2 to terminate the instance: nothing else is done to it this pass.
+fn terminate_now(d: &mut Decision, req: ActionRequest<'_>, id: &str, why: String, now: Timestamp) {
+    d.actions.clear();
+    d.actions
+        .push(Action::TerminateInstance { id: id.to_string() });
+    set_action(d, req, day2::IN_PROGRESS, TERMINATING, why, now);
+    d.requeue = d.requeue.min(Duration::from_secs(2));
+}
+
 /// The day-2 step: what the request asks, given what the state step saw.
 fn day2_step(i: &Inputs<'_>, req: ActionRequest<'_>, d: &mut Decision) {
     let now = i.now;
     let last = d.status.last_action.clone();
+    let terminate = matches!(req.name, day2::TERMINATE | day2::TERMINATE_FORCE);
     if req.is(last.as_ref()) {
         let last = last.expect("matched");
         if day2::is_final(&last.result) {
             return;
         }
-        if req.name == day2::TERMINATE && last.reason == "Draining" {
-            terminate_when_drained(i, req, &last, d);
-        } else if req.name == day2::TERMINATE || req.name == day2::TERMINATE_FORCE {
-            // The Sandbox is being deleted (an earlier pass asked): nothing more to do here.
-            d.actions.push(Action::DeleteSandbox);
+        if terminate {
+            match gone(i, &d.status) {
+                Gone::Terminated(id) => set_action(
+                    d,
+                    req,
+                    day2::SUCCEEDED,
+                    TERMINATED,
+                    format!(
+                        "instance {id} is terminated; the Sandbox stays in phase Terminated as its record"
+                    ),
+                    now,
+                ),
+                Gone::Exists { .. } if last.reason == TERMINATING => {
+                    // Asked of EC2 already: wait for it to say so, doing nothing else.
+                    d.actions.clear();
+                    d.requeue = d.requeue.min(i.settings.poll);
+                }
+                Gone::Exists { id, running } => {
+                    terminate_when_drained(i, req, &last, &id, running, d)
+                }
+                Gone::NoInstance => set_action(
+                    d,
+                    req,
+                    day2::FAILED,
+                    "NoInstance",
+                    "the sandbox has no instance: nothing was terminated".into(),
+                    now,
+                ),
+            }
         } else {
             // Asked of the agent earlier, but its answer was never recorded (the operator
             // stopped in between): say so rather than do it twice.
@@ -2185,6 +2333,7 @@ fn day2_step(i: &Inputs<'_>, req: ActionRequest<'_>, d: &mut Decision) {
         .filter(|_| !matches!(i.instance, InstanceObs::NoInstance));
     let running = matches!(i.instance, InstanceObs::Found(inst) if inst.state == InstanceState::Running)
         && !d.actions.iter().any(|a| matches!(a, Action::Stop { .. }))
+        && d.status.phase != Some(SandboxPhase::Terminated)
         && validate(i.spec).is_ok();
     let not_running = || match &state {
         Some(s) => format!("the instance is {s}"),
@@ -2270,7 +2419,7 @@ fn day2_step(i: &Inputs<'_>, req: ActionRequest<'_>, d: &mut Decision) {
                 }
             });
             let (reason, message) = if req.name == day2::DRAIN {
-                ("Draining", "asking the agent to drain".to_string())
+                (DRAINING, "asking the agent to drain".to_string())
             } else {
                 (
                     "Restarting",
@@ -2282,111 +2431,90 @@ fn day2_step(i: &Inputs<'_>, req: ActionRequest<'_>, d: &mut Decision) {
             };
             set_action(d, req, day2::IN_PROGRESS, reason, message, now);
         }
-        day2::TERMINATE_FORCE => {
-            set_action(
+        _ => match gone(i, &d.status) {
+            Gone::NoInstance => set_action(
                 d,
                 req,
-                day2::IN_PROGRESS,
-                "Terminating",
+                day2::FAILED,
+                "NoInstance",
+                "the sandbox has no instance: nothing was terminated".into(),
+                now,
+            ),
+            Gone::Terminated(id) => set_action(
+                d,
+                req,
+                day2::SUCCEEDED,
+                TERMINATED,
+                format!("instance {id} is terminated already"),
+                now,
+            ),
+            Gone::Exists { id, .. } if req.name == day2::TERMINATE_FORCE => terminate_now(
+                d,
+                req,
+                &id,
+                format!("force: not draining; terminating instance {id}"),
+                now,
+            ),
+            Gone::Exists { id, running: false } => terminate_now(
+                d,
+                req,
+                &id,
                 format!(
-                    "force: not draining; deleting the Sandbox, whose finalizer terminates {}",
-                    instance_words(&d.status)
+                    "{}: nothing to drain; terminating instance {id}",
+                    not_running()
                 ),
                 now,
-            );
-            d.actions.push(Action::DeleteSandbox);
-        }
-        _ => {
-            // terminate: drain first when there is a worker to drain.
-            if !running {
+            ),
+            Gone::Exists { id, running: true } => {
                 set_action(
                     d,
                     req,
                     day2::IN_PROGRESS,
-                    "Terminating",
-                    format!(
-                        "{}: nothing to drain; deleting the Sandbox, whose finalizer terminates {}",
-                        not_running(),
-                        instance_words(&d.status)
-                    ),
+                    DRAINING,
+                    "draining before terminating".into(),
                     now,
                 );
-                d.actions.push(Action::DeleteSandbox);
-                return;
+                if let ProbeObs::Report(r) = i.probe
+                    && r.is_agent()
+                {
+                    d.actions.push(Action::Drain);
+                }
+                let last = d.status.last_action.clone().expect("just set");
+                terminate_when_drained(i, req, &last, &id, true, d);
             }
-            set_action(
-                d,
-                req,
-                day2::IN_PROGRESS,
-                "Draining",
-                "draining before terminating".into(),
-                now,
-            );
-            if let ProbeObs::Report(r) = i.probe
-                && r.is_agent()
-            {
-                d.actions.push(Action::Drain);
-            }
-            let last = d.status.last_action.clone().expect("just set");
-            terminate_when_drained(i, req, &last, d);
-        }
+        },
     }
 }
 
-fn instance_words(st: &SandboxStatus) -> String {
-    match &st.instance {
-        Some(i) => format!("instance {}", i.id),
-        None => "any instance launched for it".into(),
-    }
-}
-
-/// A terminate waiting for the drain: deletes the Sandbox once the worker is deploy-safe (or the
-/// instance no longer runs), fails after the drain timeout without terminating anything.
+/// A terminate waiting for the drain: terminates the instance once the worker is deploy-safe
+/// (or the instance no longer runs), fails after the drain timeout without terminating anything.
 fn terminate_when_drained(
     i: &Inputs<'_>,
     req: ActionRequest<'_>,
     last: &LastAction,
+    id: &str,
+    running: bool,
     d: &mut Decision,
 ) {
     let now = i.now;
-    let running =
-        matches!(i.instance, InstanceObs::Found(inst) if inst.state == InstanceState::Running);
     let report = match i.probe {
         ProbeObs::Report(r) => Some(r.as_ref()),
         _ => None,
     };
     if !running {
-        set_action(
-            d,
-            req,
-            day2::IN_PROGRESS,
-            "Terminating",
-            format!(
-                "the instance no longer runs: deleting the Sandbox, whose finalizer terminates {}",
-                instance_words(&d.status)
-            ),
-            now,
-        );
-        d.actions.push(Action::DeleteSandbox);
+        let why = format!("the instance no longer runs: terminating instance {id}");
+        terminate_now(d, req, id, why, now);
         return;
     }
     if let Some(r) = report
         && r.is_deploy_safe()
         && !r.deploy_running()
     {
-        set_action(
-            d,
-            req,
-            day2::IN_PROGRESS,
-            "Terminating",
-            format!(
-                "drained ({} active workers): deleting the Sandbox, whose finalizer terminates {}",
-                r.active_workers.unwrap_or(0),
-                instance_words(&d.status)
-            ),
-            now,
+        let why = format!(
+            "drained ({} active workers): terminating instance {id}",
+            r.active_workers.unwrap_or(0)
         );
-        d.actions.push(Action::DeleteSandbox);
+        terminate_now(d, req, id, why, now);
         return;
     }
     let started = last.started_at.clone().unwrap_or(time(now));
@@ -2422,21 +2550,4 @@ fn terminate_when_drained(
         a.message = Some(waiting);
     }
     d.requeue = d.requeue.min(i.settings.poll);
-}
-
-/// [`decide_delete_seen`], with a terminate request on the Sandbox: a fully managed instance is
-/// terminated whatever `deletionPolicy` says.
-pub fn decide_delete_requested(
-    spec: &SandboxSpec,
-    status: &SandboxStatus,
-    instance: &InstanceObs,
-    now: Timestamp,
-    terminate: bool,
-) -> DeleteStep {
-    if terminate && spec.management_policy == ManagementPolicy::Full {
-        let mut s = spec.clone();
-        s.deletion_policy = Some(crate::api::DeletionPolicy::Terminate);
-        return decide_delete_seen(&s, status, instance, now);
-    }
-    decide_delete_seen(spec, status, instance, now)
 }

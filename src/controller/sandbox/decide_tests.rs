@@ -1205,7 +1205,14 @@ fn restart_and_drain_ask_the_agent_and_the_answer_is_the_result() {
     }));
     assert_eq!(last(&d).result, day2::IN_PROGRESS);
     let mut st = d.status.clone();
-    let n = finish_action(&mut st, true, "adspower restarted".into(), t(1)).unwrap();
+    let n = finish_action(
+        &mut st,
+        true,
+        "AgentRefused",
+        "adspower restarted".into(),
+        t(1),
+    )
+    .unwrap();
     assert_eq!(n.reason, "ActionSucceeded");
     let a = st.last_action.clone().unwrap();
     assert_eq!(
@@ -1213,7 +1220,7 @@ fn restart_and_drain_ask_the_agent_and_the_answer_is_the_result() {
         (day2::SUCCEEDED, "Done")
     );
     assert!(
-        finish_action(&mut st, false, "again".into(), t(2)).is_none(),
+        finish_action(&mut st, false, "AgentRefused", "again".into(), t(2)).is_none(),
         "final stays final"
     );
 
@@ -1222,7 +1229,7 @@ fn restart_and_drain_ask_the_agent_and_the_answer_is_the_result() {
     let d = c.step();
     assert!(d.actions.contains(&Action::DrainNow), "{:?}", d.actions);
     let mut st = d.status.clone();
-    let n = finish_action(&mut st, false, "HTTP 502".into(), t(1)).unwrap();
+    let n = finish_action(&mut st, false, "AgentRefused", "HTTP 502".into(), t(1)).unwrap();
     assert!(n.warning && n.reason == "ActionFailed");
     assert_eq!(st.last_action.unwrap().reason, "AgentRefused");
 
@@ -1289,13 +1296,19 @@ fn observe_only_refuses_every_action_but_probe() {
     assert_eq!(last(&c.step()).result, day2::SUCCEEDED);
 }
 
+fn terminate_action(id: &str) -> Action {
+    Action::TerminateInstance { id: id.into() }
+}
+
+const ID: &str = "i-0123456789abcdef0";
+
 #[test]
-fn terminate_drains_first_then_deletes_the_sandbox() {
+fn terminate_drains_first_then_terminates_and_the_sandbox_stays_terminated() {
     let mut c = running_case(2);
     asking(&mut c, day2::TERMINATE, "t1");
     let d = c.step();
     assert!(d.actions.contains(&Action::Drain), "{:?}", d.actions);
-    assert!(!d.actions.contains(&Action::DeleteSandbox));
+    assert!(!d.actions.contains(&terminate_action(ID)));
     let a = last(&d);
     assert_eq!(
         (a.result.as_str(), a.reason.as_str()),
@@ -1314,17 +1327,13 @@ fn terminate_drains_first_then_deletes_the_sandbox() {
     c.now = t(10);
     c.probe = ProbeObs::Report(Box::new(report(1, "v1")));
     let d = c.step();
-    assert!(!d.actions.contains(&Action::DeleteSandbox));
+    assert!(!d.actions.contains(&terminate_action(ID)));
     assert!(d.notes.iter().all(|n| !n.reason.starts_with("Action")));
-    // Drained: the Sandbox is deleted (its finalizer terminates the instance).
+    // Drained: EC2 is asked to terminate, and nothing else is done this pass.
     c.now = t(20);
     c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
     let d = c.step();
-    assert!(
-        d.actions.contains(&Action::DeleteSandbox),
-        "{:?}",
-        d.actions
-    );
+    assert_eq!(d.actions, vec![terminate_action(ID)]);
     let a = last(&d);
     assert_eq!(
         (a.result.as_str(), a.reason.as_str()),
@@ -1337,6 +1346,67 @@ fn terminate_drains_first_then_deletes_the_sandbox() {
             id: "t1"
         }
     ));
+    // EC2 has not caught up yet: no second call, nothing else.
+    c.now = t(21);
+    let d = c.step();
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // Shutting down: phase Terminated (not Failed: it was asked), the request succeeded.
+    c.instance = InstanceObs::Found(inst(InstanceState::ShuttingDown));
+    c.probe = ProbeObs::NotProbed;
+    c.now = t(22);
+    let d = c.step();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Terminated));
+    assert_eq!(d.status.failure_reason, None);
+    assert_eq!(cond(&d, cond::READY).reason, "Terminated");
+    let a = last(&d);
+    assert_eq!(
+        (a.result.as_str(), a.reason.as_str()),
+        (day2::SUCCEEDED, "Terminated")
+    );
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.reason == "Terminated" && !n.warning)
+    );
+    assert!(d.notes.iter().any(|n| n.reason == "ActionSucceeded"));
+    assert!(d.actions.is_empty());
+    assert!(request_done(
+        &d.status,
+        ActionRequest {
+            name: "terminate",
+            id: "t1"
+        }
+    ));
+    // The annotation gone, EC2 says terminated, later forgets it: still Terminated, never
+    // relaunched, no warning.
+    c.action = None;
+    for obs in [
+        InstanceObs::Found(inst(InstanceState::Terminated)),
+        InstanceObs::Missing { id: ID.into() },
+    ] {
+        c.instance = obs;
+        let d = c.step();
+        assert_eq!(d.status.phase, Some(SandboxPhase::Terminated));
+        assert!(d.actions.is_empty() && d.notes.is_empty(), "{d:?}");
+    }
+    // A new terminate on it succeeds at once; a restart fails saying why.
+    asking(&mut c, day2::TERMINATE, "t2");
+    let d = c.step();
+    assert_eq!(last(&d).result, day2::SUCCEEDED);
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn an_instance_terminated_without_a_request_is_still_failed() {
+    let mut c = running_case(0);
+    c.step();
+    c.instance = InstanceObs::Found(inst(InstanceState::Terminated));
+    let d = c.step();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Failed));
+    assert_eq!(
+        d.status.failure_reason.as_deref(),
+        Some("InstanceTerminated")
+    );
 }
 
 #[test]
@@ -1347,13 +1417,15 @@ fn terminate_that_cannot_drain_in_time_fails_and_terminates_nothing() {
     c.step();
     c.now = t(61);
     let d = c.step();
-    assert!(!d.actions.contains(&Action::DeleteSandbox));
+    assert!(!d.actions.contains(&terminate_action(ID)));
     let a = last(&d);
     assert_eq!(
         (a.result.as_str(), a.reason.as_str()),
         (day2::FAILED, "DrainTimedOut")
     );
     assert!(a.message.unwrap().contains("terminate-force"));
+    // A failed terminate leaves the sandbox as it was.
+    assert_eq!(d.status.phase, Some(SandboxPhase::Active));
 }
 
 #[test]
@@ -1368,54 +1440,49 @@ fn terminate_force_skips_the_drain_and_a_stopped_one_needs_none() {
         })
     ));
     let d = c.step();
-    assert_eq!(
-        d.actions
-            .iter()
-            .filter(|a| **a == Action::DeleteSandbox)
-            .count(),
-        1
-    );
-    assert!(!d.actions.contains(&Action::Drain));
+    assert_eq!(d.actions, vec![terminate_action(ID)]);
     assert_eq!(last(&d).reason, "Terminating");
 
+    // Stopped with spec Running (stopped outside the operator): terminated, not started.
     let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
-    c.spec.power_state = PowerState::Stopped;
     asking(&mut c, day2::TERMINATE, "t1");
     let d = c.step();
-    assert!(
-        d.actions.contains(&Action::DeleteSandbox),
-        "{:?}",
-        d.actions
-    );
+    assert_eq!(d.actions, vec![terminate_action(ID)]);
     assert!(last(&d).message.unwrap().contains("nothing to drain"));
+
+    // No instance yet: nothing terminated, said so.
+    let mut c = Case::new(InstanceObs::NoInstance);
+    asking(&mut c, day2::TERMINATE_FORCE, "f2");
+    let d = c.step();
+    assert_eq!(
+        (last(&d).result.as_str(), last(&d).reason.as_str()),
+        (day2::FAILED, "NoInstance")
+    );
 }
 
 #[test]
-fn a_terminate_request_overrides_the_deletion_policy_of_a_managed_instance() {
-    let running = InstanceObs::Found(inst(InstanceState::Running));
-    let retained = SandboxSpec {
-        deletion_policy: Some(DeletionPolicy::Retain),
-        ..spec()
-    };
-    let st = SandboxStatus::default();
+fn a_refused_terminate_call_fails_the_request_and_the_sandbox_is_not_terminated() {
+    let mut c = running_case(0);
+    asking(&mut c, day2::TERMINATE_FORCE, "f1");
+    let d = c.step();
+    let mut st = d.status.clone();
+    let n = finish_action(
+        &mut st,
+        false,
+        "TerminateFailed",
+        "UnauthorizedOperation".into(),
+        t(1),
+    )
+    .unwrap();
+    assert!(n.warning);
+    assert_eq!(st.last_action.as_ref().unwrap().reason, "TerminateFailed");
+    c.status = st;
+    c.action = None;
+    c.instance = InstanceObs::Found(inst(InstanceState::Terminated));
+    let d = c.step();
     assert_eq!(
-        decide_delete_requested(&retained, &st, &running, t(0), false),
-        DeleteStep::Done
+        d.status.phase,
+        Some(SandboxPhase::Failed),
+        "terminated by someone else after all: not the request's doing"
     );
-    assert_eq!(
-        decide_delete_requested(&retained, &st, &running, t(0), true),
-        DeleteStep::Terminate("i-0123456789abcdef0".into())
-    );
-    let observed = SandboxSpec {
-        management_policy: ManagementPolicy::ObserveOnly,
-        ..adopted_spec()
-    };
-    assert_eq!(
-        decide_delete_requested(&observed, &st, &running, t(0), true),
-        DeleteStep::Done,
-        "ObserveOnly never terminates"
-    );
-    assert!(terminate_requested(Some("terminate")));
-    assert!(terminate_requested(Some("terminate-force")));
-    assert!(!terminate_requested(Some("drain")) && !terminate_requested(None));
 }

@@ -817,9 +817,13 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                         "the agent could not be reached this time: ask again".into(),
                     ),
                 };
-                if let Some(n) =
-                    decide::finish_action(&mut decision.status, ok, message, Timestamp::now())
-                {
+                if let Some(n) = decide::finish_action(
+                    &mut decision.status,
+                    ok,
+                    "AgentRefused",
+                    message,
+                    Timestamp::now(),
+                ) {
                     decision.notes.push(n);
                 }
             }
@@ -849,14 +853,40 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                         "the agent could not be reached this time: ask again".into(),
                     ),
                 };
-                if let Some(n) =
-                    decide::finish_action(&mut decision.status, ok, message, Timestamp::now())
-                {
+                if let Some(n) = decide::finish_action(
+                    &mut decision.status,
+                    ok,
+                    "AgentRefused",
+                    message,
+                    Timestamp::now(),
+                ) {
                     decision.notes.push(n);
                 }
             }
-            // Carried out after the status write below.
-            Action::DeleteSandbox => {}
+            Action::TerminateInstance { id } => match ctx
+                .ec2
+                .terminate(id)
+                .await
+                .inspect(|()| ledger_ec2(&ctx, &obj, "TerminateInstances", Some(id), Ok(())))
+                .inspect_err(|e| ledger_ec2(&ctx, &obj, "TerminateInstances", Some(id), Err(e)))
+            {
+                Ok(()) => decision.notes.push(Note {
+                    warning: false,
+                    reason: "Terminating",
+                    message: format!("terminating instance {id}, as a terminate request asked"),
+                }),
+                Err(e) => {
+                    if let Some(n) = decide::finish_action(
+                        &mut decision.status,
+                        false,
+                        "TerminateFailed",
+                        format!("EC2 did not terminate instance {id}: {e}"),
+                        Timestamp::now(),
+                    ) {
+                        decision.notes.push(n);
+                    }
+                }
+            },
             Action::Drain => {
                 if let Some(c) = &agent_client
                     && let Err(e) = c
@@ -941,23 +971,10 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     }
     update_gauges(&ctx, &obj, &decision.status);
     // ---- The day-2 request, once its result is in status. ----
-    if let Some(req) = request {
-        if decision.actions.contains(&Action::DeleteSandbox) {
-            // The terminate request stays on the object: the finalizer reads it.
-            match api.delete(&obj.name_any(), &Default::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                Err(source) => {
-                    return Err(Error::Kube {
-                        what: "deleting the Sandbox for a terminate request",
-                        object,
-                        source,
-                    });
-                }
-            }
-        } else if decide::request_done(&decision.status, req) {
-            clear_action(&api, &obj, req).await?;
-        }
+    if let Some(req) = request
+        && decide::request_done(&decision.status, req)
+    {
+        clear_action(&api, &obj, req).await?;
     }
     if let Some((what, source)) = ec2_error {
         return Err(Error::Ec2 {
@@ -1310,12 +1327,7 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
             None => InstanceObs::Missing { id: id.clone() },
         },
     };
-    // A terminate request (the day-2 action) terminates the instance whatever deletionPolicy
-    // says.
-    let terminate =
-        decide::terminate_requested(obj.annotations().get(ACTION_ANNOTATION).map(|v| v.trim()));
-    let step =
-        decide::decide_delete_requested(&obj.spec, &status, &observed, Timestamp::now(), terminate);
+    let step = decide::decide_delete_seen(&obj.spec, &status, &observed, Timestamp::now());
     if status.phase != Some(SandboxPhase::Terminating) && step != DeleteStep::Done {
         status.phase = Some(SandboxPhase::Terminating);
         if let InstanceObs::Found(i) = &observed {
@@ -1359,10 +1371,10 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
             let terminated = match &observed {
                 InstanceObs::Found(i) => i.state == InstanceState::Terminated,
                 InstanceObs::Missing { .. } => {
-                    status.phase == Some(SandboxPhase::Terminating)
-                        && (terminate
-                            || obj.spec.effective_deletion_policy()
-                                == crate::api::DeletionPolicy::Terminate)
+                    status.phase == Some(SandboxPhase::Terminated)
+                        || status.phase == Some(SandboxPhase::Terminating)
+                            && obj.spec.effective_deletion_policy()
+                                == crate::api::DeletionPolicy::Terminate
                 }
                 InstanceObs::NoInstance => false,
             } && obj.spec.management_policy == crate::api::ManagementPolicy::Full;
@@ -1376,20 +1388,6 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
                 } else {
                     ledger.delete_sandbox(&ns, &obj.name_any());
                 }
-            }
-            if terminate && terminated {
-                ctx.publish(
-                    &obj,
-                    &Note {
-                        warning: false,
-                        reason: "Terminated",
-                        message: format!(
-                            "instance {} terminated, as the terminate request asked",
-                            id.clone().unwrap_or_default()
-                        ),
-                    },
-                )
-                .await;
             }
             Ok(Requeue::await_change())
         }
@@ -1558,6 +1556,7 @@ async fn phase_gauges(ctx: Arc<Context>, store: Store<Sandbox>) {
             "Unhealthy",
             "Stopped",
             "Terminating",
+            "Terminated",
             "Failed",
             "Unknown",
         ] {
