@@ -1389,7 +1389,7 @@ fn terminate_drains_first_then_terminates_and_the_sandbox_stays_terminated() {
         assert_eq!(d.status.phase, Some(SandboxPhase::Terminated));
         assert!(d.actions.is_empty() && d.notes.is_empty(), "{d:?}");
     }
-    // A new terminate on it succeeds at once; a restart fails saying why.
+    // A new terminate on it succeeds at once, asking EC2 for nothing.
     asking(&mut c, day2::TERMINATE, "t2");
     let d = c.step();
     assert_eq!(last(&d).result, day2::SUCCEEDED);
