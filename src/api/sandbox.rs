@@ -557,6 +557,10 @@ pub struct AgentStatus {
     /// Disk use, percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_percent: Option<i32>,
+    /// Since when the worker has been draining (asked by `POST /drain`, for example by the drain
+    /// action): it takes no new work until a deploy replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<Time>,
     /// The browser engine's status as the agent reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub browser_status: Option<String>,

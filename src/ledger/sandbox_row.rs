@@ -304,6 +304,7 @@ mod tests {
                 cpu_percent: None,
                 memory_percent: None,
                 disk_percent: None,
+                draining_since: None,
                 browser_status: None,
                 up_since: None,
                 env_sha256: None,

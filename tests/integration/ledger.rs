@@ -414,6 +414,7 @@ fn sandbox(name: &str, phase: SandboxPhase, state: &str, health: AgentHealth) ->
             cpu_percent: Some(12),
             memory_percent: Some(40),
             disk_percent: Some(20),
+            draining_since: None,
             browser_status: None,
             up_since: None,
             env_sha256: None,

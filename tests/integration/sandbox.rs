@@ -1343,6 +1343,11 @@ async fn day2_restart_adspower_probe_now_and_drain_by_annotation() {
         st.last_action
     );
     assert!(agent.health().await.draining_since.is_some());
+    assert!(
+        st.agent.as_ref().unwrap().draining_since.is_some(),
+        "status shows the drain: {:?}",
+        st.agent
+    );
 
     // An unknown action, without an id: it gets one, and is refused naming the accepted ones.
     e.ask("d2", "reboot", None).await;

@@ -972,6 +972,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
             cpu_percent: None,
             memory_percent: None,
             disk_percent: None,
+            draining_since: None,
             browser_status: None,
             up_since: None,
             env_sha256: None,
@@ -1058,6 +1059,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
                 });
                 agent.env_sha256 = r.env_sha256.clone();
                 agent.agent_version = r.agent_version.clone();
+                agent.draining_since = r.draining_since.map(time);
                 let (health, reason, message) = judge_report(r);
                 if was_unhealthy && health != AgentHealth::Unhealthy {
                     notes.push(Note {
@@ -1372,6 +1374,7 @@ fn clear_agent(agent: Option<AgentStatus>) -> Option<AgentStatus> {
         cpu_percent: None,
         memory_percent: None,
         disk_percent: None,
+        draining_since: None,
         browser_status: None,
         consecutive_failures: 0,
         message: None,
@@ -2151,7 +2154,8 @@ pub fn finish_action(
     a.reason = if ok { "Done" } else { reason }.into();
     a.message = Some(message.clone());
     a.finished_at = Some(time(now));
-    Some(Note {
+    let drained = ok && a.name == day2::DRAIN;
+    let note = Note {
         warning: !ok,
         reason: if ok {
             "ActionSucceeded"
@@ -2159,7 +2163,12 @@ pub fn finish_action(
             "ActionFailed"
         },
         message: format!("{}: {message}", a.name),
-    })
+    };
+    if drained && let Some(agent) = status.agent.as_mut() {
+        // Until the next probe brings the agent's own time.
+        agent.draining_since.get_or_insert(time(now));
+    }
+    Some(note)
 }
 
 fn set_action(

@@ -1228,6 +1228,23 @@ fn restart_and_drain_ask_the_agent_and_the_answer_is_the_result() {
     asking(&mut c, day2::DRAIN, "d1");
     let d = c.step();
     assert!(d.actions.contains(&Action::DrainNow), "{:?}", d.actions);
+    let mut ok = d.status.clone();
+    finish_action(&mut ok, true, "AgentRefused", "draining".into(), t(1)).unwrap();
+    assert_eq!(
+        ok.agent.as_ref().unwrap().draining_since,
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(1))),
+        "status shows the drain at once"
+    );
+    // The next probe brings the agent's own word.
+    let mut drained = report(2, "v1");
+    drained.draining_since = Some(t(0));
+    c.status = ok;
+    c.action = None;
+    c.probe = ProbeObs::Report(Box::new(drained));
+    assert_eq!(
+        c.run().status.agent.unwrap().draining_since,
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(0)))
+    );
     let mut st = d.status.clone();
     let n = finish_action(&mut st, false, "AgentRefused", "HTTP 502".into(), t(1)).unwrap();
     assert!(n.warning && n.reason == "ActionFailed");
