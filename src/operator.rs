@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// How often a Sandbox with something in flight (pending, stopping, deploying) is looked at.
     #[arg(long, env = "SANDBOX_OPERATOR_POLL", default_value = "2s", value_parser = duration)]
     pub poll: Duration,
-    /// How long an image deploy waits for active workers to drain.
+    /// How long an image deploy, or a terminate request, waits for active workers to drain.
     #[arg(long, env = "SANDBOX_OPERATOR_DRAIN_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub drain_timeout: Duration,
     /// How long one image deploy on one sandbox may take.

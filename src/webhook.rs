@@ -917,6 +917,7 @@ async fn status(
                 "total": st.total,
                 "updated": st.updated,
                 "failed": st.failed,
+                "skipped": st.skipped,
                 "wave": st.wave,
                 "message": st.message,
             }),

@@ -90,7 +90,7 @@ while :; do
         -H "X-GH-Webhook-Signature: sha256=$status_signature" "$base$status_path") || code=000
     if [[ "$code" == 200 ]]; then
         phase=$(jq -r .phase "$work/status.json")
-        line=$(jq -r '"\(.phase): \(.updated)/\(.total) updated, \(.failed) failed\(if .message then " - " + .message else "" end)"' "$work/status.json")
+        line=$(jq -r '"\(.phase): \(.updated)/\(.total) updated, \(.failed) failed\(if (.skipped // 0) > 0 then ", \(.skipped) skipped as not healthy" else "" end)\(if .message then " - " + .message else "" end)"' "$work/status.json")
         [[ "$line" != "$last" ]] && echo "$name $line"
         last=$line
         case "$phase" in

@@ -105,6 +105,10 @@ pub struct HealthReport {
     /// them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targeted_workers: Vec<TargetedWorker>,
+    /// When the worker was asked to drain (`POST /drain`): it takes no new work until a deploy
+    /// replaces it. Absent when it was not (and from the old health server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<Timestamp>,
 }
 
 /// A standalone worker container (the seeds' `deploy.sh start-worker`), as `/health` lists it.

@@ -35,6 +35,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use futures::StreamExt;
+use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -108,6 +109,9 @@ pub struct AppState {
     env_hash: EnvHash,
     /// What the engine showed at the last look (the worker's image, the targeted workers).
     engine_view: Arc<RwLock<EngineView>>,
+    /// When the worker was last asked to drain (`POST /drain`); a deploy, which replaces the
+    /// worker, ends it. Reported in `/health` as `drainingSince`.
+    draining_since: Arc<RwLock<Option<Timestamp>>>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -153,6 +157,7 @@ impl AppState {
             snapshot: Arc::new(RwLock::new(Arc::new(first))),
             deploys,
             engine_view: Arc::default(),
+            draining_since: Arc::default(),
             ops,
             redactor,
             http,
@@ -252,6 +257,10 @@ impl AppState {
             checked_at: Some(snap.taken_at),
             checks: snap.checks.clone(),
             targeted_workers: view.targeted,
+            draining_since: *self
+                .draining_since
+                .read()
+                .unwrap_or_else(|e| e.into_inner()),
         }
     }
 
@@ -425,6 +434,8 @@ async fn start_deploy(State(st): State<AppState>, req: Request) -> Result<Respon
     match st.deploys.try_start(&r.image_tag).await {
         Ok(info) => {
             tracing::info!(deploy = %info.id, tag = %info.tag, "deploy accepted");
+            // The deploy replaces the worker: the new one takes work again.
+            *st.draining_since.write().unwrap_or_else(|e| e.into_inner()) = None;
             let task = tokio::spawn(deploy::run_deploy(
                 st.deploys.clone(),
                 st.ops.clone(),
@@ -467,7 +478,15 @@ async fn drain(State(st): State<AppState>, req: Request) -> Result<Response, Api
         .unwrap_or_default();
     let t = st.cfg.probe_timeout.0;
     let status_url = &st.cfg.worker.status_url;
-    if let Err(e) = worker::request_drain(&st.http, &st.cfg.worker.drain_url, t).await {
+    let asked = worker::request_drain(&st.http, &st.cfg.worker.drain_url, t).await;
+    if asked.is_ok() {
+        let mut since = st.draining_since.write().unwrap_or_else(|e| e.into_inner());
+        if since.is_none() {
+            *since = Some(Timestamp::now());
+        }
+        tracing::info!("drain: the worker was asked to stop taking new work");
+    }
+    if let Err(e) = asked {
         match worker::fetch_status(&st.http, status_url, t).await {
             // Nothing listens on either endpoint: no worker runs, nothing to drain.
             Err(s) if e.unreachable && s.unreachable => {

@@ -95,6 +95,11 @@ pub struct DeployStrategy {
     /// Set failed targets back to the tag they had before.
     #[serde(default = "default_true")]
     pub auto_rollback: bool,
+    /// Deploy also to sandboxes that are not healthy (phase Unhealthy, Failed or Terminated, or an agent
+    /// reported unhealthy). By default they are skipped, as the seeds deployed only to active
+    /// sandboxes, and counted in `status.skipped`.
+    #[serde(default)]
+    pub include_unhealthy: bool,
 }
 
 impl Default for DeployStrategy {
@@ -105,6 +110,7 @@ impl Default for DeployStrategy {
             target_deadline: default_target_deadline(),
             failure_policy: FailurePolicy::default(),
             auto_rollback: true,
+            include_unhealthy: false,
         }
     }
 }
@@ -120,6 +126,9 @@ fn default_target_deadline() -> String {
 }
 fn default_true() -> bool {
     true
+}
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// What a deploy does after a target fails.
@@ -206,6 +215,9 @@ pub enum TargetPhase {
     Deferred,
     /// A newer deploy took this target over.
     Superseded,
+    /// Not deployed: the sandbox was not healthy when its wave came (see
+    /// `spec.strategy.includeUnhealthy`).
+    Skipped,
 }
 
 /// The observed state of a deploy.
@@ -231,6 +243,10 @@ pub struct SandboxDeployStatus {
     /// How many failed.
     #[serde(default)]
     pub failed: i32,
+    /// How many were skipped, not deployed, because they were not healthy (see
+    /// `spec.strategy.includeUnhealthy`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: i32,
     /// The current wave, counting from 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wave: Option<i32>,

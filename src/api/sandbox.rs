@@ -15,6 +15,23 @@ pub const START_REQUESTED_ANNOTATION: &str = "fleet.valet.dev/start-requested-at
 /// controller deploy a tag whose last deploy failed (a retry); without it, a failed tag is never
 /// retried in a loop.
 pub const DEPLOY_ATTEMPT_ANNOTATION: &str = "fleet.valet.dev/deploy-attempt";
+/// A day-2 action asked of the Sandbox controller: `restart-adspower`, `probe`, `drain`,
+/// `terminate` or `terminate-force` (see [`DAY2_ACTIONS`]); terminate leaves the Sandbox in
+/// phase Terminated. Done once per
+/// [`ACTION_ID_ANNOTATION`] value; the result goes to `status.lastAction` and the annotations are
+/// removed once it is final. `kubectl sandbox restart-adspower|probe|drain|terminate` sets both.
+pub const ACTION_ANNOTATION: &str = "fleet.valet.dev/action";
+/// The request id of the action in [`ACTION_ANNOTATION`] (any string, for example a time): the
+/// same id is never acted on twice. Left out, the controller adds one before acting.
+pub const ACTION_ID_ANNOTATION: &str = "fleet.valet.dev/action-id";
+/// The day-2 actions [`ACTION_ANNOTATION`] accepts.
+pub const DAY2_ACTIONS: &[&str] = &[
+    "restart-adspower",
+    "probe",
+    "drain",
+    "terminate",
+    "terminate-force",
+];
 /// The finalizer the Sandbox controller sets before its first EC2 call.
 pub const SANDBOX_FINALIZER: &str = "fleet.valet.dev/instance";
 
@@ -381,6 +398,10 @@ pub enum SandboxPhase {
     Stopped,
     /// The Sandbox is being deleted and the deletion policy is being carried out.
     Terminating,
+    /// The instance was terminated by a terminate request (`kubectl sandbox terminate`). The
+    /// Sandbox stays as its record, as the seeds' table kept terminated sandboxes, and nothing is
+    /// launched in its place: delete it when it is no longer wanted.
+    Terminated,
     /// A terminal problem that needs a person: see `failureReason` and `failureMessage`.
     Failed,
 }
@@ -432,6 +453,33 @@ pub struct SandboxStatus {
     /// A human-readable account of the terminal problem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_message: Option<String>,
+    /// The last day-2 action asked by annotation (`fleet.valet.dev/action`) and what came of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<LastAction>,
+}
+
+/// A day-2 action request and its result.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LastAction {
+    /// The action as asked (`restart-adspower`, `probe`, `drain`, `terminate`,
+    /// `terminate-force`, or what was written instead).
+    pub name: String,
+    /// The request id (`fleet.valet.dev/action-id`): a request is done once.
+    pub request_id: String,
+    /// InProgress, Succeeded, Failed or Rejected (not understood or not allowed: never tried).
+    pub result: String,
+    /// A CamelCase reason.
+    pub reason: String,
+    /// What happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the request was taken up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it reached its result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
 }
 
 /// The EC2 instance as last observed.
@@ -509,6 +557,10 @@ pub struct AgentStatus {
     /// Disk use, percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_percent: Option<i32>,
+    /// Since when the worker has been draining (asked by `POST /drain`, for example by the drain
+    /// action): it takes no new work until a deploy replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<Time>,
     /// The browser engine's status as the agent reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub browser_status: Option<String>,

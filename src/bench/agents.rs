@@ -244,6 +244,7 @@ async fn health(State(farm): State<Arc<Farm>>, Path(name): Path<String>) -> Resp
         checked_at: Timestamp::from_millisecond(sample_ms).ok(),
         checks: vec![],
         targeted_workers: vec![],
+        draining_since: None,
     };
     drop(agents);
     Json(report).into_response()

@@ -4,6 +4,13 @@
 //!   kubectl sandbox start|stop NAME          set spec.powerState (Running | Stopped)
 //!   kubectl sandbox wake NAME                start an auto-stopped sandbox without editing its
 //!                                            spec (annotation fleet.valet.dev/start-requested-at)
+//!   kubectl sandbox restart-adspower|probe|drain NAME
+//!                                            day-2 actions (annotation fleet.valet.dev/action with
+//!                                            a fresh fleet.valet.dev/action-id); waits for the
+//!                                            result in status.lastAction unless --no-wait
+//!   kubectl sandbox terminate NAME [--force] drain, then terminate the instance (--force:
+//!                                            without draining); the Sandbox stays, phase
+//!                                            Terminated, as its record
 //!   kubectl sandbox approve|abort|retry DEPLOY
 //!   kubectl sandbox tree                     the fleet: environments, sandboxes, health, image
 
@@ -13,8 +20,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use sandbox_operator::api::{
-    ABORT_ANNOTATION, RETRY_ANNOTATION, START_REQUESTED_ANNOTATION, Sandbox, SandboxDeploy,
-    SecretBundle,
+    ABORT_ANNOTATION, ACTION_ANNOTATION, ACTION_ID_ANNOTATION, RETRY_ANNOTATION,
+    START_REQUESTED_ANNOTATION, Sandbox, SandboxDeploy, SecretBundle,
 };
 
 const MANAGER: &str = "kubectl-sandbox";
@@ -41,6 +48,34 @@ enum Cmd {
     Stop { name: String },
     /// Ask a stopped (e.g. auto-stopped) sandbox to start, without changing its spec.
     Wake { name: String },
+    /// Restart AdsPower on the sandbox (the agent's `adspower` service).
+    RestartAdspower {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Probe the agent now and show its health.
+    Probe {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Ask the worker to drain: it finishes its jobs and takes no new work.
+    Drain {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Drain, wait for the active workers to finish, then terminate the instance (whatever
+    /// deletionPolicy says); the Sandbox stays, in phase Terminated, as its record.
+    Terminate {
+        name: String,
+        /// Do not drain: terminate at once.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Approve a SandboxDeploy that awaits approval (or continue a paused one): paused=false.
     Approve { deploy: String },
     /// Abort a SandboxDeploy: no new target starts; running ones finish.
@@ -50,6 +85,76 @@ enum Cmd {
     /// The fleet as a tree: environments, sandboxes with phase, health, image and instance, the
     /// deploys in flight and the secret bundles.
     Tree,
+}
+
+/// How a day-2 action waits for its result.
+#[derive(clap::Args, Debug)]
+struct WaitArgs {
+    /// Return once the request is written, without waiting for the result.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the result.
+    #[arg(long, default_value = "2m", value_parser = parse_timeout)]
+    timeout: std::time::Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    sandbox_operator::util::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Writes a day-2 request and (unless told not to) waits for its result in status.lastAction.
+async fn day2(
+    sbx: &Api<Sandbox>,
+    pp: &PatchParams,
+    name: &str,
+    action: &str,
+    wait: &WaitArgs,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let id = jiff::Timestamp::now().to_string();
+    sbx.patch(
+        name,
+        pp,
+        &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+            ACTION_ANNOTATION: action,
+            ACTION_ID_ANNOTATION: id,
+        }}})),
+    )
+    .await?;
+    let asked = format!("sandbox/{name} {action} requested ({ACTION_ID_ANNOTATION}={id})\n");
+    if wait.no_wait {
+        return Ok(asked);
+    }
+    let deadline = std::time::Instant::now() + wait.timeout;
+    loop {
+        let last = match sbx.get_opt(name).await? {
+            None => return Ok(format!("{asked}sandbox/{name} deleted\n")),
+            Some(s) => s
+                .status
+                .and_then(|st| st.last_action)
+                .filter(|a| a.request_id == id && a.name == action),
+        };
+        if let Some(a) = last {
+            let line = format!(
+                "{asked}sandbox/{name} {action}: {} ({}): {}\n",
+                a.result,
+                a.reason,
+                a.message.unwrap_or_default()
+            );
+            match a.result.as_str() {
+                "Succeeded" => return Ok(line),
+                "Failed" | "Rejected" => return Err(line.trim_end().into()),
+                _ => {}
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "{asked}sandbox/{name} {action}: no result within {:?}; see kubectl describe sandbox {name}",
+                wait.timeout
+            )
+            .into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }
 
 fn now() -> String {
@@ -100,6 +205,19 @@ async fn run(cli: Cli) -> Result<String, Box<dyn std::error::Error>> {
             )
             .await?;
             format!("sandbox/{name} woken ({START_REQUESTED_ANNOTATION}={t})\n")
+        }
+        Cmd::RestartAdspower { name, wait } => {
+            day2(&sbx, &pp, &name, "restart-adspower", &wait).await?
+        }
+        Cmd::Probe { name, wait } => day2(&sbx, &pp, &name, "probe", &wait).await?,
+        Cmd::Drain { name, wait } => day2(&sbx, &pp, &name, "drain", &wait).await?,
+        Cmd::Terminate { name, force, wait } => {
+            let action = if force {
+                "terminate-force"
+            } else {
+                "terminate"
+            };
+            day2(&sbx, &pp, &name, action, &wait).await?
         }
         Cmd::Approve { deploy } => {
             deploys

@@ -88,6 +88,21 @@ fn micros(t: Timestamp) -> Timestamp {
     Timestamp::from_microsecond(t.as_microsecond()).unwrap_or(t)
 }
 
+impl SandboxRow {
+    /// The row of a Sandbox that is gone with its instance terminated: kept, as the seeds'
+    /// table kept it, with status and EC2 state `terminated` and nothing live left in it.
+    pub fn terminated(mut self) -> Self {
+        self.status = "terminated".into();
+        self.ec2_status = Some("terminated".into());
+        self.health_status = seeds_health(None).into();
+        self.current_load = 0;
+        self.public_ip = None;
+        self.novnc_url = None;
+        self.updated_at = micros(Timestamp::now());
+        self
+    }
+}
+
 /// The seeds' `sandbox_status` for a phase and EC2 state.
 pub fn seeds_status(phase: Option<SandboxPhase>, ec2_state: Option<&str>) -> &'static str {
     let gone = matches!(ec2_state, Some("terminated" | "shutting-down"));
@@ -100,6 +115,7 @@ pub fn seeds_status(phase: Option<SandboxPhase>, ec2_state: Option<&str>) -> &'s
         Some(SandboxPhase::Stopped) => "stopped",
         Some(SandboxPhase::Terminating) if gone => "terminated",
         Some(SandboxPhase::Terminating) => "terminating",
+        Some(SandboxPhase::Terminated) => "terminated",
         Some(SandboxPhase::Failed) if gone => "terminated",
         Some(SandboxPhase::Failed) => "unhealthy",
     }
@@ -288,6 +304,7 @@ mod tests {
                 cpu_percent: None,
                 memory_percent: None,
                 disk_percent: None,
+                draining_since: None,
                 browser_status: None,
                 up_since: None,
                 env_sha256: None,

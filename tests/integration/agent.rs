@@ -675,6 +675,38 @@ async fn agent_drain_waits_for_active_workers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_drain_is_reported_in_health_until_a_deploy_replaces_the_worker() {
+    let f = Fixture::new().await;
+    assert_eq!(f.health().await.draining_since, None);
+    let no_wait = DrainRequest {
+        wait: Some(false),
+        timeout_seconds: None,
+    };
+    f.client().drain_with(&no_wait).await.unwrap();
+    assert_eq!(f.worker.drains.load(Ordering::SeqCst), 1);
+    let first = f.health().await.draining_since;
+    assert!(first.is_some());
+    // Asked again: the worker is asked again, the time it started draining stays.
+    f.client().drain_with(&no_wait).await.unwrap();
+    assert_eq!(f.worker.drains.load(Ordering::SeqCst), 2);
+    assert_eq!(f.health().await.draining_since, first);
+    let v: Value = http()
+        .get(f.url("/health"))
+        .bearer_auth(&f.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["drainingSince"].is_string(), "{v}");
+    // A deploy replaces the worker: the new one takes work again.
+    let id = f.client().deploy("v2").await.unwrap().deploy_id.unwrap();
+    let h = f.wait_deploy_done(&id).await;
+    assert_eq!(h.draining_since, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_env_write_is_atomic_and_mode_0600() {
     let f = Fixture::new().await;
     let path = f.dir.join("valet.env");

@@ -1467,3 +1467,84 @@ async fn webhook_ci_script_waits_for_the_rollout_and_fails_with_it() {
         "the secret was printed"
     );
 }
+
+#[tokio::test]
+async fn an_unhealthy_sandbox_is_skipped_unless_the_strategy_includes_it() {
+    let f = fleet("skip-unhealthy", &[("g", &["ok", "sick"])], &[]).await;
+    // The worker on "sick" fails its health URL on v1: the agent reports a failing check.
+    f.agents["sick"].fail_health_for("v1");
+    f.wait_sandbox("sick", 60, "Unhealthy", |s| {
+        s.status
+            .as_ref()
+            .is_some_and(|st| st.phase == Some(sandbox_operator::api::SandboxPhase::Unhealthy))
+    })
+    .await;
+
+    // By default: only the healthy one is deployed; the other is skipped and counted, and the
+    // deploy does not count it as updated.
+    f.create(
+        "d-default",
+        "v2",
+        "g",
+        serde_json::json!({"strategy": {"maxUnavailable": 2}}),
+    )
+    .await;
+    let st = f
+        .wait("d-default", 120, "finished", |st| {
+            st.phase
+                .is_some_and(|p| p != DeployPhase::Progressing && p != DeployPhase::Pending)
+        })
+        .await;
+    assert_eq!(st.phase, Some(DeployPhase::Succeeded), "{st:?}");
+    assert_eq!((st.total, st.updated, st.skipped, st.failed), (2, 1, 1, 0));
+    assert_eq!(phase(&st, "ok"), Some(TargetPhase::Succeeded));
+    assert_eq!(phase(&st, "sick"), Some(TargetPhase::Skipped));
+    let skipped = st.targets.iter().find(|t| t.name == "sick").unwrap();
+    assert!(
+        skipped
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("includeUnhealthy"),
+        "{skipped:?}"
+    );
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "SucceededWithSkipped");
+    assert!(
+        st.message.as_deref().unwrap().contains("1 skipped"),
+        "{:?}",
+        st.message
+    );
+    assert_eq!(
+        f.spec_tag("sick").await,
+        None,
+        "the skipped one was not given the tag"
+    );
+    assert!(!f.agents["sick"].docker_calls().contains("tag=v2"));
+    assert!(
+        f.events("d-default")
+            .await
+            .iter()
+            .any(|r| r == "TargetSkipped")
+    );
+
+    // With strategy.includeUnhealthy it is deployed too (and v3 is healthy there).
+    f.create(
+        "d-all",
+        "v3",
+        "g",
+        serde_json::json!({"strategy": {"maxUnavailable": 2, "includeUnhealthy": true}}),
+    )
+    .await;
+    let st = f
+        .wait("d-all", 180, "finished", |st| {
+            st.phase
+                .is_some_and(|p| p != DeployPhase::Progressing && p != DeployPhase::Pending)
+        })
+        .await;
+    assert_eq!(st.phase, Some(DeployPhase::Succeeded), "{st:?}");
+    assert_eq!((st.total, st.updated, st.skipped), (2, 2, 0));
+    assert_eq!(phase(&st, "sick"), Some(TargetPhase::Succeeded));
+    assert_eq!(f.spec_tag("sick").await.as_deref(), Some("v3"));
+    assert!(f.agents["sick"].docker_calls().contains("up tag=v3"));
+}

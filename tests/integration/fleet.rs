@@ -139,6 +139,7 @@ deploy:
   commandTimeout: 60s
 services:
   worker: {{composeService: worker}}
+  adspower: {{command: [/bin/sh, -c, "date +%s%N >> {d}/adspower-restarts"]}}
 {checks}"#,
             // The host's disk and memory are shared with whatever else runs here: thresholds no
             // test machine reaches keep a check's state (and so the Sandbox's status) from
@@ -220,6 +221,25 @@ services:
             format!("{tag}\n"),
         )
         .unwrap();
+    }
+
+    /// How many times the agent restarted its `adspower` service (a command that appends a line
+    /// to a file, standing in for `systemctl restart adspower`).
+    pub fn adspower_restarts(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("adspower-restarts"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    }
+
+    /// The agent's own `/health`, asked directly.
+    pub async fn health(&self) -> sandbox_operator::agent::protocol::HealthReport {
+        use sandbox_operator::agent::client::{AgentClient, AgentToken};
+        AgentClient::new(&self.url, Some(AgentToken::new(self.token.clone())))
+            .unwrap()
+            .health()
+            .await
+            .unwrap()
     }
 
     /// The fake docker's recorded calls.

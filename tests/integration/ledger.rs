@@ -148,6 +148,7 @@ macro_rules! both_backends {
 both_backends!(migrations_apply);
 both_backends!(events_round_trip);
 both_backends!(sandboxes_table_uses_the_seeds_columns);
+both_backends!(a_terminated_sandbox_keeps_its_row);
 both_backends!(cost_report_from_known_intervals);
 both_backends!(fleet_and_deploy_reports);
 both_backends!(queue_overflow_is_counted_and_logged);
@@ -413,6 +414,7 @@ fn sandbox(name: &str, phase: SandboxPhase, state: &str, health: AgentHealth) ->
             cpu_percent: Some(12),
             memory_percent: Some(40),
             disk_percent: Some(20),
+            draining_since: None,
             browser_status: None,
             up_since: None,
             env_sha256: None,
@@ -524,6 +526,71 @@ async fn sandboxes_table_uses_the_seeds_columns(db: Db) {
     handle.flush().await.unwrap();
     let rows = sql(&d.url, "SELECT name FROM sandboxes").await;
     assert_eq!(rows, vec![vec![s("w2")]]);
+}
+
+/// What the Sandbox controller writes when a Sandbox goes with its instance terminated: the row
+/// stays, with status terminated, so dashboards count what ran.
+async fn a_terminated_sandbox_keeps_its_row(db: Db) {
+    let d = fresh(db, "terminated").await;
+    let ledger = Ledger::connect(&d.url).await.unwrap();
+    let handle = ledger.spawn_writer(small_writer());
+    let running = sandbox("w1", SandboxPhase::Active, "running", AgentHealth::Healthy);
+    handle.upsert_sandbox(SandboxRow::from_sandbox(&running));
+    handle.upsert_sandbox(SandboxRow::from_sandbox(&sandbox(
+        "w2",
+        SandboxPhase::Active,
+        "running",
+        AgentHealth::Healthy,
+    )));
+    handle.flush().await.unwrap();
+    let gone = sandbox(
+        "w1",
+        SandboxPhase::Terminating,
+        "terminated",
+        AgentHealth::Unknown,
+    );
+    handle.upsert_sandbox(SandboxRow::from_sandbox(&gone).terminated());
+    handle.flush().await.unwrap();
+    let s = |v: &str| Some(v.to_string());
+    let rows = sql(
+        &d.url,
+        "SELECT name, status, health_status, ec2_status, instance_id, CAST(current_load AS TEXT), \
+         public_ip FROM sandboxes ORDER BY name",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![
+            vec![
+                s("w1"),
+                s("terminated"),
+                s("unknown"),
+                s("terminated"),
+                s("i-0123456789abcdef0"),
+                s("0"),
+                None
+            ],
+            vec![
+                s("w2"),
+                s("active"),
+                s("healthy"),
+                s("running"),
+                s("i-0123456789abcdef0"),
+                s("3"),
+                s("34.197.248.80")
+            ],
+        ]
+    );
+    // A dashboard's count of what ran, by the seeds' status values.
+    let counts = sql(
+        &d.url,
+        "SELECT status, CAST(COUNT(*) AS TEXT) FROM sandboxes GROUP BY status ORDER BY status",
+    )
+    .await;
+    assert_eq!(
+        counts,
+        vec![vec![s("active"), s("1")], vec![s("terminated"), s("1")]]
+    );
 }
 
 /// The window is 2024-01-01 (UTC), 24 hours.

@@ -1212,3 +1212,334 @@ async fn deleting_sandboxes_logs_no_warning() {
         })
     );
 }
+
+// ---- Day-2 actions by annotation (and from the kubectl plugin). ----
+
+fn last_action(s: &SandboxStatus, id: &str) -> Option<sandbox_operator::api::LastAction> {
+    s.last_action.clone().filter(|a| a.request_id == id)
+}
+
+impl Env {
+    async fn ask(&self, name: &str, action: &str, id: Option<&str>) {
+        let mut ann = serde_json::json!({"fleet.valet.dev/action": action});
+        if let Some(id) = id {
+            ann["fleet.valet.dev/action-id"] = id.into();
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": ann}});
+        self.sbx
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    async fn annotations(&self, name: &str) -> std::collections::BTreeMap<String, String> {
+        self.sbx
+            .get(name)
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap_or_default()
+    }
+
+    async fn instance_state(&self, id: &str) -> String {
+        self.instances()
+            .await
+            .into_iter()
+            .find(|i| i.instance_id() == Some(id))
+            .and_then(|i| {
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test]
+async fn day2_restart_adspower_probe_now_and_drain_by_annotation() {
+    let e = env("day2", Duration::ZERO).await;
+    let agent = Agent::start("v1", 0).await;
+    e.agent_secret(&agent).await;
+    let _op = e.operator();
+    // Probes only every hour: whatever status learns after the first one, a probe-now brought.
+    e.apply(&e.launched(
+        "d2",
+        &format!(
+            "  agent: {{url: \"{}\", tokenSecretRef: {{name: agent-token, key: token}}, probeInterval: 1h, timeout: 2s}}\n",
+            agent.url
+        ),
+    ))
+    .await;
+    e.wait("d2", 90, "Active", |s| {
+        s.phase == Some(SandboxPhase::Active)
+    })
+    .await;
+
+    // Restart AdsPower: the agent runs its adspower restart once; the request is recorded and
+    // removed.
+    assert_eq!(agent.adspower_restarts(), 0);
+    e.ask("d2", "restart-adspower", Some("r-1")).await;
+    let st = e
+        .wait("d2", 60, "restart-adspower done", |s| {
+            last_action(s, "r-1").is_some_and(|a| a.result != "InProgress")
+        })
+        .await;
+    let a = last_action(&st, "r-1").unwrap();
+    assert_eq!(
+        (a.name.as_str(), a.result.as_str()),
+        ("restart-adspower", "Succeeded"),
+        "{a:?}"
+    );
+    assert!(a.message.as_deref().unwrap().contains("adspower"), "{a:?}");
+    assert_eq!(agent.adspower_restarts(), 1, "restarted on the agent, once");
+    eventually(30, "the request removed", || async {
+        let a = e.annotations("d2").await;
+        (!a.contains_key("fleet.valet.dev/action")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agent.adspower_restarts(), 1, "done once, not per reconcile");
+
+    // Probe now: the worker takes 3 jobs; nothing would probe for an hour, but the request
+    // probes at once and status shows it.
+    agent.set_active(3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        e.status("d2").await.agent.unwrap().active_workers,
+        Some(0),
+        "no probe of its own yet"
+    );
+    e.ask("d2", "probe", Some("p-1")).await;
+    let st = e
+        .wait("d2", 20, "probe-now result", |s| {
+            last_action(s, "p-1").is_some_and(|a| a.result == "Succeeded")
+        })
+        .await;
+    assert_eq!(st.agent.as_ref().unwrap().active_workers, Some(3));
+    assert!(
+        // Healthy, or Degraded on a test machine whose disk is 90% full.
+        last_action(&st, "p-1")
+            .unwrap()
+            .message
+            .unwrap()
+            .starts_with("probed now: the agent is"),
+        "{:?}",
+        st.last_action
+    );
+
+    // Drain: the agent is asked and says so in its /health.
+    assert_eq!(agent.health().await.draining_since, None);
+    e.ask("d2", "drain", Some("dr-1")).await;
+    let st = e
+        .wait("d2", 60, "drain done", |s| {
+            last_action(s, "dr-1").is_some_and(|a| a.result != "InProgress")
+        })
+        .await;
+    assert_eq!(
+        last_action(&st, "dr-1").unwrap().result,
+        "Succeeded",
+        "{:?}",
+        st.last_action
+    );
+    assert!(agent.health().await.draining_since.is_some());
+    assert!(
+        st.agent.as_ref().unwrap().draining_since.is_some(),
+        "status shows the drain: {:?}",
+        st.agent
+    );
+
+    // An unknown action, without an id: it gets one, and is refused naming the accepted ones.
+    e.ask("d2", "reboot", None).await;
+    let st = e
+        .wait("d2", 60, "reboot refused", |s| {
+            s.last_action.as_ref().is_some_and(|a| a.name == "reboot")
+        })
+        .await;
+    let a = st.last_action.unwrap();
+    assert_eq!(
+        (a.result.as_str(), a.reason.as_str()),
+        ("Rejected", "UnknownAction")
+    );
+    assert!(!a.request_id.is_empty());
+    assert!(
+        a.message
+            .unwrap()
+            .contains("restart-adspower, probe, drain, terminate, terminate-force")
+    );
+    let events = e.events("d2").await;
+    for reason in ["ActionStarted", "ActionSucceeded", "ActionRejected"] {
+        assert!(
+            events.iter().any(|(r, _)| r == reason),
+            "{reason}: {events:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn day2_terminate_drains_first_and_force_from_the_plugin_skips_the_drain() {
+    let e = env("day2-term", Duration::ZERO).await;
+    let busy = Agent::start("v1", 2).await;
+    let other = Agent::start("v1", 2).await;
+    e.agent_secret(&busy).await;
+    // Both agents read the same token file content (one per process id).
+    assert_eq!(busy.token, other.token);
+    let op = e.operator();
+    // deletionPolicy Retain: a terminate request terminates all the same.
+    e.apply(&e.launched(
+        "t-drain",
+        &format!("{}  deletionPolicy: Retain\n", agent_spec(&busy)),
+    ))
+    .await;
+    e.apply(&e.launched("t-force", &agent_spec(&other))).await;
+    let mut ids = std::collections::BTreeMap::new();
+    for name in ["t-drain", "t-force"] {
+        let st = e
+            .wait(name, 90, "Active", |s| {
+                s.phase == Some(SandboxPhase::Active)
+            })
+            .await;
+        ids.insert(name, st.instance.unwrap().id);
+    }
+
+    // terminate: drains first; two jobs run, so nothing is terminated yet.
+    e.ask("t-drain", "terminate", Some("t-1")).await;
+    let st = e
+        .wait("t-drain", 60, "draining", |s| {
+            last_action(s, "t-1").is_some_and(|a| a.reason == "Draining")
+        })
+        .await;
+    assert!(
+        last_action(&st, "t-1")
+            .unwrap()
+            .message
+            .unwrap()
+            .contains("2 active workers"),
+        "{:?}",
+        st.last_action
+    );
+    eventually(30, "the drain seen in the agent's /health", || async {
+        busy.health().await.draining_since.map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(e.instance_state(&ids["t-drain"]).await, "running");
+    assert!(e.sbx.get_opt("t-drain").await.unwrap().is_some());
+    // The jobs finish: the instance is terminated; the Sandbox stays, phase Terminated, as the
+    // record (Retain did not keep the instance: the request asked for it).
+    busy.set_active(0);
+    let st = e
+        .wait("t-drain", 90, "terminated", |s| {
+            last_action(s, "t-1").is_some_and(|a| a.result == "Succeeded")
+        })
+        .await;
+    assert_eq!(st.phase, Some(SandboxPhase::Terminated));
+    assert_eq!(cond(&st, "Ready").unwrap().1, "Terminated");
+    assert_eq!(e.instance_state(&ids["t-drain"]).await, "terminated");
+    eventually(30, "the request removed", || async {
+        let a = e.annotations("t-drain").await;
+        (!a.contains_key("fleet.valet.dev/action")).then_some(())
+    })
+    .await;
+    // Nothing is launched in its place.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(e.ec2.calls().await.unwrap().accepted("RunInstances"), 2);
+    assert_eq!(
+        e.status("t-drain").await.phase,
+        Some(SandboxPhase::Terminated)
+    );
+
+    // The ledger's row says terminated, and keeps saying so once the Sandbox is deleted.
+    let ledger = sandbox_operator::ledger::Ledger::connect(&op.ledger)
+        .await
+        .unwrap();
+    let row_of = |name: &'static str| {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .sandboxes()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| r.name == name)
+        }
+    };
+    eventually(30, "the terminated row", || async {
+        row_of("t-drain").await.filter(|r| r.status == "terminated")
+    })
+    .await;
+    e.sbx
+        .delete("t-drain", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(60, "t-drain deleted", || async {
+        e.sbx
+            .get_opt("t-drain")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let row = row_of("t-drain").await.expect("the row stays");
+    assert_eq!(row.status, "terminated");
+    assert_eq!(row.instance_id.as_deref(), Some(ids["t-drain"].as_str()));
+    assert_eq!(row.ec2_status.as_deref(), Some("terminated"));
+
+    // terminate --force from the real plugin: no drain although two jobs run.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-sandbox"))
+        .args([
+            "-n",
+            &e.ns,
+            "terminate",
+            "t-force",
+            "--force",
+            "--timeout",
+            "60s",
+        ])
+        .env("KUBECONFIG", support::control_plane().kubeconfig_path())
+        .output()
+        .expect("running kubectl-sandbox");
+    let text = support::text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("terminate-force: Succeeded"), "{text}");
+    assert_eq!(e.instance_state(&ids["t-force"]).await, "terminated");
+    assert_eq!(
+        e.status("t-force").await.phase,
+        Some(SandboxPhase::Terminated)
+    );
+    assert_eq!(
+        other.health().await.draining_since,
+        None,
+        "force never asked the agent to drain"
+    );
+    // A refused action exits non-zero with the reason.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-sandbox"))
+        .args([
+            "-n",
+            &e.ns,
+            "restart-adspower",
+            "t-force",
+            "--timeout",
+            "60s",
+        ])
+        .env("KUBECONFIG", support::control_plane().kubeconfig_path())
+        .output()
+        .expect("running kubectl-sandbox");
+    let text = support::text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("InstanceNotRunning"), "{text}");
+    let events = e.events("t-drain").await;
+    for reason in [
+        "ActionStarted",
+        "Terminating",
+        "Terminated",
+        "ActionSucceeded",
+    ] {
+        assert!(
+            events.iter().any(|(r, _)| r == reason),
+            "{reason}: {events:?}"
+        );
+    }
+}

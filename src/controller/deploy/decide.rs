@@ -46,6 +46,9 @@ pub struct TargetObs {
     pub deploy: Option<(String, String, Option<String>, Option<String>)>,
     /// The Sandbox's Ready condition is True.
     pub ready: bool,
+    /// Why the Sandbox is not healthy (phase Unhealthy or Failed, or its agent reported
+    /// unhealthy); `None` when it is healthy or merely stopped or starting.
+    pub unhealthy: Option<String>,
 }
 
 /// Everything [`decide`] looks at.
@@ -137,6 +140,7 @@ fn target_done(p: TargetPhase) -> bool {
             | TargetPhase::RolledBack
             | TargetPhase::Deferred
             | TargetPhase::Superseded
+            | TargetPhase::Skipped
     )
 }
 
@@ -550,6 +554,26 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                     t.message = Some("the Sandbox was deleted".into());
                     continue;
                 }
+                if let Some(why) = obs
+                    .unhealthy
+                    .as_ref()
+                    .filter(|_| !i.spec.strategy.include_unhealthy)
+                {
+                    // As the seeds did (only active sandboxes): left on the tag it runs.
+                    t.phase = TargetPhase::Skipped;
+                    t.finished_at = Some(Time(now));
+                    let msg = format!(
+                        "skipped, not deployed: not healthy ({why}); set spec.strategy.includeUnhealthy to deploy to it"
+                    );
+                    notes.push(Note {
+                        about: Some(t.name.clone()),
+                        warning: true,
+                        reason: "TargetSkipped",
+                        message: format!("{}: {msg}", t.name),
+                    });
+                    t.message = Some(msg);
+                    continue;
+                }
                 actions.push(Action::SetTag {
                     sandbox: t.name.clone(),
                     tag: tag.clone(),
@@ -589,9 +613,15 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         } else {
             DeployPhase::Succeeded
         });
+        let skipped = skipped_names(&st);
         st.message = Some(match st.phase {
             Some(DeployPhase::Failed) => "finished with failed targets".into(),
             Some(DeployPhase::Superseded) => "a newer deploy took over every target".into(),
+            _ if !skipped.is_empty() => format!(
+                "{tag} rolled out to the healthy sandboxes; {} skipped, not deployed, as not healthy: {}",
+                skipped.len(),
+                skipped.join(", ")
+            ),
             _ => format!("{tag} rolled out"),
         });
         notes.push(Note {
@@ -617,6 +647,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         .filter(|t| t.phase == TargetPhase::Succeeded)
         .count() as i32;
     st.failed = st.targets.iter().filter(|t| failed(t.phase)).count() as i32;
+    st.skipped = skipped_names(&st).len() as i32;
     if finished(st.phase) {
         finish_conditions(&mut cs, &st, i, now);
     } else {
@@ -657,6 +688,14 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 }
 
+fn skipped_names(st: &SandboxDeployStatus) -> Vec<String> {
+    st.targets
+        .iter()
+        .filter(|t| t.phase == TargetPhase::Skipped)
+        .map(|t| t.name.clone())
+        .collect()
+}
+
 fn finish_conditions(
     cs: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     st: &SandboxDeployStatus,
@@ -677,8 +716,24 @@ fn finish_conditions(
         );
     };
     let msg = st.message.clone().unwrap_or_default();
-    let counts = format!("{}/{} updated, {} failed", st.updated, st.total, st.failed);
+    let mut counts = format!("{}/{} updated, {} failed", st.updated, st.total, st.failed);
+    if st.skipped > 0 {
+        counts.push_str(&format!(", {} skipped as not healthy", st.skipped));
+    }
     match st.phase {
+        Some(DeployPhase::Succeeded) if st.skipped > 0 => {
+            // Finished, but not everywhere: the skipped ones were not deployed.
+            set(cs, cond::PROGRESSING, FALSE, "Finished", counts.clone());
+            set(
+                cs,
+                cond::COMPLETE,
+                TRUE,
+                "SucceededWithSkipped",
+                msg.clone(),
+            );
+            set(cs, cond::FAILED, FALSE, "NoFailures", counts.clone());
+            set(cs, cond::READY, TRUE, "SucceededWithSkipped", msg);
+        }
         Some(DeployPhase::Succeeded) => {
             set(cs, cond::PROGRESSING, FALSE, "Finished", counts.clone());
             set(cs, cond::COMPLETE, TRUE, "Succeeded", msg.clone());
@@ -725,6 +780,7 @@ mod tests {
             running: true,
             deploy: None,
             ready: true,
+            unhealthy: None,
         }
     }
 
@@ -1043,5 +1099,108 @@ mod tests {
         let d = r.step();
         assert_eq!(r.status.phase, Some(DeployPhase::Progressing));
         assert_eq!(d.actions.len(), 1);
+    }
+
+    fn unhealthy(r: &mut Run, name: &str) {
+        for m in [&mut r.selected, &mut r.observed] {
+            let o = m.get_mut(name).unwrap();
+            o.unhealthy = Some("phase Unhealthy: 3 consecutive probes failed".into());
+            o.ready = false;
+        }
+    }
+
+    #[test]
+    fn an_unhealthy_sandbox_is_skipped_by_default_and_reported_never_as_updated() {
+        let mut r = Run::new(
+            spec(serde_json::json!({"strategy": {"maxUnavailable": 2}})),
+            &["a", "b"],
+        );
+        unhealthy(&mut r, "b");
+        let d = r.step();
+        // Only a gets the tag; b is skipped, with an Event naming it and the way to include it.
+        assert_eq!(
+            d.actions,
+            vec![Action::SetTag {
+                sandbox: "a".into(),
+                tag: "v2".into(),
+                attempt: "uid/0".into()
+            }]
+        );
+        assert_eq!(r.phase_of("b"), TargetPhase::Skipped);
+        let skip = d
+            .notes
+            .iter()
+            .find(|n| n.reason == "TargetSkipped")
+            .unwrap();
+        assert!(
+            skip.warning && skip.message.contains("includeUnhealthy"),
+            "{skip:?}"
+        );
+        assert_eq!(r.status.skipped, 1);
+        r.sandbox_reports("a", deploy_state::SUCCEEDED);
+        let d = r.step();
+        assert_eq!(r.status.phase, Some(DeployPhase::Succeeded));
+        assert_eq!(
+            (r.status.updated, r.status.skipped, r.status.total),
+            (1, 1, 2),
+            "the skipped one is not counted as updated"
+        );
+        assert!(d.actions.is_empty(), "b never gets the tag");
+        let msg = r.status.message.clone().unwrap();
+        assert!(msg.contains("1 skipped") && msg.contains('b'), "{msg}");
+        let complete = conditions::get(&r.status.conditions, cond::COMPLETE).unwrap();
+        assert_eq!(complete.reason, "SucceededWithSkipped");
+        let ready = conditions::get(&r.status.conditions, cond::READY).unwrap();
+        assert_eq!(ready.reason, "SucceededWithSkipped");
+        let progressing = conditions::get(&r.status.conditions, cond::PROGRESSING).unwrap();
+        assert!(
+            progressing.message.contains("1/2 updated")
+                && progressing.message.contains("1 skipped"),
+            "{}",
+            progressing.message
+        );
+    }
+
+    #[test]
+    fn include_unhealthy_deploys_to_it_and_a_stopped_one_is_still_deferred() {
+        let mut r = Run::new(
+            spec(serde_json::json!({"strategy": {"maxUnavailable": 3, "includeUnhealthy": true}})),
+            &["a", "b", "c"],
+        );
+        unhealthy(&mut r, "b");
+        for m in [&mut r.selected, &mut r.observed] {
+            m.get_mut("c").unwrap().running = false;
+        }
+        let d = r.step();
+        assert_eq!(d.actions.len(), 3, "{:?}", d.actions);
+        assert_eq!(r.phase_of("b"), TargetPhase::Draining);
+        assert_eq!(r.phase_of("c"), TargetPhase::Deferred);
+        assert_eq!(r.status.skipped, 0);
+        r.sandbox_reports("a", deploy_state::SUCCEEDED);
+        r.sandbox_reports("b", deploy_state::SUCCEEDED);
+        r.step();
+        assert_eq!(r.status.phase, Some(DeployPhase::Succeeded));
+        assert_eq!(r.status.updated, 2);
+        let complete = conditions::get(&r.status.conditions, cond::COMPLETE).unwrap();
+        assert_eq!(complete.reason, "Succeeded");
+    }
+
+    #[test]
+    fn a_sandbox_turned_unhealthy_before_its_wave_is_skipped_then() {
+        let mut r = Run::new(
+            spec(serde_json::json!({"strategy": {"maxUnavailable": 1}})),
+            &["a", "b"],
+        );
+        r.step();
+        assert_eq!(r.phase_of("b"), TargetPhase::Pending);
+        // b turns unhealthy while a deploys: when its wave comes, it is skipped.
+        r.observed.get_mut("b").unwrap().unhealthy = Some("phase Failed: InstanceNotFound".into());
+        r.sandbox_reports("a", deploy_state::SUCCEEDED);
+        let d = r.step();
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert_eq!(r.phase_of("b"), TargetPhase::Skipped);
+        r.step();
+        assert_eq!(r.status.phase, Some(DeployPhase::Succeeded));
+        assert_eq!((r.status.updated, r.status.skipped), (1, 1));
     }
 }

@@ -183,6 +183,37 @@ fn target_obs(s: &Sandbox) -> TargetObs {
             )
         }),
         ready: conditions::is_true(&st.conditions, "Ready"),
+        unhealthy: unhealthy(&st),
+    }
+}
+
+/// Why a Sandbox counts as not healthy for a rollout, if it does.
+fn unhealthy(st: &crate::api::SandboxStatus) -> Option<String> {
+    use crate::api::{AgentHealth, SandboxPhase};
+    let agent_msg = || {
+        st.agent
+            .as_ref()
+            .and_then(|a| a.message.clone())
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default()
+    };
+    match st.phase {
+        Some(SandboxPhase::Unhealthy) => Some(format!("phase Unhealthy{}", agent_msg())),
+        Some(SandboxPhase::Terminated) => {
+            Some("phase Terminated: its instance was terminated on request".into())
+        }
+        Some(SandboxPhase::Failed) => Some(format!(
+            "phase Failed: {}",
+            st.failure_reason.as_deref().unwrap_or("see its status")
+        )),
+        _ if st
+            .agent
+            .as_ref()
+            .is_some_and(|a| a.health == AgentHealth::Unhealthy) =>
+        {
+            Some(format!("agent unhealthy{}", agent_msg()))
+        }
+        _ => None,
     }
 }
 

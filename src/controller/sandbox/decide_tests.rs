@@ -74,6 +74,7 @@ struct Case {
     probe: ProbeObs,
     start_request: Option<String>,
     deploy_attempt: Option<String>,
+    action: Option<(String, String)>,
     rejection: Option<Rejection>,
     launch: LaunchStage,
     now: Timestamp,
@@ -89,6 +90,7 @@ impl Case {
             probe: ProbeObs::NotProbed,
             start_request: None,
             deploy_attempt: None,
+            action: None,
             rejection: None,
             launch: LaunchStage::default(),
             now: t(0),
@@ -101,6 +103,10 @@ impl Case {
             generation: Some(1),
             start_request: self.start_request.as_deref(),
             deploy_attempt: self.deploy_attempt.as_deref(),
+            action: self
+                .action
+                .as_ref()
+                .map(|(name, id)| ActionRequest { name, id }),
             status: &self.status,
             instance: &self.instance,
             probe: &self.probe,
@@ -1084,4 +1090,416 @@ fn a_deploy_whose_agent_stops_answering_fails_at_the_deadline() {
     let d = c.step();
     assert_eq!(d.status.deploy.clone().unwrap().state, deploy_state::FAILED);
     assert_eq!(cond(&d, cond::IMAGE_UP_TO_DATE).reason, "DeployFailed");
+}
+
+// ---- Day-2 actions by annotation. ----
+
+fn asking(c: &mut Case, name: &str, id: &str) {
+    c.action = Some((name.into(), id.into()));
+}
+
+fn last(d: &Decision) -> crate::api::LastAction {
+    d.status.last_action.clone().expect("status.lastAction")
+}
+
+fn running_case(active: u32) -> Case {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.probe = ProbeObs::Report(Box::new(report(active, "v1")));
+    c
+}
+
+#[test]
+fn probe_now_records_the_fresh_answer_and_is_done_once() {
+    let mut c = running_case(0);
+    asking(&mut c, day2::PROBE, "r1");
+    assert!(action_wants_probe(
+        &c.status,
+        Some(ActionRequest {
+            name: "probe",
+            id: "r1"
+        })
+    ));
+    let d = c.step();
+    let a = last(&d);
+    assert_eq!(
+        (a.name.as_str(), a.request_id.as_str(), a.result.as_str()),
+        ("probe", "r1", day2::SUCCEEDED)
+    );
+    assert_eq!(a.reason, "Probed");
+    assert!(a.message.as_deref().unwrap().contains("Healthy"), "{a:?}");
+    assert!(a.finished_at.is_some());
+    assert!(d.notes.iter().any(|n| n.reason == "ActionSucceeded"));
+    assert!(request_done(
+        &d.status,
+        ActionRequest {
+            name: "probe",
+            id: "r1"
+        }
+    ));
+    // The same request again (the annotation not removed yet): nothing new, no Event.
+    assert!(!action_wants_probe(
+        &c.status,
+        Some(ActionRequest {
+            name: "probe",
+            id: "r1"
+        })
+    ));
+    c.probe = ProbeObs::NotProbed;
+    let d = c.step();
+    assert_eq!(last(&d).result, day2::SUCCEEDED);
+    assert!(d.notes.iter().all(|n| !n.reason.starts_with("Action")));
+    // A new id is a new request.
+    asking(&mut c, day2::PROBE, "r2");
+    c.probe = ProbeObs::Failed("connection refused".into());
+    let d = c.step();
+    let a = last(&d);
+    assert_eq!(
+        (a.request_id.as_str(), a.result.as_str()),
+        ("r2", day2::FAILED)
+    );
+    assert_eq!(a.reason, "ProbeFailed");
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.reason == "ActionFailed" && n.warning)
+    );
+}
+
+#[test]
+fn an_unknown_action_is_rejected_naming_the_accepted_ones() {
+    let mut c = running_case(0);
+    asking(&mut c, "reboot", "x");
+    let d = c.step();
+    let a = last(&d);
+    assert_eq!(
+        (a.result.as_str(), a.reason.as_str()),
+        (day2::REJECTED, "UnknownAction")
+    );
+    let m = a.message.unwrap();
+    for name in crate::api::DAY2_ACTIONS {
+        assert!(m.contains(name), "{m}");
+    }
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    let n = d
+        .notes
+        .iter()
+        .find(|n| n.reason == "ActionRejected")
+        .unwrap();
+    assert!(n.warning && n.message.contains("reboot"));
+    assert!(!action_wants_probe(
+        &SandboxStatus::default(),
+        Some(ActionRequest {
+            name: "reboot",
+            id: "x"
+        })
+    ));
+}
+
+#[test]
+fn restart_and_drain_ask_the_agent_and_the_answer_is_the_result() {
+    let mut c = running_case(2);
+    asking(&mut c, day2::RESTART_ADSPOWER, "r1");
+    let d = c.step();
+    assert!(d.actions.contains(&Action::RestartService {
+        service: day2::ADSPOWER_SERVICE
+    }));
+    assert_eq!(last(&d).result, day2::IN_PROGRESS);
+    let mut st = d.status.clone();
+    let n = finish_action(
+        &mut st,
+        true,
+        "AgentRefused",
+        "adspower restarted".into(),
+        t(1),
+    )
+    .unwrap();
+    assert_eq!(n.reason, "ActionSucceeded");
+    let a = st.last_action.clone().unwrap();
+    assert_eq!(
+        (a.result.as_str(), a.reason.as_str()),
+        (day2::SUCCEEDED, "Done")
+    );
+    assert!(
+        finish_action(&mut st, false, "AgentRefused", "again".into(), t(2)).is_none(),
+        "final stays final"
+    );
+
+    let mut c = running_case(2);
+    asking(&mut c, day2::DRAIN, "d1");
+    let d = c.step();
+    assert!(d.actions.contains(&Action::DrainNow), "{:?}", d.actions);
+    let mut ok = d.status.clone();
+    finish_action(&mut ok, true, "AgentRefused", "draining".into(), t(1)).unwrap();
+    assert_eq!(
+        ok.agent.as_ref().unwrap().draining_since,
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(1))),
+        "status shows the drain at once"
+    );
+    // The next probe brings the agent's own word.
+    let mut drained = report(2, "v1");
+    drained.draining_since = Some(t(0));
+    c.status = ok;
+    c.action = None;
+    c.probe = ProbeObs::Report(Box::new(drained));
+    assert_eq!(
+        c.run().status.agent.unwrap().draining_since,
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(0)))
+    );
+    let mut st = d.status.clone();
+    let n = finish_action(&mut st, false, "AgentRefused", "HTTP 502".into(), t(1)).unwrap();
+    assert!(n.warning && n.reason == "ActionFailed");
+    assert_eq!(st.last_action.unwrap().reason, "AgentRefused");
+
+    // A restart taken up but whose answer was never recorded is not done twice.
+    let mut c = running_case(0);
+    asking(&mut c, day2::RESTART_ADSPOWER, "r1");
+    c.step();
+    let d = c.step();
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::RestartService { .. })),
+        "{:?}",
+        d.actions
+    );
+    assert_eq!(
+        (last(&d).result.as_str(), last(&d).reason.as_str()),
+        (day2::FAILED, "Interrupted")
+    );
+}
+
+#[test]
+fn agent_actions_on_a_stopped_instance_fail_saying_why() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
+    c.spec.power_state = PowerState::Stopped;
+    for name in [day2::RESTART_ADSPOWER, day2::DRAIN, day2::PROBE] {
+        asking(&mut c, name, name);
+        let d = c.step();
+        let a = last(&d);
+        assert_eq!(
+            (a.result.as_str(), a.reason.as_str()),
+            (day2::FAILED, "InstanceNotRunning"),
+            "{name}"
+        );
+        assert!(a.message.unwrap().contains("stopped"));
+        assert!(d.actions.is_empty());
+    }
+}
+
+#[test]
+fn observe_only_refuses_every_action_but_probe() {
+    let mut c = running_case(0);
+    c.spec = SandboxSpec {
+        management_policy: ManagementPolicy::ObserveOnly,
+        ..adopted_spec()
+    };
+    for name in [
+        day2::RESTART_ADSPOWER,
+        day2::DRAIN,
+        day2::TERMINATE,
+        day2::TERMINATE_FORCE,
+    ] {
+        asking(&mut c, name, name);
+        let d = c.step();
+        let a = last(&d);
+        assert_eq!(
+            (a.result.as_str(), a.reason.as_str()),
+            (day2::REJECTED, "ObserveOnly"),
+            "{name}"
+        );
+        assert!(d.actions.is_empty(), "{name}: {:?}", d.actions);
+    }
+    asking(&mut c, day2::PROBE, "p");
+    assert_eq!(last(&c.step()).result, day2::SUCCEEDED);
+}
+
+fn terminate_action(id: &str) -> Action {
+    Action::TerminateInstance { id: id.into() }
+}
+
+const ID: &str = "i-0123456789abcdef0";
+
+#[test]
+fn terminate_drains_first_then_terminates_and_the_sandbox_stays_terminated() {
+    let mut c = running_case(2);
+    asking(&mut c, day2::TERMINATE, "t1");
+    let d = c.step();
+    assert!(d.actions.contains(&Action::Drain), "{:?}", d.actions);
+    assert!(!d.actions.contains(&terminate_action(ID)));
+    let a = last(&d);
+    assert_eq!(
+        (a.result.as_str(), a.reason.as_str()),
+        (day2::IN_PROGRESS, "Draining")
+    );
+    assert!(a.message.unwrap().contains("2 active workers"));
+    assert!(d.requeue <= c.settings.poll);
+    assert!(action_wants_probe(
+        &c.status,
+        Some(ActionRequest {
+            name: "terminate",
+            id: "t1"
+        })
+    ));
+    // Still busy: wait, one Event only.
+    c.now = t(10);
+    c.probe = ProbeObs::Report(Box::new(report(1, "v1")));
+    let d = c.step();
+    assert!(!d.actions.contains(&terminate_action(ID)));
+    assert!(d.notes.iter().all(|n| !n.reason.starts_with("Action")));
+    // Drained: EC2 is asked to terminate, and nothing else is done this pass.
+    c.now = t(20);
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.step();
+    assert_eq!(d.actions, vec![terminate_action(ID)]);
+    let a = last(&d);
+    assert_eq!(
+        (a.result.as_str(), a.reason.as_str()),
+        (day2::IN_PROGRESS, "Terminating")
+    );
+    assert!(!request_done(
+        &d.status,
+        ActionRequest {
+            name: "terminate",
+            id: "t1"
+        }
+    ));
+    // EC2 has not caught up yet: no second call, nothing else.
+    c.now = t(21);
+    let d = c.step();
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // Shutting down: phase Terminated (not Failed: it was asked), the request succeeded.
+    c.instance = InstanceObs::Found(inst(InstanceState::ShuttingDown));
+    c.probe = ProbeObs::NotProbed;
+    c.now = t(22);
+    let d = c.step();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Terminated));
+    assert_eq!(d.status.failure_reason, None);
+    assert_eq!(cond(&d, cond::READY).reason, "Terminated");
+    let a = last(&d);
+    assert_eq!(
+        (a.result.as_str(), a.reason.as_str()),
+        (day2::SUCCEEDED, "Terminated")
+    );
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.reason == "Terminated" && !n.warning)
+    );
+    assert!(d.notes.iter().any(|n| n.reason == "ActionSucceeded"));
+    assert!(d.actions.is_empty());
+    assert!(request_done(
+        &d.status,
+        ActionRequest {
+            name: "terminate",
+            id: "t1"
+        }
+    ));
+    // The annotation gone, EC2 says terminated, later forgets it: still Terminated, never
+    // relaunched, no warning.
+    c.action = None;
+    for obs in [
+        InstanceObs::Found(inst(InstanceState::Terminated)),
+        InstanceObs::Missing { id: ID.into() },
+    ] {
+        c.instance = obs;
+        let d = c.step();
+        assert_eq!(d.status.phase, Some(SandboxPhase::Terminated));
+        assert!(d.actions.is_empty() && d.notes.is_empty(), "{d:?}");
+    }
+    // A new terminate on it succeeds at once, asking EC2 for nothing.
+    asking(&mut c, day2::TERMINATE, "t2");
+    let d = c.step();
+    assert_eq!(last(&d).result, day2::SUCCEEDED);
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn an_instance_terminated_without_a_request_is_still_failed() {
+    let mut c = running_case(0);
+    c.step();
+    c.instance = InstanceObs::Found(inst(InstanceState::Terminated));
+    let d = c.step();
+    assert_eq!(d.status.phase, Some(SandboxPhase::Failed));
+    assert_eq!(
+        d.status.failure_reason.as_deref(),
+        Some("InstanceTerminated")
+    );
+}
+
+#[test]
+fn terminate_that_cannot_drain_in_time_fails_and_terminates_nothing() {
+    let mut c = running_case(3);
+    c.settings.drain_timeout = Duration::from_secs(60);
+    asking(&mut c, day2::TERMINATE, "t1");
+    c.step();
+    c.now = t(61);
+    let d = c.step();
+    assert!(!d.actions.contains(&terminate_action(ID)));
+    let a = last(&d);
+    assert_eq!(
+        (a.result.as_str(), a.reason.as_str()),
+        (day2::FAILED, "DrainTimedOut")
+    );
+    assert!(a.message.unwrap().contains("terminate-force"));
+    // A failed terminate leaves the sandbox as it was.
+    assert_eq!(d.status.phase, Some(SandboxPhase::Active));
+}
+
+#[test]
+fn terminate_force_skips_the_drain_and_a_stopped_one_needs_none() {
+    let mut c = running_case(3);
+    asking(&mut c, day2::TERMINATE_FORCE, "f1");
+    assert!(!action_wants_probe(
+        &c.status,
+        Some(ActionRequest {
+            name: "terminate-force",
+            id: "f1"
+        })
+    ));
+    let d = c.step();
+    assert_eq!(d.actions, vec![terminate_action(ID)]);
+    assert_eq!(last(&d).reason, "Terminating");
+
+    // Stopped with spec Running (stopped outside the operator): terminated, not started.
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
+    asking(&mut c, day2::TERMINATE, "t1");
+    let d = c.step();
+    assert_eq!(d.actions, vec![terminate_action(ID)]);
+    assert!(last(&d).message.unwrap().contains("nothing to drain"));
+
+    // No instance yet: nothing terminated, said so.
+    let mut c = Case::new(InstanceObs::NoInstance);
+    asking(&mut c, day2::TERMINATE_FORCE, "f2");
+    let d = c.step();
+    assert_eq!(
+        (last(&d).result.as_str(), last(&d).reason.as_str()),
+        (day2::FAILED, "NoInstance")
+    );
+}
+
+#[test]
+fn a_refused_terminate_call_fails_the_request_and_the_sandbox_is_not_terminated() {
+    let mut c = running_case(0);
+    asking(&mut c, day2::TERMINATE_FORCE, "f1");
+    let d = c.step();
+    let mut st = d.status.clone();
+    let n = finish_action(
+        &mut st,
+        false,
+        "TerminateFailed",
+        "UnauthorizedOperation".into(),
+        t(1),
+    )
+    .unwrap();
+    assert!(n.warning);
+    assert_eq!(st.last_action.as_ref().unwrap().reason, "TerminateFailed");
+    c.status = st;
+    c.action = None;
+    c.instance = InstanceObs::Found(inst(InstanceState::Terminated));
+    let d = c.step();
+    assert_eq!(
+        d.status.phase,
+        Some(SandboxPhase::Failed),
+        "terminated by someone else after all: not the request's doing"
+    );
 }

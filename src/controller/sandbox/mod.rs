@@ -27,15 +27,15 @@ use tracing::{info, warn};
 
 use crate::agent::client::{AgentClient, AgentError, AgentToken, Timeouts};
 use crate::api::{
-    AgentHealth, SANDBOX_FINALIZER, START_REQUESTED_ANNOTATION, Sandbox, SandboxPhase, SandboxSpec,
-    SandboxStatus,
+    ACTION_ANNOTATION, ACTION_ID_ANNOTATION, AgentHealth, SANDBOX_FINALIZER,
+    START_REQUESTED_ANNOTATION, Sandbox, SandboxPhase, SandboxSpec, SandboxStatus,
 };
 use crate::ec2::{self, Ec2, Ec2Error, InstanceState, LaunchRequest};
 use crate::metrics::{Metrics, SandboxLabels};
 use crate::util::parse_duration;
 use decide::{
-    Action, DeleteStep, Inputs, InstanceObs, LaunchHold, LaunchStage, Note, ProbeObs, Rejection,
-    Settings, StartWhy,
+    Action, ActionRequest, DeleteStep, Inputs, InstanceObs, LaunchHold, LaunchStage, Note,
+    ProbeObs, Rejection, Settings, StartWhy,
 };
 
 /// The field manager for status writes.
@@ -398,6 +398,7 @@ impl Early<'_> {
             generation: obj.metadata.generation,
             start_request: None,
             deploy_attempt: None,
+            action: None,
             status,
             instance: &InstanceObs::NoInstance,
             probe: &ProbeObs::NotProbed,
@@ -433,6 +434,27 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let spec = &obj.spec;
     let generation = obj.metadata.generation;
     let settings = &ctx.settings.decide;
+
+    // ---- A day-2 action without a request id gets one first, so it is done once. ----
+    let annotations = obj.annotations();
+    let action = annotations
+        .get(ACTION_ANNOTATION)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty());
+    let action_id = annotations
+        .get(ACTION_ID_ANNOTATION)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty());
+    if let (Some(name), None) = (action, action_id) {
+        let id = Timestamp::now().to_string();
+        assign_action_id(&api, &obj, name, &id).await?;
+        return Ok(Requeue::requeue(Duration::from_millis(50)));
+    }
+    let request = match (action, action_id) {
+        (Some(name), Some(id)) => Some(ActionRequest { name, id }),
+        _ => None,
+    };
+
     let in_flight = status
         .instance
         .as_ref()
@@ -657,6 +679,8 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
             lp.get(&uid)
                 .is_none_or(|t| t.elapsed() + Duration::from_millis(250) >= interval)
                 || in_flight
+                // A day-2 request (probe now, restart, drain, terminate) wants a fresh answer.
+                || decide::action_wants_probe(&status, request)
         };
         if due {
             match agent_client_for(&obj, agent_url.as_deref(), &ctx).await {
@@ -696,6 +720,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         generation,
         start_request,
         deploy_attempt,
+        action: request,
         status: &status,
         instance: &observed,
         probe: &probe,
@@ -773,6 +798,94 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                     message: format!("stopping instance {id} ({reason})"),
                 }),
                 Err(e) => ec2_error = Some(("stopping the instance", e)),
+            },
+            Action::RestartService { service } => {
+                let (ok, message) = match &agent_client {
+                    Some(c) => match c.restart(service).await {
+                        Ok(r) if r.success => (
+                            true,
+                            format!("the agent restarted {service}: {}", r.message),
+                        ),
+                        Ok(r) => (
+                            false,
+                            format!("the agent could not restart {service}: {}", r.message),
+                        ),
+                        Err(e) => (false, format!("restarting {service}: {e}")),
+                    },
+                    None => (
+                        false,
+                        "the agent could not be reached this time: ask again".into(),
+                    ),
+                };
+                if let Some(n) = decide::finish_action(
+                    &mut decision.status,
+                    ok,
+                    "AgentRefused",
+                    message,
+                    Timestamp::now(),
+                ) {
+                    decision.notes.push(n);
+                }
+            }
+            Action::DrainNow => {
+                let (ok, message) = match &agent_client {
+                    Some(c) => match c
+                        .drain_with(&crate::agent::protocol::DrainRequest {
+                            wait: Some(false),
+                            timeout_seconds: None,
+                        })
+                        .await
+                    {
+                        Ok(r) => (
+                            true,
+                            format!(
+                                "the worker was asked to drain and takes no new work ({} active workers, deploy-safe: {})",
+                                r.active_workers
+                                    .map(|n| n.to_string())
+                                    .unwrap_or_else(|| "unknown".into()),
+                                r.deploy_safe
+                            ),
+                        ),
+                        Err(e) => (false, format!("asking the agent to drain: {e}")),
+                    },
+                    None => (
+                        false,
+                        "the agent could not be reached this time: ask again".into(),
+                    ),
+                };
+                if let Some(n) = decide::finish_action(
+                    &mut decision.status,
+                    ok,
+                    "AgentRefused",
+                    message,
+                    Timestamp::now(),
+                ) {
+                    decision.notes.push(n);
+                }
+            }
+            Action::TerminateInstance { id } => match ctx
+                .ec2
+                .terminate(id)
+                .await
+                .inspect(|()| ledger_ec2(&ctx, &obj, "TerminateInstances", Some(id), Ok(())))
+                .inspect_err(|e| ledger_ec2(&ctx, &obj, "TerminateInstances", Some(id), Err(e)))
+            {
+                Ok(()) => decision.notes.push(Note {
+                    warning: false,
+                    reason: "Terminating",
+                    message: format!("terminating instance {id}, as a terminate request asked"),
+                }),
+                Err(e) => {
+                    if let Some(n) = decide::finish_action(
+                        &mut decision.status,
+                        false,
+                        "TerminateFailed",
+                        format!("EC2 did not terminate instance {id}: {e}"),
+                        Timestamp::now(),
+                    ) {
+                        decision.notes.push(n);
+                    }
+                }
             },
             Action::Drain => {
                 if let Some(c) = &agent_client
@@ -857,6 +970,12 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
             .remember(&uid, rv.as_deref(), decision.status.clone());
     }
     update_gauges(&ctx, &obj, &decision.status);
+    // ---- The day-2 request, once its result is in status. ----
+    if let Some(req) = request
+        && decide::request_done(&decision.status, req)
+    {
+        clear_action(&api, &obj, req).await?;
+    }
     if let Some((what, source)) = ec2_error {
         return Err(Error::Ec2 {
             what,
@@ -869,6 +988,77 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         return Ok(Requeue::await_change());
     }
     Ok(Requeue::requeue(decision.requeue))
+}
+
+/// `/metadata/annotations/<key>` as a JSON Pointer.
+fn annotation_path(key: &str) -> String {
+    format!(
+        "/metadata/annotations/{}",
+        key.replace('~', "~0").replace('/', "~1")
+    )
+}
+
+/// Adds a request id to a day-2 action asked without one, provided the action is still the one
+/// read (a JSON Patch `test`), so a request is done once.
+async fn assign_action_id(
+    api: &Api<Sandbox>,
+    obj: &Sandbox,
+    name: &str,
+    id: &str,
+) -> Result<(), Error> {
+    let ops = serde_json::json!([
+        {"op": "test", "path": annotation_path(ACTION_ANNOTATION), "value": obj.annotations().get(ACTION_ANNOTATION)},
+        {"op": "add", "path": annotation_path(ACTION_ID_ANNOTATION), "value": id},
+    ]);
+    patch_annotations(api, obj, ops, "adding a request id to the day-2 action").await?;
+    info!(sandbox = %key(obj), action = name, id, "day-2 action: request id assigned");
+    Ok(())
+}
+
+/// Removes a day-2 request whose result is in status, provided the annotations still hold that
+/// very request (a newer one written meanwhile stays).
+async fn clear_action(
+    api: &Api<Sandbox>,
+    obj: &Sandbox,
+    req: ActionRequest<'_>,
+) -> Result<(), Error> {
+    let a = obj.annotations();
+    let ops = serde_json::json!([
+        {"op": "test", "path": annotation_path(ACTION_ANNOTATION), "value": a.get(ACTION_ANNOTATION)},
+        {"op": "test", "path": annotation_path(ACTION_ID_ANNOTATION), "value": a.get(ACTION_ID_ANNOTATION)},
+        {"op": "remove", "path": annotation_path(ACTION_ANNOTATION)},
+        {"op": "remove", "path": annotation_path(ACTION_ID_ANNOTATION)},
+    ]);
+    patch_annotations(api, obj, ops, "removing the handled day-2 action").await?;
+    tracing::debug!(sandbox = %key(obj), action = req.name, id = req.id, "day-2 action: request removed");
+    Ok(())
+}
+
+async fn patch_annotations(
+    api: &Api<Sandbox>,
+    obj: &Sandbox,
+    ops: serde_json::Value,
+    what: &'static str,
+) -> Result<(), Error> {
+    let patch: json_patch::Patch = serde_json::from_value(ops).expect("a JSON Patch");
+    match api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // The annotations changed meanwhile (a `test` failed: 422), or the object is gone: the
+        // next reconcile sees the new state.
+        Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 || s.is_not_found() => Ok(()),
+        Err(source) => Err(Error::Kube {
+            what,
+            object: key(obj),
+            source,
+        }),
+    }
 }
 
 async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error> {
@@ -1175,8 +1365,29 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
             ctx.written.forget(&uid);
             ctx.rejections.lock().expect("rejections").remove(&uid);
             ctx.metrics.forget_sandbox(&ns, &obj.name_any());
+            // A terminated sandbox keeps its row, with status terminated (dashboards count what
+            // ran); one whose instance is left behind (Retain, Stop, ObserveOnly) or that never
+            // had one leaves the table.
+            let terminated = match &observed {
+                InstanceObs::Found(i) => i.state == InstanceState::Terminated,
+                InstanceObs::Missing { .. } => {
+                    status.phase == Some(SandboxPhase::Terminated)
+                        || status.phase == Some(SandboxPhase::Terminating)
+                            && obj.spec.effective_deletion_policy()
+                                == crate::api::DeletionPolicy::Terminate
+                }
+                InstanceObs::NoInstance => false,
+            } && obj.spec.management_policy == crate::api::ManagementPolicy::Full;
             if let Some(ledger) = &ctx.ledger {
-                ledger.delete_sandbox(&ns, &obj.name_any());
+                if terminated {
+                    let mut row_obj = (*obj).clone();
+                    row_obj.status = Some(status.clone());
+                    ledger.upsert_sandbox(
+                        crate::ledger::SandboxRow::from_sandbox(&row_obj).terminated(),
+                    );
+                } else {
+                    ledger.delete_sandbox(&ns, &obj.name_any());
+                }
             }
             Ok(Requeue::await_change())
         }
@@ -1345,6 +1556,7 @@ async fn phase_gauges(ctx: Arc<Context>, store: Store<Sandbox>) {
             "Unhealthy",
             "Stopped",
             "Terminating",
+            "Terminated",
             "Failed",
             "Unknown",
         ] {

@@ -51,6 +51,7 @@ fn run(
         generation: Some(2),
         start_request: None,
         deploy_attempt: None,
+        action: None,
         status,
         instance,
         probe: &ProbeObs::NotProbed,
