@@ -13,7 +13,10 @@
 #                   apache2-utils (htpasswd), for the agent's tests on a real engine (`debs`); the
 #                   worker image's program (tests/tools/worker) is built by the tests with Go
 #
-# usage: hack/install-tools.sh [all|go|helm|compose|venv|debs]...
+#   node            kubelet, kube-controller-manager, kube-scheduler from tests/tools/kube-apiserver's
+#                   module (same k8s.io/kubernetes version), for the chart-on-a-node test (`node`)
+#
+# usage: hack/install-tools.sh [all|go|node|helm|compose|venv|debs]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SANDBOX_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sandbox-operator}
@@ -39,6 +42,18 @@ install_go() {
   build_go_tool kube-apiserver tests/tools/kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
     "-X k8s.io/component-base/version.gitVersion=@VERSION@ -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
   build_go_tool etcd tests/tools/etcd go.etcd.io/etcd/server/v3
+}
+
+# The node of the chart's test (kubelet, kube-controller-manager, kube-scheduler): the same wrapper
+# module and version as kube-apiserver, so the Go build cache is shared. Opt-in (`node`): only the
+# chart-on-a-node test needs them, and that test says so when they are missing.
+install_node() {
+  local kv minor ld cmd
+  kv=$(cat tests/tools/kube-apiserver/VERSION); minor=${kv#v1.}; minor=${minor%%.*}
+  ld="-X k8s.io/component-base/version.gitVersion=@VERSION@ -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+  for cmd in kubelet kube-controller-manager kube-scheduler; do
+    build_go_tool "$cmd" tests/tools/kube-apiserver "k8s.io/kubernetes/cmd/$cmd" "$ld"
+  done
 }
 
 install_helm() {
@@ -98,6 +113,7 @@ for w in $what; do
     helm) install_helm ;;
     compose) install_compose ;;
     go) install_go ;;
+    node) install_node ;;
     venv) install_venv ;;
     debs) install_debs ;;
     *) echo "unknown: $w" >&2; exit 2 ;;
