@@ -46,7 +46,7 @@ install_go() {
 
 # The node of the chart's test (kubelet, kube-controller-manager, kube-scheduler): the same wrapper
 # module and version as kube-apiserver, so the Go build cache is shared. Opt-in (`node`): only the
-# chart-on-a-node test needs them, and that test says so when they are missing.
+# chart-on-a-node test needs them (`all` includes them), and that test says so when they are missing.
 install_node() {
   local kv minor ld cmd
   kv=$(cat tests/tools/kube-apiserver/VERSION); minor=${kv#v1.}; minor=${minor%%.*}
@@ -109,7 +109,7 @@ install_debs() {
 what=${*:-all}
 for w in $what; do
   case $w in
-    all) install_go; install_helm; install_compose; install_venv; install_debs ;;
+    all) install_go; install_node; install_helm; install_compose; install_venv; install_debs ;;
     helm) install_helm ;;
     compose) install_compose ;;
     go) install_go ;;

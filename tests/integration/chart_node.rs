@@ -39,7 +39,8 @@ fn version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
-/// The archive `make image` wrote (`SANDBOX_OPERATOR_IMAGE` overrides the path).
+/// The image archive: `SANDBOX_OPERATOR_IMAGE` (`make test` sets it to the one its
+/// `test-image` step builds), else the one `make image` wrote.
 fn image_archive() -> PathBuf {
     let p = std::env::var_os("SANDBOX_OPERATOR_IMAGE")
         .map(PathBuf::from)
@@ -53,7 +54,7 @@ fn image_archive() -> PathBuf {
         });
     assert!(
         p.is_file(),
-        "{} is missing: run `make image` first",
+        "{} is missing: run `make image` (or `make test-image`) first",
         p.display()
     );
     p
