@@ -86,6 +86,8 @@ def main():
 
     labels = dict(kv.split("=", 1) for kv in a.label)
     config = {
+        # Fixed, like every time in the layer: the same inputs give the same image id.
+        "created": "1970-01-01T00:00:00Z",
         "architecture": "amd64",
         "os": "linux",
         "config": {
