@@ -212,81 +212,90 @@ impl Node {
             scheduler: Mutex::new(None),
             startup: Duration::ZERO,
         };
-        let pause_image = format!("localhost/sandbox-operator-pause:{pause_hash}");
-        node.start_containerd(&containerd_bin, &runc, &pause_image)?;
-        node.import_pause(&pause, &pause_hash)?;
+        // A start that fails half-way leaves nothing running.
+        let up: Result<(), NodeError> = async {
+            let pause_image = format!("localhost/sandbox-operator-pause:{pause_hash}");
+            node.start_containerd(&containerd_bin, &runc, &pause_image)?;
+            node.import_pause(&pause, &pause_hash)?;
 
-        let cp_dir = cp.dir();
-        let kubeconfig = cp.kubeconfig_path();
-        // kube-controller-manager: Deployments, ReplicaSets, garbage collection, EndpointSlices,
-        // the kube-root-ca.crt ConfigMap each pod's service-account volume needs.
-        let kcm_port = free_port();
-        let mut cmd = Command::new(&kcm_bin);
-        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg(format!(
-                "--authentication-kubeconfig={}",
-                kubeconfig.display()
-            ))
-            .arg(format!(
-                "--authorization-kubeconfig={}",
-                kubeconfig.display()
-            ))
-            .arg(format!(
-                "--root-ca-file={}",
-                cp_dir.join("ca.crt").display()
-            ))
-            .arg(format!(
-                "--service-account-private-key-file={}",
-                cp_dir.join("sa.key").display()
-            ))
-            .arg("--use-service-account-credentials=false")
-            // Only what running a chart needs; the rest of the shared control plane's tests see
-            // no new controller (no namespace deletion, no jobs). The node lifecycle controller
-            // lifts the not-ready taint the kubelet registers the Node with.
-            .arg(concat!(
-                "--controllers=deployment-controller,replicaset-controller,",
-                "node-lifecycle-controller,",
-                "garbage-collector-controller,endpointslice-controller,",
-                "root-ca-certificate-publisher-controller,serviceaccount-controller"
-            ))
-            .arg("--leader-elect=false")
-            .arg("--bind-address=127.0.0.1")
-            .arg(format!("--secure-port={kcm_port}"))
-            .arg(format!(
-                "--cert-dir={}",
-                node.dir.join("kcm-certs").display()
-            ))
-            .arg("--v=1");
-        *node.controller_manager.lock().unwrap() = Some(
-            spawn_tied(cmd, &node.log("kube-controller-manager"))
-                .map_err(io("starting kube-controller-manager"))?,
-        );
+            let cp_dir = cp.dir();
+            let kubeconfig = cp.kubeconfig_path();
+            // kube-controller-manager: Deployments, ReplicaSets, garbage collection, EndpointSlices,
+            // the kube-root-ca.crt ConfigMap each pod's service-account volume needs.
+            let kcm_port = free_port();
+            let mut cmd = Command::new(&kcm_bin);
+            cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .arg(format!(
+                    "--authentication-kubeconfig={}",
+                    kubeconfig.display()
+                ))
+                .arg(format!(
+                    "--authorization-kubeconfig={}",
+                    kubeconfig.display()
+                ))
+                .arg(format!(
+                    "--root-ca-file={}",
+                    cp_dir.join("ca.crt").display()
+                ))
+                .arg(format!(
+                    "--service-account-private-key-file={}",
+                    cp_dir.join("sa.key").display()
+                ))
+                .arg("--use-service-account-credentials=false")
+                // Only what running a chart needs; the rest of the shared control plane's tests see
+                // no new controller (no namespace deletion, no jobs). The node lifecycle controller
+                // lifts the not-ready taint the kubelet registers the Node with.
+                .arg(concat!(
+                    "--controllers=deployment-controller,replicaset-controller,",
+                    "node-lifecycle-controller,",
+                    "garbage-collector-controller,endpointslice-controller,",
+                    "root-ca-certificate-publisher-controller,serviceaccount-controller"
+                ))
+                .arg("--leader-elect=false")
+                .arg("--bind-address=127.0.0.1")
+                .arg(format!("--secure-port={kcm_port}"))
+                .arg(format!(
+                    "--cert-dir={}",
+                    node.dir.join("kcm-certs").display()
+                ))
+                .arg("--v=1");
+            *node.controller_manager.lock().unwrap() = Some(
+                spawn_tied(cmd, &node.log("kube-controller-manager"))
+                    .map_err(io("starting kube-controller-manager"))?,
+            );
 
-        let scheduler_port = free_port();
-        let mut cmd = Command::new(&scheduler_bin);
-        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg(format!(
-                "--authentication-kubeconfig={}",
-                kubeconfig.display()
-            ))
-            .arg(format!(
-                "--authorization-kubeconfig={}",
-                kubeconfig.display()
-            ))
-            .arg("--leader-elect=false")
-            .arg("--bind-address=127.0.0.1")
-            .arg(format!("--secure-port={scheduler_port}"))
-            .arg(format!(
-                "--cert-dir={}",
-                node.dir.join("scheduler-certs").display()
-            ))
-            .arg("--v=1");
-        *node.scheduler.lock().unwrap() = Some(
-            spawn_tied(cmd, &node.log("kube-scheduler")).map_err(io("starting kube-scheduler"))?,
-        );
+            let scheduler_port = free_port();
+            let mut cmd = Command::new(&scheduler_bin);
+            cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .arg(format!(
+                    "--authentication-kubeconfig={}",
+                    kubeconfig.display()
+                ))
+                .arg(format!(
+                    "--authorization-kubeconfig={}",
+                    kubeconfig.display()
+                ))
+                .arg("--leader-elect=false")
+                .arg("--bind-address=127.0.0.1")
+                .arg(format!("--secure-port={scheduler_port}"))
+                .arg(format!(
+                    "--cert-dir={}",
+                    node.dir.join("scheduler-certs").display()
+                ))
+                .arg("--v=1");
+            *node.scheduler.lock().unwrap() = Some(
+                spawn_tied(cmd, &node.log("kube-scheduler"))
+                    .map_err(io("starting kube-scheduler"))?,
+            );
 
-        node.start_kubelet(&kubelet_bin, kubeconfig, &cp_dir.join("ca.crt"))?;
-        node.wait_node_ready(cp, Duration::from_secs(120)).await?;
+            node.start_kubelet(&kubelet_bin, kubeconfig, &cp_dir.join("ca.crt"))?;
+            node.wait_node_ready(cp, Duration::from_secs(120)).await
+        }
+        .await;
+        if let Err(e) = up {
+            node.shutdown();
+            return Err(e);
+        }
         Ok(Node {
             startup: started.elapsed(),
             ..node
