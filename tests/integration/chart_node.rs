@@ -175,6 +175,10 @@ fn process_identity(pid: i32) -> (String, String) {
 /// logs.
 async fn diagnose(client: &kube::Client, ns: &str) -> String {
     let node = support::node();
+    eprintln!(
+        "figure: node start-up (containerd, kubelet, controller manager, scheduler; Node Ready) {:?}",
+        node.startup
+    );
     let mut out = String::new();
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     for p in pods
