@@ -9,7 +9,8 @@
 #   compose         built from tests/tools/compose (github.com/docker/compose/v2/cmd), installed as
 #                   the `docker compose` CLI plugin of the test Docker engine
 #   postgresql      Debian's packages, for the ledger's PostgreSQL tests (`debs`)
-#   docker engine   Debian's docker.io (dockerd, containerd, runc), docker-registry and
+#   docker engine   Debian's docker.io (dockerd, containerd, runc; the chart test's node runs the
+#                   same containerd and runc with a config of its own), docker-registry and
 #                   apache2-utils (htpasswd), for the agent's tests on a real engine (`debs`); the
 #                   worker image's program (tests/tools/worker) is built by the tests with Go
 #
@@ -87,6 +88,9 @@ install_debs() {
   done
   if [ -n "$have_pg" ]; then log "postgresql server present in $have_pg"; else want+=(postgresql); fi
   command -v dockerd >/dev/null && command -v docker >/dev/null || want+=(docker.io)
+  # The chart test's node: containerd (with ctr) and runc, started with a config of its own.
+  command -v containerd >/dev/null && command -v ctr >/dev/null || want+=(containerd)
+  command -v runc >/dev/null || [ -x /usr/sbin/runc ] || want+=(runc)
   command -v docker-registry >/dev/null || want+=(docker-registry)
   command -v htpasswd >/dev/null || want+=(apache2-utils)
   if [ ${#want[@]} = 0 ]; then log "debian packages present"; return; fi
