@@ -3,7 +3,8 @@
 # the binary at /usr/local/bin, the shared libraries it links (as `ldd` names them, copied from
 # this Debian system), the system's CA certificates (for AWS and Fly.io), /etc/passwd and
 # /etc/group naming the non-root user 65532, and the two writable mount points the chart uses
-# (/tmp and /var/lib/sandbox-operator). Nothing else: no shell, no package manager.
+# (/tmp and /var/lib/sandbox-operator). Nothing else: no shell, no package manager. The binary
+# is stripped of debug info (`strip`, binutils).
 #
 # Both `make image` (hack/build-image.sh, no container engine) and the root Dockerfile (in its
 # builder stage) call this script, so both build the same files.
@@ -15,6 +16,9 @@ dir=$1 bin=$2
 rm -rf "$dir"
 mkdir -p "$dir"/{usr/local/bin,etc/ssl/certs,tmp,var/lib/sandbox-operator}
 install -m 0755 "$bin" "$dir/usr/local/bin/sandbox-operator"
+# The debug line tables the release profile keeps are for local backtraces; the image drops them
+# (its panics still name functions: the symbol table stays).
+strip --strip-debug "$dir/usr/local/bin/sandbox-operator"
 
 # The dynamic loader and every library, at the paths the binary asks for (dereferenced: the image
 # has no /lib -> /usr/lib link to resolve them through).
