@@ -175,10 +175,6 @@ fn process_identity(pid: i32) -> (String, String) {
 /// logs.
 async fn diagnose(client: &kube::Client, ns: &str) -> String {
     let node = support::node();
-    eprintln!(
-        "figure: node start-up (containerd, kubelet, controller manager, scheduler; Node Ready) {:?}",
-        node.startup
-    );
     let mut out = String::new();
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     for p in pods
@@ -241,6 +237,10 @@ where
 async fn chart_installs_runs_upgrades_and_uninstalls_on_a_real_node() {
     let image = image_archive();
     let node = support::node();
+    eprintln!(
+        "figure: node start-up (containerd, kubelet, controller manager, scheduler; Node Ready) {:?}",
+        node.startup
+    );
     let cp = support::control_plane();
     let client = support::client().await;
     let ns = support::namespace(&client, "chart-node").await;
