@@ -5,10 +5,16 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CACHE ?= $(or $(SANDBOX_OPERATOR_CACHE),$(HOME)/.cache/sandbox-operator)
 export SANDBOX_OPERATOR_CACHE := $(CACHE)
+# The image the chart-on-a-node test runs: the same layout as `make image`, from the dev profile
+# (its dependencies are the tests' own build; a release build of them would add most of an hour on
+# a 2-core machine). TEST_IMAGE_PROFILE=release tests the release image.
+TEST_IMAGE_PROFILE ?= dev
+TEST_IMAGE := $(or $(CARGO_TARGET_DIR),target)/image/test/sandbox-operator.oci.tar
+export SANDBOX_OPERATOR_IMAGE ?= $(abspath $(TEST_IMAGE))
 # Integration tests start real processes; two at a time suits a 2-core machine.
 TEST_THREADS ?= 4
 
-.PHONY: all build tools crds test test-unit test-integration lint fmt demo bench clean-cache help
+.PHONY: all build image test-image tools crds test test-unit test-integration lint fmt demo bench clean-cache help
 
 all: build
 
@@ -16,6 +22,7 @@ help:
 	@echo "make demo    run the operator on a local control plane and EC2 endpoint, three agents, examples/"
 	@echo "make test    install what the tests need, then run every test"
 	@echo "make build   build both binaries"
+	@echo "make image   the operator's OCI image (target/image/), built here FROM scratch, no registry"
 	@echo "make crds    regenerate crds/ from the Rust types"
 	@echo "make tools   build kube-apiserver and etcd, create the Python venv (cached)"
 	@echo "make lint    rustfmt --check and clippy"
@@ -27,17 +34,27 @@ build:
 tools:
 	hack/install-tools.sh all
 
+# The operator's image: a release build without the test environment, the libraries it links and
+# CA certificates, user 65532, FROM scratch, packed as an OCI archive that `ctr images import` and
+# `docker load` read (target/image/sandbox-operator-VERSION.oci.tar). No container engine, no
+# registry. The root Dockerfile builds the same files with ordinary base images.
+image:
+	CARGO=$(CARGO) hack/build-image.sh
+
+test-image:
+	CARGO=$(CARGO) IMAGE_PROFILE=$(TEST_IMAGE_PROFILE) IMAGE_OUT=$(TEST_IMAGE) hack/build-image.sh
+
 crds:
 	$(CARGO) run --quiet --bin sandbox-operator -- crds --dir crds
 
-test: tools
+test: tools test-image
 	$(CARGO) test --lib --bins
 	$(CARGO) test --test integration -- --test-threads=$(TEST_THREADS)
 
 test-unit:
 	$(CARGO) test --lib --bins
 
-test-integration: tools
+test-integration: tools test-image
 	$(CARGO) test --test integration -- --test-threads=$(TEST_THREADS)
 
 lint:

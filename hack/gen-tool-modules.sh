@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the Go wrapper modules that build the test control plane's binaries
-# (tests/tools/kube-apiserver and tests/tools/etcd). The list of staging modules that
+# (tests/tools/kube-apiserver, which also builds the test node's kubelet, kube-controller-manager
+# and kube-scheduler, and tests/tools/etcd). The list of staging modules that
 # kube-apiserver needs pinned is read from the Kubernetes release's own go.mod: every
 # `k8s.io/X => ./staging/src/k8s.io/X` replace there becomes `k8s.io/X => k8s.io/X v0.MINOR.PATCH`.
 #
@@ -29,7 +30,13 @@ echo "$KUBE_VERSION" > "$dir/VERSION"
     | awk -v v="$staging_version" '{print "\t" $1 " => " $1 " " v}'
   echo ")"
 } > "$dir/go.mod"
-(cd "$dir" && rm -f go.sum && go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@${KUBE_VERSION}" && go mod tidy)
+# kube-apiserver, and the test node's kubelet, kube-controller-manager and kube-scheduler (one
+# module, one version, one Go build cache).
+(cd "$dir" && rm -f go.sum && go get -tool \
+  "k8s.io/kubernetes/cmd/kube-apiserver@${KUBE_VERSION}" \
+  "k8s.io/kubernetes/cmd/kubelet@${KUBE_VERSION}" \
+  "k8s.io/kubernetes/cmd/kube-controller-manager@${KUBE_VERSION}" \
+  "k8s.io/kubernetes/cmd/kube-scheduler@${KUBE_VERSION}" && go mod tidy)
 
 dir=tests/tools/etcd
 echo "$ETCD_VERSION" > "$dir/VERSION"

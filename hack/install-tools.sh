@@ -9,11 +9,15 @@
 #   compose         built from tests/tools/compose (github.com/docker/compose/v2/cmd), installed as
 #                   the `docker compose` CLI plugin of the test Docker engine
 #   postgresql      Debian's packages, for the ledger's PostgreSQL tests (`debs`)
-#   docker engine   Debian's docker.io (dockerd, containerd, runc), docker-registry and
+#   docker engine   Debian's docker.io (dockerd, containerd, runc; the chart test's node runs the
+#                   same containerd and runc with a config of its own), docker-registry and
 #                   apache2-utils (htpasswd), for the agent's tests on a real engine (`debs`); the
 #                   worker image's program (tests/tools/worker) is built by the tests with Go
 #
-# usage: hack/install-tools.sh [all|go|helm|compose|venv|debs]...
+#   node            kubelet, kube-controller-manager, kube-scheduler from tests/tools/kube-apiserver's
+#                   module (same k8s.io/kubernetes version), for the chart-on-a-node test (`node`)
+#
+# usage: hack/install-tools.sh [all|go|node|helm|compose|venv|debs]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SANDBOX_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sandbox-operator}
@@ -39,6 +43,18 @@ install_go() {
   build_go_tool kube-apiserver tests/tools/kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
     "-X k8s.io/component-base/version.gitVersion=@VERSION@ -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
   build_go_tool etcd tests/tools/etcd go.etcd.io/etcd/server/v3
+}
+
+# The node of the chart's test (kubelet, kube-controller-manager, kube-scheduler): the same wrapper
+# module and version as kube-apiserver, so the Go build cache is shared. Opt-in (`node`): only the
+# chart-on-a-node test needs them (`all` includes them), and that test says so when they are missing.
+install_node() {
+  local kv minor ld cmd
+  kv=$(cat tests/tools/kube-apiserver/VERSION); minor=${kv#v1.}; minor=${minor%%.*}
+  ld="-X k8s.io/component-base/version.gitVersion=@VERSION@ -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+  for cmd in kubelet kube-controller-manager kube-scheduler; do
+    build_go_tool "$cmd" tests/tools/kube-apiserver "k8s.io/kubernetes/cmd/$cmd" "$ld"
+  done
 }
 
 install_helm() {
@@ -72,6 +88,9 @@ install_debs() {
   done
   if [ -n "$have_pg" ]; then log "postgresql server present in $have_pg"; else want+=(postgresql); fi
   command -v dockerd >/dev/null && command -v docker >/dev/null || want+=(docker.io)
+  # The chart test's node: containerd (with ctr) and runc, started with a config of its own.
+  command -v containerd >/dev/null && command -v ctr >/dev/null || want+=(containerd)
+  command -v runc >/dev/null || [ -x /usr/sbin/runc ] || want+=(runc)
   command -v docker-registry >/dev/null || want+=(docker-registry)
   command -v htpasswd >/dev/null || want+=(apache2-utils)
   if [ ${#want[@]} = 0 ]; then log "debian packages present"; return; fi
@@ -94,10 +113,11 @@ install_debs() {
 what=${*:-all}
 for w in $what; do
   case $w in
-    all) install_go; install_helm; install_compose; install_venv; install_debs ;;
+    all) install_go; install_node; install_helm; install_compose; install_venv; install_debs ;;
     helm) install_helm ;;
     compose) install_compose ;;
     go) install_go ;;
+    node) install_node ;;
     venv) install_venv ;;
     debs) install_debs ;;
     *) echo "unknown: $w" >&2; exit 2 ;;

@@ -500,7 +500,7 @@ impl DockerEngine {
 /// Kills processes whose command line names `dir` (container shims and containerd of a dead
 /// engine) or whose root is inside it (the containers' processes), detaches mounts under it,
 /// and removes it.
-fn remove_dir(dir: &Path) {
+pub(crate) fn remove_dir(dir: &Path) {
     let needle = dir.display().to_string();
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for p in procs.flatten() {
@@ -544,12 +544,18 @@ fn remove_dir(dir: &Path) {
 
 /// Removes what engines of test processes that are gone left behind.
 fn sweep_stale() {
+    sweep_stale_with(DIR_PREFIX);
+}
+
+/// Removes (with [`remove_dir`]) the directories `<prefix><pid>-…` in the temp dir whose test
+/// process is gone.
+pub(crate) fn sweep_stale_with(prefix: &str) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+        let Some(rest) = name.strip_prefix(prefix) else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {

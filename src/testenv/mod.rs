@@ -6,6 +6,7 @@
 pub mod controlplane;
 pub mod docker;
 pub mod ec2;
+pub mod node;
 pub mod postgres;
 pub mod process;
 

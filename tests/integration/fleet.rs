@@ -101,7 +101,8 @@ impl Agent {
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        let token = format!("agent-token-{}", std::process::id());
+        // Padded: the agent refuses a token shorter than 16 characters, whatever the pid.
+        let token = format!("agent-token-{:010}", std::process::id());
         std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
         std::fs::set_permissions(
             dir.join("token"),

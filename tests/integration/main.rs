@@ -5,6 +5,7 @@ mod support;
 
 mod agent;
 mod agent_engine;
+mod chart_node;
 mod crds;
 mod deploy;
 mod ec2_endpoint;

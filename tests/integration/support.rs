@@ -63,6 +63,38 @@ pub fn docker_engine() -> &'static sandbox_operator::testenv::docker::DockerEngi
     })
 }
 
+/// The node (containerd, kubelet, kube-controller-manager, kube-scheduler) joined to the shared
+/// control plane, started on first use and stopped at exit before the control plane. Opt-in: only
+/// the tests that run pods call it.
+pub fn node() -> &'static sandbox_operator::testenv::node::Node {
+    use sandbox_operator::testenv::node::Node;
+    static NODE: OnceLock<Node> = OnceLock::new();
+    let cp = control_plane();
+    NODE.get_or_init(|| {
+        // Registered after the control plane's hook, so it runs before it (exit hooks run in
+        // reverse): the kubelet stops while the API server still answers.
+        extern "C" fn stop_at_exit() {
+            if let Some(n) = NODE.get() {
+                n.shutdown();
+            }
+        }
+        // SAFETY: registering a plain function with the C runtime's exit hooks.
+        unsafe {
+            libc::atexit(stop_at_exit);
+        }
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(Node::start(cp))
+        })
+        .join()
+        .expect("node start-up thread")
+        .unwrap_or_else(|e| panic!("starting the test node: {e}"))
+    })
+}
+
 /// An admin client for the shared control plane, bound to the calling test's runtime.
 pub async fn client() -> Client {
     control_plane().client().await.expect("admin client")

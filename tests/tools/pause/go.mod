@@ -1,0 +1,3 @@
+module sandbox-operator/tools/pause
+
+go 1.23
