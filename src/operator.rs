@@ -97,6 +97,10 @@ pub struct RunArgs {
     /// How often to look for orphaned instances.
     #[arg(long, env = "SANDBOX_OPERATOR_ORPHAN_SWEEP", default_value = "2m", value_parser = duration)]
     pub orphan_sweep: Duration,
+    /// Reconciles each controller runs at once (the rest wait their turn, e.g. in the burst at
+    /// start-up).
+    #[arg(long, env = "SANDBOX_OPERATOR_MAX_CONCURRENT_RECONCILES", default_value_t = crate::controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_reconciles: u16,
     /// Leader election (`--leader-elect`, `--lease-name`, `--lease-namespace`, ...).
     #[command(flatten)]
     pub leader: crate::leader::LeaderArgs,
@@ -261,12 +265,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Some(handle)
         }
     };
-    let ctx = sandbox::Context::new(
+    // One event recorder for the process, shared by the controllers.
+    let recorder = crate::controller::recorder(client.clone(), &settings.reporter);
+    let ctx = sandbox::Context::with_recorder(
         client.clone(),
         ec2,
         metrics.clone(),
         settings,
         ledger.clone(),
+        recorder.clone(),
     );
     let shutdown = || {
         let mut rx = stop_rx.clone();
@@ -274,13 +281,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let deploy_ctx = crate::controller::deploy::Context::new(
+    let deploy_ctx = crate::controller::deploy::Context::with_recorder(
         client.clone(),
         metrics.clone(),
         crate::controller::deploy::DeploySettings {
             history_limit: args.deploy_history_limit,
             ..Default::default()
         },
+        recorder.clone(),
     );
     // With leader election, standbys are ready (they serve /metrics and the webhook) and start
     // the controllers only once they hold the Lease.
@@ -309,7 +317,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     )
     .await;
     info!("controllers starting");
-    let bundle_ctx = crate::controller::secretbundle::Context::new(
+    let bundle_ctx = crate::controller::secretbundle::Context::with_recorder(
         client.clone(),
         metrics.clone(),
         crate::controller::secretbundle::ControllerSettings {
@@ -322,12 +330,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             fly_api_default: args.fly_method == "api",
             ..Default::default()
         },
+        recorder,
     );
     if let Some(ledger) = &ledger {
         bundle_ctx.set_ledger(ledger.clone());
         deploy_ctx.set_ledger(ledger.clone());
     }
-    // The notifier watches on its own: no reconcile ever waits for a notification.
+    // The notifier watches on its own: no reconcile ever waits for a notification. (It keeps
+    // its own Sandbox watch: it needs the watch's list boundaries, and caches only a small
+    // observation per object.)
     let notifier = notify_settings.map(|n| {
         tokio::spawn(crate::notify::run(
             client.clone(),
@@ -337,10 +348,37 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             shutdown(),
         ))
     });
-    let controllers = tokio::spawn(futures::future::join3(
-        sandbox::run(ctx, args.namespace.clone(), shutdown()),
-        crate::controller::deploy::run(deploy_ctx, args.namespace.clone(), shutdown()),
-        crate::controller::secretbundle::run(bundle_ctx, args.namespace.clone(), shutdown()),
+    // One watch and one store of Sandboxes for the three controllers, each subscribed before
+    // the watch starts.
+    let sandboxes = crate::controller::sandboxes::SandboxWatch::new(
+        client.clone(),
+        args.namespace.as_deref(),
+        crate::controller::sandboxes::DEFAULT_BUFFER,
+    );
+    let concurrency = args.max_concurrent_reconciles;
+    let controllers = tokio::spawn(futures::future::join4(
+        sandbox::run_shared(
+            ctx,
+            &sandboxes,
+            args.namespace.clone(),
+            concurrency,
+            shutdown(),
+        ),
+        crate::controller::deploy::run_shared(
+            deploy_ctx,
+            &sandboxes,
+            args.namespace.clone(),
+            concurrency,
+            shutdown(),
+        ),
+        crate::controller::secretbundle::run_shared(
+            bundle_ctx,
+            &sandboxes,
+            args.namespace.clone(),
+            concurrency,
+            shutdown(),
+        ),
+        sandboxes.run(shutdown()),
     ));
     let lost = async {
         match leadership.as_mut() {

@@ -3,11 +3,33 @@
 
 pub mod deploy;
 pub mod sandbox;
+pub mod sandboxes;
 pub mod secretbundle;
 pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+/// Reconciles one controller runs at once, unless told otherwise (`--max-concurrent-reconciles`).
+pub const DEFAULT_CONCURRENCY: u16 = 16;
+
+/// A controller's runtime settings: at most `concurrency` reconciles at once (0 would mean no
+/// bound; a bound of at least 1 is kept).
+pub fn runtime_config(concurrency: u16) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(concurrency.max(1))
+}
+
+/// The event recorder: one per process, shared by every controller (its cache of recent
+/// events merges repeats into one Event with a count).
+pub fn recorder(client: kube::Client, reporter: &str) -> kube::runtime::events::Recorder {
+    kube::runtime::events::Recorder::new(
+        client,
+        kube::runtime::events::Reporter {
+            controller: reporter.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    )
+}
 
 /// The status a controller last wrote, per object UID, with the resourceVersion the write
 /// produced. A reconcile that starts before the watch has delivered that write (its cached
@@ -26,9 +48,12 @@ impl<S> Default for WrittenStatus<S> {
     }
 }
 
-impl<S: Clone + Default> WrittenStatus<S> {
+impl<S: Clone> WrittenStatus<S> {
     /// The status to decide from, given the cached object's resourceVersion and status.
-    pub fn fresh(&self, uid: &str, cached_rv: Option<&str>, cached: Option<&S>) -> S {
+    pub fn fresh(&self, uid: &str, cached_rv: Option<&str>, cached: Option<&S>) -> S
+    where
+        S: Default,
+    {
         let cached_rv: Option<u64> = cached_rv.and_then(|rv| rv.parse().ok());
         let mut map = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
         match (map.get(uid), cached_rv) {
@@ -40,6 +65,29 @@ impl<S: Clone + Default> WrittenStatus<S> {
             }
             _ => cached.cloned().unwrap_or_default(),
         }
+    }
+
+    /// What was written, while it is newer than the cached copy; else the cached copy (and the
+    /// written one is forgotten).
+    pub fn fresh_value(&self, uid: &str, cached_rv: Option<&str>, cached: S) -> S {
+        let cached_rv: Option<u64> = cached_rv.and_then(|rv| rv.parse().ok());
+        let mut map = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
+        match (map.get(uid), cached_rv) {
+            (Some((written_rv, st)), Some(c)) if *written_rv > c => st.clone(),
+            (Some(_), _) => {
+                map.remove(uid);
+                cached
+            }
+            _ => cached,
+        }
+    }
+
+    /// Forgets what was written of objects `keep` says no (deleted ones).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.by_uid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|uid, _| keep(uid));
     }
 
     /// Remembers a write and the resourceVersion it produced.

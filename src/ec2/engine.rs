@@ -79,6 +79,11 @@ struct DescribeOutcome {
     rejected: HashMap<String, Ec2Error>,
 }
 
+/// One AMI's root device lookup: set once by whichever caller runs the DescribeImages; every
+/// caller that arrives meanwhile awaits the same answer (a cancelled runner hands over to a
+/// waiter).
+type ImageLookup = tokio::sync::OnceCell<Result<String, Ec2Error>>;
+
 /// Everything the background tasks share.
 pub(crate) struct Core {
     client: aws_sdk_ec2::Client,
@@ -89,8 +94,10 @@ pub(crate) struct Core {
     cache: Mutex<Cache>,
     pub(crate) metrics: Metrics,
     changes: broadcast::Sender<String>,
-    /// Root device name per AMI.
-    root_devices: Mutex<HashMap<String, String>>,
+    /// Root device name per AMI: one lookup per AMI, shared by every caller that asks while
+    /// it is in flight (single-flight). A found name stays; a failed lookup is dropped once
+    /// its call is over, so the next launch asks again.
+    root_devices: Mutex<HashMap<String, Arc<ImageLookup>>>,
     /// Turns taken in the RunInstances pacing, by ClientToken.
     turns: Mutex<HashMap<String, Turn>>,
 }
@@ -844,38 +851,50 @@ impl Core {
         Ok(instance)
     }
 
-    /// The AMI's root device name (for the root volume's size), cached per AMI.
+    /// The AMI's root device name (for the root volume's size), cached per AMI. Concurrent
+    /// callers for one AMI share one DescribeImages; an error answers the callers of that call
+    /// and is not kept.
     async fn root_device_name(&self, image_id: &str) -> Result<String, Ec2Error> {
-        if let Some(device) = self
-            .root_devices
-            .lock()
-            .expect("root device lock")
-            .get(image_id)
-        {
-            return Ok(device.clone());
+        let lookup = Arc::clone(
+            self.root_devices
+                .lock()
+                .expect("root device lock")
+                .entry(image_id.to_owned())
+                .or_default(),
+        );
+        let result = lookup
+            .get_or_init(|| self.describe_root_device(image_id))
+            .await
+            .clone();
+        if result.is_err() {
+            let mut lookups = self.root_devices.lock().expect("root device lock");
+            if lookups
+                .get(image_id)
+                .is_some_and(|current| Arc::ptr_eq(current, &lookup))
+            {
+                lookups.remove(image_id);
+            }
         }
+        result
+    }
+
+    async fn describe_root_device(&self, image_id: &str) -> Result<String, Ec2Error> {
         let out = self
             .call("DescribeImages", Bucket::Describe, 1.0, None, || {
                 self.client.describe_images().image_ids(image_id).send()
             })
             .await?;
-        let device = out
-            .images()
+        out.images()
             .first()
             .and_then(|i| i.root_device_name())
             .filter(|d| !d.is_empty())
+            .map(str::to_owned)
             .ok_or_else(|| Ec2Error::Rejected {
                 action: "DescribeImages",
                 code: "InvalidAMIID.NotFound".to_owned(),
                 message: format!("The image id '[{image_id}]' does not exist"),
                 request_id: None,
-            })?
-            .to_owned();
-        self.root_devices
-            .lock()
-            .expect("root device lock")
-            .insert(image_id.to_owned(), device.clone());
-        Ok(device)
+            })
     }
 
     /// Removes the operator's ownership tags (managed-by and UID) from an instance it keeps

@@ -765,3 +765,83 @@ async fn instances_ec2_does_not_show_yet_neither_fail_their_batch_nor_vanish() {
     );
     assert_eq!(ep.calls().await.unwrap().accepted("CreateTags"), 0);
 }
+
+/// A burst of launches of one AMI (each with a root volume size, so each needs the AMI's root
+/// device name) shares one DescribeImages; a failed lookup answers the launches that waited on
+/// it and is not kept, so the next launch asks again.
+#[tokio::test]
+async fn concurrent_launches_of_one_ami_share_one_image_lookup() {
+    const BURST: usize = 100;
+    let ep = endpoint().await;
+    let d = ep.defaults().await.unwrap();
+    let unpaced = |refresh| Ec2Settings {
+        buckets: RateLimits {
+            run: RateLimit::UNLIMITED,
+            ..RateLimits::default()
+        },
+        ..settings(refresh)
+    };
+    // The lookup stays in flight while the whole burst arrives.
+    ep.set_latency("DescribeImages", Duration::from_millis(500))
+        .await
+        .unwrap();
+    let ec2 = layer(&ep, unpaced(NO_REFRESH)).await;
+    let launches = (0..BURST).map(|k| {
+        let mut req = request(&d, &format!("uid-burst-{k}"));
+        req.root_volume_size_gib = Some(30);
+        let ec2 = ec2.clone();
+        async move { ec2.launch(&req).await }
+    });
+    let results = futures::future::join_all(launches).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let ids: HashSet<_> = results.into_iter().map(|r| r.unwrap().id).collect();
+    assert_eq!(ids.len(), BURST, "one instance per launch");
+    let counts = ep.calls().await.unwrap();
+    assert_eq!(counts.accepted("RunInstances"), BURST as u64, "{counts:?}");
+    assert_eq!(
+        counts.accepted("DescribeImages"),
+        1,
+        "{BURST} concurrent launches of one AMI: {counts:?}"
+    );
+
+    // A fresh layer (nothing known of the AMI) whose lookup is refused: the launches waiting
+    // on it all get the refusal from that one call ...
+    ep.reset_calls().await.unwrap();
+    let fresh = layer(&ep, unpaced(NO_REFRESH)).await;
+    ep.inject_fault(
+        Fault::new("DescribeImages", "InvalidAMIID.Unavailable")
+            .message("The image is not available right now"),
+    )
+    .await
+    .unwrap();
+    let launches = (0..10).map(|k| {
+        let mut req = request(&d, &format!("uid-refused-{k}"));
+        req.root_volume_size_gib = Some(30);
+        let fresh = fresh.clone();
+        async move { fresh.launch(&req).await }
+    });
+    for result in futures::future::join_all(launches).await {
+        match result {
+            Err(Ec2Error::Rejected { action, code, .. }) => {
+                assert_eq!(action, "DescribeImages");
+                assert_eq!(code, "InvalidAMIID.Unavailable");
+            }
+            other => panic!("the refused lookup should answer every waiter: {other:?}"),
+        }
+    }
+    let counts = ep.calls().await.unwrap();
+    assert_eq!(counts.faulted("DescribeImages"), 1, "{counts:?}");
+    assert_eq!(counts.accepted("DescribeImages"), 0, "{counts:?}");
+    assert_eq!(counts.accepted("RunInstances"), 0, "{counts:?}");
+    // ... and the refusal is not kept: the next launch looks the AMI up again and goes.
+    let mut req = request(&d, "uid-after-refusal");
+    req.root_volume_size_gib = Some(30);
+    fresh
+        .launch(&req)
+        .await
+        .expect("launch after a refused lookup");
+    let counts = ep.calls().await.unwrap();
+    assert_eq!(counts.accepted("DescribeImages"), 1, "{counts:?}");
+    assert_eq!(counts.accepted("RunInstances"), 1, "{counts:?}");
+}

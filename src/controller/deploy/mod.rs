@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KEvent, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -24,6 +24,7 @@ use crate::api::{
     ABORT_ANNOTATION, DEPLOY_ATTEMPT_ANNOTATION, DEPLOY_FIELD_MANAGER, RETRY_ANNOTATION, Sandbox,
     SandboxDeploy, SandboxDeployStatus,
 };
+use crate::controller::sandboxes::{Change, SandboxWatch};
 use crate::metrics::Metrics;
 use decide::{Action, Inputs, Note, TargetObs};
 
@@ -43,6 +44,12 @@ pub enum Error {
         object: String,
         /// The error.
         source: kube::Error,
+    },
+    /// The shared Sandbox store has not finished its first list.
+    #[error("SandboxDeploy {object}: the Sandbox cache is not ready yet")]
+    StoreNotReady {
+        /// namespace/name.
+        object: String,
     },
 }
 
@@ -74,26 +81,75 @@ pub struct Context {
     metrics: Arc<Metrics>,
     settings: DeploySettings,
     store: Mutex<Option<Store<SandboxDeploy>>>,
+    /// The process's shared Sandbox store (the targets are read from it, not listed).
+    sandboxes: Mutex<Option<Store<Sandbox>>>,
+    /// The Sandboxes this controller last patched (their image tag), with the
+    /// resourceVersion the patch produced: read instead of an older cached copy.
+    patched: super::WrittenStatus<Arc<Sandbox>>,
     written: super::WrittenStatus<SandboxDeployStatus>,
     ledger: std::sync::OnceLock<crate::ledger::LedgerHandle>,
 }
 
 impl Context {
-    /// Creates the controller's context.
+    /// Creates the controller's context, with an event recorder of its own.
     pub fn new(client: Client, metrics: Arc<Metrics>, settings: DeploySettings) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: settings.reporter.clone(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        let recorder = super::recorder(client.clone(), &settings.reporter);
+        Self::with_recorder(client, metrics, settings, recorder)
+    }
+
+    /// Creates the controller's context, publishing Events through `recorder` (the process's
+    /// one recorder).
+    pub fn with_recorder(
+        client: Client,
+        metrics: Arc<Metrics>,
+        settings: DeploySettings,
+        recorder: Recorder,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder,
             client,
             metrics,
             settings,
             store: Mutex::default(),
+            sandboxes: Mutex::default(),
+            patched: Default::default(),
             written: Default::default(),
             ledger: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The Sandboxes of `ns` from the shared store (once its first list is in), each replaced
+    /// by what this controller's last patch of it returned while the store has not caught up.
+    async fn sandboxes_in(&self, ns: &str, object: &str) -> Result<Vec<Arc<Sandbox>>, Error> {
+        let not_ready = || Error::StoreNotReady {
+            object: object.to_owned(),
+        };
+        let store = self
+            .sandboxes
+            .lock()
+            .expect("sandbox store")
+            .clone()
+            .ok_or_else(not_ready)?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            crate::controller::sandboxes::wait_ready(&store),
+        )
+        .await
+        .map_err(|_| not_ready())?
+        .map_err(|_| not_ready())?;
+        let all = store.state();
+        // What was patched of Sandboxes gone since is forgotten.
+        let uids: std::collections::HashSet<String> = all.iter().filter_map(|s| s.uid()).collect();
+        self.patched.retain(|uid| uids.contains(uid));
+        Ok(all
+            .into_iter()
+            .filter(|s| s.namespace().as_deref() == Some(ns))
+            .map(|s| {
+                let uid = s.uid().unwrap_or_default();
+                let rv = s.metadata.resource_version.clone();
+                self.patched.fresh_value(&uid, rv.as_deref(), s)
+            })
+            .collect())
     }
 
     /// Records every deploy phase and target step in the fleet ledger from now on.
@@ -106,18 +162,48 @@ fn key(d: &SandboxDeploy) -> String {
     format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any())
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `shutdown` resolves, with a Sandbox watch of its own (the
+/// operator shares one between its controllers: [`run_shared`]).
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (deploys, sandboxes): (Api<SandboxDeploy>, Api<Sandbox>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(ctx.client.clone(), ns),
-            Api::namespaced(ctx.client.clone(), ns),
-        ),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    let watch = SandboxWatch::new(
+        ctx.client.clone(),
+        namespace.as_deref(),
+        crate::controller::sandboxes::DEFAULT_BUFFER,
+    );
+    let controller = run_shared(
+        ctx,
+        &watch,
+        namespace,
+        crate::controller::DEFAULT_CONCURRENCY,
+        shutdown,
+    );
+    tokio::select! {
+        _ = controller => {}
+        _ = watch.run(std::future::pending()) => {}
+    }
+}
+
+/// The controller on the process's shared Sandbox watch (subscribed now, before the watch
+/// starts), with at most `concurrency` reconciles at once.
+pub fn run_shared<S>(
+    ctx: Arc<Context>,
+    sandboxes: &SandboxWatch,
+    namespace: Option<String>,
+    concurrency: u16,
+    shutdown: S,
+) -> impl Future<Output = ()> + Send + use<S>
+where
+    S: Future<Output = ()> + Send + Sync + 'static,
+{
+    *ctx.sandboxes.lock().expect("sandbox store") = Some(sandboxes.store());
+    let sandbox_stream = sandboxes.changes().map(Change::into_sandbox);
+    let deploys: Api<SandboxDeploy> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
     };
     // Each watch paces its own retries (controller::watch), so one failing watch never holds
     // the other back.
@@ -127,14 +213,12 @@ pub async fn run(
         .backoff(crate::controller::watch::backoff())
         .reflect(writer)
         .applied_objects();
-    let sandbox_stream = watcher(sandboxes, watcher::Config::default().any_semantic())
-        .backoff(crate::controller::watch::backoff())
-        .touched_objects();
     // A Sandbox's change wakes the running deploys of its namespace that target it.
     let mapper_store = store.clone();
     Controller::for_stream(deploy_stream, store)
+        .with_config(crate::controller::runtime_config(concurrency))
         .trigger_backoff(crate::controller::watch::trigger_backoff())
-        .watches_stream(sandbox_stream, move |sbx: Sandbox| {
+        .watches_shared_stream(sandbox_stream, move |sbx: Arc<Sandbox>| {
             let ns = sbx.namespace();
             let name = sbx.name_any();
             mapper_store
@@ -155,7 +239,6 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
-        .await;
 }
 
 /// Requeues after an error.
@@ -252,14 +335,9 @@ pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Reque
     {
         return Ok(Requeue::await_change());
     }
-    let list = sandboxes
-        .list(&ListParams::default())
-        .await
-        .map_err(kube_err("listing Sandboxes", &object))?;
-    let by_name: BTreeMap<String, &Sandbox> =
-        list.items.iter().map(|s| (s.name_any(), s)).collect();
-    let selected: BTreeMap<String, TargetObs> = list
-        .items
+    let items = ctx.sandboxes_in(&ns, &object).await?;
+    let by_name: BTreeMap<String, &Sandbox> = items.iter().map(|s| (s.name_any(), &**s)).collect();
+    let selected: BTreeMap<String, TargetObs> = items
         .iter()
         .filter(|s| {
             s.metadata.deletion_timestamp.is_none()
@@ -306,7 +384,7 @@ pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Reque
             Some(s) => claimed_by_newer.extend(s.targets.iter().map(|t| t.name.clone())),
             // About to start (not held for approval): what its selector picks now.
             None if !o.spec.paused => claimed_by_newer.extend(
-                list.items
+                items
                     .iter()
                     .filter(|s| o.spec.selector.matches(s.labels(), s.spec.environment))
                     .map(|s| s.name_any()),
@@ -314,7 +392,7 @@ pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Reque
             None => {}
         }
     }
-    tracing::debug!(deploy = %object, sandboxes = list.items.len(), selected = selected.len(), observed = ?observed.iter().map(|(n, o)| (n.clone(), o.exists)).collect::<Vec<_>>(), "deploy inputs");
+    tracing::debug!(deploy = %object, sandboxes = items.len(), selected = selected.len(), observed = ?observed.iter().map(|(n, o)| (n.clone(), o.exists)).collect::<Vec<_>>(), "deploy inputs");
     let abort = d
         .annotations()
         .get(ABORT_ANNOTATION)
@@ -346,7 +424,7 @@ pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Reque
                     "metadata": {"name": sandbox, "annotations": {DEPLOY_ATTEMPT_ANNOTATION: attempt}},
                     "spec": {"image": {"tag": tag}},
                 });
-                sandboxes
+                let mut patched = sandboxes
                     .patch(
                         sandbox,
                         &PatchParams::apply(DEPLOY_FIELD_MANAGER).force(),
@@ -357,6 +435,12 @@ pub async fn reconcile(d: Arc<SandboxDeploy>, ctx: Arc<Context>) -> Result<Reque
                         &format!("setting image.tag on Sandbox {sandbox}"),
                         &object,
                     ))?;
+                crate::controller::sandboxes::strip(&mut patched);
+                ctx.patched.remember(
+                    &patched.uid().unwrap_or_default(),
+                    patched.metadata.resource_version.clone().as_deref(),
+                    Arc::new(patched),
+                );
             }
         }
     }
@@ -424,11 +508,22 @@ async fn publish(ctx: &Context, d: &SandboxDeploy, note: &Note) {
 /// Deletes finished deploys beyond the history limit in `ns`, oldest first.
 async fn prune_history(ctx: &Context, ns: &str) {
     let api: Api<SandboxDeploy> = Api::namespaced(ctx.client.clone(), ns);
-    let Ok(list) = api.list(&ListParams::default()).await else {
+    // From the store, each with the status last written (the store may not have it yet).
+    let Some(store) = ctx.store.lock().expect("store").clone() else {
         return;
     };
-    let mut done: Vec<&SandboxDeploy> = list
-        .items
+    let items: Vec<SandboxDeploy> = store
+        .state()
+        .iter()
+        .filter(|d| d.namespace().as_deref() == Some(ns))
+        .map(|d| {
+            let mut d = (**d).clone();
+            let uid = d.uid().unwrap_or_default();
+            d.status = Some(fresh_status(&d, ctx, &uid));
+            d
+        })
+        .collect();
+    let mut done: Vec<&SandboxDeploy> = items
         .iter()
         .filter(|d| decide::finished(d.status.as_ref().and_then(|s| s.phase)))
         .collect();
@@ -448,6 +543,8 @@ async fn prune_history(ctx: &Context, ns: &str) {
     for d in done.into_iter().take(excess) {
         match api.delete(&d.name_any(), &DeleteParams::default()).await {
             Ok(_) => tracing::info!(deploy = %key(d), "deleted: beyond the history limit"),
+            // Deleted already (the store had not caught up with an earlier prune).
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
             Err(e) => warn!(deploy = %key(d), error = %e, "deleting an old deploy failed"),
         }
     }

@@ -17,11 +17,11 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Fin, finalizer};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -30,6 +30,7 @@ use crate::api::{
     ACTION_ANNOTATION, ACTION_ID_ANNOTATION, AgentHealth, SANDBOX_FINALIZER,
     START_REQUESTED_ANNOTATION, Sandbox, SandboxPhase, SandboxSpec, SandboxStatus,
 };
+use crate::controller::sandboxes::{Change, SandboxWatch, changed};
 use crate::ec2::{self, Ec2, Ec2Error, InstanceState, LaunchRequest};
 use crate::metrics::{Metrics, SandboxLabels};
 use crate::util::parse_duration;
@@ -166,7 +167,7 @@ pub struct Context {
 }
 
 impl Context {
-    /// Creates the controller's context.
+    /// Creates the controller's context, with an event recorder of its own.
     pub fn new(
         client: Client,
         ec2: Ec2,
@@ -174,12 +175,22 @@ impl Context {
         settings: ControllerSettings,
         ledger: Option<crate::ledger::LedgerHandle>,
     ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: settings.reporter.clone(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        let recorder = super::recorder(client.clone(), &settings.reporter);
+        Self::with_recorder(client, ec2, metrics, settings, ledger, recorder)
+    }
+
+    /// Creates the controller's context, publishing Events through `recorder` (the process's
+    /// one recorder).
+    pub fn with_recorder(
+        client: Client,
+        ec2: Ec2,
+        metrics: Arc<Metrics>,
+        settings: ControllerSettings,
+        ledger: Option<crate::ledger::LedgerHandle>,
+        recorder: Recorder,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder,
             client,
             ec2,
             settings,
@@ -219,24 +230,53 @@ fn key(obj: &Sandbox) -> String {
 }
 
 /// Runs the Sandbox controller until `shutdown` resolves. Sandboxes in every namespace the
-/// client may list (or one namespace when `namespace` is set).
+/// client may list (or one namespace when `namespace` is set), from a watch of its own (the
+/// operator shares one between its controllers: [`run_shared`]).
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api: Api<Sandbox> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let (reader, writer) = reflector::store();
+    let watch = SandboxWatch::new(
+        ctx.client.clone(),
+        namespace.as_deref(),
+        crate::controller::sandboxes::DEFAULT_BUFFER,
+    );
+    let controller = run_shared(
+        ctx,
+        &watch,
+        namespace,
+        crate::controller::DEFAULT_CONCURRENCY,
+        shutdown,
+    );
+    tokio::select! {
+        _ = controller => {}
+        _ = watch.run(std::future::pending()) => {}
+    }
+}
+
+/// The Sandbox controller on the process's shared Sandbox watch (subscribed now, before the
+/// watch starts), with at most `concurrency` reconciles at once. The orphan sweep and the
+/// phase gauges read the same store.
+pub fn run_shared<S>(
+    ctx: Arc<Context>,
+    sandboxes: &SandboxWatch,
+    namespace: Option<String>,
+    concurrency: u16,
+    shutdown: S,
+) -> impl Future<Output = ()> + Send + use<S>
+where
+    S: Future<Output = ()> + Send + Sync + 'static,
+{
+    let reader = sandboxes.store();
     // Status-only updates do not wake the controller; spec, annotations (the start request)
     // and finalizer changes do.
-    let stream = watcher(api, watcher::Config::default().any_semantic())
-        .backoff(crate::controller::watch::backoff())
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(spec_annotations_finalizers, Default::default());
+    let stream = changed(sandboxes.changes(), spec_annotations_finalizers).filter_map(|c| {
+        futures::future::ready(match c {
+            Change::Applied(s) => Some(s),
+            Change::Deleted(_) => None,
+        })
+    });
     let changes = {
         let ctx = ctx.clone();
         ctx.ec2.changes().filter_map(move |id| {
@@ -244,20 +284,20 @@ pub async fn run(
             async move { owner }
         })
     };
-    tokio::spawn(orphan_sweep(ctx.clone(), namespace.clone()));
+    tokio::spawn(orphan_sweep(ctx.clone(), namespace, reader.clone()));
     tokio::spawn(phase_gauges(ctx.clone(), reader.clone()));
-    Controller::for_stream(stream, reader)
+    Controller::for_shared_stream(stream, reader)
+        .with_config(crate::controller::runtime_config(concurrency))
         .trigger_backoff(crate::controller::watch::trigger_backoff())
         .reconcile_on(changes)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
-        .await;
 }
 
 /// What wakes the controller: the generation (spec and deletion), the annotations (the start
 /// request) and the finalizers; status-only writes do not.
-fn spec_annotations_finalizers(s: &Sandbox) -> Option<u64> {
+fn spec_annotations_finalizers(s: &Sandbox) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     s.metadata.generation.hash(&mut h);
@@ -268,7 +308,7 @@ fn spec_annotations_finalizers(s: &Sandbox) -> Option<u64> {
         .as_ref()
         .map(|t| t.0.as_second())
         .hash(&mut h);
-    Some(h.finish())
+    h.finish()
 }
 
 /// The reconcile entry point: the finalizer helper, then apply or clean up.
@@ -1444,26 +1484,21 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
 
 /// Finds instances the operator tagged whose Sandbox no longer exists: counts them, logs them,
 /// and terminates those it launched once they have been orphaned for the grace period.
-async fn orphan_sweep(ctx: Arc<Context>, namespace: Option<String>) {
+async fn orphan_sweep(ctx: Arc<Context>, namespace: Option<String>, store: Store<Sandbox>) {
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(ctx.settings.orphan_sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An instance is only called an orphan against a complete list: the store once its first
+    // list is in (after a re-list it swaps the whole list in at once). The grace period covers
+    // the moment a watch lags behind.
+    if let Err(e) = crate::controller::sandboxes::wait_ready(&store).await {
+        warn!(error = %e, "orphan sweep: the Sandbox store never filled; no sweeps");
+        return;
+    }
     loop {
         tick.tick().await;
-        // One LIST per sweep, not the controller's cache: an instance is only called an orphan
-        // against an authoritative answer.
-        let api: Api<Sandbox> = match &namespace {
-            Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-            None => Api::all(ctx.client.clone()),
-        };
         let uids: std::collections::HashSet<String> =
-            match api.list_metadata(&Default::default()).await {
-                Ok(list) => list.items.iter().filter_map(|s| s.uid()).collect(),
-                Err(e) => {
-                    warn!(error = %e, "orphan sweep: listing Sandboxes failed");
-                    continue;
-                }
-            };
+            store.state().iter().filter_map(|s| s.uid()).collect();
         let instances = match ctx.ec2.list_managed().await {
             Ok(v) => v,
             Err(e) => {

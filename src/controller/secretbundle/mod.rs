@@ -37,7 +37,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KEvent, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -51,6 +51,7 @@ use crate::agent::client::{AgentClient, AgentError, AgentToken, Timeouts};
 use crate::api::{
     FlyMethod, Sandbox, SecretBundle, SecretBundleSpec, SecretBundleStatus, SecretKeyRef,
 };
+use crate::controller::sandboxes::{Change, SandboxWatch, changed};
 use crate::metrics::Metrics;
 use crate::util::parse_duration;
 use decide::{
@@ -177,12 +178,20 @@ pub struct Context {
 }
 
 impl Context {
-    /// Creates the controller's context.
+    /// Creates the controller's context, with an event recorder of its own.
     pub fn new(client: Client, metrics: Arc<Metrics>, settings: ControllerSettings) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: settings.reporter.clone(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        let recorder = super::recorder(client.clone(), &settings.reporter);
+        Self::with_recorder(client, metrics, settings, recorder)
+    }
+
+    /// Creates the controller's context, publishing Events through `recorder` (the process's
+    /// one recorder).
+    pub fn with_recorder(
+        client: Client,
+        metrics: Arc<Metrics>,
+        settings: ControllerSettings,
+        recorder: Recorder,
+    ) -> Arc<Self> {
         let pushes = Family::<PushLabels, Counter>::default();
         metrics.register_with(|r| {
             r.register(
@@ -193,7 +202,7 @@ impl Context {
         });
         crate::util::install_crypto_provider();
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder,
             client,
             settings,
             metrics,
@@ -260,30 +269,55 @@ fn key(obj: &SecretBundle) -> String {
 }
 
 /// Runs the SecretBundle controller until `shutdown` resolves: SecretBundles in every namespace
-/// the client may list (or one namespace when `namespace` is set), with watches on Sandboxes and
+/// the client may list (or one namespace when `namespace` is set), with watches on Sandboxes (a
+/// watch of its own; the operator shares one between its controllers: [`run_shared`]) and
 /// (metadata only) Secrets.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let watch = SandboxWatch::new(
+        ctx.client.clone(),
+        namespace.as_deref(),
+        crate::controller::sandboxes::DEFAULT_BUFFER,
+    );
+    let controller = run_shared(
+        ctx,
+        &watch,
+        namespace,
+        crate::controller::DEFAULT_CONCURRENCY,
+        shutdown,
+    );
+    tokio::select! {
+        _ = controller => {}
+        _ = watch.run(std::future::pending()) => {}
+    }
+}
+
+/// The controller on the process's shared Sandbox watch (subscribed now, before the watch
+/// starts), with at most `concurrency` reconciles at once.
+pub fn run_shared<S>(
+    ctx: Arc<Context>,
+    sandboxes: &SandboxWatch,
+    namespace: Option<String>,
+    concurrency: u16,
+    shutdown: S,
+) -> impl Future<Output = ()> + Send + use<S>
+where
+    S: Future<Output = ()> + Send + Sync + 'static,
+{
+    let sandbox_reader = sandboxes.store();
+    // Passes on a Sandbox when something a bundle acts on changed, and always when it is
+    // deleted.
+    let sandbox_stream = changed(sandboxes.changes(), sandbox_relevance).map(Change::into_sandbox);
     let client = ctx.client.clone();
-    #[allow(clippy::type_complexity)]
-    let (bundles, sandboxes, secrets): (
-        Api<SecretBundle>,
-        Api<Sandbox>,
-        Api<PartialObjectMeta<Secret>>,
-    ) = match &namespace {
+    let (bundles, secrets): (Api<SecretBundle>, Api<PartialObjectMeta<Secret>>) = match &namespace {
         Some(ns) => (
-            Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client, ns),
         ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client),
-        ),
+        None => (Api::all(client.clone()), Api::all(client)),
     };
     let (bundle_reader, bundle_writer) = reflector::store();
     let bundle_stream = {
@@ -300,12 +334,6 @@ pub async fn run(
                 }
             })
     };
-    let (sandbox_reader, sandbox_writer) = reflector::store();
-    let sandbox_stream = relevant_sandbox_changes(
-        watcher(sandboxes, watcher::Config::default().any_semantic())
-            .backoff(crate::controller::watch::backoff())
-            .reflect(sandbox_writer),
-    );
     // Metadata only: the operator never holds every Secret's data; it reads the few it needs.
     let secret_stream = watcher(secrets, watcher::Config::default().any_semantic())
         .backoff(crate::controller::watch::backoff())
@@ -316,7 +344,7 @@ pub async fn run(
     });
     let sandbox_mapper = {
         let store = bundle_reader.clone();
-        move |s: Sandbox| bundles_for_sandbox(&store, &s)
+        move |s: Arc<Sandbox>| bundles_for_sandbox(&store, &s)
     };
     let secret_mapper = {
         let store = bundle_reader.clone();
@@ -330,36 +358,13 @@ pub async fn run(
         }
     };
     Controller::for_stream(bundle_stream, bundle_reader)
+        .with_config(crate::controller::runtime_config(concurrency))
         .trigger_backoff(crate::controller::watch::trigger_backoff())
-        .watches_stream(sandbox_stream, sandbox_mapper)
+        .watches_shared_stream(sandbox_stream, sandbox_mapper)
         .watches_stream(secret_stream, secret_mapper)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
-        .await;
-}
-
-/// Passes on a Sandbox when something a bundle acts on changed, and always when it is deleted.
-fn relevant_sandbox_changes(
-    events: impl Stream<Item = Result<watcher::Event<Sandbox>, watcher::Error>> + Send + 'static,
-) -> impl Stream<Item = Result<Sandbox, watcher::Error>> + Send + 'static {
-    let mut seen: HashMap<String, u64> = HashMap::new();
-    events.filter_map(move |ev| {
-        let out = match ev {
-            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
-                let uid = s.uid().unwrap_or_else(|| s.name_any());
-                let h = sandbox_relevance(&s);
-                (seen.insert(uid, h) != Some(h)).then_some(Ok(s))
-            }
-            Ok(watcher::Event::Delete(s)) => {
-                seen.remove(&s.uid().unwrap_or_else(|| s.name_any()));
-                Some(Ok(s))
-            }
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-            Err(e) => Some(Err(e)),
-        };
-        futures::future::ready(out)
-    })
 }
 
 fn sandbox_relevance(s: &Sandbox) -> u64 {
@@ -533,10 +538,13 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
         .stores
         .get()
         .ok_or_else(|| Error::StoreNotReady(object.clone()))?;
-    tokio::time::timeout(Duration::from_secs(30), stores.sandboxes.wait_until_ready())
-        .await
-        .map_err(|_| Error::StoreNotReady(object.clone()))?
-        .map_err(|_| Error::StoreNotReady(object.clone()))?;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        crate::controller::sandboxes::wait_ready(&stores.sandboxes),
+    )
+    .await
+    .map_err(|_| Error::StoreNotReady(object.clone()))?
+    .map_err(|_| Error::StoreNotReady(object.clone()))?;
     // Read before the Secrets: a change after this point stops the pushes of what is read.
     let epoch = ctx.epoch(&object);
     let now = whole_seconds_now();
