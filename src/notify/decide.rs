@@ -206,14 +206,20 @@ pub fn observe_sandbox(s: &Sandbox) -> Observation {
 }
 
 /// The Ready reasons of a SecretBundle that mean its content did not reach its targets (or
-/// could not be built).
-pub const BUNDLE_FAILING_REASONS: [&str; 6] = [
+/// could not be built). Fly.io's API answers that name their failure (every failing target
+/// refused the same way) count too; throttling is retried and is not told.
+pub const BUNDLE_FAILING_REASONS: [&str; 11] = [
     "SyncFailed",
     "SourceSecretMissing",
     "SourceKeyMissing",
     "InvalidValue",
     "InvalidSpec",
     "NoKeys",
+    "FlyUnauthorized",
+    "FlyAppNotFound",
+    "FlyRejected",
+    "FlyUnavailable",
+    "FlyUnreachable",
 ];
 
 /// What a SecretBundle's status says.
@@ -876,6 +882,58 @@ mod tests {
             ["sandbox_failed"]
         );
         assert!(transitions(&k, Some(&active), &ph("Deploying", "Deploying"), now).is_empty());
+    }
+
+    #[test]
+    fn a_bundle_refused_by_fly_reads_failing_and_a_throttled_one_does_not() {
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/secretbundle.yaml"
+        ))
+        .unwrap();
+        let doc = example
+            .split("\n---")
+            .find(|d| d.contains("kind: SecretBundle"))
+            .expect("the example holds a SecretBundle");
+        let mut b: SecretBundle = serde_yaml::from_str(doc).unwrap();
+        let with_ready = |b: &mut SecretBundle, status: &str, reason: &str| {
+            b.status = Some(crate::api::SecretBundleStatus {
+                conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                    type_: "Ready".into(),
+                    status: status.into(),
+                    reason: reason.into(),
+                    message: "1 of 1 targets".into(),
+                    last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(
+                        "2026-03-01T12:00:00Z",
+                    )),
+                    observed_generation: None,
+                }],
+                ..Default::default()
+            });
+        };
+        for reason in [
+            "FlyUnauthorized",
+            "FlyAppNotFound",
+            "FlyRejected",
+            "FlyUnavailable",
+            "FlyUnreachable",
+            "SyncFailed",
+        ] {
+            with_ready(&mut b, "False", reason);
+            assert_eq!(
+                observe_bundle(&b).failing.as_deref(),
+                Some(reason),
+                "{reason}"
+            );
+        }
+        for (status, reason) in [
+            ("False", "FlyThrottled"),
+            ("False", "Syncing"),
+            ("True", "Staged"),
+        ] {
+            with_ready(&mut b, status, reason);
+            assert_eq!(observe_bundle(&b).failing, None, "{status} {reason}");
+        }
     }
 
     #[test]

@@ -303,6 +303,8 @@ async fn notifications_reach_slack_and_webhook_once_per_transition_and_a_dead_si
     let args = [
         "--config",
         config_path.to_str().unwrap(),
+        "--fly-method",
+        "flyctl",
         "--flyctl",
         FAKE_FLYCTL,
         "--flyctl-env",
@@ -418,10 +420,20 @@ async fn notifications_reach_slack_and_webhook_once_per_transition_and_a_dead_si
                 .any(|x| id(x) == (k.to_string(), n.to_string(), ev.to_string(), t.to_string()))
         })
     };
-    support::eventually(30, "every expected notification at the webhook", || async {
-        has_all(&got.json("hook")).then_some(())
-    })
-    .await;
+    let waited =
+        support::try_eventually(30, || async { has_all(&got.json("hook")).then_some(()) }).await;
+    if waited.is_none() {
+        let v = got.json("hook");
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(k, n, ev, t)| {
+                !v.iter()
+                    .any(|x| id(x) == (k.to_string(), n.to_string(), ev.to_string(), t.to_string()))
+            })
+            .collect();
+        let seen: Vec<_> = v.iter().map(id).collect();
+        panic!("notifications missing at the webhook after 30 s: {missing:?}; seen: {seen:?}");
+    }
     // The flyctl target keeps failing and being retried, the sandbox stays unhealthy: nothing
     // more is told of them.
     tokio::time::sleep(Duration::from_secs(5)).await;

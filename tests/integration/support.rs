@@ -287,6 +287,25 @@ impl Drop for Operator {
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `secs` seconds.
+/// Like [`eventually`], but answers `None` at the deadline instead of failing, so the caller
+/// can say what was missing.
+pub async fn try_eventually<T, F, Fut>(secs: u64, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
