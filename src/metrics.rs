@@ -71,6 +71,11 @@ pub struct Metrics {
     pub sandbox_active_workers: Family<SandboxLabels, Gauge>,
     /// Instances tagged by the operator whose Sandbox is gone.
     pub orphans: Gauge,
+    /// SandboxDeploys per phase.
+    pub sandboxdeploys: Family<PhaseLabels, Gauge>,
+    /// 1 while this process runs the controllers (it holds the leader Lease, or runs without
+    /// leader election); 0 while it waits for the Lease or shuts down.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -95,6 +100,8 @@ impl Metrics {
             sandbox_disk: Family::default(),
             sandbox_active_workers: Family::default(),
             orphans: Gauge::default(),
+            sandboxdeploys: Family::default(),
+            leader: Gauge::default(),
         };
         registry.register(
             "reconciles",
@@ -141,6 +148,16 @@ impl Metrics {
             "orphan_instances",
             "Instances tagged by the operator whose Sandbox is gone",
             m.orphans.clone(),
+        );
+        registry.register(
+            "sandboxdeploys",
+            "SandboxDeploys per phase",
+            m.sandboxdeploys.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this process runs the controllers (holds the leader Lease, or runs without leader election)",
+            m.leader.clone(),
         );
         *m.registry.lock().expect("registry") = registry;
         m

@@ -291,6 +291,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     )
     .await;
     info!("controllers starting");
+    metrics.leader.set(1);
     let bundle_ctx = crate::controller::secretbundle::Context::new(
         client.clone(),
         metrics.clone(),
@@ -318,12 +319,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if tokio::select! { _ = shutdown_signal() => false, _ = lost => true } {
         // Stop acting at once: another replica may hold the lease already.
         controllers.abort();
+        metrics.leader.set(0);
         let _ = stop_tx.send(true);
         let _ = http.await;
         return Err(RunError::LeaseLost);
     }
     info!("shutting down");
     ready.store(false, Ordering::SeqCst);
+    metrics.leader.set(0);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
     if let Some(l) = leadership {

@@ -15,6 +15,7 @@ mod import;
 mod ledger;
 mod legacy;
 mod outage;
+mod release;
 mod sandbox;
 mod secretbundle;
 mod ship;

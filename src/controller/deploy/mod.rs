@@ -123,6 +123,7 @@ pub async fn run(
     // the other back.
     let (store, writer) = reflector::store();
     *ctx.store.lock().expect("store") = Some(store.clone());
+    let gauges = tokio::spawn(phase_gauges(ctx.clone(), store.clone()));
     let deploy_stream = watcher(deploys, watcher::Config::default().any_semantic())
         .backoff(crate::controller::watch::backoff())
         .reflect(writer)
@@ -156,6 +157,44 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+    gauges.abort();
+}
+
+/// Keeps the per-phase gauge (`sandboxdeploys`) in step with the store: a rollout stuck in
+/// Progressing, or a Failed one, is visible to an alert without reading the objects.
+async fn phase_gauges(ctx: Arc<Context>, store: reflector::Store<SandboxDeploy>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+        for d in store.state() {
+            let phase = d
+                .status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|| "Unknown".into());
+            *counts.entry(phase).or_default() += 1;
+        }
+        for phase in [
+            "Pending",
+            "AwaitingApproval",
+            "Progressing",
+            "Paused",
+            "Succeeded",
+            "Failed",
+            "Aborted",
+            "Superseded",
+            "Unknown",
+        ] {
+            ctx.metrics
+                .sandboxdeploys
+                .get_or_create(&crate::metrics::PhaseLabels {
+                    phase: phase.into(),
+                })
+                .set(counts.get(phase).copied().unwrap_or(0));
+        }
+    }
 }
 
 /// Requeues after an error.
