@@ -170,6 +170,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None => Default::default(),
     };
     let client = kube::Client::try_default().await?;
+    crate::controller::refused::init(&client);
     let buckets = crate::ec2::RateLimits::default()
         .with_overrides(&args.ec2_buckets)
         .map_err(|e| RunError::Setting(format!("--ec2-buckets: {e}")))?;

@@ -1124,3 +1124,164 @@ fn dist_tarball_verifies_and_installs_into_a_scratch_root() {
     assert_eq!(mode(&r.join("etc/sandbox-agent/token")), 0o600);
     assert!(std::fs::read_link(&wants).is_ok());
 }
+
+/// Bad input, an operator without a permission it needs: the chart's namespaced RBAC with
+/// `list`/`watch` on Secrets taken away. The operator says which call was refused and for whom
+/// (verb, resource, namespace, ServiceAccount) in its log and in a Warning Event on its Pod, and
+/// keeps running: it serves /healthz, the Sandbox controller makes a Sandbox Ready, and once the
+/// permission is granted the SecretBundle controller (whose Secret watch was refused) works
+/// without a restart.
+#[tokio::test]
+async fn an_operator_refused_a_permission_says_which_and_keeps_running() {
+    use crate::fleet::Agent;
+    use crate::ship::{SaOperator, launched_example, service_account_kubeconfig};
+    use sandbox_operator::api::{Sandbox, SecretBundle};
+    use sandbox_operator::testenv::ec2::{Ec2Endpoint, Ec2EndpointOptions};
+
+    let client = support::client().await;
+    let ns = support::namespace(&client, "refused").await;
+    let full = format!("refused-{}", &ns[ns.len().saturating_sub(8)..]);
+    let rbac = helm_template(&[
+        "--namespace",
+        &ns,
+        "--set",
+        &format!("fullnameOverride={full}"),
+        "--set",
+        &format!("operator.watchNamespace={ns}"),
+        "--show-only",
+        "templates/serviceaccount.yaml",
+        "--show-only",
+        "templates/rbac.yaml",
+    ]);
+    // The same objects with Secrets readable one by one only (no list, no watch).
+    let narrowed: Vec<Value> = docs(&rbac)
+        .into_iter()
+        .map(|mut d| {
+            if d["kind"] == "Role" {
+                for rule in d["rules"].as_array_mut().unwrap() {
+                    if rule["resources"] == serde_json::json!(["secrets"]) {
+                        rule["verbs"] = serde_json::json!(["get"]);
+                    }
+                }
+            }
+            d
+        })
+        .collect();
+    let narrowed = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": narrowed});
+    kubectl_ok(&["apply", "-f", "-"], Some(&narrowed.to_string()));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(&ns, &full, dir.path());
+    let ec2 = Ec2Endpoint::start(
+        Ec2EndpointOptions::default().with_transitions(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let agent = Agent::start("v1", 0).await;
+    let pod = "sandbox-operator-7d9f-refused";
+    let mut op = SaOperator::start_with_env(
+        &kubeconfig,
+        &ns,
+        &ec2.url(),
+        dir.path(),
+        &[],
+        &[("POD_NAME", pod), ("POD_NAMESPACE", &ns)],
+    );
+    let user = format!("system:serviceaccount:{ns}:{full}");
+
+    // The log: the API server's refusal, taken apart, with the check to run.
+    let said = support::eventually(60, "the refusal in the log", || async {
+        op.logs()
+            .lines()
+            .find(|l| l.contains("the API server refused a request"))
+            .map(str::to_string)
+    })
+    .await;
+    for want in [
+        format!("User \"{user}\" cannot list resource \"secrets\""),
+        format!("in the namespace \"{ns}\""),
+        format!("kubectl auth can-i list secrets -n {ns} --as={user}"),
+        "secretbundle".to_string(),
+        "keeps running".to_string(),
+    ] {
+        assert!(said.contains(&want), "{want} missing from: {said}");
+    }
+
+    // The Event, on the operator's Pod.
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(client.clone(), &ns);
+    let ev = support::eventually(30, "a Forbidden Event on the operator's Pod", || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("Forbidden"))
+    })
+    .await;
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    let regarding = ev.regarding.clone().unwrap();
+    assert_eq!(regarding.kind.as_deref(), Some("Pod"));
+    assert_eq!(regarding.name.as_deref(), Some(pod));
+    let note = ev.note.clone().unwrap_or_default();
+    assert!(
+        note.contains(&format!("User \"{user}\" cannot list resource \"secrets\"")),
+        "{note}"
+    );
+
+    // It keeps running: alive, serving, and the Sandbox controller does its work.
+    assert!(op.running(), "the operator exited:\n{}", op.logs());
+    let health = reqwest::get(format!("http://{}/healthz", op.http))
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    let manifest = launched_example(&ec2, &agent).await;
+    kubectl_ok(
+        &["apply", "--server-side", "-n", &ns, "-f", "-"],
+        Some(&manifest),
+    );
+    let sbx: kube::Api<Sandbox> = kube::Api::namespaced(client.clone(), &ns);
+    support::eventually(90, "worker-1 Ready despite the refusal", || async {
+        let s = sbx.get("worker-1").await.ok()?.status?;
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    assert!(op.running());
+    // Reported once, not at every retry of the watch.
+    let times = op
+        .logs()
+        .matches("the API server refused a request")
+        .count();
+    assert_eq!(times, 1, "{}", op.logs());
+
+    // Granted: the refused watch succeeds on its next retry; a SecretBundle becomes Ready.
+    kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
+    let bundle = read("examples/secretbundle.yaml")
+        .split("\n---\n")
+        .filter(|d| !d.contains("kind: SecretBundle"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    kubectl_ok(
+        &["apply", "--server-side", "-n", &ns, "-f", "-"],
+        Some(&bundle),
+    );
+    kubectl_ok(
+        &["apply", "--server-side", "-n", &ns, "-f", "-"],
+        Some(
+            "apiVersion: fleet.valet.dev/v1alpha1\nkind: SecretBundle\nmetadata: {name: worker-env}\nspec:\n  sources: [{secretName: worker-secrets}]\n  targets:\n    sandboxes: {selector: {matchLabels: {app.kubernetes.io/part-of: ghosthands}}, restartServices: [worker]}\n",
+        ),
+    );
+    let bundles: kube::Api<SecretBundle> = kube::Api::namespaced(client.clone(), &ns);
+    support::eventually(60, "the SecretBundle Ready once granted", || async {
+        let s = bundles.get("worker-env").await.ok()?.status?;
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    assert!(op.running());
+}

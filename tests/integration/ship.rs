@@ -387,6 +387,18 @@ impl SaOperator {
         dir: &Path,
         extra: &[&str],
     ) -> SaOperator {
+        Self::start_with_env(kubeconfig, ns, ec2, dir, extra, &[])
+    }
+
+    /// [`Self::start`] with more environment variables (e.g. POD_NAME and POD_NAMESPACE).
+    pub(crate) fn start_with_env(
+        kubeconfig: &Path,
+        ns: &str,
+        ec2: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> SaOperator {
         let log = dir.join("operator.log");
         let port = sandbox_operator::testenv::free_port();
         let http: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -411,7 +423,8 @@ impl SaOperator {
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("SANDBOX_OPERATOR_LOG", "info,sandbox_operator=debug");
+            .env("SANDBOX_OPERATOR_LOG", "info,sandbox_operator=debug")
+            .envs(env.iter().copied());
         let child = sandbox_operator::testenv::process::spawn_tied(cmd, &log).unwrap();
         SaOperator { child, log, http }
     }

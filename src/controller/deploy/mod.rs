@@ -124,13 +124,19 @@ pub async fn run(
     let (store, writer) = reflector::store();
     *ctx.store.lock().expect("store") = Some(store.clone());
     let gauges = tokio::spawn(phase_gauges(ctx.clone(), store.clone()));
-    let deploy_stream = watcher(deploys, watcher::Config::default().any_semantic())
-        .backoff(crate::controller::watch::backoff())
-        .reflect(writer)
-        .applied_objects();
-    let sandbox_stream = watcher(sandboxes, watcher::Config::default().any_semantic())
-        .backoff(crate::controller::watch::backoff())
-        .touched_objects();
+    let deploy_stream = crate::controller::refused::reported(
+        CONTROLLER,
+        watcher(deploys, watcher::Config::default().any_semantic()),
+    )
+    .backoff(crate::controller::watch::backoff())
+    .reflect(writer)
+    .applied_objects();
+    let sandbox_stream = crate::controller::refused::reported(
+        CONTROLLER,
+        watcher(sandboxes, watcher::Config::default().any_semantic()),
+    )
+    .backoff(crate::controller::watch::backoff())
+    .touched_objects();
     // A Sandbox's change wakes the running deploys of its namespace that target it.
     let mapper_store = store.clone();
     Controller::for_stream(deploy_stream, store)
@@ -200,6 +206,7 @@ async fn phase_gauges(ctx: Arc<Context>, store: reflector::Store<SandboxDeploy>)
 /// Requeues after an error.
 pub fn error_policy(d: Arc<SandboxDeploy>, err: &Error, ctx: Arc<Context>) -> Requeue {
     ctx.metrics.reconcile_failed(CONTROLLER, "kube");
+    crate::controller::refused::error(CONTROLLER, "reconciling", err);
     warn!(deploy = %key(&d), error = %err, "reconcile failed; will retry");
     Requeue::requeue(Duration::from_secs(5))
 }

@@ -232,11 +232,14 @@ pub async fn run(
     let (reader, writer) = reflector::store();
     // Status-only updates do not wake the controller; spec, annotations (the start request)
     // and finalizer changes do.
-    let stream = watcher(api, watcher::Config::default().any_semantic())
-        .backoff(crate::controller::watch::backoff())
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(spec_annotations_finalizers, Default::default());
+    let stream = crate::controller::refused::reported(
+        CONTROLLER,
+        watcher(api, watcher::Config::default().any_semantic()),
+    )
+    .backoff(crate::controller::watch::backoff())
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(spec_annotations_finalizers, Default::default());
     let changes = {
         let ctx = ctx.clone();
         ctx.ec2.changes().filter_map(move |id| {
@@ -316,6 +319,7 @@ pub fn error_policy(obj: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Requeu
         return Requeue::requeue(ctx.settings.decide.poll);
     }
     ctx.metrics.reconcile_failed(CONTROLLER, err.kind());
+    crate::controller::refused::error(CONTROLLER, "reconciling", err);
     let jitter = Duration::from_millis(u64::from(
         obj.uid()
             .map(|u| u.bytes().map(u32::from).sum::<u32>())
