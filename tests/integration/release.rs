@@ -110,10 +110,18 @@ fn chart_keeps_the_ledger_on_a_volume_or_in_postgres() {
         "fleet-ledger"
     );
 
-    // Persistence off: an emptyDir, as before.
+    // Persistence off: an emptyDir, as before; then each replica has a file of its own, so
+    // more than one is allowed.
     let d = docs(&helm_template(&["--set", "persistence.enabled=false"]));
     assert!(find(&d, "PersistentVolumeClaim").is_none());
     assert!(volume(&d, "data")["emptyDir"].is_object());
+    let d = docs(&helm_template(&[
+        "--set",
+        "persistence.enabled=false",
+        "--set",
+        "replicaCount=2",
+    ]));
+    assert!(find(&d, "PersistentVolumeClaim").is_none());
 
     // With leader election but the SQLite file, still one writer: Recreate.
     let d = docs(&helm_template(&["--set", "leaderElection.enabled=true"]));

@@ -166,6 +166,9 @@ fn chart_lints_renders_and_ships_the_crds() {
         "ops",
         "--set",
         "replicaCount=2",
+        // Two replicas: each with its own SQLite ledger (the default claim takes one writer).
+        "--set",
+        "persistence.enabled=false",
         "--set",
         "serviceMonitor.enabled=true",
         "--set",
@@ -205,7 +208,14 @@ fn chart_lints_renders_and_ships_the_crds() {
 
     // Every object the chart renders is valid for the API server (CRD-backed kinds aside).
     let cp = support::control_plane();
-    let rendered = helm_template(&["--namespace", "default", "--set", "replicaCount=2"]);
+    let rendered = helm_template(&[
+        "--namespace",
+        "default",
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "persistence.enabled=false",
+    ]);
     let out = Command::new("kubectl")
         .args(["--kubeconfig", cp.kubeconfig_path().to_str().unwrap()])
         .args(["apply", "--dry-run=server", "-f", "-"])
