@@ -1293,3 +1293,128 @@ async fn an_operator_refused_a_permission_says_which_and_keeps_running() {
     .await;
     assert!(op.running());
 }
+
+/// What the README's shell blocks need, and so whether this test runs them.
+enum Block {
+    /// Run against `make demo` (hack/demo.sh, with the test's binaries).
+    Tour,
+    /// Not run here, and why.
+    NotRun(&'static str),
+}
+
+/// Every `sh` block of the README, by its first line: run (the tour, against `make demo` as the
+/// README says) or named with the reason it cannot run here. A new block fails this test until it
+/// is classified, so no block is skipped silently.
+#[test]
+fn readme_shell_blocks_run_or_say_why_not() {
+    let classified: &[(&str, Block)] = &[
+        (
+            "make demo   #",
+            Block::NotRun(
+                "`make demo` is what the tour below runs (hack/demo.sh); `make test` is this test suite",
+            ),
+        ),
+        (
+            "sandbox-operator report cost",
+            Block::NotRun(
+                "names a ledger file and a PostgreSQL server of the reader's; the tour runs `sandbox-operator report fleet` on the demo's ledger, and tests/integration/ledger.rs the reports",
+            ),
+        ),
+        (
+            "kubectl create namespace sandbox-operator",
+            Block::NotRun(
+                "needs a cluster with a node and the operator image: the node test installs the chart for real; here the chart is rendered, dry-run applied and `helm install`ed without a node",
+            ),
+        ),
+        (
+            "aws iam create-policy",
+            Block::NotRun("needs an AWS account; the policy file itself is checked against src/"),
+        ),
+        ("# tour:", Block::Tour),
+        (
+            "# From the old admin database",
+            Block::NotRun(
+                "needs the old admin database or an AWS account; tests/integration/import.rs runs the import against PostgreSQL and the EC2 endpoint",
+            ),
+        ),
+        (
+            "make dist",
+            Block::NotRun(
+                "a full release build; the dist test packs the debug build with the same hack/dist.sh",
+            ),
+        ),
+        (
+            "scp target/dist/",
+            Block::NotRun(
+                "needs an instance reachable by ssh; the dist test runs the same sha256 checks and install.sh (with --root)",
+            ),
+        ),
+    ];
+    let readme = read("README.md");
+    let mut blocks: Vec<String> = Vec::new();
+    let mut lines = readme.lines();
+    while let Some(l) = lines.next() {
+        if l.trim_end() == "```sh" {
+            let mut body = String::new();
+            for l in lines.by_ref() {
+                if l.starts_with("```") {
+                    break;
+                }
+                body.push_str(l);
+                body.push('\n');
+            }
+            blocks.push(body);
+        }
+    }
+    let mut tours = Vec::new();
+    for b in &blocks {
+        let first = b.lines().next().unwrap_or("");
+        let Some((_, how)) = classified.iter().find(|(p, _)| first.starts_with(p)) else {
+            panic!("README block starting {first:?} is neither run nor explained: add it here");
+        };
+        match how {
+            Block::Tour => tours.push(b.clone()),
+            Block::NotRun(why) => eprintln!("not run: {first:?}: {why}"),
+        }
+    }
+    assert_eq!(blocks.len(), classified.len(), "a classified block is gone");
+    assert_eq!(tours.len(), 1);
+
+    // The tarball names in the README are the ones make dist writes.
+    let arch = std::env::consts::ARCH;
+    assert!(
+        readme.contains(&format!(
+            "sandbox-agent-{}-linux-{arch}.tar.gz",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "README's tarball name"
+    );
+
+    // The tour, as written, after make demo (the binaries this test was built with).
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("tour.sh");
+    std::fs::write(&script, &tours[0]).unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_sandbox-operator"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = Command::new(root("hack/demo.sh"))
+        .env("DEMO_BIN", &bin)
+        .env("DEMO_THEN", &script)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "the tour failed:\n{said}");
+    for want in [
+        "CONVERGED_SECONDS=",
+        "condition met",
+        "sandbox_operator_sandboxes{phase=\"Active\"}",
+        "worker-1",
+    ] {
+        assert!(
+            said.contains(want),
+            "{want} missing from the tour's output:\n{said}"
+        );
+    }
+}
