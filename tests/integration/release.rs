@@ -880,11 +880,23 @@ fn ec2_actions_called() -> BTreeMap<String, Vec<String>> {
         cargo_home.display()
     );
     let files = shipped_sources();
+    // Each file's method calls without arguments (`.name()`), once.
+    let calls: Vec<(String, BTreeSet<&str>)> = files
+        .iter()
+        .map(|(rel, text)| {
+            let set = text
+                .split('.')
+                .skip(1)
+                .filter_map(|s| s.split_once("()").map(|(name, _)| name))
+                .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .collect();
+            (rel.clone(), set)
+        })
+        .collect();
     let mut called: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for op in &ops {
-        let call = format!(".{op}()");
-        for (rel, text) in &files {
-            if text.contains(&call) {
+        for (rel, set) in &calls {
+            if set.contains(op.as_str()) {
                 let action: String = op
                     .split('_')
                     .map(|w| {
