@@ -1335,7 +1335,7 @@ fn readme_shell_blocks_run_or_say_why_not() {
         (
             "kubectl create namespace sandbox-operator",
             Block::NotRun(
-                "needs a cluster with a node and the operator image: the node test installs the chart for real; here the chart is rendered, dry-run applied and `helm install`ed without a node",
+                "needs a cluster with a node, the operator image and a PostgreSQL server; here the chart is rendered, applied as a server-side dry run and `helm install`ed against the API server, which has no node",
             ),
         ),
         (
