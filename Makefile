@@ -14,7 +14,7 @@ export SANDBOX_OPERATOR_IMAGE ?= $(abspath $(TEST_IMAGE))
 # Integration tests start real processes; two at a time suits a 2-core machine.
 TEST_THREADS ?= 4
 
-.PHONY: all build image test-image tools crds test test-unit test-integration lint fmt demo bench clean-cache help
+.PHONY: all build image test-image tools crds test test-unit test-integration lint fmt demo bench dist clean-cache help
 
 all: build
 
@@ -27,6 +27,7 @@ help:
 	@echo "make tools   build kube-apiserver and etcd, create the Python venv (cached)"
 	@echo "make lint    rustfmt --check and clippy"
 	@echo "make bench   the fleet benchmark (release build; BENCH_ARGS=--quick for a smoke run)"
+	@echo "make dist    target/dist/sandbox-agent-VERSION-linux-ARCH.tar.gz (+ .sha256): the agent for the instances"
 
 build:
 	$(CARGO) build --bins
@@ -72,6 +73,11 @@ demo:
 bench: tools
 	$(CARGO) build --release --bins
 	"$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" $(BENCH_ARGS)
+
+# The agent for the sandbox instances: release build without the test environment, stripped, with
+# its systemd unit, example config and install script, in one tarball with a sha256 file.
+dist:
+	CARGO=$(CARGO) hack/dist.sh
 
 clean-cache:
 	rm -rf "$(CACHE)"

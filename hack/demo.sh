@@ -14,6 +14,10 @@
 #
 #   DEMO_AGENTS=3      how many agents (and launched sandboxes)
 #   DEMO_EXIT=1        exit after the tour instead of waiting for Ctrl-C (for timing it)
+#   DEMO_BIN=DIR       use the binaries in DIR instead of building them (tests)
+#   DEMO_THEN=FILE     after the tour, run the shell script FILE with the exports printed at the
+#                      end (KUBECONFIG, PATH, SANDBOX_OPERATOR_URL, SANDBOX_OPERATOR_LEDGER) and exit
+#                      with its status: how the README's five-minute tour is tested
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -25,9 +29,13 @@ elapsed() { echo "$((SECONDS - start))s"; }
 
 say "installing tools (cached after the first run) and building"
 hack/install-tools.sh go venv
-cargo build --quiet --bins
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-bin="$target_dir/debug"
+if [ -n "${DEMO_BIN:-}" ]; then
+  bin=$DEMO_BIN
+else
+  cargo build --quiet --bins
+  target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+  bin="$target_dir/debug"
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/sandbox-demo.XXXXXX")
 pids=()
@@ -192,16 +200,25 @@ echo "content hash ${old:0:12} -> ${new:0:12}; every target synced:"
 kubectl get -n "$ns" secbundle worker-env -o jsonpath='{range .status.targets[*]}  {.kind}/{.name}: {.state} {.syncedHash}{"\n"}{end}' | cut -c1-80
 if [ -x "$bin/kubectl-sandbox" ]; then say "the fleet tree (kubectl sandbox tree)"; "$bin/kubectl-sandbox" -n "$ns" tree; fi
 
-say "point kubectl at it (in another terminal)"
+say "point kubectl at it (in another terminal; the README's five-minute tour starts here)"
+exports="export KUBECONFIG=$work/kubeconfig
+export PATH=$bin:\$PATH
+export SANDBOX_OPERATOR_URL=http://127.0.0.1:$op_port
+export SANDBOX_OPERATOR_LEDGER=sqlite://$work/ledger.db"
 cat <<EOF
-  export KUBECONFIG=$work/kubeconfig
-  export PATH=$bin:\$PATH          # kubectl-sandbox, as \`kubectl sandbox\`
+$exports
+  # kubectl-sandbox is in PATH (as \`kubectl sandbox\`), sandbox-operator too
   kubectl get fleet -n $ns
   kubectl sandbox -n $ns tree
-  kubectl sandbox -n $ns stop worker-1      # then: kubectl sandbox -n $ns start worker-1
-  curl -s http://127.0.0.1:$op_port/metrics | grep ^sandbox_
+  curl -s \$SANDBOX_OPERATOR_URL/metrics | grep ^sandbox_
   operator log: $work/operator.log
 EOF
+if [ -n "${DEMO_THEN:-}" ]; then
+  say "running $DEMO_THEN"
+  status=0
+  (eval "$exports"; cd "$repo"; bash -euo pipefail "$DEMO_THEN") 9>&- || status=$?
+  exit "$status"
+fi
 if [ "${DEMO_EXIT:-0}" = 1 ]; then exit 0; fi
 say "running; Ctrl-C stops everything"
 while :; do sleep 3600 9>&- & wait $!; done

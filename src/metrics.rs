@@ -82,6 +82,11 @@ pub struct Metrics {
     pub orphans: Gauge,
     /// Notifications per sink and result.
     pub notifications: Family<NotificationLabels, Counter>,
+    /// SandboxDeploys per phase.
+    pub sandboxdeploys: Family<PhaseLabels, Gauge>,
+    /// 1 while this process runs the controllers (it holds the leader Lease, or runs without
+    /// leader election); 0 while it waits for the Lease or shuts down.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -107,6 +112,8 @@ impl Metrics {
             sandbox_active_workers: Family::default(),
             orphans: Gauge::default(),
             notifications: Family::default(),
+            sandboxdeploys: Family::default(),
+            leader: Gauge::default(),
         };
         registry.register(
             "reconciles",
@@ -158,6 +165,16 @@ impl Metrics {
             "notifications",
             "Notifications per sink and result (sent, failed, deduplicated, rate_limited, dropped)",
             m.notifications.clone(),
+        );
+        registry.register(
+            "sandboxdeploys",
+            "SandboxDeploys per phase",
+            m.sandboxdeploys.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this process runs the controllers (holds the leader Lease, or runs without leader election)",
+            m.leader.clone(),
         );
         *m.registry.lock().expect("registry") = registry;
         m

@@ -192,6 +192,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None => None,
     };
     let client = kube::Client::try_default().await?;
+    crate::controller::refused::init(&client);
     let buckets = crate::ec2::RateLimits::default()
         .with_overrides(&args.ec2_buckets)
         .map_err(|e| RunError::Setting(format!("--ec2-buckets: {e}")))?;
@@ -317,6 +318,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     )
     .await;
     info!("controllers starting");
+    metrics.leader.set(1);
     let bundle_ctx = crate::controller::secretbundle::Context::with_recorder(
         client.clone(),
         metrics.clone(),
@@ -392,12 +394,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         if let Some(n) = &notifier {
             n.abort();
         }
+        metrics.leader.set(0);
         let _ = stop_tx.send(true);
         let _ = http.await;
         return Err(RunError::LeaseLost);
     }
     info!("shutting down");
     ready.store(false, Ordering::SeqCst);
+    metrics.leader.set(0);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
     if let Some(n) = notifier {

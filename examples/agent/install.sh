@@ -2,7 +2,7 @@
 # Installs sandbox-agent on a sandbox instance (run as root, on the instance; idempotent).
 #
 #   install.sh [--binary PATH] [--config PATH] [--token-file PATH] [--env-file PATH]...
-#              [--unit NAME]... [--no-start] [--dry-run]
+#              [--unit NAME]... [--no-start] [--dry-run] [--root DIR]
 #
 #   --binary PATH      the sandbox-agent binary            [./sandbox-agent, else beside this script]
 #   --config PATH      configuration to install if none is [agent.yaml beside this script]
@@ -14,6 +14,9 @@
 #                      [adspower valet-worker]
 #   --no-start         install and enable, do not (re)start
 #   --dry-run          print what would be done
+#   --root DIR         install into DIR as the instance's root (an image being built, a test):
+#                      the same files and modes, no user created, no ownership changed, no
+#                      systemctl (enabling is the multi-user.target.wants link), no start
 #
 # What it does: creates the system user `sandbox-agent` (in the docker group), installs the
 # binary to /usr/local/bin, the config to /etc/sandbox-agent/agent.yaml (kept if present), the
@@ -35,8 +38,9 @@ env_files=()
 units=()
 start=1
 dry=0
+root=""
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,6 +51,7 @@ while [ $# -gt 0 ]; do
     --unit) units+=("$2"); shift 2 ;;
     --no-start) start=0; shift ;;
     --dry-run) dry=1; shift ;;
+    --root) root="${2%/}"; start=0; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -60,18 +65,33 @@ if [ -z "$binary" ]; then
 fi
 
 USER_NAME=sandbox-agent
-ETC=/etc/sandbox-agent
-STATE=/var/lib/sandbox-agent
-BIN=/usr/local/bin/sandbox-agent
-UNIT=/etc/systemd/system/sandbox-agent.service
-POLKIT=/etc/polkit-1/rules.d/60-sandbox-agent.rules
+ETC=$root/etc/sandbox-agent
+STATE=$root/var/lib/sandbox-agent
+BIN=$root/usr/local/bin/sandbox-agent
+UNIT=$root/etc/systemd/system/sandbox-agent.service
+POLKIT=$root/etc/polkit-1/rules.d/60-sandbox-agent.rules
+if [ -n "$root" ]; then
+  # Into a root directory: same files and modes, but no users or ownership of this machine.
+  [ -d "$root" ] || { echo "install.sh: --root $root is not a directory" >&2; exit 1; }
+  for i in "${!env_files[@]}"; do env_files[$i]="$root${env_files[$i]}"; done
+  OWN_ROOT_AGENT=()
+  OWN_AGENT=()
+else
+  OWN_ROOT_AGENT=(-o root -g "$USER_NAME")
+  OWN_AGENT=(-o "$USER_NAME" -g "$USER_NAME")
+fi
 
 log() { printf '[install-agent] %s\n' "$*" >&2; }
 run() {
   if [ "$dry" = 1 ]; then printf '+ %s\n' "$*" >&2; else "$@"; fi
 }
+# Users, groups and ownership: this machine's, so not done with --root.
+own() {
+  if [ -n "$root" ]; then return 0; fi
+  run "$@"
+}
 
-if [ "$dry" = 0 ] && [ "$(id -u)" != 0 ]; then
+if [ "$dry" = 0 ] && [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
   echo "install.sh: run as root (sudo $0 ...)" >&2
   exit 1
 fi
@@ -80,11 +100,15 @@ fi
 [ -f "$here/sandbox-agent.service" ] || { echo "install.sh: sandbox-agent.service must be beside this script" >&2; exit 1; }
 
 # 1. The user.
-if ! id -u "$USER_NAME" >/dev/null 2>&1; then
+if [ -n "$root" ]; then
+  log "--root $root: the user $USER_NAME is created on the instance, not here"
+elif ! id -u "$USER_NAME" >/dev/null 2>&1; then
   log "creating system user $USER_NAME"
   run useradd --system --home-dir "$STATE" --no-create-home --shell /usr/sbin/nologin "$USER_NAME"
 fi
-if getent group docker >/dev/null 2>&1; then
+if [ -n "$root" ]; then
+  :
+elif getent group docker >/dev/null 2>&1; then
   run usermod -aG docker "$USER_NAME"
 else
   log "warning: no docker group; the agent cannot run docker compose"
@@ -92,26 +116,27 @@ fi
 
 # 2. The binary (checked first: it must run and parse the config).
 log "installing $BIN"
+run install -d -m 0755 "$(dirname "$BIN")"
 run install -m 0755 "$binary" "$BIN.new"
 run "$BIN.new" --config "$config" --print-config >/dev/null
 run mv -f "$BIN.new" "$BIN"
 
 # 3. Config directory and config (an existing config is kept).
-run install -d -m 0750 -o root -g "$USER_NAME" "$ETC"
+run install -d -m 0750 "${OWN_ROOT_AGENT[@]}" "$ETC"
 if [ -f "$ETC/agent.yaml" ]; then
   log "keeping $ETC/agent.yaml (new example left as $ETC/agent.yaml.example)"
-  run install -m 0640 -o root -g "$USER_NAME" "$config" "$ETC/agent.yaml.example"
+  run install -m 0640 "${OWN_ROOT_AGENT[@]}" "$config" "$ETC/agent.yaml.example"
 else
-  run install -m 0640 -o root -g "$USER_NAME" "$config" "$ETC/agent.yaml"
+  run install -m 0640 "${OWN_ROOT_AGENT[@]}" "$config" "$ETC/agent.yaml"
 fi
-run install -d -m 0700 -o "$USER_NAME" -g "$USER_NAME" "$STATE"
+run install -d -m 0700 "${OWN_AGENT[@]}" "$STATE"
 
 # 4. The token: mode 0600, owned by the agent, never echoed.
 write_token() { # reads the token on stdin
   local tmp
   tmp="$(umask 077 && mktemp "$ETC/.token.XXXXXX")"
   head -n 1 > "$tmp"
-  chown "$USER_NAME:$USER_NAME" "$tmp"
+  [ -n "$root" ] || chown "$USER_NAME:$USER_NAME" "$tmp"
   chmod 0600 "$tmp"
   mv -f "$tmp" "$ETC/token"
 }
@@ -123,12 +148,17 @@ elif [ -n "${SANDBOX_AGENT_TOKEN:-}" ]; then
   [ "$dry" = 1 ] || printf '%s\n' "$SANDBOX_AGENT_TOKEN" | write_token
 elif [ -s "$ETC/token" ]; then
   log "keeping the installed token"
+elif [ -n "$root" ]; then
+  # An image shared by many instances must not carry one token for all of them.
+  log "no token installed: write one to /etc/sandbox-agent/token (mode 0600) on each instance"
 else
   log "generating a token in $ETC/token"
   [ "$dry" = 1 ] || od -An -tx1 -N32 /dev/urandom | tr -d ' \n' | { cat; echo; } | write_token
 fi
-run chown "$USER_NAME:$USER_NAME" "$ETC/token"
-run chmod 0600 "$ETC/token"
+if [ "$dry" = 1 ] || [ -e "$ETC/token" ]; then
+  own chown "$USER_NAME:$USER_NAME" "$ETC/token"
+  run chmod 0600 "$ETC/token"
+fi
 
 # 5. The env files: owned by the agent (it keeps owner and group when it replaces them), mode
 #    0600, and their directories writable by it (the replace is a rename in the same directory).
@@ -136,10 +166,12 @@ for f in "${env_files[@]}"; do
   d="$(dirname "$f")"
   run install -d "$d"
   if [ -f "$f" ]; then
-    run chown "$USER_NAME:$USER_NAME" "$f"
+    own chown "$USER_NAME:$USER_NAME" "$f"
     run chmod 0600 "$f"
   fi
-  if command -v setfacl >/dev/null 2>&1; then
+  if [ -n "$root" ]; then
+    :
+  elif command -v setfacl >/dev/null 2>&1; then
     run setfacl -m "u:$USER_NAME:rwx" "$d"
   else
     log "no setfacl: giving $d to group $USER_NAME (g+w)"
@@ -149,7 +181,7 @@ for f in "${env_files[@]}"; do
 done
 
 # 6. Restarting the allow-listed units without root: a polkit rule for exactly these units.
-if [ -d /etc/polkit-1/rules.d ]; then
+if [ -d "$root/etc/polkit-1/rules.d" ]; then
   list=""
   for u in "${units[@]}"; do
     case "$u" in *.service) ;; *) u="$u.service" ;; esac
@@ -173,7 +205,16 @@ fi
 
 # 7. The unit.
 log "installing $UNIT"
+run install -d -m 0755 "$(dirname "$UNIT")"
 run install -m 0644 "$here/sandbox-agent.service" "$UNIT"
+if [ -n "$root" ]; then
+  # What `systemctl enable` does for WantedBy=multi-user.target.
+  run install -d -m 0755 "$root/etc/systemd/system/multi-user.target.wants"
+  run ln -sfn /etc/systemd/system/sandbox-agent.service \
+    "$root/etc/systemd/system/multi-user.target.wants/sandbox-agent.service"
+  log "installed into $root (enabled; not started)"
+  exit 0
+fi
 run systemctl daemon-reload
 run systemctl enable sandbox-agent.service
 if [ "$start" = 1 ]; then

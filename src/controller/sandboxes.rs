@@ -123,20 +123,23 @@ impl SandboxWatch {
     /// Runs the watch until `shutdown` resolves. Subscriptions end with it.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let deleted = self.deleted;
-        let root = watcher(self.api, watcher::Config::default().any_semantic())
-            .backoff(super::watch::backoff())
-            .modify(strip)
-            .reflect_shared(self.writer)
-            .for_each(move |ev| {
-                match ev {
-                    Ok(watcher::Event::Delete(s)) => {
-                        let _ = deleted.send(Arc::new(s));
-                    }
-                    Ok(_) => {}
-                    Err(e) => debug!(error = %e, "Sandbox watch error; it retries"),
+        let root = super::refused::reported(
+            "sandboxes",
+            watcher(self.api, watcher::Config::default().any_semantic()),
+        )
+        .backoff(super::watch::backoff())
+        .modify(strip)
+        .reflect_shared(self.writer)
+        .for_each(move |ev| {
+            match ev {
+                Ok(watcher::Event::Delete(s)) => {
+                    let _ = deleted.send(Arc::new(s));
                 }
-                futures::future::ready(())
-            });
+                Ok(_) => {}
+                Err(e) => debug!(error = %e, "Sandbox watch error; it retries"),
+            }
+            futures::future::ready(())
+        });
         tokio::select! {
             _ = root => {}
             _ = shutdown => {}

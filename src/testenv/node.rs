@@ -244,10 +244,11 @@ impl Node {
                 .arg("--use-service-account-credentials=false")
                 // Only what running a chart needs; the rest of the shared control plane's tests see
                 // no new controller (no namespace deletion, no jobs). The node lifecycle controller
-                // lifts the not-ready taint the kubelet registers the Node with.
+                // lifts the not-ready taint the kubelet registers the Node with; the volume binder
+                // binds the chart's ledger claim to the test's hostPath PersistentVolume.
                 .arg(concat!(
                     "--controllers=deployment-controller,replicaset-controller,",
-                    "node-lifecycle-controller,",
+                    "node-lifecycle-controller,persistentvolume-binder-controller,",
                     "garbage-collector-controller,endpointslice-controller,",
                     "root-ca-certificate-publisher-controller,serviceaccount-controller"
                 ))

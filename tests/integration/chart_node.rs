@@ -281,6 +281,8 @@ async fn chart_installs_runs_upgrades_and_uninstalls_on_a_real_node() {
     let values = serde_json::json!({
         "image": {"tag": tag},
         "hostNetwork": true,
+        // The ledger's claim binds to the hostPath PersistentVolume made below (no provisioner).
+        "persistence": {"storageClass": "-"},
         "service": {"port": port},
         "leaderElection": {"enabled": true, "leaseDuration": "15s", "renewDeadline": "10s", "retryPeriod": "1s"},
         "operator": {
@@ -310,6 +312,29 @@ async fn chart_installs_runs_upgrades_and_uninstalls_on_a_real_node() {
     std::fs::write(&values_path, serde_yaml::to_string(&values).unwrap()).unwrap();
     let values_arg = values_path.display().to_string();
     let chart = root("charts/sandbox-operator").display().to_string();
+
+    // The ledger's volume: a hostPath PersistentVolume bound ahead to the chart's claim, owned by
+    // the pod's user (a hostPath is not chowned by fsGroup).
+    let ledger_dir = dir.path().join("ledger-volume");
+    std::fs::create_dir(&ledger_dir).unwrap();
+    std::os::unix::fs::chown(&ledger_dir, Some(65532), Some(65532)).unwrap();
+    let pv_name = format!("{ns}-ledger");
+    let pv: k8s_openapi::api::core::v1::PersistentVolume =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": {"path": ledger_dir.display().to_string(), "type": "Directory"},
+                "claimRef": {"namespace": ns, "name": format!("{full}-data")},
+            },
+        }))
+        .unwrap();
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    pvs.create(&PostParams::default(), &pv).await.unwrap();
+    let ledger_file = ledger_dir.join("ledger.db");
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let selector = format!("app.kubernetes.io/instance={release}");
@@ -509,6 +534,9 @@ async fn chart_installs_runs_upgrades_and_uninstalls_on_a_real_node() {
             (holders, max_ready)
         })
     };
+    // The ledger is on the claim's volume, not in the pod.
+    let ledger_before = std::fs::metadata(&ledger_file)
+        .unwrap_or_else(|e| panic!("the ledger on the hostPath volume: {e}"));
     helm_ok(&[
         "upgrade",
         &release,
@@ -542,6 +570,17 @@ async fn chart_installs_runs_upgrades_and_uninstalls_on_a_real_node() {
         async move { (holder(leases).await.as_deref() == Some(new_name.as_str())).then_some(()) }
     })
     .await;
+    // The new pod writes the same ledger file: the history outlived the pod replacement.
+    let ledger_after = std::fs::metadata(&ledger_file).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&ledger_after),
+        std::os::unix::fs::MetadataExt::ino(&ledger_before),
+        "the ledger file was replaced"
+    );
+    assert!(
+        ledger_after.len() >= ledger_before.len(),
+        "the ledger shrank"
+    );
     stop.store(true, Ordering::SeqCst);
     let (holders, max_ready) = watcher.await.unwrap();
     assert!(

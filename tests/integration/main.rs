@@ -17,6 +17,7 @@ mod ledger;
 mod legacy;
 mod notify;
 mod outage;
+mod release;
 mod sandbox;
 mod secretbundle;
 mod ship;

@@ -16,16 +16,16 @@ use crate::support::{self, Operator, eventually, kubectl, text};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-fn root(p: &str) -> PathBuf {
+pub(crate) fn root(p: &str) -> PathBuf {
     Path::new(ROOT).join(p)
 }
 
-fn read(p: &str) -> String {
+pub(crate) fn read(p: &str) -> String {
     std::fs::read_to_string(root(p)).unwrap_or_else(|e| panic!("reading {p}: {e}"))
 }
 
 /// kubectl, asserting success.
-fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
+pub(crate) fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
     let out = kubectl(args, stdin);
     assert!(
         out.status.success(),
@@ -38,7 +38,7 @@ fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
 
 /// kubectl off the test's runtime thread: the agents' worker stand-ins are served by that
 /// runtime, so a blocking kubectl call (a `wait`) would starve them.
-async fn kubectl_async(args: &[&str], stdin: Option<&str>) -> String {
+pub(crate) async fn kubectl_async(args: &[&str], stdin: Option<&str>) -> String {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let stdin = stdin.map(str::to_string);
     tokio::task::spawn_blocking(move || {
@@ -49,7 +49,7 @@ async fn kubectl_async(args: &[&str], stdin: Option<&str>) -> String {
     .unwrap()
 }
 
-fn helm_bin() -> PathBuf {
+pub(crate) fn helm_bin() -> PathBuf {
     let version = read("tests/tools/helm/VERSION");
     let p = sandbox_operator::testenv::cache_dir()
         .join("bin")
@@ -62,7 +62,7 @@ fn helm_bin() -> PathBuf {
     p
 }
 
-fn helm(args: &[&str]) -> std::process::Output {
+pub(crate) fn helm(args: &[&str]) -> std::process::Output {
     Command::new(helm_bin())
         .args(args)
         .env(
@@ -81,7 +81,7 @@ fn helm(args: &[&str]) -> std::process::Output {
         .expect("running helm")
 }
 
-fn helm_template(args: &[&str]) -> String {
+pub(crate) fn helm_template(args: &[&str]) -> String {
     let chart = root("charts/sandbox-operator");
     let mut all = vec!["template", "t", chart.to_str().unwrap()];
     all.extend_from_slice(args);
@@ -96,7 +96,7 @@ fn helm_template(args: &[&str]) -> String {
 }
 
 /// The documents of a multi-document YAML stream, as JSON values (empty ones skipped).
-fn docs(yaml: &str) -> Vec<serde_json::Value> {
+pub(crate) fn docs(yaml: &str) -> Vec<serde_json::Value> {
     serde_yaml::Deserializer::from_str(yaml)
         .filter_map(|d| {
             let v = serde_yaml::Value::deserialize(d).ok()?;
@@ -110,7 +110,7 @@ fn docs(yaml: &str) -> Vec<serde_json::Value> {
 
 use serde::Deserialize;
 
-fn find<'a>(docs: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_json::Value> {
+pub(crate) fn find<'a>(docs: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_json::Value> {
     docs.iter().find(|d| d["kind"] == kind)
 }
 
@@ -166,6 +166,9 @@ fn chart_lints_renders_and_ships_the_crds() {
         "ops",
         "--set",
         "replicaCount=2",
+        // Two replicas: each with its own SQLite ledger (the default claim takes one writer).
+        "--set",
+        "persistence.enabled=false",
         "--set",
         "serviceMonitor.enabled=true",
         "--set",
@@ -205,7 +208,14 @@ fn chart_lints_renders_and_ships_the_crds() {
 
     // Every object the chart renders is valid for the API server (CRD-backed kinds aside).
     let cp = support::control_plane();
-    let rendered = helm_template(&["--namespace", "default", "--set", "replicaCount=2"]);
+    let rendered = helm_template(&[
+        "--namespace",
+        "default",
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "persistence.enabled=false",
+    ]);
     let out = Command::new("kubectl")
         .args(["--kubeconfig", cp.kubeconfig_path().to_str().unwrap()])
         .args(["apply", "--dry-run=server", "-f", "-"])
@@ -350,7 +360,7 @@ async fn launched_example_becomes_ready_for_real() {
 }
 
 /// A kubeconfig for `sa` in `ns`, from a token the API server issued (`kubectl create token`).
-fn service_account_kubeconfig(ns: &str, sa: &str, dir: &Path) -> PathBuf {
+pub(crate) fn service_account_kubeconfig(ns: &str, sa: &str, dir: &Path) -> PathBuf {
     let token = kubectl_ok(&["create", "token", sa, "-n", ns, "--duration=2h"], None);
     let cp = support::control_plane();
     let mut cfg: serde_yaml::Value =
@@ -372,15 +382,36 @@ fn service_account_kubeconfig(ns: &str, sa: &str, dir: &Path) -> PathBuf {
 }
 
 /// `sandbox-operator run` with a given kubeconfig (Operator::start always uses the admin one).
-struct SaOperator {
+pub(crate) struct SaOperator {
     child: std::process::Child,
     log: PathBuf,
+    /// Its HTTP address (`/healthz`, `/metrics`).
+    pub(crate) http: std::net::SocketAddr,
 }
 
 impl SaOperator {
-    fn start(kubeconfig: &Path, ns: &str, ec2: &str, dir: &Path, extra: &[&str]) -> SaOperator {
+    pub(crate) fn start(
+        kubeconfig: &Path,
+        ns: &str,
+        ec2: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> SaOperator {
+        Self::start_with_env(kubeconfig, ns, ec2, dir, extra, &[])
+    }
+
+    /// [`Self::start`] with more environment variables (e.g. POD_NAME and POD_NAMESPACE).
+    pub(crate) fn start_with_env(
+        kubeconfig: &Path,
+        ns: &str,
+        ec2: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> SaOperator {
         let log = dir.join("operator.log");
         let port = sandbox_operator::testenv::free_port();
+        let http: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandbox-operator"));
         cmd.args(["run", "--namespace", ns, "--ec2-endpoint", ec2])
             .env(
@@ -402,12 +433,17 @@ impl SaOperator {
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("SANDBOX_OPERATOR_LOG", "info,sandbox_operator=debug");
+            .env("SANDBOX_OPERATOR_LOG", "info,sandbox_operator=debug")
+            .envs(env.iter().copied());
         let child = sandbox_operator::testenv::process::spawn_tied(cmd, &log).unwrap();
-        SaOperator { child, log }
+        SaOperator { child, log, http }
     }
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// The process has not exited.
+    pub(crate) fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 }
 

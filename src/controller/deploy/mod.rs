@@ -209,13 +209,17 @@ where
     // the other back.
     let (store, writer) = reflector::store();
     *ctx.store.lock().expect("store") = Some(store.clone());
-    let deploy_stream = watcher(deploys, watcher::Config::default().any_semantic())
-        .backoff(crate::controller::watch::backoff())
-        .reflect(writer)
-        .applied_objects();
+    let (gauge_ctx, gauge_store) = (ctx.clone(), store.clone());
+    let deploy_stream = crate::controller::refused::reported(
+        CONTROLLER,
+        watcher(deploys, watcher::Config::default().any_semantic()),
+    )
+    .backoff(crate::controller::watch::backoff())
+    .reflect(writer)
+    .applied_objects();
     // A Sandbox's change wakes the running deploys of its namespace that target it.
     let mapper_store = store.clone();
-    Controller::for_stream(deploy_stream, store)
+    let controller = Controller::for_stream(deploy_stream, store)
         .with_config(crate::controller::runtime_config(concurrency))
         .trigger_backoff(crate::controller::watch::trigger_backoff())
         .watches_shared_stream(sandbox_stream, move |sbx: Arc<Sandbox>| {
@@ -238,12 +242,55 @@ where
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
+        .for_each(|_| futures::future::ready(()));
+    async move {
+        let gauges = tokio::spawn(phase_gauges(gauge_ctx, gauge_store));
+        controller.await;
+        gauges.abort();
+    }
+}
+
+/// Keeps the per-phase gauge (`sandboxdeploys`) in step with the store: a rollout stuck in
+/// Progressing, or a Failed one, is visible to an alert without reading the objects.
+async fn phase_gauges(ctx: Arc<Context>, store: reflector::Store<SandboxDeploy>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+        for d in store.state() {
+            let phase = d
+                .status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|| "Unknown".into());
+            *counts.entry(phase).or_default() += 1;
+        }
+        for phase in [
+            "Pending",
+            "AwaitingApproval",
+            "Progressing",
+            "Paused",
+            "Succeeded",
+            "Failed",
+            "Aborted",
+            "Superseded",
+            "Unknown",
+        ] {
+            ctx.metrics
+                .sandboxdeploys
+                .get_or_create(&crate::metrics::PhaseLabels {
+                    phase: phase.into(),
+                })
+                .set(counts.get(phase).copied().unwrap_or(0));
+        }
+    }
 }
 
 /// Requeues after an error.
 pub fn error_policy(d: Arc<SandboxDeploy>, err: &Error, ctx: Arc<Context>) -> Requeue {
     ctx.metrics.reconcile_failed(CONTROLLER, "kube");
+    crate::controller::refused::error(CONTROLLER, "reconciling", err);
     warn!(deploy = %key(&d), error = %err, "reconcile failed; will retry");
     Requeue::requeue(Duration::from_secs(5))
 }

@@ -356,6 +356,7 @@ pub fn error_policy(obj: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Requeu
         return Requeue::requeue(ctx.settings.decide.poll);
     }
     ctx.metrics.reconcile_failed(CONTROLLER, err.kind());
+    crate::controller::refused::error(CONTROLLER, "reconciling", err);
     let jitter = Duration::from_millis(u64::from(
         obj.uid()
             .map(|u| u.bytes().map(u32::from).sum::<u32>())

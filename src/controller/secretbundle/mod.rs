@@ -322,22 +322,28 @@ where
     let (bundle_reader, bundle_writer) = reflector::store();
     let bundle_stream = {
         let ctx = ctx.clone();
-        watcher(bundles, watcher::Config::default().any_semantic())
-            .backoff(crate::controller::watch::backoff())
-            .reflect(bundle_writer)
-            .applied_objects()
-            // Spec changes (and deletion) wake it; its own status writes do not.
-            .predicate_filter(predicates::generation, Default::default())
-            .inspect(move |b| {
-                if let Ok(b) = b {
-                    ctx.bump(key(b));
-                }
-            })
+        crate::controller::refused::reported(
+            CONTROLLER,
+            watcher(bundles, watcher::Config::default().any_semantic()),
+        )
+        .backoff(crate::controller::watch::backoff())
+        .reflect(bundle_writer)
+        .applied_objects()
+        // Spec changes (and deletion) wake it; its own status writes do not.
+        .predicate_filter(predicates::generation, Default::default())
+        .inspect(move |b| {
+            if let Ok(b) = b {
+                ctx.bump(key(b));
+            }
+        })
     };
     // Metadata only: the operator never holds every Secret's data; it reads the few it needs.
-    let secret_stream = watcher(secrets, watcher::Config::default().any_semantic())
-        .backoff(crate::controller::watch::backoff())
-        .touched_objects();
+    let secret_stream = crate::controller::refused::reported(
+        CONTROLLER,
+        watcher(secrets, watcher::Config::default().any_semantic()),
+    )
+    .backoff(crate::controller::watch::backoff())
+    .touched_objects();
     let _ = ctx.stores.set(Stores {
         bundles: bundle_reader.clone(),
         sandboxes: sandbox_reader,
@@ -445,6 +451,7 @@ fn bundles_for_secret(
 /// Requeues after an error, with backoff per bundle.
 pub fn error_policy(obj: Arc<SecretBundle>, err: &Error, ctx: Arc<Context>) -> Requeue {
     ctx.metrics.reconcile_failed(CONTROLLER, err.kind());
+    crate::controller::refused::error(CONTROLLER, "reconciling", err);
     warn!(bundle = %key(&obj), error = %err, "reconcile failed; will retry");
     let uid = obj.uid().unwrap_or_default();
     let n = {
@@ -1309,6 +1316,7 @@ pub async fn seed_redactor(client: &Client, namespace: Option<&str>, patience: D
                 return n;
             }
             Err(e) if Instant::now() + delay < deadline => {
+                crate::controller::refused::error(CONTROLLER, "seeding the redaction", &e);
                 debug!(error = %e, "seeding the redaction; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
