@@ -956,16 +956,21 @@ pub fn fly_known(inp: &Inputs<'_>, app: &str) -> crate::controller::secretbundle
     desired.sort();
     let mut managed = fly.managed_keys.clone();
     managed.sort();
-    let current = prev.is_some_and(|p| {
-        p.synced_hash.as_deref() == Some(inp.content.hash.as_str())
-            && p.state == BundleTargetState::Staged
-    }) && managed == desired;
     let digests = inp
         .memory
         .get(&key)
         .filter(|m| m.hash.as_deref() == Some(inp.content.hash.as_str()))
         .map(|m| m.fly_digests.clone())
         .unwrap_or_default();
+    // Current when the status says so, or when this process staged this very content there
+    // (its memory holds Fly's digest of every key): a status read from the cache before the
+    // last write landed must not turn a drift check into a silent re-set.
+    let staged_here = !desired.is_empty() && desired.iter().all(|k| digests.contains_key(k));
+    let current = (prev.is_some_and(|p| {
+        p.synced_hash.as_deref() == Some(inp.content.hash.as_str())
+            && p.state == BundleTargetState::Staged
+    }) && managed == desired)
+        || staged_here;
     crate::controller::secretbundle::fly::api::Known {
         current,
         managed: fly.managed_keys,
@@ -976,6 +981,10 @@ pub fn fly_known(inp: &Inputs<'_>, app: &str) -> crate::controller::secretbundle
 
 /// Updates a target's memory with the outcome of a push.
 pub fn remember(mem: &mut Memory, outcome: &Outcome, inp: &Inputs<'_>, fingerprint: u64) {
+    if mem.hash.as_deref() != Some(inp.content.hash.as_str()) {
+        // Fly's digests belong to the content they were answered for.
+        mem.fly_digests.clear();
+    }
     mem.hash = Some(inp.content.hash.clone());
     mem.generation = inp.generation;
     mem.fingerprint = fingerprint;
@@ -2090,6 +2099,13 @@ mod tests {
         assert!(known.current);
         assert_eq!(known.managed, ["A"]);
         assert_eq!(known.digests.get("A").map(String::as_str), Some("d1"));
+        // A status read from the cache before that write landed: still current (this process
+        // staged it), so a drift check names the drifted keys instead of setting all again.
+        let written = std::mem::take(&mut c.status.targets);
+        let known = fly_known(&c.inputs(), "web");
+        assert!(known.current);
+        assert_eq!(known.digests.get("A").map(String::as_str), Some("d1"));
+        c.status.targets = written;
         // Staged holds Ready (reason Staged), counted apart from Synced.
         let p = c.plan();
         assert!(pushed(&p).is_empty());
@@ -2126,6 +2142,19 @@ mod tests {
         c.content = render(&[src("s", None)], &[data("s", &[("A", "2")])]).unwrap();
         assert!(!fly_known(&c.inputs(), "web").current);
         assert_eq!(c.plan().targets[0].push, Some(Why::Outdated));
+        // Its push failed: the old content's digests are not taken for the new content's.
+        apply(
+            &mut c,
+            &Outcome::FlyFailed {
+                message: "Fly.io answered 500".into(),
+                reason: "FlyUnavailable".into(),
+                retry_after: None,
+                skip: false,
+            },
+        );
+        let known = fly_known(&c.inputs(), "web");
+        assert!(!known.current);
+        assert!(known.digests.is_empty());
     }
 
     #[test]
