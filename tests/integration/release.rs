@@ -1347,6 +1347,12 @@ fn readme_shell_blocks_run_or_say_why_not() {
             ),
         ),
         (
+            "kubectl -n sandbox-operator create secret generic notify-slack",
+            Block::NotRun(
+                "needs a Slack workspace's incoming webhook URL; tests/integration/notify.rs sends to a local receiver, its URLs read from Secrets made the same way",
+            ),
+        ),
+        (
             "aws iam create-policy",
             Block::NotRun("needs an AWS account; the policy file itself is checked against src/"),
         ),
