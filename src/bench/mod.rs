@@ -31,7 +31,7 @@ mod scenarios;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use report::{Results, Row, Verdict};
+pub use report::{Previous, Results, Row, Verdict};
 
 /// What to run, and how big.
 #[derive(Debug, Clone)]
@@ -71,6 +71,9 @@ pub struct Config {
     pub out: PathBuf,
     /// The `sandbox-operator` binary.
     pub operator_bin: PathBuf,
+    /// The previous run's figures (its results file, read before this run overwrites it),
+    /// printed beside the new ones.
+    pub previous: Option<Previous>,
 }
 
 impl Config {
@@ -93,6 +96,7 @@ impl Config {
             perf: false,
             out: PathBuf::from("target/bench/results.json"),
             operator_bin,
+            previous: None,
         }
     }
 

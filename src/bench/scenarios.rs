@@ -112,7 +112,7 @@ pub(super) async fn run(cfg: Config) -> Result<Results, String> {
         dir,
         http,
     };
-    let mut res = Results::default();
+    let mut res = Results::comparing(cfg.previous.clone());
     res.detail(
         "run",
         json!({

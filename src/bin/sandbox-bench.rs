@@ -4,7 +4,8 @@
 //! virtual agents, runs the real `sandbox-operator` binary (found next to this one) against
 //! them, and prints each figure beside its target; the results also go to JSON
 //! (`target/bench/results.json` by default) with the operator's and the endpoint's logs beside
-//! it. Exits non-zero only when something could not run, never because a target was missed.
+//! it. When that file already holds an earlier run's results, each figure is printed as
+//! `new (previous: old, ratio x)`. Exits non-zero only when something could not run, never because a target was missed.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -108,6 +109,33 @@ fn main() -> std::process::ExitCode {
     cfg.only = args.only;
     cfg.perf = args.perf;
     cfg.out = args.out;
+    // The previous run's figures, read before this run overwrites its file.
+    cfg.previous = match std::fs::read_to_string(&cfg.out) {
+        Ok(text) => match bench::Previous::parse(&text) {
+            Ok(p) => {
+                eprintln!(
+                    "sandbox-bench: the previous run's figures ({}) are shown beside the new ones",
+                    cfg.out.display()
+                );
+                Some(p)
+            }
+            Err(e) => {
+                eprintln!(
+                    "sandbox-bench: {} is not a results file ({e}); no comparison",
+                    cfg.out.display()
+                );
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            eprintln!(
+                "sandbox-bench: reading the previous results {}: {e}; no comparison",
+                cfg.out.display()
+            );
+            None
+        }
+    };
     let started = Instant::now();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
