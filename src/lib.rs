@@ -32,6 +32,4 @@ pub mod util;
 pub mod webhook;
 
 #[cfg(feature = "testenv")]
-pub mod bench;
-#[cfg(feature = "testenv")]
 pub mod testenv;

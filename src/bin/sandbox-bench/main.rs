@@ -10,8 +10,15 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod agents;
+mod config;
+mod fleet;
+mod operator;
+mod report;
+mod scenarios;
+
 use clap::Parser;
-use sandbox_operator::bench::{self, Config};
+use config::Config;
 
 /// The fleet benchmark (needs `make tools`; run it through `make bench`).
 #[derive(Parser, Debug)]
@@ -70,7 +77,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let operator = match bench::operator::operator_binary() {
+    let operator = match operator::operator_binary() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("sandbox-bench: {e}");
@@ -111,7 +118,7 @@ fn main() -> std::process::ExitCode {
     cfg.out = args.out;
     // The previous run's figures, read before this run overwrites its file.
     cfg.previous = match std::fs::read_to_string(&cfg.out) {
-        Ok(text) => match bench::Previous::parse(&text) {
+        Ok(text) => match report::Previous::parse(&text) {
             Ok(p) => {
                 eprintln!(
                     "sandbox-bench: the previous run's figures ({}) are shown beside the new ones",
@@ -145,7 +152,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let out = cfg.out.clone();
-    let result = rt.block_on(bench::run(cfg));
+    let result = rt.block_on(scenarios::run(cfg));
     rt.shutdown_timeout(Duration::from_secs(5));
     match result {
         Ok(res) => {
