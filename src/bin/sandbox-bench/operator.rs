@@ -154,6 +154,7 @@ impl Drop for OperatorProc {
 }
 
 /// utime + stime of `pid`.
+#[allow(unsafe_code)] // libc calls; the test environment only
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command may contain spaces: fields count from the last ')'.
