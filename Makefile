@@ -11,6 +11,9 @@ export SANDBOX_OPERATOR_CACHE := $(CACHE)
 TEST_IMAGE_PROFILE ?= dev
 TEST_IMAGE := $(or $(CARGO_TARGET_DIR),target)/image/test/sandbox-operator.oci.tar
 export SANDBOX_OPERATOR_IMAGE ?= $(abspath $(TEST_IMAGE))
+# The test environment (control plane, EC2 endpoint, agents) and the bench are behind the
+# non-default `testenv` feature: a plain build ships neither.
+TESTENV := --features testenv
 # Integration tests start real processes; two at a time suits a 2-core machine.
 TEST_THREADS ?= 4
 
@@ -21,7 +24,7 @@ all: build
 help:
 	@echo "make demo    run the operator on a local control plane and EC2 endpoint, three agents, examples/"
 	@echo "make test    install what the tests need, then run every test"
-	@echo "make build   build both binaries"
+	@echo "make build   build the shipped binaries (operator, agent, kubectl plugin; no test environment)"
 	@echo "make image   the operator's OCI image (target/image/), built here FROM scratch, no registry"
 	@echo "make crds    regenerate crds/ from the Rust types"
 	@echo "make tools   build kube-apiserver and etcd, create the Python venv (cached)"
@@ -49,18 +52,21 @@ crds:
 	$(CARGO) run --quiet --bin sandbox-operator -- crds --dir crds
 
 test: tools test-image
-	$(CARGO) test --lib --bins
-	$(CARGO) test --test integration -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test $(TESTENV) --lib --bins
+	$(CARGO) test $(TESTENV) --test integration -- --test-threads=$(TEST_THREADS)
 
 test-unit:
-	$(CARGO) test --lib --bins
+	$(CARGO) test $(TESTENV) --lib --bins
 
 test-integration: tools test-image
-	$(CARGO) test --test integration -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test $(TESTENV) --test integration -- --test-threads=$(TEST_THREADS)
 
+# Both builds linted: the shipped one (no test environment, where `unsafe` is forbidden) and the
+# one with the test environment, the bench and the tests.
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --bins --lib -- -D warnings
+	$(CARGO) clippy --all-targets $(TESTENV) -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
@@ -71,7 +77,7 @@ demo:
 # The fleet benchmark (issue 9): release build, then every scenario once; figures beside their
 # targets on stdout and in target/bench/results.json. `make bench BENCH_ARGS=--quick`: a smoke run.
 bench: tools
-	$(CARGO) build --release --bins
+	$(CARGO) build --release $(TESTENV) --bins
 	"$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" $(BENCH_ARGS)
 
 # The agent for the sandbox instances: release build without the test environment, stripped, with

@@ -32,7 +32,7 @@ hack/install-tools.sh go venv
 if [ -n "${DEMO_BIN:-}" ]; then
   bin=$DEMO_BIN
 else
-  cargo build --quiet --bins
+  cargo build --quiet --features testenv --bins
   target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
   bin="$target_dir/debug"
 fi

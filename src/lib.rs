@@ -15,7 +15,10 @@
 //! - [`metrics`]: the Prometheus metrics;
 //! - [`util`]: small shared pieces (durations, TLS set-up);
 //! - `testenv` (feature `testenv`): the local control plane, EC2 endpoint and agents that the
-//!   tests, `make demo` and `make bench` run against.
+//!   tests, `make demo` and `make bench` run against; the only place `unsafe` is allowed (each
+//!   use marked with `#[allow(unsafe_code)]`), and forbidden everywhere in a build without it.
+
+#![cfg_attr(not(feature = "testenv"), forbid(unsafe_code))]
 
 pub mod agent;
 pub mod api;
@@ -31,7 +34,5 @@ pub mod redact;
 pub mod util;
 pub mod webhook;
 
-#[cfg(feature = "testenv")]
-pub mod bench;
 #[cfg(feature = "testenv")]
 pub mod testenv;

@@ -14,6 +14,8 @@
 //!   kubectl sandbox approve|abort|retry DEPLOY
 //!   kubectl sandbox tree                     the fleet: environments, sandboxes, health, image
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 

@@ -1,6 +1,8 @@
 //! `sandbox-agent`: the program on each sandbox instance that the operator talks to.
 //! See `sandbox-agent --help`, `examples/agent/` and `sandbox_operator::agent`.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use sandbox_operator::agent::config::{Cli, LogFormat};
 use sandbox_operator::agent::server;

@@ -1,5 +1,7 @@
 //! `sandbox-operator`: the operator process and its tools.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -3,6 +3,8 @@
 //! loopback ports. Prints one JSON line describing them, then runs until SIGINT, SIGTERM or (with
 //! `--exit-on-stdin-eof`) the end of its input; everything it started stops with it.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

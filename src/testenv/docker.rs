@@ -500,6 +500,7 @@ impl DockerEngine {
 /// Kills processes whose command line names `dir` (container shims and containerd of a dead
 /// engine) or whose root is inside it (the containers' processes), detaches mounts under it,
 /// and removes it.
+#[allow(unsafe_code)] // libc calls; the test environment only
 pub(crate) fn remove_dir(dir: &Path) {
     let needle = dir.display().to_string();
     if let Ok(procs) = std::fs::read_dir("/proc") {

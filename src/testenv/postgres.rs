@@ -98,6 +98,7 @@ pub fn bin_dir() -> Result<PathBuf, PostgresError> {
 }
 
 /// The uid and gid to run the server as: none when not root, else `postgres`, else `nobody`.
+#[allow(unsafe_code)] // libc calls; the test environment only
 fn server_user() -> Result<Option<(u32, u32)>, PostgresError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -300,6 +301,7 @@ impl PostgresServer {
 
     /// Stops the server (a fast shutdown: open connections are cut, data is kept). A no-op
     /// when it is not running.
+    #[allow(unsafe_code)] // libc calls; the test environment only
     pub fn stop(&self) {
         let mut child = self.child.lock().expect("child lock");
         if let Some(mut c) = child.take() {

@@ -43,6 +43,7 @@ pub fn spawn_tied(mut cmd: Command, log: &Path) -> io::Result<Child> {
 }
 
 /// Spawns `cmd` as it is configured (stdio included), tied to this process's lifetime.
+#[allow(unsafe_code)] // libc calls; the test environment only
 pub fn spawn_tied_with(mut cmd: Command) -> io::Result<Child> {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
@@ -66,6 +67,7 @@ pub fn spawn_tied_with(mut cmd: Command) -> io::Result<Child> {
 }
 
 /// Sends SIGTERM, waits up to `grace`, then SIGKILLs and reaps the child.
+#[allow(unsafe_code)] // libc calls; the test environment only
 pub fn terminate(child: &mut Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
         return;

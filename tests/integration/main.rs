@@ -1,6 +1,9 @@
 //! The one integration test binary: one control plane and one EC2 endpoint shared by every test
 //! (each test works in its own namespace), stopped when the binary exits.
 
+// The tests are part of the test environment: they call libc (atexit, signals, rusage).
+#![allow(unsafe_code)]
+
 mod support;
 
 mod agent;

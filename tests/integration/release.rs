@@ -540,8 +540,7 @@ fn shipped_sources() -> Vec<(String, String)> {
                 .to_string_lossy()
                 .into_owned();
             if rel.starts_with("testenv")
-                || rel.starts_with("bench")
-                || rel == "bin/sandbox-bench.rs"
+                || rel.starts_with("bin/sandbox-bench")
                 || rel == "bin/sandbox-testenv.rs"
             {
                 continue;

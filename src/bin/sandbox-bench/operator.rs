@@ -53,7 +53,7 @@ impl OperatorProc {
         extra: &[String],
         log: PathBuf,
     ) -> Result<Self, String> {
-        let port = crate::testenv::free_port();
+        let port = sandbox_operator::testenv::free_port();
         let http: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
         let mut args: Vec<String> = [
             "--namespace",
@@ -61,7 +61,7 @@ impl OperatorProc {
             "--ec2-endpoint",
             ec2_url,
             "--region",
-            crate::testenv::ec2::REGION,
+            sandbox_operator::testenv::ec2::REGION,
             "--http-addr",
             &http.to_string(),
         ]
@@ -78,7 +78,7 @@ impl OperatorProc {
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("SANDBOX_OPERATOR_LOG", "info");
-        let child = crate::testenv::process::spawn_tied(cmd, &log)
+        let child = sandbox_operator::testenv::process::spawn_tied(cmd, &log)
             .map_err(|e| format!("starting {}: {e}", bin.display()))?;
         let pid = child.id();
         let client = reqwest::Client::builder()
@@ -108,13 +108,13 @@ impl OperatorProc {
             if let Ok(Some(status)) = me.child.try_wait() {
                 return Err(format!(
                     "sandbox-operator exited with {status}; its log:\n{}",
-                    crate::testenv::controlplane::tail(&me.log, 40)
+                    sandbox_operator::testenv::controlplane::tail(&me.log, 40)
                 ));
             }
             if Instant::now() > deadline {
                 return Err(format!(
                     "sandbox-operator did not answer /healthz within 60 s; its log:\n{}",
-                    crate::testenv::controlplane::tail(&me.log, 40)
+                    sandbox_operator::testenv::controlplane::tail(&me.log, 40)
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -144,16 +144,6 @@ impl OperatorProc {
     pub fn memory_kib(&self) -> Option<(u64, u64)> {
         memory_kib(self.pid)
     }
-
-    /// Whether it is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Stops it (SIGTERM, then SIGKILL after 5 s).
-    pub fn stop(&mut self) {
-        crate::testenv::process::terminate(&mut self.child, Duration::from_secs(5));
-    }
 }
 
 impl Drop for OperatorProc {
@@ -164,6 +154,7 @@ impl Drop for OperatorProc {
 }
 
 /// utime + stime of `pid`.
+#[allow(unsafe_code)] // libc calls; the test environment only
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command may contain spaces: fields count from the last ')'.

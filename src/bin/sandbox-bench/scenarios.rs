@@ -9,14 +9,14 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use super::Config;
-use super::agents::AgentFarm;
-use super::fleet::{self, FLEET_LABEL, FleetWatch, Source};
-use super::operator::{OperatorProc, names};
-use super::report::{Results, Verdict, quantile};
-use crate::api::{Sandbox, SandboxDeploy};
-use crate::testenv::ec2::{Ec2Endpoint, Ec2EndpointOptions, ThrottleConfig};
-use crate::testenv::{ControlPlane, ControlPlaneOptions};
+use crate::agents::AgentFarm;
+use crate::config::Config;
+use crate::fleet::{self, FLEET_LABEL, FleetWatch, Source};
+use crate::operator::{OperatorProc, names};
+use crate::report::{Results, Verdict, quantile};
+use sandbox_operator::api::{Sandbox, SandboxDeploy};
+use sandbox_operator::testenv::ec2::{Ec2Endpoint, Ec2EndpointOptions, ThrottleConfig};
+use sandbox_operator::testenv::{ControlPlane, ControlPlaneOptions};
 
 const FIELD_MANAGER: &str = "sandbox-bench";
 const INITIAL_TAG: &str = "v1";
@@ -72,7 +72,7 @@ fn operator_flags(extra: &[(&str, &str)]) -> Vec<String> {
     v
 }
 
-pub(super) async fn run(cfg: Config) -> Result<Results, String> {
+pub async fn run(cfg: Config) -> Result<Results, String> {
     let started = Instant::now();
     let dir = cfg
         .out
@@ -80,7 +80,7 @@ pub(super) async fn run(cfg: Config) -> Result<Results, String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    crate::util::install_crypto_provider();
+    sandbox_operator::util::install_crypto_provider();
     eprintln!("[bench] starting the control plane");
     let cp = ControlPlane::start(ControlPlaneOptions::default())
         .await
@@ -112,7 +112,7 @@ pub(super) async fn run(cfg: Config) -> Result<Results, String> {
         dir,
         http,
     };
-    let mut res = Results::default();
+    let mut res = Results::comparing(cfg.previous.clone());
     res.detail(
         "run",
         json!({
@@ -437,7 +437,7 @@ async fn converge(env: &Env, res: &mut Results, n: usize) -> Result<Fleet, Strin
     let m0 = op.metrics().await?;
     let buckets = env.buckets(&ec2).await?;
     let (run_c, run_r) = buckets
-        .get(crate::testenv::ec2::bucket::RUN_INSTANCES)
+        .get(sandbox_operator::testenv::ec2::bucket::RUN_INSTANCES)
         .copied()
         .unwrap_or((5.0, 2.0));
     let min_bound = ((n as f64 - run_c) / run_r).max(0.0);
@@ -533,7 +533,7 @@ async fn converge(env: &Env, res: &mut Results, n: usize) -> Result<Fleet, Strin
             binding = format!("{used:.0} tokens from {b} ({c:.0} + {r:.0}/s)");
         }
     }
-    let client_limits = crate::ec2::RateLimits::default();
+    let client_limits = sandbox_operator::ec2::RateLimits::default();
     let client_bound =
         ((n as f64 - client_limits.run.capacity) / client_limits.run.refill_per_second).max(0.0);
 
@@ -1315,7 +1315,7 @@ async fn rollout(env: &Env, res: &mut Results, f: &Fleet) -> Result<(), String> 
                     .await
                     .map_err(|e| e.to_string())?;
                 let st = d.status.clone().unwrap_or_default();
-                use crate::api::DeployPhase as P;
+                use sandbox_operator::api::DeployPhase as P;
                 if matches!(
                     st.phase,
                     Some(P::Succeeded | P::Failed | P::Aborted | P::Superseded)
@@ -1340,7 +1340,9 @@ async fn rollout(env: &Env, res: &mut Results, f: &Fleet) -> Result<(), String> 
                     let failed: Vec<String> = st
                         .targets
                         .iter()
-                        .filter(|t| !matches!(t.phase, crate::api::TargetPhase::Succeeded))
+                        .filter(|t| {
+                            !matches!(t.phase, sandbox_operator::api::TargetPhase::Succeeded)
+                        })
                         .map(|t| {
                             format!(
                                 "{} {:?}: {}",

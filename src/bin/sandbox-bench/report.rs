@@ -1,7 +1,9 @@
 //! The bench's results: rows of (scenario, figure, value, target, verdict), printed as a table
 //! and written as JSON with each scenario's details.
 
-use serde::Serialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// How a figure compares with its target.
@@ -55,6 +57,73 @@ pub struct Row {
     pub note: String,
 }
 
+/// One figure of an earlier run, as its results file holds it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PreviousFigure {
+    /// The value as it was printed.
+    pub value: String,
+    /// The number behind it, when there was one.
+    #[serde(default)]
+    pub number: Option<f64>,
+}
+
+/// The figures of the previous run (its results file), keyed by scenario and figure, printed
+/// beside the new ones.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Previous {
+    figures: BTreeMap<(String, String), PreviousFigure>,
+}
+
+impl Previous {
+    /// Reads the rows of a results file's text; `Err` says why it is not one.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct File {
+            rows: Vec<FileRow>,
+        }
+        #[derive(Deserialize)]
+        struct FileRow {
+            scenario: String,
+            figure: String,
+            #[serde(flatten)]
+            previous: PreviousFigure,
+        }
+        let file: File = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Ok(Self {
+            figures: file
+                .rows
+                .into_iter()
+                .map(|r| ((r.scenario, r.figure), r.previous))
+                .collect(),
+        })
+    }
+
+    /// The previous run's figure for this scenario and figure, if it had one.
+    pub fn get(&self, scenario: &str, figure: &str) -> Option<&PreviousFigure> {
+        self.figures.get(&(scenario.to_owned(), figure.to_owned()))
+    }
+
+    /// `value` with the previous run's figure beside it: `new (previous: old, ratio x)`, the
+    /// ratio new / old when both are numbers and the old one is not zero; `value` alone when the
+    /// previous run had no such figure.
+    pub fn beside(&self, scenario: &str, figure: &str, value: &str, number: Option<f64>) -> String {
+        match self.get(scenario, figure) {
+            None => value.to_owned(),
+            Some(old) => match ratio(number, old.number) {
+                Some(r) => format!("{value} (previous: {}, ratio {r:.2}x)", old.value),
+                None => format!("{value} (previous: {})", old.value),
+            },
+        }
+    }
+}
+
+/// new / old, when both are finite numbers and old is not zero.
+fn ratio(new: Option<f64>, old: Option<f64>) -> Option<f64> {
+    let (new, old) = (new?, old?);
+    let r = new / old;
+    (new.is_finite() && old.is_finite() && old != 0.0 && r.is_finite()).then_some(r)
+}
+
 /// Everything the bench found.
 #[derive(Debug, Default, Serialize)]
 pub struct Results {
@@ -62,9 +131,28 @@ pub struct Results {
     pub rows: Vec<Row>,
     /// Per-scenario details (calls per action, bounds, samples...).
     pub details: serde_json::Map<String, Value>,
+    /// The previous run's figures, printed beside the new ones (not written to the results).
+    #[serde(skip)]
+    pub previous: Option<Previous>,
 }
 
 impl Results {
+    /// No rows yet; each figure will be printed beside `previous`'s, if given.
+    pub fn comparing(previous: Option<Previous>) -> Self {
+        Self {
+            previous,
+            ..Self::default()
+        }
+    }
+
+    /// A row's value, with the previous run's figure beside it when there is one.
+    fn shown(&self, r: &Row) -> String {
+        match &self.previous {
+            Some(p) => p.beside(&r.scenario, &r.figure, &r.value, r.number),
+            None => r.value.clone(),
+        }
+    }
+
     /// Adds a row.
     #[allow(clippy::too_many_arguments)]
     pub fn row(
@@ -90,7 +178,7 @@ impl Results {
             "[bench] {:<14} {:<44} {:>14}  target {:<14} {}{}",
             row.scenario,
             row.figure,
-            row.value,
+            self.shown(&row),
             if row.target.is_empty() {
                 "-"
             } else {
@@ -121,7 +209,7 @@ impl Results {
                 [
                     r.scenario.clone(),
                     r.figure.clone(),
-                    r.value.clone(),
+                    self.shown(r),
                     if r.target.is_empty() {
                         "-".into()
                     } else {
@@ -221,5 +309,82 @@ mod tests {
             t.lines().next().unwrap().len(),
             t.lines().nth(2).unwrap().len()
         );
+    }
+
+    const OLD: &str = r#"{
+      "rows": [
+        {"scenario": "memory-2000", "figure": "RSS", "value": "136.0 MiB", "number": 136.0,
+         "target": "< 64 MiB", "verdict": "missed"},
+        {"scenario": "steady-1000", "figure": "status writes/min", "value": "0", "number": 0.0,
+         "target": "0", "verdict": "met"},
+        {"scenario": "rollout", "figure": "controller", "value": "SandboxDeploy",
+         "target": "", "verdict": "info"}
+      ],
+      "details": {"run": {"mode": "full"}},
+      "elapsedSeconds": 12.5
+    }"#;
+
+    #[test]
+    fn previous_figures_beside_new_ones() {
+        let p = Previous::parse(OLD).unwrap();
+        assert_eq!(
+            p.beside("memory-2000", "RSS", "68.0 MiB", Some(68.0)),
+            "68.0 MiB (previous: 136.0 MiB, ratio 0.50x)"
+        );
+        // A zero before: no ratio, the old value still shown.
+        assert_eq!(
+            p.beside("steady-1000", "status writes/min", "3", Some(3.0)),
+            "3 (previous: 0)"
+        );
+        // A figure without a number.
+        assert_eq!(
+            p.beside("rollout", "controller", "bench waves", None),
+            "bench waves (previous: SandboxDeploy)"
+        );
+        // A figure the previous run did not have, or had under another scenario.
+        assert_eq!(
+            p.beside("memory-10000", "RSS", "200 MiB", Some(200.0)),
+            "200 MiB"
+        );
+        assert_eq!(p.beside("memory-2000", "CPU", "1 %", Some(1.0)), "1 %");
+    }
+
+    #[test]
+    fn previous_file_that_is_not_results() {
+        assert!(Previous::parse("not json").is_err());
+        assert!(Previous::parse(r#"{"details": {}}"#).is_err());
+        assert_eq!(
+            Previous::parse(r#"{"rows": []}"#).unwrap(),
+            Previous::default()
+        );
+    }
+
+    #[test]
+    fn table_shows_previous_run() {
+        let mut r = Results::comparing(Some(Previous::parse(OLD).unwrap()));
+        r.row(
+            "memory-2000",
+            "RSS",
+            "34.0 MiB",
+            Some(34.0),
+            "< 64 MiB",
+            Verdict::Met,
+            "",
+        );
+        r.row("reaction", "p99", "1.0 s", Some(1.0), "", Verdict::Info, "");
+        let t = r.table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[2].contains("34.0 MiB (previous: 136.0 MiB, ratio 0.25x)"),
+            "{t}"
+        );
+        assert!(lines[3].contains(" 1.0 s |"), "{t}");
+        assert!(!lines[3].contains("previous"), "{t}");
+        assert_eq!(lines[0].len(), lines[2].len(), "{t}");
+        assert_eq!(lines[0].len(), lines[3].len(), "{t}");
+        // The JSON written keeps the new figures only.
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["rows"][0]["value"], "34.0 MiB");
+        assert!(json.get("previous").is_none());
     }
 }

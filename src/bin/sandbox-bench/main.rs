@@ -4,13 +4,21 @@
 //! virtual agents, runs the real `sandbox-operator` binary (found next to this one) against
 //! them, and prints each figure beside its target; the results also go to JSON
 //! (`target/bench/results.json` by default) with the operator's and the endpoint's logs beside
-//! it. Exits non-zero only when something could not run, never because a target was missed.
+//! it. When that file already holds an earlier run's results, each figure is printed as
+//! `new (previous: old, ratio x)`. Exits non-zero only when something could not run, never because a target was missed.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod agents;
+mod config;
+mod fleet;
+mod operator;
+mod report;
+mod scenarios;
+
 use clap::Parser;
-use sandbox_operator::bench::{self, Config};
+use config::Config;
 
 /// The fleet benchmark (needs `make tools`; run it through `make bench`).
 #[derive(Parser, Debug)]
@@ -69,7 +77,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let operator = match bench::operator::operator_binary() {
+    let operator = match operator::operator_binary() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("sandbox-bench: {e}");
@@ -108,6 +116,33 @@ fn main() -> std::process::ExitCode {
     cfg.only = args.only;
     cfg.perf = args.perf;
     cfg.out = args.out;
+    // The previous run's figures, read before this run overwrites its file.
+    cfg.previous = match std::fs::read_to_string(&cfg.out) {
+        Ok(text) => match report::Previous::parse(&text) {
+            Ok(p) => {
+                eprintln!(
+                    "sandbox-bench: the previous run's figures ({}) are shown beside the new ones",
+                    cfg.out.display()
+                );
+                Some(p)
+            }
+            Err(e) => {
+                eprintln!(
+                    "sandbox-bench: {} is not a results file ({e}); no comparison",
+                    cfg.out.display()
+                );
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            eprintln!(
+                "sandbox-bench: reading the previous results {}: {e}; no comparison",
+                cfg.out.display()
+            );
+            None
+        }
+    };
     let started = Instant::now();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -117,7 +152,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let out = cfg.out.clone();
-    let result = rt.block_on(bench::run(cfg));
+    let result = rt.block_on(scenarios::run(cfg));
     rt.shutdown_timeout(Duration::from_secs(5));
     match result {
         Ok(res) => {

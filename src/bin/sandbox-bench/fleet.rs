@@ -12,7 +12,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use crate::api::{Sandbox, SandboxPhase};
+use sandbox_operator::api::{Sandbox, SandboxPhase};
 
 /// The label every bench Sandbox carries, naming its fleet.
 pub const FLEET_LABEL: &str = "bench.fleet.valet.dev/fleet";
@@ -210,11 +210,6 @@ impl FleetWatch {
             }
         });
         Self { seen, task }
-    }
-
-    /// A copy of what was seen.
-    pub fn snapshot(&self) -> HashMap<String, Seen> {
-        self.seen.lock().expect("seen").clone()
     }
 
     /// Applies `f` to the map.

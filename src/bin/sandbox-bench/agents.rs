@@ -1,6 +1,6 @@
 //! Virtual agents: one HTTP server in the bench process that answers for any number of
 //! sandboxes' agents, at `http://127.0.0.1:PORT/v/{name}`, speaking the agent's protocol
-//! (`GET /health`, `POST /deploy`, `POST /drain`; see [`crate::agent::protocol`]).
+//! (`GET /health`, `POST /deploy`, `POST /drain`; see [`sandbox_operator::agent::protocol`]).
 //!
 //! Each virtual agent reports a steady, idle host the way `sandbox-agent` does: metrics
 //! sampled in the background every 5 s (so `uptime` is whole seconds as of the last sample),
@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use jiff::Timestamp;
 
-use crate::agent::protocol::{
+use sandbox_operator::agent::protocol::{
     DeployAccepted, DeployInfo, DeployRequest, DeployState, DeployStep, DrainResponse, ErrorBody,
     HealthReport,
 };
@@ -119,15 +119,6 @@ impl AgentFarm {
     /// Sets how long a deploy takes from `POST /deploy` to reporting the new tag.
     pub fn set_deploy_time(&self, d: Duration) {
         *self.farm.deploy_time.lock().expect("farm") = d;
-    }
-
-    /// The tag agent `name` reports now (None: never asked).
-    pub fn tag(&self, name: &str) -> Option<String> {
-        let mut agents = self.farm.agents.lock().expect("farm");
-        agents.get_mut(name).map(|a| {
-            settle(a);
-            a.tag.clone()
-        })
     }
 
     /// Requests answered so far.

@@ -1,4 +1,4 @@
-//! `make bench`: the fleet benchmark (issue 9, DESIGN.md section 6).
+//! What the bench runs, and how big (issue 9, DESIGN.md section 6).
 //!
 //! One real control plane (`ControlPlane`), the wrapped moto EC2 endpoint with AWS-like
 //! throttling on (a fresh endpoint per scenario, so that moto's cost per instance does not
@@ -22,16 +22,10 @@
 //!    carries a phase, a Ready condition and its observedGeneration (issue 12), while most
 //!    launches still wait for the pacing of RunInstances.
 
-pub mod agents;
-pub mod fleet;
-pub mod operator;
-pub mod report;
-mod scenarios;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use report::{Results, Row, Verdict};
+use crate::report::Previous;
 
 /// What to run, and how big.
 #[derive(Debug, Clone)]
@@ -71,6 +65,9 @@ pub struct Config {
     pub out: PathBuf,
     /// The `sandbox-operator` binary.
     pub operator_bin: PathBuf,
+    /// The previous run's figures (its results file, read before this run overwrites it),
+    /// printed beside the new ones.
+    pub previous: Option<Previous>,
 }
 
 impl Config {
@@ -93,6 +90,7 @@ impl Config {
             perf: false,
             out: PathBuf::from("target/bench/results.json"),
             operator_bin,
+            previous: None,
         }
     }
 
@@ -113,13 +111,7 @@ impl Config {
         }
     }
 
-    fn wants(&self, scenario: &str) -> bool {
+    pub fn wants(&self, scenario: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|s| s == scenario)
     }
-}
-
-/// Runs the bench; `Err` only when it could not start at all (no control plane, no endpoint).
-/// Scenarios that cannot run are reported as such in the results.
-pub async fn run(cfg: Config) -> Result<Results, String> {
-    scenarios::run(cfg).await
 }
