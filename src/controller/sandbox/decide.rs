@@ -1098,9 +1098,9 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
         ProbeObs::Report(r) => Some(r.as_ref()),
         _ => None,
     };
-    match (&i.spec.auto_stop, running) {
-        (Some(auto), true) => {
-            let idle_after = valid.idle_after.unwrap_or(Duration::from_secs(1800));
+    // `valid.idle_after` is set exactly when `autoStop` is.
+    match (i.spec.auto_stop.as_ref().zip(valid.idle_after), running) {
+        (Some((auto, idle_after)), true) => {
             let deploying = st
                 .deploy
                 .as_ref()
@@ -1166,7 +1166,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
                 ),
             }
         }
-        (Some(auto), false) => {
+        (Some((auto, _)), false) => {
             if st.stop_reason.as_deref() == Some(stop_reason::IDLE) {
                 set(
                     cs,

@@ -33,7 +33,6 @@ use crate::api::{
 use crate::controller::sandboxes::{Change, SandboxWatch, changed};
 use crate::ec2::{self, Ec2, Ec2Error, InstanceState, LaunchRequest};
 use crate::metrics::{Metrics, SandboxLabels};
-use crate::util::parse_duration;
 use decide::{
     Action, ActionRequest, DeleteStep, Inputs, InstanceObs, LaunchHold, LaunchStage, Note,
     ProbeObs, Rejection, Settings, StartWhy,
@@ -538,7 +537,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
 
     // ---- Which instance? ----
     // A spec the validate step refuses is reported, never acted on (no launch, no probe).
-    let valid = decide::validate(spec).is_ok();
+    let valid = decide::validate(spec).ok();
     let mut launch_hold = None;
     let mut launched_now = false;
     let instance_id = match (
@@ -552,7 +551,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
             Some(id.clone())
         }
         (None, Some(id)) => Some(id),
-        (None, None) if rejection.is_some() || !valid => None,
+        (None, None) if rejection.is_some() || valid.is_none() => None,
         (None, None) => {
             // Take this launch's turn in the client-side pacing of RunInstances (at once,
             // without waiting), then say where it stands before anything else.
@@ -710,11 +709,10 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let mut agent_client = None;
     if let InstanceObs::Found(inst) = &observed
         && inst.state == InstanceState::Running
-        && valid
+        && let Some(valid) = &valid
     {
         agent_url = decide::agent_url(spec, inst);
-        let interval =
-            parse_duration(&spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
+        let interval = valid.probe_interval;
         let due = {
             let lp = ctx.last_probe.lock().expect("last_probe");
             lp.get(&uid)
@@ -724,7 +722,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                 || decide::action_wants_probe(&status, request)
         };
         if due {
-            match agent_client_for(&obj, agent_url.as_deref(), &ctx).await {
+            match agent_client_for(&obj, agent_url.as_deref(), valid.probe_timeout, &ctx).await {
                 Ok(c) => {
                     probe = match c.health().await {
                         Ok(r) => ProbeObs::Report(Box::new(r)),
@@ -1185,6 +1183,7 @@ async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error
 async fn agent_client_for(
     obj: &Sandbox,
     url: Option<&str>,
+    timeout: Duration,
     ctx: &Context,
 ) -> Result<AgentClient, ProbeObs> {
     let Some(url) = url else {
@@ -1228,7 +1227,6 @@ async fn agent_client_for(
             }
         }
     };
-    let timeout = parse_duration(&obj.spec.agent.timeout).unwrap_or(Duration::from_secs(5));
     let timeouts = Timeouts {
         health: timeout,
         ..Timeouts::default()
