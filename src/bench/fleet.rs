@@ -309,7 +309,10 @@ fn observe(seen: &Mutex<HashMap<String, Seen>>, obj: &Sandbox) {
     e.instance_id = st.instance.as_ref().map(|i| i.id.clone());
     e.instance_state = new_instance_state;
     e.agent_tag = st.agent.as_ref().and_then(|a| a.image_tag.clone());
-    e.deploy = st.deploy.as_ref().map(|d| (d.tag.clone(), d.state.clone()));
+    e.deploy = st
+        .deploy
+        .as_ref()
+        .map(|d| (d.tag.clone(), d.state.as_str().to_string()));
     e.image_up_to_date = st
         .conditions
         .iter()

@@ -430,7 +430,7 @@ async fn power_state_and_changes_made_outside_the_operator() {
         })
         .await;
     assert_eq!(st.phase, Some(SandboxPhase::Stopped));
-    assert_eq!(st.stop_reason.as_deref(), Some("Requested"));
+    assert_eq!(st.stop_reason.map(|r| r.as_str()), Some("Requested"));
 
     // Declared start.
     e.apply(&e.launched("p-1", "  powerState: Running\n")).await;
@@ -557,7 +557,7 @@ async fn auto_stop_when_idle_and_wake_by_annotation() {
             s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("stopped")
         })
         .await;
-    assert_eq!(st.stop_reason.as_deref(), Some("Idle"));
+    assert_eq!(st.stop_reason.map(|r| r.as_str()), Some("Idle"));
     assert_eq!(cond(&st, "Idle").unwrap().1, "IdleStopped");
     assert!(
         e.events("idle-1")
@@ -603,7 +603,7 @@ async fn image_tag_is_deployed_through_the_agent_and_a_failed_tag_is_not_retried
                 && s.agent.as_ref().and_then(|a| a.image_tag.as_deref()) == Some("v2")
         })
         .await;
-    assert_eq!(st.deploy.as_ref().unwrap().state, "Succeeded");
+    assert_eq!(st.deploy.as_ref().unwrap().state.as_str(), "Succeeded");
     assert_eq!(
         st.deploy.as_ref().unwrap().previous_tag.as_deref(),
         Some("v1")
@@ -629,9 +629,9 @@ async fn image_tag_is_deployed_through_the_agent_and_a_failed_tag_is_not_retried
     .await;
     let st = e
         .wait("img-1", 90, "v3 failed", |s| {
-            s.deploy
-                .as_ref()
-                .is_some_and(|d| d.tag == "v3" && (d.state == "RolledBack" || d.state == "Failed"))
+            s.deploy.as_ref().is_some_and(|d| {
+                d.tag == "v3" && (d.state.as_str() == "RolledBack" || d.state.as_str() == "Failed")
+            })
         })
         .await;
     assert_eq!(cond(&st, "ImageUpToDate").unwrap().1, "DeployFailed");

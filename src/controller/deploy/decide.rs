@@ -11,7 +11,8 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conditions::{self, Desired, FALSE, TRUE};
 use crate::api::{
-    DeployPhase, DeployTarget, FailurePolicy, SandboxDeploySpec, SandboxDeployStatus, TargetPhase,
+    DeployPhase, DeployTarget, FailurePolicy, ImageDeployState, SandboxDeploySpec,
+    SandboxDeployStatus, TargetPhase,
 };
 use crate::controller::sandbox::decide::deploy_state;
 use crate::util::parse_duration;
@@ -89,7 +90,7 @@ pub struct TargetObs {
     /// The instance runs and the spec wants it running.
     pub running: bool,
     /// The Sandbox's own record of its last image deploy: (tag, state, attempt, message).
-    pub deploy: Option<(String, String, Option<String>, Option<String>)>,
+    pub deploy: Option<(String, ImageDeployState, Option<String>, Option<String>)>,
     /// The Sandbox's Ready condition is True.
     pub ready: bool,
     /// Why the Sandbox is not healthy (phase Unhealthy or Failed, or its agent reported
@@ -507,7 +508,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             .deploy
             .as_ref()
             .filter(|(dt, _, att, _)| dt == &tag && att.as_deref().is_none_or(|a| a == attempt));
-        match record.map(|(_, s, _, m)| (s.as_str(), m.clone())) {
+        match record.map(|(_, s, _, m)| (*s, m.clone())) {
             Some((deploy_state::DRAINING, _)) => t.phase = TargetPhase::Draining,
             Some((deploy_state::DEPLOYING, _)) => t.phase = TargetPhase::Deploying,
             Some((deploy_state::VERIFYING, _)) => t.phase = TargetPhase::Verifying,
@@ -911,11 +912,11 @@ mod tests {
             self.status = d.status.clone();
             d
         }
-        fn sandbox_reports(&mut self, name: &str, state: &str) {
+        fn sandbox_reports(&mut self, name: &str, state: ImageDeployState) {
             let o = self.observed.get_mut(name).unwrap();
             o.deploy = Some((
                 "v2".into(),
-                state.into(),
+                state,
                 Some(format!(
                     "uid/{}",
                     self.status.last_retry.as_deref().unwrap_or("0")

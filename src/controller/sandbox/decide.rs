@@ -11,8 +11,9 @@ use k8s_openapi::jiff::Timestamp;
 use crate::agent::protocol::{CheckStatus, DeployState, HealthReport};
 use crate::api::conditions::{self, Desired, FALSE, TRUE, UNKNOWN};
 use crate::api::{
-    AgentHealth, AgentStatus, ImageDeployStatus, InstanceStatus, ManagementPolicy, Market,
-    PowerState, SandboxPhase, SandboxSpec, SandboxStatus, URL_PLACEHOLDERS,
+    AgentHealth, AgentStatus, ImageDeployState, ImageDeployStatus, InstanceStatus,
+    ManagementPolicy, Market, PowerState, SandboxPhase, SandboxSpec, SandboxStatus, StopReason,
+    URL_PLACEHOLDERS,
 };
 use crate::ec2::{Instance, InstanceState};
 use crate::util::parse_duration;
@@ -38,36 +39,38 @@ pub const ASSUMED_BY_LEGACY_AGENT: &str = "AssumedByLegacyAgent";
 
 /// Why an instance is stopped, as status reports it.
 pub mod stop_reason {
+    use crate::api::StopReason;
     /// The spec says Stopped.
-    pub const REQUESTED: &str = "Requested";
+    pub const REQUESTED: StopReason = StopReason::Requested;
     /// Auto-stop stopped it after the idle period.
-    pub const IDLE: &str = "Idle";
+    pub const IDLE: StopReason = StopReason::Idle;
     /// Something outside the operator stopped it.
-    pub const EXTERNAL: &str = "External";
+    pub const EXTERNAL: StopReason = StopReason::External;
 }
 
 /// Deploy states in `status.deploy.state`.
 pub mod deploy_state {
+    use crate::api::ImageDeployState as DeployState;
     /// Waiting for active workers to finish.
-    pub const DRAINING: &str = "Draining";
+    pub const DRAINING: DeployState = DeployState::Draining;
     /// The agent is deploying.
-    pub const DEPLOYING: &str = "Deploying";
+    pub const DEPLOYING: DeployState = DeployState::Deploying;
     /// Waiting for the new tag and a healthy report.
-    pub const VERIFYING: &str = "Verifying";
+    pub const VERIFYING: DeployState = DeployState::Verifying;
     /// Done.
-    pub const SUCCEEDED: &str = "Succeeded";
+    pub const SUCCEEDED: DeployState = DeployState::Succeeded;
     /// Failed; the agent could not roll back (or the operator gave up).
-    pub const FAILED: &str = "Failed";
+    pub const FAILED: DeployState = DeployState::Failed;
     /// Failed and the agent rolled back to the previous tag.
-    pub const ROLLED_BACK: &str = "RolledBack";
+    pub const ROLLED_BACK: DeployState = DeployState::RolledBack;
 
     /// Consecutive healthy answers a legacy health server must give after the settle time
     /// before its deploy counts as done (the first moves the deploy to Verifying).
     pub const LEGACY_HEALTHY_REPORTS: u32 = 2;
 
     /// Whether a deploy in this state is still under way.
-    pub fn in_progress(state: &str) -> bool {
-        matches!(state, DRAINING | DEPLOYING | VERIFYING)
+    pub fn in_progress(state: &DeployState) -> bool {
+        state.in_progress()
     }
 }
 
@@ -475,7 +478,7 @@ pub enum Action {
         /// The instance id.
         id: String,
         /// `stop_reason::REQUESTED` or `stop_reason::IDLE`.
-        reason: &'static str,
+        reason: StopReason,
     },
     /// Ask the agent to drain.
     Drain,
@@ -800,7 +803,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
 
     // ---- What the operator wants of the power state. ----
     let woken = new_start_request(i.start_request, &st);
-    let auto_stopped = st.stop_reason.as_deref() == Some(stop_reason::IDLE);
+    let auto_stopped = st.stop_reason == Some(stop_reason::IDLE);
     let want_running = i.spec.power_state == PowerState::Running && (!auto_stopped || woken);
     let id = instance.id.clone();
 
@@ -891,7 +894,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
             if want_running && !observe_only {
                 let why = if woken {
                     StartWhy::Woken
-                } else if st.stop_reason.as_deref() == Some(stop_reason::EXTERNAL) {
+                } else if st.stop_reason == Some(stop_reason::EXTERNAL) {
                     StartWhy::RestartAfterExternalStop
                 } else {
                     StartWhy::Requested
@@ -937,7 +940,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
     }
     for a in &actions {
         match a {
-            Action::Stop { reason, .. } => st.stop_reason = Some((*reason).to_string()),
+            Action::Stop { reason, .. } => st.stop_reason = Some(*reason),
             Action::Start { .. } => st.stop_reason = None,
             _ => {}
         }
@@ -1167,7 +1170,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
             }
         }
         (Some((auto, _)), false) => {
-            if st.stop_reason.as_deref() == Some(stop_reason::IDLE) {
+            if st.stop_reason == Some(stop_reason::IDLE) {
                 set(
                     cs,
                     cond::IDLE,
@@ -1475,8 +1478,8 @@ fn image_step(
     let record = st.deploy.clone().filter(|d| {
         d.tag == tag
             && !(matches!(
-                d.state.as_str(),
-                deploy_state::FAILED | deploy_state::ROLLED_BACK
+                d.state,
+                ImageDeployState::Failed | ImageDeployState::RolledBack
             ) && i.deploy_attempt.is_some()
                 && d.attempt.as_deref() != i.deploy_attempt)
     });
@@ -1493,8 +1496,8 @@ fn image_step(
             return (vec![], assumed_up_to_date(tag, d), None);
         }
         if matches!(
-            d.state.as_str(),
-            deploy_state::FAILED | deploy_state::ROLLED_BACK
+            d.state,
+            ImageDeployState::Failed | ImageDeployState::RolledBack
         ) {
             // Never retried in a loop: a new tag (or deleting status.deploy) tries again.
             return (
@@ -1544,7 +1547,7 @@ fn image_step(
                 && let ProbeObs::Failed(err) = i.probe
             {
                 // The healthy answers must be consecutive: start counting again.
-                d.state = deploy_state::DEPLOYING.into();
+                d.state = deploy_state::DEPLOYING;
                 d.message = Some(format!(
                     "the legacy health server stopped answering after the deploy ({err}); waiting for it to answer healthy again"
                 ));
@@ -1636,14 +1639,14 @@ fn image_step(
     };
     let started = d.started_at.clone().unwrap_or(time(now));
     let elapsed = since(now, &started);
-    let finish = |d: &mut ImageDeployStatus, state: &str, msg: String| {
-        d.state = state.into();
+    let finish = |d: &mut ImageDeployStatus, state: ImageDeployState, msg: String| {
+        d.state = state;
         d.message = Some(msg);
         d.finished_at = Some(time(now));
     };
     let mut actions = vec![];
     let out: CondOut;
-    match d.state.as_str() {
+    match d.state {
         deploy_state::DRAINING => {
             if report.is_deploy_safe() && !report.deploy_running() {
                 ask_to_deploy(&mut d, now);
@@ -1704,7 +1707,7 @@ fn image_step(
                         });
                         out = (TRUE, "UpToDate", format!("running {tag}"));
                     } else {
-                        d.state = deploy_state::VERIFYING.into();
+                        d.state = deploy_state::VERIFYING;
                         d.message =
                             Some("running the new tag; waiting for a healthy report".into());
                         out = (
@@ -1756,7 +1759,7 @@ fn image_step(
 
 /// Moves a deploy record to Deploying: the agent is asked for the tag now.
 fn ask_to_deploy(d: &mut ImageDeployStatus, now: Timestamp) {
-    d.state = deploy_state::DEPLOYING.into();
+    d.state = deploy_state::DEPLOYING;
     d.requested_at = Some(time(now));
     d.message = Some(if d.legacy_agent {
         "asked the legacy health server to deploy".into()
@@ -1785,7 +1788,7 @@ fn past_deadline(
     } else {
         format!("not done within {deadline}s")
     };
-    d.state = deploy_state::FAILED.into();
+    d.state = deploy_state::FAILED;
     d.message = Some(msg.clone());
     d.finished_at = Some(time(i.now));
     notes.push(Note {
@@ -1822,7 +1825,7 @@ fn legacy_progress(
         .unwrap_or(time(now));
     let settle = i.settings.legacy_settle;
     if since(now, &requested) < settle {
-        d.state = deploy_state::DEPLOYING.into();
+        d.state = deploy_state::DEPLOYING;
         d.message = Some(format!(
             "the legacy health server accepted the deploy and reports no progress: its deploy script is given {}s before health counts",
             settle.as_secs()
@@ -1835,7 +1838,7 @@ fn legacy_progress(
     }
     if !healthy {
         let why = agent_message.unwrap_or("it does not report healthy");
-        d.state = deploy_state::DEPLOYING.into();
+        d.state = deploy_state::DEPLOYING;
         d.message = Some(format!(
             "waiting for the legacy health server to answer healthy after the deploy: {why}"
         ));
@@ -1850,7 +1853,7 @@ fn legacy_progress(
             "assumed to run {tag}: the legacy health server answered healthy {} times in a row after the deploy (it does not report its image tag)",
             deploy_state::LEGACY_HEALTHY_REPORTS
         );
-        d.state = deploy_state::SUCCEEDED.into();
+        d.state = deploy_state::SUCCEEDED;
         d.message = Some(msg.clone());
         d.finished_at = Some(time(now));
         notes.push(Note {
@@ -1860,7 +1863,7 @@ fn legacy_progress(
         });
         return assumed_up_to_date(tag, d);
     }
-    d.state = deploy_state::VERIFYING.into();
+    d.state = deploy_state::VERIFYING;
     d.message = Some(format!(
         "the legacy health server answered healthy after the deploy (1 of {})",
         deploy_state::LEGACY_HEALTHY_REPORTS
@@ -1901,7 +1904,7 @@ fn ready_summary(
     let running = instance.state == InstanceState::Running;
     if !want_running && !observe_only {
         return match instance.state {
-            InstanceState::Stopped => match st.stop_reason.as_deref() {
+            InstanceState::Stopped => match st.stop_reason {
                 Some(stop_reason::IDLE) => (
                     TRUE,
                     "IdleStopped",

@@ -340,10 +340,7 @@ fn spec_stopped_stops_a_running_instance_then_reads_ready_when_stopped() {
             reason: stop_reason::REQUESTED
         }]
     );
-    assert_eq!(
-        d.status.stop_reason.as_deref(),
-        Some(stop_reason::REQUESTED)
-    );
+    assert_eq!(d.status.stop_reason, Some(stop_reason::REQUESTED));
     c.instance = InstanceObs::Found(inst(InstanceState::Stopping));
     let d = c.step();
     assert!(d.actions.is_empty());
@@ -548,7 +545,7 @@ fn auto_stop_after_idle_period_and_wake_by_annotation() {
             reason: stop_reason::IDLE
         }]
     );
-    assert_eq!(d.status.stop_reason.as_deref(), Some(stop_reason::IDLE));
+    assert_eq!(d.status.stop_reason, Some(stop_reason::IDLE));
     assert!(d.notes.iter().any(|n| n.reason == "IdleStop"));
     // Stopped by auto-stop: stays stopped although the spec says Running.
     c.probe = ProbeObs::NotProbed;

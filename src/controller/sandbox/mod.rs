@@ -1656,14 +1656,14 @@ fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &Sandbo
             instance_type: inst.instance_type.clone(),
             market: inst.market.unwrap_or_default(),
             state: st,
-            stop_reason: new.stop_reason.as_deref().and_then(StopReason::parse),
+            stop_reason: new.stop_reason.and_then(|r| StopReason::parse(r.as_str())),
         });
     }
     let step = |s: &SandboxStatus| s.deploy.as_ref().map(|d| (d.tag.clone(), d.state.clone()));
     if let Some(d) = &new.deploy
         && step(old) != step(new)
     {
-        let outcome = match d.state.as_str() {
+        let outcome = match d.state {
             decide::deploy_state::SUCCEEDED => Outcome::Succeeded,
             decide::deploy_state::FAILED | decide::deploy_state::ROLLED_BACK => Outcome::Failed,
             _ => Outcome::Started,
@@ -1676,7 +1676,7 @@ fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &Sandbo
             environment: Some(obj.spec.environment),
             tag: d.tag.clone(),
             previous_tag: d.previous_tag.clone(),
-            step: d.state.clone(),
+            step: d.state.as_str().to_string(),
             outcome,
             message: d.message.clone(),
         });
