@@ -561,6 +561,72 @@ pub struct LastAction {
     pub finished_at: Option<Time>,
 }
 
+/// EC2's state name: pending, running, stopping, stopped, shutting-down or terminated.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    /// `pending`: launching or starting.
+    Pending,
+    /// `running`.
+    Running,
+    /// `stopping`.
+    Stopping,
+    /// `stopped`.
+    Stopped,
+    /// `shutting-down`: terminating.
+    ShuttingDown,
+    /// `terminated`.
+    Terminated,
+    /// A name this version does not know, read from a status another version wrote; never
+    /// made from EC2's answer ([`InstanceState::parse`] refuses unknown names).
+    #[serde(other)]
+    Unknown,
+}
+
+impl InstanceState {
+    /// EC2's name for the state (`shutting-down`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::ShuttingDown => "shutting-down",
+            Self::Terminated => "terminated",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// The state EC2 names `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "stopping" => Self::Stopping,
+            "stopped" => Self::Stopped,
+            "shutting-down" => Self::ShuttingDown,
+            "terminated" => Self::Terminated,
+            _ => return None,
+        })
+    }
+
+    /// Pending, stopping or shutting-down: EC2 will move it on by itself.
+    pub fn is_transitional(self) -> bool {
+        matches!(self, Self::Pending | Self::Stopping | Self::ShuttingDown)
+    }
+
+    /// Shutting-down or terminated: the instance is gone for good.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::ShuttingDown | Self::Terminated)
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The EC2 instance as last observed.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -572,7 +638,7 @@ pub struct InstanceStatus {
     pub instance_type: Option<String>,
     /// EC2's state name: pending, running, stopping, stopped, shutting-down or terminated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<InstanceState>,
     /// The private IPv4 address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_ip: Option<String>,
@@ -749,5 +815,30 @@ mod tests {
         let d = st.deploy.unwrap();
         assert_eq!(d.state, ImageDeployState::Unknown);
         assert!(!d.state.in_progress());
+    }
+
+    #[test]
+    fn instance_states_keep_ec2s_names_on_the_wire() {
+        for name in [
+            "pending",
+            "running",
+            "stopping",
+            "stopped",
+            "shutting-down",
+            "terminated",
+        ] {
+            let s = InstanceState::parse(name).unwrap();
+            assert_eq!(s.as_str(), name);
+            assert_eq!(serde_json::to_value(s).unwrap(), name);
+            let read: InstanceStatus =
+                serde_json::from_value(serde_json::json!({"id": "i-1", "state": name})).unwrap();
+            assert_eq!(read.state, Some(s));
+        }
+        // EC2's answers never make Unknown; an old or foreign status value reads as it.
+        assert_eq!(InstanceState::parse("rebooting"), None);
+        let read: InstanceStatus =
+            serde_json::from_value(serde_json::json!({"id": "i-1", "state": "rebooting"})).unwrap();
+        assert_eq!(read.state, Some(InstanceState::Unknown));
+        assert!(!InstanceState::Unknown.is_transitional() && !InstanceState::Unknown.is_terminal());
     }
 }

@@ -274,7 +274,10 @@ fn observe(seen: &Mutex<HashMap<String, Seen>>, obj: &Sandbox) {
     let failed = st.phase == Some(SandboxPhase::Failed) || st.failure_reason.is_some();
     let mut map = seen.lock().expect("seen");
     let e = map.entry(name).or_default();
-    let new_instance_state = st.instance.as_ref().and_then(|i| i.state.clone());
+    let new_instance_state = st
+        .instance
+        .as_ref()
+        .and_then(|i| i.state.map(|s| s.as_str().to_string()));
     let changed = e.phase != st.phase
         || e.ready != ready
         || e.instance_state != new_instance_state

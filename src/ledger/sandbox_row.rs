@@ -156,7 +156,7 @@ impl SandboxRow {
         let status = sandbox.status.clone().unwrap_or_default();
         let instance = status.instance.as_ref();
         let agent = status.agent.as_ref();
-        let ec2_state = instance.and_then(|i| i.state.clone());
+        let ec2_state = instance.and_then(|i| i.state.map(|s| s.as_str().to_string()));
         let deploy_done = status
             .deploy
             .as_ref()
@@ -292,7 +292,7 @@ mod tests {
             instance: Some(InstanceStatus {
                 id: "i-0123456789abcdef0".into(),
                 instance_type: Some("t3.medium".into()),
-                state: Some("stopped".into()),
+                state: Some(crate::api::InstanceState::Stopped),
                 market: Some(Market::Spot),
                 ..Default::default()
             }),

@@ -297,7 +297,8 @@ pub fn error_policy(d: Arc<SandboxDeploy>, err: &Error, ctx: Arc<Context>) -> Re
 
 fn target_obs(s: &Sandbox) -> TargetObs {
     let st = s.status.clone().unwrap_or_default();
-    let running = st.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+    let running = st.instance.as_ref().and_then(|i| i.state)
+        == Some(crate::api::InstanceState::Running)
         && s.spec.power_state == crate::api::PowerState::Running;
     TargetObs {
         exists: s.metadata.deletion_timestamp.is_none(),

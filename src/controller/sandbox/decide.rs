@@ -553,7 +553,7 @@ pub fn instance_status(i: &Instance, launched_by_operator: bool) -> InstanceStat
     InstanceStatus {
         id: i.id.clone(),
         instance_type: i.instance_type.clone(),
-        state: Some(i.state.as_str().to_string()),
+        state: Some(i.state),
         private_ip: i.private_ip.clone(),
         public_ip: i.public_ip.clone(),
         private_dns: i.private_dns.clone(),
@@ -616,7 +616,7 @@ fn launch_words(spec: &SandboxSpec, stage: &LaunchStage) -> (&'static str, Strin
 /// seen running, stopped or anything else was visible, so its vanishing is real.
 fn launched_within_grace(s: &InstanceStatus, now: Timestamp) -> bool {
     s.launched_by_operator
-        && s.state.as_deref() == Some(InstanceState::Pending.as_str())
+        && s.state == Some(InstanceState::Pending)
         && s.launch_time
             .as_ref()
             .is_some_and(|t| since(now, t) < crate::ec2::LAUNCH_GRACE)
@@ -747,7 +747,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
         }
         InstanceObs::Missing { id } if terminated_on_request(&st) => {
             // EC2 forgets terminated instances after a while.
-            return terminated_decision(i, st, cs, id, "terminated");
+            return terminated_decision(i, st, cs, id, InstanceState::Terminated);
         }
         InstanceObs::Missing { id } => {
             let launched = st.instance.as_ref().is_some_and(|s| s.launched_by_operator);
@@ -793,7 +793,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
         .unwrap_or(i.spec.launch.is_some());
     let prev_state = st.instance.as_ref().and_then(|s| s.state.clone());
     st.instance = Some(instance_status(instance, launched_by_operator));
-    if prev_state.as_deref() != Some(instance.state.as_str()) {
+    if prev_state != Some(instance.state) {
         match instance.state {
             InstanceState::Running => st.last_started_at = Some(time(now)),
             InstanceState::Stopped => st.last_stopped_at = Some(time(now)),
@@ -809,7 +809,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
 
     match instance.state {
         InstanceState::ShuttingDown | InstanceState::Terminated if terminated_on_request(&st) => {
-            return terminated_decision(i, st, cs, &id, instance.state.as_str());
+            return terminated_decision(i, st, cs, &id, instance.state);
         }
         InstanceState::ShuttingDown | InstanceState::Terminated => {
             st.phase = Some(SandboxPhase::Failed);
@@ -817,7 +817,10 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
             st.failure_message = Some(format!(
                 "instance {id} was terminated outside the operator; it is not relaunched: delete and recreate the Sandbox for a new one"
             ));
-            if !matches!(prev_state.as_deref(), Some("shutting-down" | "terminated")) {
+            if !matches!(
+                prev_state,
+                Some(InstanceState::ShuttingDown | InstanceState::Terminated)
+            ) {
                 notes.push(Note {
                     warning: true,
                     reason: "InstanceTerminated",
@@ -864,6 +867,18 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
                 FALSE,
                 "Pending",
                 format!("instance {id} is pending"),
+            );
+            requeue = i.settings.poll;
+        }
+        // Never made from EC2's answer (the EC2 layer refuses names it does not know); should
+        // one reach here, nothing is done to the instance and it is looked at again.
+        InstanceState::Unknown => {
+            set(
+                cs,
+                cond::INSTANCE_RUNNING,
+                UNKNOWN,
+                "UnknownState",
+                format!("instance {id} is in a state this operator does not know"),
             );
             requeue = i.settings.poll;
         }
@@ -1308,7 +1323,7 @@ fn terminated_decision(
     mut st: SandboxStatus,
     cs: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     id: &str,
-    state: &str,
+    state: InstanceState,
 ) -> Decision {
     let mut notes = Vec::new();
     if st.phase != Some(SandboxPhase::Terminated) {
@@ -1324,7 +1339,7 @@ fn terminated_decision(
     st.agent = clear_agent(st.agent.take());
     st.idle_since = None;
     if let Some(inst) = st.instance.as_mut() {
-        inst.state = Some(state.to_string());
+        inst.state = Some(state);
     }
     for (type_, status, reason, message) in [
         (

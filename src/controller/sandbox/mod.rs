@@ -498,8 +498,8 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let in_flight = status
         .instance
         .as_ref()
-        .and_then(|i| i.state.as_deref())
-        .is_some_and(|s| matches!(s, "pending" | "stopping" | "shutting-down"))
+        .and_then(|i| i.state)
+        .is_some_and(InstanceState::is_transitional)
         || status
             .deploy
             .as_ref()
@@ -1655,7 +1655,7 @@ fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &Sandbo
             sandbox: Some(NamespacedName::new(ns.clone(), name.clone())),
             instance_type: inst.instance_type.clone(),
             market: inst.market.unwrap_or_default(),
-            state: st,
+            state: st.as_str().to_string(),
             stop_reason: new.stop_reason.and_then(|r| StopReason::parse(r.as_str())),
         });
     }
