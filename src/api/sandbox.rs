@@ -415,7 +415,7 @@ pub enum StopReason {
     Idle,
     /// Something outside the operator stopped it.
     External,
-    /// A value this version does not know (written by another version): read, never written.
+    /// A value this version does not know (written by another version); kept as `Unknown`.
     #[serde(other)]
     Unknown,
 }
