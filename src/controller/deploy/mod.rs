@@ -305,14 +305,10 @@ fn target_obs(s: &Sandbox) -> TargetObs {
         spec_tag: s.spec.image.as_ref().map(|i| i.tag.clone()),
         reported_tag: st.agent.as_ref().and_then(|a| a.image_tag.clone()),
         running,
-        deploy: st.deploy.as_ref().map(|d| {
-            (
-                d.tag.clone(),
-                d.state.clone(),
-                d.attempt.clone(),
-                d.message.clone(),
-            )
-        }),
+        deploy: st
+            .deploy
+            .as_ref()
+            .map(|d| (d.tag.clone(), d.state, d.attempt.clone(), d.message.clone())),
         ready: conditions::is_true(&st.conditions, "Ready"),
         unhealthy: unhealthy(&st),
     }

@@ -791,7 +791,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
         .as_ref()
         .map(|s| s.launched_by_operator)
         .unwrap_or(i.spec.launch.is_some());
-    let prev_state = st.instance.as_ref().and_then(|s| s.state.clone());
+    let prev_state = st.instance.as_ref().and_then(|s| s.state);
     st.instance = Some(instance_status(instance, launched_by_operator));
     if prev_state != Some(instance.state) {
         match instance.state {
@@ -904,7 +904,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
             );
             if st.stop_reason.is_none() {
                 // Nobody here asked for it: stopped outside the operator.
-                st.stop_reason = Some(stop_reason::EXTERNAL.into());
+                st.stop_reason = Some(stop_reason::EXTERNAL);
             }
             if want_running && !observe_only {
                 let why = if woken {
@@ -1140,7 +1140,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
                             id: id.clone(),
                             reason: stop_reason::IDLE,
                         });
-                        st.stop_reason = Some(stop_reason::IDLE.into());
+                        st.stop_reason = Some(stop_reason::IDLE);
                         notes.push(Note {
                             warning: false,
                             reason: "IdleStop",
@@ -1599,7 +1599,7 @@ fn image_step(
             let d = ImageDeployStatus {
                 tag: tag.to_string(),
                 previous_tag: reported.clone().or(assumed),
-                state: deploy_state::DRAINING.into(),
+                state: deploy_state::DRAINING,
                 id: None,
                 attempt: i.deploy_attempt.map(str::to_string),
                 message: Some("waiting for active workers to finish".into()),
@@ -2356,7 +2356,7 @@ fn day2_step(i: &Inputs<'_>, req: ActionRequest<'_>, d: &mut Decision) {
         .status
         .instance
         .as_ref()
-        .and_then(|s| s.state.clone())
+        .and_then(|s| s.state)
         .filter(|_| !matches!(i.instance, InstanceObs::NoInstance));
     let running = matches!(i.instance, InstanceObs::Found(inst) if inst.state == InstanceState::Running)
         && !d.actions.iter().any(|a| matches!(a, Action::Stop { .. }))

@@ -358,7 +358,7 @@ fn spec_stopped_stops_a_running_instance_then_reads_ready_when_stopped() {
 #[test]
 fn spec_running_starts_a_stopped_instance() {
     let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
-    c.status.stop_reason = Some(stop_reason::REQUESTED.into());
+    c.status.stop_reason = Some(stop_reason::REQUESTED);
     let d = c.run();
     assert_eq!(
         d.actions,
@@ -441,7 +441,7 @@ fn unhealthy_only_after_failure_threshold_and_back_on_success() {
 fn no_health_verdict_while_not_running() {
     let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
     c.spec.power_state = PowerState::Stopped;
-    c.status.stop_reason = Some(stop_reason::REQUESTED.into());
+    c.status.stop_reason = Some(stop_reason::REQUESTED);
     let d = c.run();
     assert_ne!(d.status.phase, Some(SandboxPhase::Unhealthy));
     assert_eq!(cond(&d, cond::AGENT_HEALTHY).status, "Unknown");

@@ -976,12 +976,12 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                                 "the agent is busy with deploy {}",
                                 e.running_deploy_id().unwrap_or_default()
                             ));
-                            d.state = decide::deploy_state::DRAINING.into();
+                            d.state = decide::deploy_state::DRAINING;
                         }
                     }
                     Err(e) => {
                         if let Some(d) = decision.status.deploy.as_mut() {
-                            d.state = decide::deploy_state::DRAINING.into();
+                            d.state = decide::deploy_state::DRAINING;
                             d.message = Some(format!(
                                 "asking the agent to deploy failed, will retry: {e}"
                             ));
@@ -1644,7 +1644,7 @@ fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &Sandbo
     let Some(ledger) = &ctx.ledger else { return };
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
-    let state = |s: &SandboxStatus| s.instance.as_ref().and_then(|i| i.state.clone());
+    let state = |s: &SandboxStatus| s.instance.as_ref().and_then(|i| i.state);
     if let Some(inst) = &new.instance
         && state(old) != state(new)
         && let Some(st) = state(new)
@@ -1659,7 +1659,7 @@ fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &Sandbo
             stop_reason: new.stop_reason.and_then(|r| StopReason::parse(r.as_str())),
         });
     }
-    let step = |s: &SandboxStatus| s.deploy.as_ref().map(|d| (d.tag.clone(), d.state.clone()));
+    let step = |s: &SandboxStatus| s.deploy.as_ref().map(|d| (d.tag.clone(), d.state));
     if let Some(d) = &new.deploy
         && step(old) != step(new)
     {
