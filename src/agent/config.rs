@@ -63,27 +63,20 @@ impl fmt::Display for Dur {
     }
 }
 
-/// Parses `150ms`, `2s`, `1.5s`, `5m`, `1h`, or a bare number of seconds.
+/// Parses `150ms`, `2s`, `1.5s`, `5m`, `1h`, `1h30m` (the crate's one duration parser,
+/// [`crate::util::parse_duration`]), or a bare number of seconds, as the config file has always
+/// accepted.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (expected e.g. 150ms, 2s, 5m)"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return match s.parse::<f64>() {
+            Ok(n) if n.is_finite() => Ok(Duration::from_secs_f64(n)),
+            _ => Err(format!(
+                "invalid duration {s:?} (expected e.g. 150ms, 2s, 5m)"
+            )),
+        };
     }
-    Ok(Duration::from_secs_f64(secs))
+    crate::util::parse_duration(s).map_err(|e| e.to_string())
 }
 
 impl Serialize for Dur {

@@ -406,6 +406,85 @@ pub enum SandboxPhase {
     Failed,
 }
 
+/// Why the instance is stopped: Requested (spec), Idle (auto-stop) or External.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StopReason {
+    /// The spec says Stopped.
+    Requested,
+    /// Auto-stop stopped it after the idle period.
+    Idle,
+    /// Something outside the operator stopped it.
+    External,
+    /// A value this version does not know (written by another version); kept as `Unknown`.
+    #[serde(other)]
+    Unknown,
+}
+
+impl StopReason {
+    /// The name as status spells it (`Requested`, `Idle`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "Requested",
+            Self::Idle => "Idle",
+            Self::External => "External",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the last image deploy of a sandbox stands (`status.deploy.state`).
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ImageDeployState {
+    /// Waiting for active workers to finish.
+    Draining,
+    /// The agent is deploying.
+    Deploying,
+    /// Waiting for the new tag and a healthy report.
+    Verifying,
+    /// Done.
+    Succeeded,
+    /// Failed; the agent could not roll back (or the operator gave up).
+    Failed,
+    /// Failed and the agent rolled back to the previous tag.
+    RolledBack,
+    /// A value this version does not know (written by another version): read as a deploy that
+    /// is not under way.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ImageDeployState {
+    /// The name as status spells it (`Draining`, `RolledBack`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Draining => "Draining",
+            Self::Deploying => "Deploying",
+            Self::Verifying => "Verifying",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::RolledBack => "RolledBack",
+            Self::Unknown => "Unknown",
+        }
+    }
+
+    /// Whether a deploy in this state is still under way.
+    pub fn in_progress(self) -> bool {
+        matches!(self, Self::Draining | Self::Deploying | Self::Verifying)
+    }
+}
+
+impl std::fmt::Display for ImageDeployState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The observed state of a sandbox.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -440,7 +519,7 @@ pub struct SandboxStatus {
     pub idle_since: Option<Time>,
     /// Why the instance is stopped: Requested (spec), Idle (auto-stop) or External.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_reason: Option<String>,
+    pub stop_reason: Option<StopReason>,
     /// The value of the start annotation last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_start_request: Option<String>,
@@ -482,6 +561,72 @@ pub struct LastAction {
     pub finished_at: Option<Time>,
 }
 
+/// EC2's state name: pending, running, stopping, stopped, shutting-down or terminated.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    /// `pending`: launching or starting.
+    Pending,
+    /// `running`.
+    Running,
+    /// `stopping`.
+    Stopping,
+    /// `stopped`.
+    Stopped,
+    /// `shutting-down`: terminating.
+    ShuttingDown,
+    /// `terminated`.
+    Terminated,
+    /// A name this version does not know, read from a status another version wrote; never
+    /// made from EC2's answer ([`InstanceState::parse`] refuses unknown names).
+    #[serde(other)]
+    Unknown,
+}
+
+impl InstanceState {
+    /// EC2's name for the state (`shutting-down`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::ShuttingDown => "shutting-down",
+            Self::Terminated => "terminated",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// The state EC2 names `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "stopping" => Self::Stopping,
+            "stopped" => Self::Stopped,
+            "shutting-down" => Self::ShuttingDown,
+            "terminated" => Self::Terminated,
+            _ => return None,
+        })
+    }
+
+    /// Pending, stopping or shutting-down: EC2 will move it on by itself.
+    pub fn is_transitional(self) -> bool {
+        matches!(self, Self::Pending | Self::Stopping | Self::ShuttingDown)
+    }
+
+    /// Shutting-down or terminated: the instance is gone for good.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::ShuttingDown | Self::Terminated)
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The EC2 instance as last observed.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -493,7 +638,7 @@ pub struct InstanceStatus {
     pub instance_type: Option<String>,
     /// EC2's state name: pending, running, stopping, stopped, shutting-down or terminated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<InstanceState>,
     /// The private IPv4 address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_ip: Option<String>,
@@ -594,7 +739,7 @@ pub struct ImageDeployStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_tag: Option<String>,
     /// Draining, Deploying, Verifying, Succeeded, Failed or RolledBack.
-    pub state: String,
+    pub state: ImageDeployState,
     /// The agent's deploy id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -619,4 +764,81 @@ pub struct ImageDeployStatus {
     /// AssumedByLegacyAgent).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub legacy_agent: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_vocabularies_keep_their_wire_names_and_read_unknown_values() {
+        let st: SandboxStatus = serde_json::from_value(serde_json::json!({
+            "stopReason": "Idle",
+            "deploy": {"tag": "v2", "state": "RolledBack"},
+        }))
+        .unwrap();
+        assert_eq!(st.stop_reason, Some(StopReason::Idle));
+        assert_eq!(
+            st.deploy.as_ref().unwrap().state,
+            ImageDeployState::RolledBack
+        );
+        let back = serde_json::to_value(&st).unwrap();
+        assert_eq!(back["stopReason"], "Idle");
+        assert_eq!(back["deploy"]["state"], "RolledBack");
+        for (s, name) in [
+            (ImageDeployState::Draining, "Draining"),
+            (ImageDeployState::Deploying, "Deploying"),
+            (ImageDeployState::Verifying, "Verifying"),
+            (ImageDeployState::Succeeded, "Succeeded"),
+            (ImageDeployState::Failed, "Failed"),
+            (ImageDeployState::RolledBack, "RolledBack"),
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), name);
+            assert_eq!(s.as_str(), name);
+        }
+        for (r, name) in [
+            (StopReason::Requested, "Requested"),
+            (StopReason::Idle, "Idle"),
+            (StopReason::External, "External"),
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), name);
+            assert_eq!(r.as_str(), name);
+        }
+
+        // A value another version wrote still reads: the object is not lost to a parse error.
+        let st: SandboxStatus = serde_json::from_value(serde_json::json!({
+            "stopReason": "Hibernated",
+            "deploy": {"tag": "v2", "state": "Paused"},
+        }))
+        .unwrap();
+        assert_eq!(st.stop_reason, Some(StopReason::Unknown));
+        let d = st.deploy.unwrap();
+        assert_eq!(d.state, ImageDeployState::Unknown);
+        assert!(!d.state.in_progress());
+    }
+
+    #[test]
+    fn instance_states_keep_ec2s_names_on_the_wire() {
+        for name in [
+            "pending",
+            "running",
+            "stopping",
+            "stopped",
+            "shutting-down",
+            "terminated",
+        ] {
+            let s = InstanceState::parse(name).unwrap();
+            assert_eq!(s.as_str(), name);
+            assert_eq!(serde_json::to_value(s).unwrap(), name);
+            let read: InstanceStatus =
+                serde_json::from_value(serde_json::json!({"id": "i-1", "state": name})).unwrap();
+            assert_eq!(read.state, Some(s));
+        }
+        // EC2's answers never make Unknown; an old or foreign status value reads as it.
+        assert_eq!(InstanceState::parse("rebooting"), None);
+        let read: InstanceStatus =
+            serde_json::from_value(serde_json::json!({"id": "i-1", "state": "rebooting"})).unwrap();
+        assert_eq!(read.state, Some(InstanceState::Unknown));
+        assert!(!InstanceState::Unknown.is_transitional() && !InstanceState::Unknown.is_terminal());
+    }
 }

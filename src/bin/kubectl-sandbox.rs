@@ -344,7 +344,13 @@ fn tree(
                 let inst = st
                     .instance
                     .as_ref()
-                    .map(|i| format!("{} {}", i.id, i.state.clone().unwrap_or_default()))
+                    .map(|i| {
+                        format!(
+                            "{} {}",
+                            i.id,
+                            i.state.map(|s| s.as_str()).unwrap_or_default()
+                        )
+                    })
                     .unwrap_or_else(|| "-".into());
                 let stop = st
                     .stop_reason

@@ -99,65 +99,8 @@ pub struct Instance {
     pub tags: BTreeMap<String, String>,
 }
 
-/// An instance's lifecycle state, as EC2 names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum InstanceState {
-    /// `pending`: launching or starting.
-    Pending,
-    /// `running`.
-    Running,
-    /// `stopping`.
-    Stopping,
-    /// `stopped`.
-    Stopped,
-    /// `shutting-down`: terminating.
-    ShuttingDown,
-    /// `terminated`.
-    Terminated,
-}
-
-impl InstanceState {
-    /// EC2's name for the state (`shutting-down`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Stopping => "stopping",
-            Self::Stopped => "stopped",
-            Self::ShuttingDown => "shutting-down",
-            Self::Terminated => "terminated",
-        }
-    }
-
-    /// The state EC2 names `name`.
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "pending" => Self::Pending,
-            "running" => Self::Running,
-            "stopping" => Self::Stopping,
-            "stopped" => Self::Stopped,
-            "shutting-down" => Self::ShuttingDown,
-            "terminated" => Self::Terminated,
-            _ => return None,
-        })
-    }
-
-    /// Pending, stopping or shutting-down: EC2 will move it on by itself.
-    pub fn is_transitional(self) -> bool {
-        matches!(self, Self::Pending | Self::Stopping | Self::ShuttingDown)
-    }
-
-    /// Shutting-down or terminated: the instance is gone for good.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::ShuttingDown | Self::Terminated)
-    }
-}
-
-impl std::fmt::Display for InstanceState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// An instance's lifecycle state, as EC2 names it (the type `status.instance.state` holds).
+pub use crate::api::InstanceState;
 
 /// A launch's turn in the client-side pacing of RunInstances ([`Ec2::launch_turn`]).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -156,11 +156,11 @@ impl SandboxRow {
         let status = sandbox.status.clone().unwrap_or_default();
         let instance = status.instance.as_ref();
         let agent = status.agent.as_ref();
-        let ec2_state = instance.and_then(|i| i.state.clone());
+        let ec2_state = instance.and_then(|i| i.state.map(|s| s.as_str().to_string()));
         let deploy_done = status
             .deploy
             .as_ref()
-            .filter(|d| d.state == "Succeeded")
+            .filter(|d| d.state == crate::api::ImageDeployState::Succeeded)
             .and_then(|d| ts(&d.finished_at));
         let idle_minutes = spec
             .auto_stop
@@ -205,7 +205,7 @@ impl SandboxRow {
                 .and_then(|i| i.market)
                 .or_else(|| spec.launch.as_ref().map(|l| l.market))
                 .map(|m| market_str(m).to_string()),
-            stop_reason: status.stop_reason.clone(),
+            stop_reason: status.stop_reason.map(|r| r.as_str().to_string()),
             failure_reason: status.failure_reason.clone(),
             created_at: ts(&meta.creation_timestamp).unwrap_or(now),
             updated_at: now,
@@ -292,7 +292,7 @@ mod tests {
             instance: Some(InstanceStatus {
                 id: "i-0123456789abcdef0".into(),
                 instance_type: Some("t3.medium".into()),
-                state: Some("stopped".into()),
+                state: Some(crate::api::InstanceState::Stopped),
                 market: Some(Market::Spot),
                 ..Default::default()
             }),
@@ -313,7 +313,7 @@ mod tests {
                 last_seen: None,
                 message: None,
             }),
-            stop_reason: Some("Idle".into()),
+            stop_reason: Some(crate::api::StopReason::Idle),
             no_vnc_url: Some("http://10.0.0.1:6080/vnc.html".into()),
             ..Default::default()
         });

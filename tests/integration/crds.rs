@@ -439,7 +439,7 @@ async fn sandbox_round_trips_and_status_patches_through_the_subresource() {
     let status = SandboxStatus {
         observed_generation: fetched.metadata.generation,
         phase: Some(SandboxPhase::Provisioning),
-        stop_reason: Some("Requested".into()),
+        stop_reason: Some(sandbox_operator::api::StopReason::Requested),
         ..Default::default()
     };
     let patch = serde_json::json!({"apiVersion": "fleet.valet.dev/v1alpha1", "kind": "Sandbox", "status": status});

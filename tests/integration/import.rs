@@ -641,6 +641,7 @@ async fn ec2_instances_selected_by_tag_are_adopted_as_they_are() {
                 s.status
                     .and_then(|st| st.instance)
                     .and_then(|i| i.state)
+                    .map(|s| s.as_str())
                     .unwrap_or_default()
             };
             let a = st(api.get("gh-worker-1").await.ok()?);

@@ -400,7 +400,7 @@ fn sandbox(name: &str, phase: SandboxPhase, state: &str, health: AgentHealth) ->
         instance: Some(InstanceStatus {
             id: "i-0123456789abcdef0".into(),
             instance_type: Some("t3.medium".into()),
-            state: Some(state.into()),
+            state: sandbox_operator::api::InstanceState::parse(state),
             public_ip: (state == "running").then(|| "34.197.248.80".into()),
             private_ip: Some("10.0.1.5".into()),
             market: Some(Market::OnDemand),

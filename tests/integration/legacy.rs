@@ -235,7 +235,9 @@ impl Env {
 }
 
 fn deploy_state(st: &SandboxStatus) -> Option<(String, String)> {
-    st.deploy.as_ref().map(|d| (d.tag.clone(), d.state.clone()))
+    st.deploy
+        .as_ref()
+        .map(|d| (d.tag.clone(), d.state.as_str().to_string()))
 }
 
 #[tokio::test]

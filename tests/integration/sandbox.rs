@@ -333,7 +333,7 @@ async fn adopt_fills_status_and_launches_nothing_and_observe_only_never_mutates(
         .wait("adopted", 60, "the instance observed", |s| {
             s.instance
                 .as_ref()
-                .is_some_and(|i| i.state.as_deref() == Some("running"))
+                .is_some_and(|i| i.state.map(|s| s.as_str()) == Some("running"))
         })
         .await;
     let inst = st.instance.unwrap();
@@ -406,12 +406,18 @@ async fn power_state_and_changes_made_outside_the_operator() {
     e.apply(&e.launched("p-1", "")).await;
     // Status follows pending to running as EC2 reports it.
     e.wait("p-1", 60, "pending", |s| {
-        s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("pending")
+        s.instance
+            .as_ref()
+            .and_then(|i| i.state.map(|s| s.as_str()))
+            == Some("pending")
     })
     .await;
     let st = e
         .wait("p-1", 60, "running", |s| {
-            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+            s.instance
+                .as_ref()
+                .and_then(|i| i.state.map(|s| s.as_str()))
+                == Some("running")
         })
         .await;
     let id = st.instance.unwrap().id;
@@ -420,22 +426,31 @@ async fn power_state_and_changes_made_outside_the_operator() {
     // Declared stop: stopping, then stopped; Ready because that is what was declared.
     e.apply(&e.launched("p-1", "  powerState: Stopped\n")).await;
     e.wait("p-1", 60, "stopping", |s| {
-        s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("stopping")
+        s.instance
+            .as_ref()
+            .and_then(|i| i.state.map(|s| s.as_str()))
+            == Some("stopping")
     })
     .await;
     let st = e
         .wait("p-1", 60, "stopped and Ready", |s| {
-            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("stopped")
+            s.instance
+                .as_ref()
+                .and_then(|i| i.state.map(|s| s.as_str()))
+                == Some("stopped")
                 && is(s, "Ready", "True")
         })
         .await;
     assert_eq!(st.phase, Some(SandboxPhase::Stopped));
-    assert_eq!(st.stop_reason.as_deref(), Some("Requested"));
+    assert_eq!(st.stop_reason.map(|r| r.as_str()), Some("Requested"));
 
     // Declared start.
     e.apply(&e.launched("p-1", "  powerState: Running\n")).await;
     e.wait("p-1", 60, "running again", |s| {
-        s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+        s.instance
+            .as_ref()
+            .and_then(|i| i.state.map(|s| s.as_str()))
+            == Some("running")
     })
     .await;
 
@@ -457,7 +472,10 @@ async fn power_state_and_changes_made_outside_the_operator() {
     })
     .await;
     e.wait("p-1", 60, "running after the external stop", |s| {
-        s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+        s.instance
+            .as_ref()
+            .and_then(|i| i.state.map(|s| s.as_str()))
+            == Some("running")
     })
     .await;
 
@@ -554,10 +572,13 @@ async fn auto_stop_when_idle_and_wake_by_annotation() {
     assert!(is(&st, "Idle", "True"));
     let st = e
         .wait("idle-1", 120, "auto-stopped", |s| {
-            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("stopped")
+            s.instance
+                .as_ref()
+                .and_then(|i| i.state.map(|s| s.as_str()))
+                == Some("stopped")
         })
         .await;
-    assert_eq!(st.stop_reason.as_deref(), Some("Idle"));
+    assert_eq!(st.stop_reason.map(|r| r.as_str()), Some("Idle"));
     assert_eq!(cond(&st, "Idle").unwrap().1, "IdleStopped");
     assert!(
         e.events("idle-1")
@@ -576,7 +597,10 @@ async fn auto_stop_when_idle_and_wake_by_annotation() {
         .unwrap();
     let st = e
         .wait("idle-1", 60, "running again", |s| {
-            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+            s.instance
+                .as_ref()
+                .and_then(|i| i.state.map(|s| s.as_str()))
+                == Some("running")
         })
         .await;
     assert_eq!(
@@ -603,7 +627,7 @@ async fn image_tag_is_deployed_through_the_agent_and_a_failed_tag_is_not_retried
                 && s.agent.as_ref().and_then(|a| a.image_tag.as_deref()) == Some("v2")
         })
         .await;
-    assert_eq!(st.deploy.as_ref().unwrap().state, "Succeeded");
+    assert_eq!(st.deploy.as_ref().unwrap().state.as_str(), "Succeeded");
     assert_eq!(
         st.deploy.as_ref().unwrap().previous_tag.as_deref(),
         Some("v1")
@@ -629,9 +653,9 @@ async fn image_tag_is_deployed_through_the_agent_and_a_failed_tag_is_not_retried
     .await;
     let st = e
         .wait("img-1", 90, "v3 failed", |s| {
-            s.deploy
-                .as_ref()
-                .is_some_and(|d| d.tag == "v3" && (d.state == "RolledBack" || d.state == "Failed"))
+            s.deploy.as_ref().is_some_and(|d| {
+                d.tag == "v3" && (d.state.as_str() == "RolledBack" || d.state.as_str() == "Failed")
+            })
         })
         .await;
     assert_eq!(cond(&st, "ImageUpToDate").unwrap().1, "DeployFailed");
@@ -661,7 +685,10 @@ async fn deletion_policies_and_the_orphan_sweep() {
         .await;
     let keep = e
         .wait("keep", 60, "running", |s| {
-            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+            s.instance
+                .as_ref()
+                .and_then(|i| i.state.map(|s| s.as_str()))
+                == Some("running")
         })
         .await
         .instance
@@ -669,7 +696,10 @@ async fn deletion_policies_and_the_orphan_sweep() {
         .id;
     let halt = e
         .wait("halt", 60, "running", |s| {
-            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+            s.instance
+                .as_ref()
+                .and_then(|i| i.state.map(|s| s.as_str()))
+                == Some("running")
         })
         .await
         .instance
@@ -824,7 +854,10 @@ async fn throttling_is_transient_and_never_fails_a_sandbox() {
     }
     for i in 0..6 {
         e.wait(&format!("t-{i}"), 120, "the instance", |s| {
-            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+            s.instance
+                .as_ref()
+                .and_then(|i| i.state.map(|s| s.as_str()))
+                == Some("running")
         })
         .await;
     }
@@ -1113,7 +1146,10 @@ async fn ec2s_eventual_consistency_never_fails_relaunches_or_leaks() {
     for name in ["ec-1", "ec-2"] {
         let st = e
             .wait(name, 60, "running", |s| {
-                s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+                s.instance
+                    .as_ref()
+                    .and_then(|i| i.state.map(|s| s.as_str()))
+                    == Some("running")
             })
             .await;
         sample(&mut seen, name, &st);
@@ -1178,7 +1214,10 @@ async fn deleting_sandboxes_logs_no_warning() {
     }
     for name in names {
         e.wait(name, 60, "running", |s| {
-            s.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+            s.instance
+                .as_ref()
+                .and_then(|i| i.state.map(|s| s.as_str()))
+                == Some("running")
         })
         .await;
     }

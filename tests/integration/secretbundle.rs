@@ -1585,7 +1585,9 @@ async fn canaries_end_to_end(db: LedgerDb) {
         s.status
             .as_ref()
             .and_then(|st| st.deploy.as_ref())
-            .is_some_and(|d| d.tag == "v2" && (d.state == "RolledBack" || d.state == "Failed"))
+            .is_some_and(|d| {
+                d.tag == "v2" && (d.state.as_str() == "RolledBack" || d.state.as_str() == "Failed")
+            })
     })
     .await;
     let up = cond_of(&s, "ImageUpToDate").unwrap();

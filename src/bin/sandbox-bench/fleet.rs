@@ -269,7 +269,10 @@ fn observe(seen: &Mutex<HashMap<String, Seen>>, obj: &Sandbox) {
     let failed = st.phase == Some(SandboxPhase::Failed) || st.failure_reason.is_some();
     let mut map = seen.lock().expect("seen");
     let e = map.entry(name).or_default();
-    let new_instance_state = st.instance.as_ref().and_then(|i| i.state.clone());
+    let new_instance_state = st
+        .instance
+        .as_ref()
+        .and_then(|i| i.state.map(|s| s.as_str().to_string()));
     let changed = e.phase != st.phase
         || e.ready != ready
         || e.instance_state != new_instance_state
@@ -304,7 +307,10 @@ fn observe(seen: &Mutex<HashMap<String, Seen>>, obj: &Sandbox) {
     e.instance_id = st.instance.as_ref().map(|i| i.id.clone());
     e.instance_state = new_instance_state;
     e.agent_tag = st.agent.as_ref().and_then(|a| a.image_tag.clone());
-    e.deploy = st.deploy.as_ref().map(|d| (d.tag.clone(), d.state.clone()));
+    e.deploy = st
+        .deploy
+        .as_ref()
+        .map(|d| (d.tag.clone(), d.state.as_str().to_string()));
     e.image_up_to_date = st
         .conditions
         .iter()

@@ -11,7 +11,8 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conditions::{self, Desired, FALSE, TRUE};
 use crate::api::{
-    DeployPhase, DeployTarget, FailurePolicy, SandboxDeploySpec, SandboxDeployStatus, TargetPhase,
+    DeployPhase, DeployTarget, FailurePolicy, ImageDeployState, SandboxDeploySpec,
+    SandboxDeployStatus, TargetPhase,
 };
 use crate::controller::sandbox::decide::deploy_state;
 use crate::util::parse_duration;
@@ -31,6 +32,52 @@ pub mod cond {
 /// The condition reason of a spec the deploy cannot act on.
 pub const INVALID_SPEC: &str = "InvalidSpec";
 
+/// The spec's durations, parsed once: the decisions use these instead of the raw strings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidSpec {
+    /// `spec.strategy.drainTimeout`.
+    pub drain_timeout: Duration,
+    /// `spec.strategy.targetDeadline`.
+    pub target_deadline: Duration,
+}
+
+/// Why a spec's durations cannot be used: one sentence per field, naming it and what to write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidSpec {
+    /// The problems.
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+/// The validate step: every duration of the spec parsed (the CRD's rules check them too, but
+/// not for objects stored before those rules). The selector is checked where the rollout
+/// starts (see [`decide`]).
+pub fn validate(spec: &SandboxDeploySpec) -> Result<ValidSpec, InvalidSpec> {
+    let mut problems = Vec::new();
+    let mut duration = |field: &str, value: &str| {
+        parse_duration(value)
+            .map_err(|e| problems.push(format!("{field}: {e}")))
+            .unwrap_or_default()
+    };
+    let drain_timeout = duration("spec.strategy.drainTimeout", &spec.strategy.drain_timeout);
+    let target_deadline = duration(
+        "spec.strategy.targetDeadline",
+        &spec.strategy.target_deadline,
+    );
+    if !problems.is_empty() {
+        return Err(InvalidSpec { problems });
+    }
+    Ok(ValidSpec {
+        drain_timeout,
+        target_deadline,
+    })
+}
+
 /// What one target Sandbox looks like now.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TargetObs {
@@ -43,7 +90,7 @@ pub struct TargetObs {
     /// The instance runs and the spec wants it running.
     pub running: bool,
     /// The Sandbox's own record of its last image deploy: (tag, state, attempt, message).
-    pub deploy: Option<(String, String, Option<String>, Option<String>)>,
+    pub deploy: Option<(String, ImageDeployState, Option<String>, Option<String>)>,
     /// The Sandbox's Ready condition is True.
     pub ready: bool,
     /// Why the Sandbox is not healthy (phase Unhealthy or Failed, or its agent reported
@@ -252,6 +299,41 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         };
     }
 
+    // ---- The validate step: a spec the deploy cannot read is reported, never defaulted. ----
+    let valid = match validate(i.spec) {
+        Ok(v) => v,
+        Err(invalid) => {
+            let message = format!("invalid spec: {invalid}; nothing is done until it is fixed");
+            if st.message.as_deref() != Some(message.as_str()) {
+                notes.push(Note {
+                    about: None,
+                    warning: true,
+                    reason: INVALID_SPEC,
+                    message: message.clone(),
+                });
+            }
+            // Not started: it waits in Pending; started: its phase stays, and no target is
+            // set, failed or timed out until the spec is fixed.
+            st.phase = st.phase.or(Some(DeployPhase::Pending));
+            st.message = Some(message.clone());
+            set(
+                &mut cs,
+                cond::PROGRESSING,
+                FALSE,
+                INVALID_SPEC,
+                message.clone(),
+            );
+            set(&mut cs, cond::READY, FALSE, INVALID_SPEC, message);
+            st.conditions = cs;
+            return Decision {
+                status: st,
+                actions,
+                notes,
+                requeue: None,
+            };
+        }
+    };
+
     // ---- Before the first wave. ----
     if st.started_at.is_none() {
         if i.abort {
@@ -379,8 +461,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     // ---- Follow every started target. ----
-    let deadline =
-        parse_duration(&i.spec.strategy.target_deadline).unwrap_or(Duration::from_secs(900));
+    let deadline = valid.target_deadline;
     let empty = TargetObs::default();
     // Targets chosen in this very pass are observed through the selection.
     let obs_of = |name: &str| {
@@ -427,7 +508,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             .deploy
             .as_ref()
             .filter(|(dt, _, att, _)| dt == &tag && att.as_deref().is_none_or(|a| a == attempt));
-        match record.map(|(_, s, _, m)| (s.as_str(), m.clone())) {
+        match record.map(|(_, s, _, m)| (*s, m.clone())) {
             Some((deploy_state::DRAINING, _)) => t.phase = TargetPhase::Draining,
             Some((deploy_state::DEPLOYING, _)) => t.phase = TargetPhase::Deploying,
             Some((deploy_state::VERIFYING, _)) => t.phase = TargetPhase::Verifying,
@@ -831,11 +912,11 @@ mod tests {
             self.status = d.status.clone();
             d
         }
-        fn sandbox_reports(&mut self, name: &str, state: &str) {
+        fn sandbox_reports(&mut self, name: &str, state: ImageDeployState) {
             let o = self.observed.get_mut(name).unwrap();
             o.deploy = Some((
                 "v2".into(),
-                state.into(),
+                state,
                 Some(format!(
                     "uid/{}",
                     self.status.last_retry.as_deref().unwrap_or("0")
@@ -1032,6 +1113,73 @@ mod tests {
         );
         r.step();
         r.now = 61;
+        r.step();
+        assert_eq!(r.phase_of("a"), TargetPhase::Failed);
+    }
+
+    #[test]
+    fn an_unreadable_duration_is_an_invalid_spec_naming_the_field_never_a_default() {
+        // As stored before the CRD checked durations.
+        let bad = spec(serde_json::json!({"strategy": {"targetDeadline": "15 minutes"}}));
+        let e = validate(&bad).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(
+            e.problems[0].starts_with("spec.strategy.targetDeadline: ")
+                && e.problems[0].contains("\"15 minutes\"")
+                && e.problems[0].contains("such as 30s, 5m or 1h30m"),
+            "{e}"
+        );
+        let bad = spec(serde_json::json!({"strategy": {"drainTimeout": "5"}}));
+        assert!(
+            validate(&bad).unwrap_err().problems[0].starts_with("spec.strategy.drainTimeout: ")
+        );
+
+        // Before the rollout: nothing is set, Pending with Ready=False InvalidSpec, one Event.
+        let mut r = Run::new(
+            spec(serde_json::json!({"strategy": {"targetDeadline": "15 minutes"}})),
+            &["a"],
+        );
+        let d = r.step();
+        assert!(d.actions.is_empty() && r.status.targets.is_empty());
+        assert_eq!(r.status.phase, Some(DeployPhase::Pending));
+        let ready = conditions::get(&r.status.conditions, cond::READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", INVALID_SPEC)
+        );
+        assert!(
+            ready.message.contains("spec.strategy.targetDeadline"),
+            "{}",
+            ready.message
+        );
+        let progressing = conditions::get(&r.status.conditions, cond::PROGRESSING).unwrap();
+        assert_eq!(progressing.reason, INVALID_SPEC);
+        assert_eq!(d.notes.len(), 1);
+        assert_eq!(d.notes[0].reason, INVALID_SPEC);
+        assert!(
+            r.step().notes.is_empty(),
+            "one Event, not one per reconcile"
+        );
+
+        // Fixed, the rollout starts.
+        r.spec.strategy.target_deadline = "1m".into();
+        let d = r.step();
+        assert_eq!(d.actions.len(), 1);
+        let phase = r.phase_of("a");
+        assert!(in_flight(phase), "{phase:?}");
+
+        // Broken mid-rollout: no deadline is applied from a made-up value; the target is left
+        // as it is, the phase kept, and the status says why.
+        r.spec.strategy.target_deadline = "1 minute".into();
+        r.now = 3600;
+        let d = r.step();
+        assert!(d.actions.is_empty());
+        assert_eq!(r.phase_of("a"), phase);
+        assert_eq!(r.status.phase, Some(DeployPhase::Progressing));
+        let ready = conditions::get(&r.status.conditions, cond::READY).unwrap();
+        assert_eq!(ready.reason, INVALID_SPEC);
+        // Fixed again, the deadline it names applies.
+        r.spec.strategy.target_deadline = "1m".into();
         r.step();
         assert_eq!(r.phase_of("a"), TargetPhase::Failed);
     }

@@ -297,21 +297,18 @@ pub fn error_policy(d: Arc<SandboxDeploy>, err: &Error, ctx: Arc<Context>) -> Re
 
 fn target_obs(s: &Sandbox) -> TargetObs {
     let st = s.status.clone().unwrap_or_default();
-    let running = st.instance.as_ref().and_then(|i| i.state.as_deref()) == Some("running")
+    let running = st.instance.as_ref().and_then(|i| i.state)
+        == Some(crate::api::InstanceState::Running)
         && s.spec.power_state == crate::api::PowerState::Running;
     TargetObs {
         exists: s.metadata.deletion_timestamp.is_none(),
         spec_tag: s.spec.image.as_ref().map(|i| i.tag.clone()),
         reported_tag: st.agent.as_ref().and_then(|a| a.image_tag.clone()),
         running,
-        deploy: st.deploy.as_ref().map(|d| {
-            (
-                d.tag.clone(),
-                d.state.clone(),
-                d.attempt.clone(),
-                d.message.clone(),
-            )
-        }),
+        deploy: st
+            .deploy
+            .as_ref()
+            .map(|d| (d.tag.clone(), d.state, d.attempt.clone(), d.message.clone())),
         ready: conditions::is_true(&st.conditions, "Ready"),
         unhealthy: unhealthy(&st),
     }

@@ -11,8 +11,9 @@ use k8s_openapi::jiff::Timestamp;
 use crate::agent::protocol::{CheckStatus, DeployState, HealthReport};
 use crate::api::conditions::{self, Desired, FALSE, TRUE, UNKNOWN};
 use crate::api::{
-    AgentHealth, AgentStatus, ImageDeployStatus, InstanceStatus, ManagementPolicy, Market,
-    PowerState, SandboxPhase, SandboxSpec, SandboxStatus, URL_PLACEHOLDERS,
+    AgentHealth, AgentStatus, ImageDeployState, ImageDeployStatus, InstanceStatus,
+    ManagementPolicy, Market, PowerState, SandboxPhase, SandboxSpec, SandboxStatus, StopReason,
+    URL_PLACEHOLDERS,
 };
 use crate::ec2::{Instance, InstanceState};
 use crate::util::parse_duration;
@@ -38,36 +39,38 @@ pub const ASSUMED_BY_LEGACY_AGENT: &str = "AssumedByLegacyAgent";
 
 /// Why an instance is stopped, as status reports it.
 pub mod stop_reason {
+    use crate::api::StopReason;
     /// The spec says Stopped.
-    pub const REQUESTED: &str = "Requested";
+    pub const REQUESTED: StopReason = StopReason::Requested;
     /// Auto-stop stopped it after the idle period.
-    pub const IDLE: &str = "Idle";
+    pub const IDLE: StopReason = StopReason::Idle;
     /// Something outside the operator stopped it.
-    pub const EXTERNAL: &str = "External";
+    pub const EXTERNAL: StopReason = StopReason::External;
 }
 
 /// Deploy states in `status.deploy.state`.
 pub mod deploy_state {
+    use crate::api::ImageDeployState as DeployState;
     /// Waiting for active workers to finish.
-    pub const DRAINING: &str = "Draining";
+    pub const DRAINING: DeployState = DeployState::Draining;
     /// The agent is deploying.
-    pub const DEPLOYING: &str = "Deploying";
+    pub const DEPLOYING: DeployState = DeployState::Deploying;
     /// Waiting for the new tag and a healthy report.
-    pub const VERIFYING: &str = "Verifying";
+    pub const VERIFYING: DeployState = DeployState::Verifying;
     /// Done.
-    pub const SUCCEEDED: &str = "Succeeded";
+    pub const SUCCEEDED: DeployState = DeployState::Succeeded;
     /// Failed; the agent could not roll back (or the operator gave up).
-    pub const FAILED: &str = "Failed";
+    pub const FAILED: DeployState = DeployState::Failed;
     /// Failed and the agent rolled back to the previous tag.
-    pub const ROLLED_BACK: &str = "RolledBack";
+    pub const ROLLED_BACK: DeployState = DeployState::RolledBack;
 
     /// Consecutive healthy answers a legacy health server must give after the settle time
     /// before its deploy counts as done (the first moves the deploy to Verifying).
     pub const LEGACY_HEALTHY_REPORTS: u32 = 2;
 
     /// Whether a deploy in this state is still under way.
-    pub fn in_progress(state: &str) -> bool {
-        matches!(state, DRAINING | DEPLOYING | VERIFYING)
+    pub fn in_progress(state: &DeployState) -> bool {
+        state.in_progress()
     }
 }
 
@@ -475,7 +478,7 @@ pub enum Action {
         /// The instance id.
         id: String,
         /// `stop_reason::REQUESTED` or `stop_reason::IDLE`.
-        reason: &'static str,
+        reason: StopReason,
     },
     /// Ask the agent to drain.
     Drain,
@@ -550,7 +553,7 @@ pub fn instance_status(i: &Instance, launched_by_operator: bool) -> InstanceStat
     InstanceStatus {
         id: i.id.clone(),
         instance_type: i.instance_type.clone(),
-        state: Some(i.state.as_str().to_string()),
+        state: Some(i.state),
         private_ip: i.private_ip.clone(),
         public_ip: i.public_ip.clone(),
         private_dns: i.private_dns.clone(),
@@ -613,7 +616,7 @@ fn launch_words(spec: &SandboxSpec, stage: &LaunchStage) -> (&'static str, Strin
 /// seen running, stopped or anything else was visible, so its vanishing is real.
 fn launched_within_grace(s: &InstanceStatus, now: Timestamp) -> bool {
     s.launched_by_operator
-        && s.state.as_deref() == Some(InstanceState::Pending.as_str())
+        && s.state == Some(InstanceState::Pending)
         && s.launch_time
             .as_ref()
             .is_some_and(|t| since(now, t) < crate::ec2::LAUNCH_GRACE)
@@ -744,7 +747,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
         }
         InstanceObs::Missing { id } if terminated_on_request(&st) => {
             // EC2 forgets terminated instances after a while.
-            return terminated_decision(i, st, cs, id, "terminated");
+            return terminated_decision(i, st, cs, id, InstanceState::Terminated);
         }
         InstanceObs::Missing { id } => {
             let launched = st.instance.as_ref().is_some_and(|s| s.launched_by_operator);
@@ -788,9 +791,9 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
         .as_ref()
         .map(|s| s.launched_by_operator)
         .unwrap_or(i.spec.launch.is_some());
-    let prev_state = st.instance.as_ref().and_then(|s| s.state.clone());
+    let prev_state = st.instance.as_ref().and_then(|s| s.state);
     st.instance = Some(instance_status(instance, launched_by_operator));
-    if prev_state.as_deref() != Some(instance.state.as_str()) {
+    if prev_state != Some(instance.state) {
         match instance.state {
             InstanceState::Running => st.last_started_at = Some(time(now)),
             InstanceState::Stopped => st.last_stopped_at = Some(time(now)),
@@ -800,13 +803,13 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
 
     // ---- What the operator wants of the power state. ----
     let woken = new_start_request(i.start_request, &st);
-    let auto_stopped = st.stop_reason.as_deref() == Some(stop_reason::IDLE);
+    let auto_stopped = st.stop_reason == Some(stop_reason::IDLE);
     let want_running = i.spec.power_state == PowerState::Running && (!auto_stopped || woken);
     let id = instance.id.clone();
 
     match instance.state {
         InstanceState::ShuttingDown | InstanceState::Terminated if terminated_on_request(&st) => {
-            return terminated_decision(i, st, cs, &id, instance.state.as_str());
+            return terminated_decision(i, st, cs, &id, instance.state);
         }
         InstanceState::ShuttingDown | InstanceState::Terminated => {
             st.phase = Some(SandboxPhase::Failed);
@@ -814,7 +817,10 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
             st.failure_message = Some(format!(
                 "instance {id} was terminated outside the operator; it is not relaunched: delete and recreate the Sandbox for a new one"
             ));
-            if !matches!(prev_state.as_deref(), Some("shutting-down" | "terminated")) {
+            if !matches!(
+                prev_state,
+                Some(InstanceState::ShuttingDown | InstanceState::Terminated)
+            ) {
                 notes.push(Note {
                     warning: true,
                     reason: "InstanceTerminated",
@@ -864,6 +870,18 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
             );
             requeue = i.settings.poll;
         }
+        // Never made from EC2's answer (the EC2 layer refuses names it does not know); should
+        // one reach here, nothing is done to the instance and it is looked at again.
+        InstanceState::Unknown => {
+            set(
+                cs,
+                cond::INSTANCE_RUNNING,
+                UNKNOWN,
+                "UnknownState",
+                format!("instance {id} is in a state this operator does not know"),
+            );
+            requeue = i.settings.poll;
+        }
         InstanceState::Stopping => {
             st.phase = Some(SandboxPhase::Stopped);
             set(
@@ -886,12 +904,12 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
             );
             if st.stop_reason.is_none() {
                 // Nobody here asked for it: stopped outside the operator.
-                st.stop_reason = Some(stop_reason::EXTERNAL.into());
+                st.stop_reason = Some(stop_reason::EXTERNAL);
             }
             if want_running && !observe_only {
                 let why = if woken {
                     StartWhy::Woken
-                } else if st.stop_reason.as_deref() == Some(stop_reason::EXTERNAL) {
+                } else if st.stop_reason == Some(stop_reason::EXTERNAL) {
                     StartWhy::RestartAfterExternalStop
                 } else {
                     StartWhy::Requested
@@ -937,7 +955,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
     }
     for a in &actions {
         match a {
-            Action::Stop { reason, .. } => st.stop_reason = Some((*reason).to_string()),
+            Action::Stop { reason, .. } => st.stop_reason = Some(*reason),
             Action::Start { .. } => st.stop_reason = None,
             _ => {}
         }
@@ -1098,9 +1116,9 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
         ProbeObs::Report(r) => Some(r.as_ref()),
         _ => None,
     };
-    match (&i.spec.auto_stop, running) {
-        (Some(auto), true) => {
-            let idle_after = valid.idle_after.unwrap_or(Duration::from_secs(1800));
+    // `valid.idle_after` is set exactly when `autoStop` is.
+    match (i.spec.auto_stop.as_ref().zip(valid.idle_after), running) {
+        (Some((auto, idle_after)), true) => {
             let deploying = st
                 .deploy
                 .as_ref()
@@ -1122,7 +1140,7 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
                             id: id.clone(),
                             reason: stop_reason::IDLE,
                         });
-                        st.stop_reason = Some(stop_reason::IDLE.into());
+                        st.stop_reason = Some(stop_reason::IDLE);
                         notes.push(Note {
                             warning: false,
                             reason: "IdleStop",
@@ -1166,8 +1184,8 @@ fn decide_state(i: &Inputs<'_>) -> Decision {
                 ),
             }
         }
-        (Some(auto), false) => {
-            if st.stop_reason.as_deref() == Some(stop_reason::IDLE) {
+        (Some((auto, _)), false) => {
+            if st.stop_reason == Some(stop_reason::IDLE) {
                 set(
                     cs,
                     cond::IDLE,
@@ -1305,7 +1323,7 @@ fn terminated_decision(
     mut st: SandboxStatus,
     cs: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     id: &str,
-    state: &str,
+    state: InstanceState,
 ) -> Decision {
     let mut notes = Vec::new();
     if st.phase != Some(SandboxPhase::Terminated) {
@@ -1321,7 +1339,7 @@ fn terminated_decision(
     st.agent = clear_agent(st.agent.take());
     st.idle_since = None;
     if let Some(inst) = st.instance.as_mut() {
-        inst.state = Some(state.to_string());
+        inst.state = Some(state);
     }
     for (type_, status, reason, message) in [
         (
@@ -1475,8 +1493,8 @@ fn image_step(
     let record = st.deploy.clone().filter(|d| {
         d.tag == tag
             && !(matches!(
-                d.state.as_str(),
-                deploy_state::FAILED | deploy_state::ROLLED_BACK
+                d.state,
+                ImageDeployState::Failed | ImageDeployState::RolledBack
             ) && i.deploy_attempt.is_some()
                 && d.attempt.as_deref() != i.deploy_attempt)
     });
@@ -1493,8 +1511,8 @@ fn image_step(
             return (vec![], assumed_up_to_date(tag, d), None);
         }
         if matches!(
-            d.state.as_str(),
-            deploy_state::FAILED | deploy_state::ROLLED_BACK
+            d.state,
+            ImageDeployState::Failed | ImageDeployState::RolledBack
         ) {
             // Never retried in a loop: a new tag (or deleting status.deploy) tries again.
             return (
@@ -1544,7 +1562,7 @@ fn image_step(
                 && let ProbeObs::Failed(err) = i.probe
             {
                 // The healthy answers must be consecutive: start counting again.
-                d.state = deploy_state::DEPLOYING.into();
+                d.state = deploy_state::DEPLOYING;
                 d.message = Some(format!(
                     "the legacy health server stopped answering after the deploy ({err}); waiting for it to answer healthy again"
                 ));
@@ -1581,7 +1599,7 @@ fn image_step(
             let d = ImageDeployStatus {
                 tag: tag.to_string(),
                 previous_tag: reported.clone().or(assumed),
-                state: deploy_state::DRAINING.into(),
+                state: deploy_state::DRAINING,
                 id: None,
                 attempt: i.deploy_attempt.map(str::to_string),
                 message: Some("waiting for active workers to finish".into()),
@@ -1636,14 +1654,14 @@ fn image_step(
     };
     let started = d.started_at.clone().unwrap_or(time(now));
     let elapsed = since(now, &started);
-    let finish = |d: &mut ImageDeployStatus, state: &str, msg: String| {
-        d.state = state.into();
+    let finish = |d: &mut ImageDeployStatus, state: ImageDeployState, msg: String| {
+        d.state = state;
         d.message = Some(msg);
         d.finished_at = Some(time(now));
     };
     let mut actions = vec![];
     let out: CondOut;
-    match d.state.as_str() {
+    match d.state {
         deploy_state::DRAINING => {
             if report.is_deploy_safe() && !report.deploy_running() {
                 ask_to_deploy(&mut d, now);
@@ -1704,7 +1722,7 @@ fn image_step(
                         });
                         out = (TRUE, "UpToDate", format!("running {tag}"));
                     } else {
-                        d.state = deploy_state::VERIFYING.into();
+                        d.state = deploy_state::VERIFYING;
                         d.message =
                             Some("running the new tag; waiting for a healthy report".into());
                         out = (
@@ -1756,7 +1774,7 @@ fn image_step(
 
 /// Moves a deploy record to Deploying: the agent is asked for the tag now.
 fn ask_to_deploy(d: &mut ImageDeployStatus, now: Timestamp) {
-    d.state = deploy_state::DEPLOYING.into();
+    d.state = deploy_state::DEPLOYING;
     d.requested_at = Some(time(now));
     d.message = Some(if d.legacy_agent {
         "asked the legacy health server to deploy".into()
@@ -1785,7 +1803,7 @@ fn past_deadline(
     } else {
         format!("not done within {deadline}s")
     };
-    d.state = deploy_state::FAILED.into();
+    d.state = deploy_state::FAILED;
     d.message = Some(msg.clone());
     d.finished_at = Some(time(i.now));
     notes.push(Note {
@@ -1822,7 +1840,7 @@ fn legacy_progress(
         .unwrap_or(time(now));
     let settle = i.settings.legacy_settle;
     if since(now, &requested) < settle {
-        d.state = deploy_state::DEPLOYING.into();
+        d.state = deploy_state::DEPLOYING;
         d.message = Some(format!(
             "the legacy health server accepted the deploy and reports no progress: its deploy script is given {}s before health counts",
             settle.as_secs()
@@ -1835,7 +1853,7 @@ fn legacy_progress(
     }
     if !healthy {
         let why = agent_message.unwrap_or("it does not report healthy");
-        d.state = deploy_state::DEPLOYING.into();
+        d.state = deploy_state::DEPLOYING;
         d.message = Some(format!(
             "waiting for the legacy health server to answer healthy after the deploy: {why}"
         ));
@@ -1850,7 +1868,7 @@ fn legacy_progress(
             "assumed to run {tag}: the legacy health server answered healthy {} times in a row after the deploy (it does not report its image tag)",
             deploy_state::LEGACY_HEALTHY_REPORTS
         );
-        d.state = deploy_state::SUCCEEDED.into();
+        d.state = deploy_state::SUCCEEDED;
         d.message = Some(msg.clone());
         d.finished_at = Some(time(now));
         notes.push(Note {
@@ -1860,7 +1878,7 @@ fn legacy_progress(
         });
         return assumed_up_to_date(tag, d);
     }
-    d.state = deploy_state::VERIFYING.into();
+    d.state = deploy_state::VERIFYING;
     d.message = Some(format!(
         "the legacy health server answered healthy after the deploy (1 of {})",
         deploy_state::LEGACY_HEALTHY_REPORTS
@@ -1901,7 +1919,7 @@ fn ready_summary(
     let running = instance.state == InstanceState::Running;
     if !want_running && !observe_only {
         return match instance.state {
-            InstanceState::Stopped => match st.stop_reason.as_deref() {
+            InstanceState::Stopped => match st.stop_reason {
                 Some(stop_reason::IDLE) => (
                     TRUE,
                     "IdleStopped",
@@ -2338,7 +2356,7 @@ fn day2_step(i: &Inputs<'_>, req: ActionRequest<'_>, d: &mut Decision) {
         .status
         .instance
         .as_ref()
-        .and_then(|s| s.state.clone())
+        .and_then(|s| s.state)
         .filter(|_| !matches!(i.instance, InstanceObs::NoInstance));
     let running = matches!(i.instance, InstanceObs::Found(inst) if inst.state == InstanceState::Running)
         && !d.actions.iter().any(|a| matches!(a, Action::Stop { .. }))

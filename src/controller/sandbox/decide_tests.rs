@@ -340,10 +340,7 @@ fn spec_stopped_stops_a_running_instance_then_reads_ready_when_stopped() {
             reason: stop_reason::REQUESTED
         }]
     );
-    assert_eq!(
-        d.status.stop_reason.as_deref(),
-        Some(stop_reason::REQUESTED)
-    );
+    assert_eq!(d.status.stop_reason, Some(stop_reason::REQUESTED));
     c.instance = InstanceObs::Found(inst(InstanceState::Stopping));
     let d = c.step();
     assert!(d.actions.is_empty());
@@ -361,7 +358,7 @@ fn spec_stopped_stops_a_running_instance_then_reads_ready_when_stopped() {
 #[test]
 fn spec_running_starts_a_stopped_instance() {
     let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
-    c.status.stop_reason = Some(stop_reason::REQUESTED.into());
+    c.status.stop_reason = Some(stop_reason::REQUESTED);
     let d = c.run();
     assert_eq!(
         d.actions,
@@ -444,7 +441,7 @@ fn unhealthy_only_after_failure_threshold_and_back_on_success() {
 fn no_health_verdict_while_not_running() {
     let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Stopped)));
     c.spec.power_state = PowerState::Stopped;
-    c.status.stop_reason = Some(stop_reason::REQUESTED.into());
+    c.status.stop_reason = Some(stop_reason::REQUESTED);
     let d = c.run();
     assert_ne!(d.status.phase, Some(SandboxPhase::Unhealthy));
     assert_eq!(cond(&d, cond::AGENT_HEALTHY).status, "Unknown");
@@ -548,7 +545,7 @@ fn auto_stop_after_idle_period_and_wake_by_annotation() {
             reason: stop_reason::IDLE
         }]
     );
-    assert_eq!(d.status.stop_reason.as_deref(), Some(stop_reason::IDLE));
+    assert_eq!(d.status.stop_reason, Some(stop_reason::IDLE));
     assert!(d.notes.iter().any(|n| n.reason == "IdleStop"));
     // Stopped by auto-stop: stays stopped although the spec says Running.
     c.probe = ProbeObs::NotProbed;

@@ -33,7 +33,6 @@ use crate::api::{
 use crate::controller::sandboxes::{Change, SandboxWatch, changed};
 use crate::ec2::{self, Ec2, Ec2Error, InstanceState, LaunchRequest};
 use crate::metrics::{Metrics, SandboxLabels};
-use crate::util::parse_duration;
 use decide::{
     Action, ActionRequest, DeleteStep, Inputs, InstanceObs, LaunchHold, LaunchStage, Note,
     ProbeObs, Rejection, Settings, StartWhy,
@@ -499,8 +498,8 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let in_flight = status
         .instance
         .as_ref()
-        .and_then(|i| i.state.as_deref())
-        .is_some_and(|s| matches!(s, "pending" | "stopping" | "shutting-down"))
+        .and_then(|i| i.state)
+        .is_some_and(InstanceState::is_transitional)
         || status
             .deploy
             .as_ref()
@@ -538,7 +537,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
 
     // ---- Which instance? ----
     // A spec the validate step refuses is reported, never acted on (no launch, no probe).
-    let valid = decide::validate(spec).is_ok();
+    let valid = decide::validate(spec).ok();
     let mut launch_hold = None;
     let mut launched_now = false;
     let instance_id = match (
@@ -552,7 +551,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
             Some(id.clone())
         }
         (None, Some(id)) => Some(id),
-        (None, None) if rejection.is_some() || !valid => None,
+        (None, None) if rejection.is_some() || valid.is_none() => None,
         (None, None) => {
             // Take this launch's turn in the client-side pacing of RunInstances (at once,
             // without waiting), then say where it stands before anything else.
@@ -710,11 +709,10 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let mut agent_client = None;
     if let InstanceObs::Found(inst) = &observed
         && inst.state == InstanceState::Running
-        && valid
+        && let Some(valid) = &valid
     {
         agent_url = decide::agent_url(spec, inst);
-        let interval =
-            parse_duration(&spec.agent.probe_interval).unwrap_or(Duration::from_secs(30));
+        let interval = valid.probe_interval;
         let due = {
             let lp = ctx.last_probe.lock().expect("last_probe");
             lp.get(&uid)
@@ -724,7 +722,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                 || decide::action_wants_probe(&status, request)
         };
         if due {
-            match agent_client_for(&obj, agent_url.as_deref(), &ctx).await {
+            match agent_client_for(&obj, agent_url.as_deref(), valid.probe_timeout, &ctx).await {
                 Ok(c) => {
                     probe = match c.health().await {
                         Ok(r) => ProbeObs::Report(Box::new(r)),
@@ -978,12 +976,12 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
                                 "the agent is busy with deploy {}",
                                 e.running_deploy_id().unwrap_or_default()
                             ));
-                            d.state = decide::deploy_state::DRAINING.into();
+                            d.state = decide::deploy_state::DRAINING;
                         }
                     }
                     Err(e) => {
                         if let Some(d) = decision.status.deploy.as_mut() {
-                            d.state = decide::deploy_state::DRAINING.into();
+                            d.state = decide::deploy_state::DRAINING;
                             d.message = Some(format!(
                                 "asking the agent to deploy failed, will retry: {e}"
                             ));
@@ -1185,6 +1183,7 @@ async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error
 async fn agent_client_for(
     obj: &Sandbox,
     url: Option<&str>,
+    timeout: Duration,
     ctx: &Context,
 ) -> Result<AgentClient, ProbeObs> {
     let Some(url) = url else {
@@ -1228,7 +1227,6 @@ async fn agent_client_for(
             }
         }
     };
-    let timeout = parse_duration(&obj.spec.agent.timeout).unwrap_or(Duration::from_secs(5));
     let timeouts = Timeouts {
         health: timeout,
         ..Timeouts::default()
@@ -1646,7 +1644,7 @@ fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &Sandbo
     let Some(ledger) = &ctx.ledger else { return };
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
-    let state = |s: &SandboxStatus| s.instance.as_ref().and_then(|i| i.state.clone());
+    let state = |s: &SandboxStatus| s.instance.as_ref().and_then(|i| i.state);
     if let Some(inst) = &new.instance
         && state(old) != state(new)
         && let Some(st) = state(new)
@@ -1657,15 +1655,15 @@ fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &Sandbo
             sandbox: Some(NamespacedName::new(ns.clone(), name.clone())),
             instance_type: inst.instance_type.clone(),
             market: inst.market.unwrap_or_default(),
-            state: st,
-            stop_reason: new.stop_reason.as_deref().and_then(StopReason::parse),
+            state: st.as_str().to_string(),
+            stop_reason: new.stop_reason.and_then(|r| StopReason::parse(r.as_str())),
         });
     }
-    let step = |s: &SandboxStatus| s.deploy.as_ref().map(|d| (d.tag.clone(), d.state.clone()));
+    let step = |s: &SandboxStatus| s.deploy.as_ref().map(|d| (d.tag.clone(), d.state));
     if let Some(d) = &new.deploy
         && step(old) != step(new)
     {
-        let outcome = match d.state.as_str() {
+        let outcome = match d.state {
             decide::deploy_state::SUCCEEDED => Outcome::Succeeded,
             decide::deploy_state::FAILED | decide::deploy_state::ROLLED_BACK => Outcome::Failed,
             _ => Outcome::Started,
@@ -1678,7 +1676,7 @@ fn ledger_status(ctx: &Context, obj: &Sandbox, old: &SandboxStatus, new: &Sandbo
             environment: Some(obj.spec.environment),
             tag: d.tag.clone(),
             previous_tag: d.previous_tag.clone(),
-            step: d.state.clone(),
+            step: d.state.as_str().to_string(),
             outcome,
             message: d.message.clone(),
         });

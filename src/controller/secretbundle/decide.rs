@@ -17,7 +17,7 @@ use crate::agent::envfile;
 use crate::api::conditions::{self, Desired, FALSE, TRUE};
 use crate::api::{
     BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment, SandboxSelector,
-    SecretBundleStatus, SecretSource,
+    SecretBundleSpec, SecretBundleStatus, SecretSource,
 };
 
 /// Condition types.
@@ -157,15 +157,22 @@ pub enum SourceProblem {
     },
     /// The sources hold no key.
     NoKeys,
+    /// A duration field of the spec does not parse (stored before the CRD checked it).
+    InvalidDuration {
+        /// The field, as written in the spec (`spec.refreshInterval`).
+        field: &'static str,
+        /// What is wrong and what to write instead.
+        problem: String,
+    },
 }
 
 impl SourceProblem {
     /// The Ready reason.
     pub fn reason(&self) -> &'static str {
         match self {
-            SourceProblem::InvalidKeyName { .. } | SourceProblem::DuplicateKey { .. } => {
-                reason::INVALID_SPEC
-            }
+            SourceProblem::InvalidKeyName { .. }
+            | SourceProblem::DuplicateKey { .. }
+            | SourceProblem::InvalidDuration { .. } => reason::INVALID_SPEC,
             SourceProblem::NotUtf8 { .. } | SourceProblem::NulByte { .. } => reason::INVALID_VALUE,
             SourceProblem::SecretMissing { .. } => reason::SOURCE_SECRET_MISSING,
             SourceProblem::KeyMissing { .. } => reason::SOURCE_KEY_MISSING,
@@ -208,7 +215,34 @@ impl fmt::Display for SourceProblem {
                 f,
                 "the sources hold no key; nothing is pushed (an empty .env would wipe every target)"
             ),
+            SourceProblem::InvalidDuration { field, problem } => write!(f, "{field}: {problem}"),
         }
+    }
+}
+
+/// The spec's settings, parsed once: the decisions use these instead of the raw strings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidSpec {
+    /// `spec.refreshInterval`, at least [`MIN_REFRESH`].
+    pub refresh: Duration,
+}
+
+/// The shortest refresh honoured (the CRD refuses less; an older object's shorter one is
+/// raised to it).
+pub const MIN_REFRESH: Duration = Duration::from_secs(10);
+
+/// The validate step: every duration of the spec parsed (the CRD's rules check them too, but
+/// not for objects stored before those rules). A value that does not parse is an InvalidSpec
+/// problem naming the field, never a default.
+pub fn validate(spec: &SecretBundleSpec) -> Result<ValidSpec, Vec<SourceProblem>> {
+    match crate::util::parse_duration(&spec.refresh_interval) {
+        Ok(d) => Ok(ValidSpec {
+            refresh: d.max(MIN_REFRESH),
+        }),
+        Err(e) => Err(vec![SourceProblem::InvalidDuration {
+            field: "spec.refreshInterval",
+            problem: e.to_string(),
+        }]),
     }
 }
 
@@ -2346,5 +2380,52 @@ mod tests {
         assert_eq!(r.reason, "SourceSecretMissing");
         assert!(r.message.contains("db"));
         assert_eq!(st.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn an_unreadable_refresh_interval_is_an_invalid_spec_naming_the_field_never_a_default() {
+        let spec = |refresh: &str| -> SecretBundleSpec {
+            serde_json::from_value(serde_json::json!({
+                "sources": [{"secretName": "db"}],
+                "targets": {},
+                "refreshInterval": refresh,
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            validate(&spec("30m")).unwrap().refresh,
+            Duration::from_secs(1800)
+        );
+        // An older object's shorter interval is raised to the floor, not refused.
+        assert_eq!(validate(&spec("2s")).unwrap().refresh, MIN_REFRESH);
+
+        // As stored before the CRD checked durations.
+        let problems = validate(&spec("1 hour")).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].reason(), reason::INVALID_SPEC);
+        let said = problems[0].to_string();
+        assert!(
+            said.starts_with("spec.refreshInterval: ")
+                && said.contains("\"1 hour\"")
+                && said.contains("such as 30s, 5m or 1h30m"),
+            "{said}"
+        );
+        // Reported as Ready=False InvalidSpec, together with a problem of the sources, the
+        // duration first.
+        let mut all = problems.clone();
+        all.push(SourceProblem::SecretMissing {
+            secret: "db".into(),
+        });
+        let st = summarize_invalid(&SecretBundleStatus::default(), Some(2), &all, now());
+        let r = conditions::get(&st.conditions, cond::READY).unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            (FALSE, reason::INVALID_SPEC)
+        );
+        assert!(
+            r.message.contains("spec.refreshInterval") && r.message.contains("db"),
+            "{}",
+            r.message
+        );
     }
 }

@@ -53,7 +53,6 @@ use crate::api::{
 };
 use crate::controller::sandboxes::{Change, SandboxWatch, changed};
 use crate::metrics::Metrics;
-use crate::util::parse_duration;
 use decide::{
     Assessment, Claim, Content, FlyBlock, FlyObs, Inputs, Memory, Outcome, SandboxObs, SourceData,
     Standing, TargetKey,
@@ -63,8 +62,6 @@ use scrub::Scrubber;
 /// The field manager for status writes.
 pub const MANAGER: &str = "sandbox-operator";
 const CONTROLLER: &str = "secretbundle";
-/// The shortest refresh the controller honours (the CRD refuses less).
-const MIN_REFRESH: Duration = Duration::from_secs(10);
 
 /// What can go wrong in one reconcile. Per-target failures are not errors: they are recorded in
 /// the target's status entry and retried with backoff.
@@ -584,9 +581,12 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
     // agent's or a subprocess's text enters, from now on (and from start-up on, see
     // [`seed_redactor`]).
     crate::redact::process().set(&redaction_source(&uid), source_secrets(&data));
-    let content = match decide::render(&spec.sources, &data) {
-        Ok(c) => c,
-        Err(problems) => {
+    // The validate step and the render: every problem of either is reported together.
+    let (valid, content) = match (decide::validate(spec), decide::render(&spec.sources, &data)) {
+        (Ok(v), Ok(c)) => (v, c),
+        (v, c) => {
+            let mut problems = v.err().unwrap_or_default();
+            problems.extend(c.err().unwrap_or_default());
             drop(data);
             let new = decide::summarize_invalid(&old, generation, &problems, now);
             if ready_changed(&old, &new)
@@ -720,9 +720,7 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
         }
         all.get(&uid).cloned().unwrap_or_default()
     };
-    let refresh = parse_duration(&spec.refresh_interval)
-        .unwrap_or(Duration::from_secs(3600))
-        .max(MIN_REFRESH);
+    let refresh = valid.refresh;
     let settings = &ctx.settings.decide;
     let inputs = Inputs {
         content: &content,
@@ -1172,7 +1170,8 @@ fn sandbox_obs(s: &Sandbox, claimed_by: Option<String>) -> SandboxObs {
     let st = s.status.as_ref();
     let instance_state = st
         .and_then(|st| st.instance.as_ref())
-        .and_then(|i| i.state.clone());
+        .and_then(|i| i.state)
+        .map(|s| s.as_str().to_string());
     let agent = st.and_then(|st| st.agent.as_ref());
     let agent_url = agent
         .and_then(|a| a.url.clone())
