@@ -30,6 +30,21 @@ pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-co
 /// Changes held for subscribers that have not read them yet (object references, not objects).
 pub const DEFAULT_BUFFER: usize = 1024;
 
+/// Runs one controller on a Sandbox watch of its own (a controller started alone, as the tests
+/// do): `start` subscribes the controller before the watch starts; both end when it ends.
+pub async fn run_alone<F, Fut>(client: Client, namespace: Option<&str>, start: F)
+where
+    F: FnOnce(&SandboxWatch) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let watch = SandboxWatch::new(client, namespace, DEFAULT_BUFFER);
+    let controller = start(&watch);
+    tokio::select! {
+        _ = controller => {}
+        _ = watch.run(std::future::pending()) => {}
+    }
+}
+
 /// Drops what the operator never reads from a Sandbox before it is cached: `managedFields`
 /// and the last-applied annotation.
 pub fn strip(s: &mut Sandbox) {

@@ -169,22 +169,17 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let watch = SandboxWatch::new(
-        ctx.client.clone(),
-        namespace.as_deref(),
-        crate::controller::sandboxes::DEFAULT_BUFFER,
-    );
-    let controller = run_shared(
-        ctx,
-        &watch,
-        namespace,
-        crate::controller::DEFAULT_CONCURRENCY,
-        shutdown,
-    );
-    tokio::select! {
-        _ = controller => {}
-        _ = watch.run(std::future::pending()) => {}
-    }
+    let (client, ns) = (ctx.client.clone(), namespace.clone());
+    crate::controller::sandboxes::run_alone(client, ns.as_deref(), |watch| {
+        run_shared(
+            ctx,
+            watch,
+            namespace,
+            crate::controller::DEFAULT_CONCURRENCY,
+            shutdown,
+        )
+    })
+    .await;
 }
 
 /// The controller on the process's shared Sandbox watch (subscribed now, before the watch
