@@ -223,6 +223,49 @@ fn attempt_marker(uid: &str, retry: Option<&str>) -> String {
 }
 
 /// The decision for one SandboxDeploy.
+/// A spec that cannot be acted on: held in `phase` with Ready and Progressing False
+/// (InvalidSpec) and the message, a warning Event when the message is new, nothing done.
+fn held_invalid(
+    i: &Inputs<'_>,
+    mut st: SandboxDeployStatus,
+    mut cs: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    actions: Vec<Action>,
+    mut notes: Vec<Note>,
+    phase: DeployPhase,
+    message: String,
+) -> Decision {
+    if st.message.as_deref() != Some(message.as_str()) {
+        notes.push(Note {
+            about: None,
+            warning: true,
+            reason: INVALID_SPEC,
+            message: message.clone(),
+        });
+    }
+    st.phase = Some(phase);
+    st.message = Some(message.clone());
+    for (type_, message) in [(cond::PROGRESSING, message.clone()), (cond::READY, message)] {
+        conditions::set(
+            &mut cs,
+            Desired {
+                type_,
+                status: FALSE,
+                reason: INVALID_SPEC,
+                message,
+            },
+            i.generation,
+            i.now,
+        );
+    }
+    st.conditions = cs;
+    Decision {
+        status: st,
+        actions,
+        notes,
+        requeue: None,
+    }
+}
+
 pub fn decide(i: &Inputs<'_>) -> Decision {
     let mut st = i.status.clone();
     st.observed_generation = i.generation;
@@ -303,34 +346,18 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     let valid = match validate(i.spec) {
         Ok(v) => v,
         Err(invalid) => {
-            let message = format!("invalid spec: {invalid}; nothing is done until it is fixed");
-            if st.message.as_deref() != Some(message.as_str()) {
-                notes.push(Note {
-                    about: None,
-                    warning: true,
-                    reason: INVALID_SPEC,
-                    message: message.clone(),
-                });
-            }
             // Not started: it waits in Pending; started: its phase stays, and no target is
             // set, failed or timed out until the spec is fixed.
-            st.phase = st.phase.or(Some(DeployPhase::Pending));
-            st.message = Some(message.clone());
-            set(
-                &mut cs,
-                cond::PROGRESSING,
-                FALSE,
-                INVALID_SPEC,
-                message.clone(),
-            );
-            set(&mut cs, cond::READY, FALSE, INVALID_SPEC, message);
-            st.conditions = cs;
-            return Decision {
-                status: st,
+            let phase = st.phase.unwrap_or(DeployPhase::Pending);
+            return held_invalid(
+                i,
+                st,
+                cs,
                 actions,
                 notes,
-                requeue: None,
-            };
+                phase,
+                format!("invalid spec: {invalid}; nothing is done until it is fixed"),
+            );
         }
     };
 
@@ -353,35 +380,18 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         // so instead of succeeding with no targets.
         let problems = i.spec.selector.problems();
         if !problems.is_empty() {
-            let message = format!(
-                "invalid spec.selector: {}; fix it to start the rollout",
-                problems.join("; ")
-            );
-            if st.message.as_deref() != Some(message.as_str()) {
-                notes.push(Note {
-                    about: None,
-                    warning: true,
-                    reason: INVALID_SPEC,
-                    message: message.clone(),
-                });
-            }
-            st.phase = Some(DeployPhase::Pending);
-            st.message = Some(message.clone());
-            set(
-                &mut cs,
-                cond::PROGRESSING,
-                FALSE,
-                INVALID_SPEC,
-                message.clone(),
-            );
-            set(&mut cs, cond::READY, FALSE, INVALID_SPEC, message);
-            st.conditions = cs;
-            return Decision {
-                status: st,
+            return held_invalid(
+                i,
+                st,
+                cs,
                 actions,
                 notes,
-                requeue: None,
-            };
+                DeployPhase::Pending,
+                format!(
+                    "invalid spec.selector: {}; fix it to start the rollout",
+                    problems.join("; ")
+                ),
+            );
         }
         if i.spec.paused {
             st.phase = Some(DeployPhase::AwaitingApproval);
