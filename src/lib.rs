@@ -2,15 +2,15 @@
 //!
 //! The crate is laid out so the architecture shows:
 //! - [`api`]: the custom resources (`Sandbox`, `SandboxDeploy`, `SecretBundle`) and their CRDs;
-//! - [`agent`]: the on-instance agent's protocol, its server and the operator-side client;
+//! - [`agent`]: what the operator and the on-instance agent share (protocol, client, env file),
+//!   and the agent daemon itself in [`agent::daemon`];
 //! - [`controller`]: the controllers, each a pure `decide` module and a thin reconcile edge;
 //! - `ec2`: the EC2 layer (one shared, batched, rate-limited view of the instances);
-//! - [`operator`]: `sandbox-operator run`: the controllers and the HTTP server;
+//! - [`operator`]: the process: `sandbox-operator run` wiring, the CI webhook
+//!   ([`operator::webhook`]), leader election ([`operator::leader`]) and notifications
+//!   ([`operator::notify`]);
 //! - [`import`]: `sandbox-operator import`: Sandbox manifests for a fleet that already runs, from
 //!   the old admin database's `sandboxes` table or from EC2 tags;
-//! - [`notify`]: notifications (Slack-compatible and generic JSON webhooks) on rollouts, sick
-//!   sandboxes and failed secret syncs, from a watcher task of its own;
-//! - [`leader`]: Lease-based leader election for more than one replica;
 //! - [`redact`]: one masking of secrets in every encoding, shared by the agent and the operator;
 //! - [`metrics`]: the Prometheus metrics;
 //! - [`util`]: small shared pieces (durations, TLS set-up);
@@ -25,14 +25,11 @@ pub mod api;
 pub mod controller;
 pub mod ec2;
 pub mod import;
-pub mod leader;
 pub mod ledger;
 pub mod metrics;
-pub mod notify;
 pub mod operator;
 pub mod redact;
 pub mod util;
-pub mod webhook;
 
 #[cfg(feature = "testenv")]
 pub mod testenv;

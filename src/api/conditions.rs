@@ -11,6 +11,13 @@ pub const FALSE: &str = "False";
 /// Condition status `Unknown`.
 pub const UNKNOWN: &str = "Unknown";
 
+/// Condition type on a Sandbox launched with `agent.bootstrap`: whether its agent has reported
+/// healthy since the instance was launched.
+pub const AGENT_REGISTERED: &str = "AgentRegistered";
+/// Reason of `AgentRegistered=False` once `agent.bootstrap.registrationTimeout` has passed since
+/// launch with no healthy report (a SandboxPool replaces such a member).
+pub const REASON_REGISTRATION_TIMED_OUT: &str = "RegistrationTimedOut";
+
 /// A condition as a controller wants it to be, before the transition time is decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired<'a> {

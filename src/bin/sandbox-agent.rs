@@ -4,8 +4,8 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use sandbox_operator::agent::config::{Cli, LogFormat};
-use sandbox_operator::agent::server;
+use sandbox_operator::agent::daemon::config::{Cli, LogFormat};
+use sandbox_operator::agent::daemon::server;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 

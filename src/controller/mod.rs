@@ -11,6 +11,57 @@ pub mod watch;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// What kind of failure a reconcile error is: the `error` label of the reconcile-error metric.
+/// Each controller's error enum has a variant per operation ("writing status", "launching") and
+/// maps each to one of these, so dashboards group failures across controllers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCategory {
+    /// The Kubernetes API refused or failed a call.
+    Kubernetes,
+    /// EC2 paced the call (the operator's own rate limiter held it back).
+    Ec2Paced,
+    /// EC2 throttled the call.
+    Ec2Throttled,
+    /// EC2 failed in a way worth retrying.
+    Ec2Transient,
+    /// EC2 refused the call for good.
+    Ec2,
+    /// The agent on the instance could not be reached or refused.
+    Agent,
+    /// Fly.io's API or flyctl failed.
+    Fly,
+    /// The ledger database failed.
+    Ledger,
+    /// The object's spec (or a Secret it names) is invalid; fixed by editing it, not by retrying.
+    InvalidSpec,
+    /// A store or cache the reconcile needs is not ready yet.
+    NotReady,
+    /// The finalizer bookkeeping failed.
+    Finalizer,
+    /// Waiting on something that takes time (not a failure; not counted as one).
+    Waiting,
+}
+
+impl ErrorCategory {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCategory::Kubernetes => "kube",
+            ErrorCategory::Ec2Paced => "ec2_paced",
+            ErrorCategory::Ec2Throttled => "ec2_throttled",
+            ErrorCategory::Ec2Transient => "ec2_transient",
+            ErrorCategory::Ec2 => "ec2",
+            ErrorCategory::Agent => "agent",
+            ErrorCategory::Fly => "fly",
+            ErrorCategory::Ledger => "ledger",
+            ErrorCategory::InvalidSpec => "invalid_spec",
+            ErrorCategory::NotReady => "not_ready",
+            ErrorCategory::Finalizer => "finalizer",
+            ErrorCategory::Waiting => "waiting",
+        }
+    }
+}
+
 /// Reconciles one controller runs at once, unless told otherwise (`--max-concurrent-reconciles`).
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 

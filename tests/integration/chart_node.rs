@@ -457,7 +457,7 @@ async fn chart_installs_runs_upgrades_and_uninstalls_on_a_real_node() {
     let http = reqwest::Client::new();
     let hook = format!(
         "http://127.0.0.1:{svc_port}{}",
-        sandbox_operator::webhook::PATH
+        sandbox_operator::operator::webhook::PATH
     );
     let body = serde_json::to_vec(&serde_json::json!({
         "event": "ghosthands.deploy_ready", "image_tag": "v2", "commit_sha": "abc123",

@@ -627,7 +627,11 @@ async fn webhook_creates_one_deploy_per_delivery_and_refuses_bad_calls() {
         &ec2.url(),
         &["--config", dir.path().join("config.yaml").to_str().unwrap()],
     );
-    let url = format!("http://{}{}", op.http, sandbox_operator::webhook::PATH);
+    let url = format!(
+        "http://{}{}",
+        op.http,
+        sandbox_operator::operator::webhook::PATH
+    );
     let http = reqwest::Client::new();
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let payload = |tag: &str, ts: &str| {
@@ -858,7 +862,7 @@ async fn webhook_refusals_are_json_at_every_layer_and_a_replay_never_recreates_a
         .unwrap()
     };
     let deliver = |op: &Operator, body: Vec<u8>| {
-        http.post(url(op, sandbox_operator::webhook::PATH))
+        http.post(url(op, sandbox_operator::operator::webhook::PATH))
             .header("content-type", "application/json")
             .header("x-gh-event", "deploy_ready")
             .header("x-gh-environment", "staging")
@@ -883,7 +887,10 @@ async fn webhook_refusals_are_json_at_every_layer_and_a_replay_never_recreates_a
         reqwest::Method::DELETE,
     ] {
         let r = http
-            .request(method.clone(), url(&op, sandbox_operator::webhook::PATH))
+            .request(
+                method.clone(),
+                url(&op, sandbox_operator::operator::webhook::PATH),
+            )
             .send()
             .await
             .unwrap();
@@ -908,7 +915,7 @@ async fn webhook_refusals_are_json_at_every_layer_and_a_replay_never_recreates_a
             v["error"]
                 .as_str()
                 .unwrap()
-                .contains(sandbox_operator::webhook::PATH),
+                .contains(sandbox_operator::operator::webhook::PATH),
             "{path}: {v}"
         );
     }
@@ -923,7 +930,13 @@ async fn webhook_refusals_are_json_at_every_layer_and_a_replay_never_recreates_a
     }
     // ---- A body that stops arriving: 408 after requestTimeout, JSON, connection closed. ----
     let t0 = std::time::Instant::now();
-    let raw = stalled_post(op.http, sandbox_operator::webhook::PATH, 100, b"{\"image_").await;
+    let raw = stalled_post(
+        op.http,
+        sandbox_operator::operator::webhook::PATH,
+        100,
+        b"{\"image_",
+    )
+    .await;
     let waited = t0.elapsed();
     assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
     let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
@@ -978,14 +991,15 @@ async fn webhook_refusals_are_json_at_every_layer_and_a_replay_never_recreates_a
     // The record lives apart from the deploy, in the environment's namespace.
     let records: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
     let data = records
-        .get(sandbox_operator::webhook::DELIVERIES)
+        .get(sandbox_operator::operator::webhook::DELIVERIES)
         .await
         .unwrap()
         .data
         .unwrap();
-    let record: sandbox_operator::webhook::Delivery =
-        serde_json::from_str(&data[&sandbox_operator::webhook::delivery_key("staging", &body)])
-            .unwrap();
+    let record: sandbox_operator::operator::webhook::Delivery = serde_json::from_str(
+        &data[&sandbox_operator::operator::webhook::delivery_key("staging", &body)],
+    )
+    .unwrap();
     assert_eq!(record.state, "delivered");
     assert_eq!(record.deploy, "staging-edge123");
     // The record outlives the process: after a restart the replay is still refused.
@@ -1008,7 +1022,7 @@ async fn webhook_refusals_are_json_at_every_layer_and_a_replay_never_recreates_a
     op = op.restart(&ns, &ec2.url(), &[]);
     up(&op).await;
     let r = http
-        .post(url(&op, sandbox_operator::webhook::PATH))
+        .post(url(&op, sandbox_operator::operator::webhook::PATH))
         .body("{}")
         .send()
         .await
@@ -1082,7 +1096,11 @@ async fn webhook_accepts_both_seed_senders_with_a_secret_ref_and_answers_status(
     );
     http_up(&op).await;
     let http = reqwest::Client::new();
-    let url = format!("http://{}{}", op.http, sandbox_operator::webhook::PATH);
+    let url = format!(
+        "http://{}{}",
+        op.http,
+        sandbox_operator::operator::webhook::PATH
+    );
     let deploys: Api<SandboxDeploy> = Api::namespaced(client.clone(), &ns);
     let post = |body: &[u8], key: &str, headers: &[(&str, &str)]| {
         let mut r = http
@@ -1194,13 +1212,13 @@ async fn webhook_accepts_both_seed_senders_with_a_secret_ref_and_answers_status(
     );
     let records: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
     let data = records
-        .get(sandbox_operator::webhook::DELIVERIES)
+        .get(sandbox_operator::operator::webhook::DELIVERIES)
         .await
         .unwrap()
         .data
         .unwrap();
-    let record: sandbox_operator::webhook::Delivery = serde_json::from_str(
-        &data[&sandbox_operator::webhook::delivery_key("production", seed001)],
+    let record: sandbox_operator::operator::webhook::Delivery = serde_json::from_str(
+        &data[&sandbox_operator::operator::webhook::delivery_key("production", seed001)],
     )
     .unwrap();
     assert_eq!(record.timestamp, None);
@@ -1261,13 +1279,13 @@ async fn webhook_accepts_both_seed_senders_with_a_secret_ref_and_answers_status(
         .len();
     assert_eq!(before, after, "a refused delivery created a deploy");
     let data = records
-        .get(sandbox_operator::webhook::DELIVERIES)
+        .get(sandbox_operator::operator::webhook::DELIVERIES)
         .await
         .unwrap()
         .data
         .unwrap();
     assert!(
-        !data.contains_key(&sandbox_operator::webhook::delivery_key("qa", qa)),
+        !data.contains_key(&sandbox_operator::operator::webhook::delivery_key("qa", qa)),
         "a refused delivery was recorded"
     );
 
@@ -1415,7 +1433,11 @@ async fn webhook_ci_script_waits_for_the_rollout_and_fails_with_it() {
             .arg(script)
             .env(
                 "DEPLOY_WEBHOOK_URL",
-                format!("http://{}{}", f.op.http, sandbox_operator::webhook::PATH),
+                format!(
+                    "http://{}{}",
+                    f.op.http,
+                    sandbox_operator::operator::webhook::PATH
+                ),
             )
             .env("DEPLOY_WEBHOOK_SECRET", secret)
             .env("DEPLOY_ENVIRONMENT", environment)

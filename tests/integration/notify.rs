@@ -633,7 +633,11 @@ async fn figure_webhook_to_first_target_deploying() {
         e.wait_sandbox(&op, n, "Ready", ready).await;
     }
     let http = reqwest::Client::new();
-    let url = format!("http://{}{}", op.http, sandbox_operator::webhook::PATH);
+    let url = format!(
+        "http://{}{}",
+        op.http,
+        sandbox_operator::operator::webhook::PATH
+    );
     let mut times = Vec::new();
     let mut starts = Vec::new();
     for i in 0..11 {

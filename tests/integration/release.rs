@@ -340,8 +340,13 @@ async fn chart_renders_ingress_webhook_secret_alerts_and_dashboard() {
     assert_eq!(rule["host"], "ci.fleet.internal");
     let paths = rule["http"]["paths"].as_array().unwrap();
     assert_eq!(paths.len(), 1);
-    assert_eq!(paths[0]["path"], sandbox_operator::webhook::PREFIX);
-    assert!(sandbox_operator::webhook::PATH.starts_with(paths[0]["path"].as_str().unwrap()));
+    assert_eq!(
+        paths[0]["path"],
+        sandbox_operator::operator::webhook::PREFIX
+    );
+    assert!(
+        sandbox_operator::operator::webhook::PATH.starts_with(paths[0]["path"].as_str().unwrap())
+    );
     assert_eq!(
         paths[0]["backend"]["service"]["name"],
         find(&d, "Service").unwrap()["metadata"]["name"]
@@ -356,7 +361,7 @@ async fn chart_renders_ingress_webhook_secret_alerts_and_dashboard() {
         .into_iter()
         .find(|c| c["data"]["config.yaml"].is_string())
         .unwrap();
-    let cfg: sandbox_operator::webhook::OperatorConfig =
+    let cfg: sandbox_operator::operator::webhook::OperatorConfig =
         serde_yaml::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
     let w = cfg.webhook.unwrap();
     let file = w.secret_file.expect("secretFile set");

@@ -191,7 +191,7 @@ fn chart_lints_renders_and_ships_the_crds() {
     );
     // The rendered config is one the operator accepts.
     let cm = find(&d, "ConfigMap").unwrap();
-    let cfg: sandbox_operator::webhook::OperatorConfig =
+    let cfg: sandbox_operator::operator::webhook::OperatorConfig =
         serde_yaml::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
     assert!(cfg.webhook.is_some());
 
@@ -290,7 +290,7 @@ async fn every_example_passes_a_server_side_dry_run() {
         assert!(out.contains("serverside-applied"), "{overlay}: {out}");
     }
     // The operator's config example parses as the operator parses it.
-    let cfg: sandbox_operator::webhook::OperatorConfig =
+    let cfg: sandbox_operator::operator::webhook::OperatorConfig =
         serde_yaml::from_str(&read("examples/operator-config.yaml")).unwrap();
     assert_eq!(cfg.webhook.unwrap().environments.len(), 2);
 }

@@ -160,7 +160,7 @@ pub struct OperatorConfig {
     pub webhook: Option<WebhookConfig>,
     /// Notification sinks; absent: nobody is told.
     #[serde(default)]
-    pub notifications: Option<crate::notify::NotificationsConfig>,
+    pub notifications: Option<crate::operator::notify::NotificationsConfig>,
 }
 
 /// What the webhook needs at request time.
@@ -1329,7 +1329,7 @@ mod tests {
     #[test]
     fn the_example_config_passes_the_start_checks() {
         let c: OperatorConfig =
-            serde_yaml::from_str(include_str!("../examples/operator-config.yaml")).unwrap();
+            serde_yaml::from_str(include_str!("../../examples/operator-config.yaml")).unwrap();
         let w = c.webhook.unwrap();
         assert_eq!(w.default_environment.as_deref(), Some("staging"));
         check(&w).unwrap();

@@ -1076,7 +1076,7 @@ mod tests {
 
     #[test]
     fn the_example_config_is_valid() {
-        let text = include_str!("../../examples/agent/agent.yaml");
+        let text = include_str!("../../../examples/agent/agent.yaml");
         let c = AgentConfig::from_yaml(text).unwrap();
         c.validate().unwrap();
         // The service the SecretBundle examples restart reads the file PUT /env writes

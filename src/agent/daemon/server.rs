@@ -15,18 +15,18 @@
 //! Nothing here logs a request body, a header, the token or an env value; command output that
 //! reaches a log line or a response goes through the [`Redactor`] first.
 
-use crate::agent::checks::{Collector, EnvHash, Snapshot};
-use crate::agent::config::{AgentConfig, ServiceAction, is_valid_service_name};
-use crate::agent::containers::EngineView;
-use crate::agent::deploy::{self, CommandOps, DeployManager};
+use crate::agent::daemon::checks::{Collector, EnvHash, Snapshot};
+use crate::agent::daemon::config::{AgentConfig, ServiceAction, is_valid_service_name};
+use crate::agent::daemon::containers::EngineView;
+use crate::agent::daemon::deploy::{self, CommandOps, DeployManager};
+use crate::agent::daemon::exec::Redactor;
+use crate::agent::daemon::services;
+use crate::agent::daemon::worker;
 use crate::agent::envfile;
-use crate::agent::exec::Redactor;
 use crate::agent::protocol::{
     self, CheckStatus, DeployAccepted, DeployRequest, DeployState, DrainRequest, DrainResponse,
     ErrorBody, HealthReport, PutEnvRequest, PutEnvResponse, RestartRequest, RestartResponse,
 };
-use crate::agent::services;
-use crate::agent::worker;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -626,7 +626,7 @@ async fn put_env(State(st): State<AppState>, req: Request) -> Result<Response, A
     // refresh that read the file just before this write cannot replace with the old values.
     st.redactor.set(
         "pushed-env",
-        crate::agent::checks::env_secrets(
+        crate::agent::daemon::checks::env_secrets(
             r.content.as_bytes(),
             &[st.cfg.deploy.image_tag_key.as_str()],
         ),

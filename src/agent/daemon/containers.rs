@@ -9,12 +9,12 @@
 //! proxies, loader and Go runtime settings) go through an env file of the agent's own instead
 //! (mode 0600, beside the state file).
 
-use crate::agent::checks::compose_args;
-use crate::agent::config::AgentConfig;
+use crate::agent::daemon::checks::compose_args;
+use crate::agent::daemon::config::AgentConfig;
+use crate::agent::daemon::exec::{self, CmdOutput, ExecError, Redactor};
+use crate::agent::daemon::worker;
 use crate::agent::envfile;
-use crate::agent::exec::{self, CmdOutput, ExecError, Redactor};
 use crate::agent::protocol::TargetedWorker;
-use crate::agent::worker;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -64,7 +64,7 @@ pub fn cli_reads(key: &str) -> bool {
 }
 
 /// Runs `program args...` (no shell), killed after `timeout`, output captured (bounded): like
-/// [`crate::agent::exec::run`], with bytes for its stdin (then closed) and a chosen environment.
+/// [`crate::agent::daemon::exec::run`], with bytes for its stdin (then closed) and a chosen environment.
 pub async fn run(
     program: &Path,
     args: &[OsString],
@@ -424,7 +424,7 @@ impl Engine<'_> {
                 let drain = t.drain_url.replace("{port}", &port.to_string());
                 async move {
                     let asked = worker::request_drain(http, &drain, probe).await;
-                    let (safe, _) = crate::agent::deploy::wait_deploy_safe(
+                    let (safe, _) = crate::agent::daemon::deploy::wait_deploy_safe(
                         http,
                         &status,
                         d.drain_timeout.0,
@@ -808,7 +808,7 @@ impl WorkerSpec {
     pub fn from_inspect(
         c: &Value,
         image: &Value,
-        cfg: &crate::agent::config::TargetedWorkersConfig,
+        cfg: &crate::agent::daemon::config::TargetedWorkersConfig,
     ) -> Result<WorkerSpec, String> {
         let name = container_name(c).to_string();
         let config_image = str_at(c, &["Config", "Image"]);
@@ -1023,7 +1023,7 @@ pub fn secs(since: Instant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::config::TargetedWorkersConfig;
+    use crate::agent::daemon::config::TargetedWorkersConfig;
     use serde_json::json;
 
     #[test]

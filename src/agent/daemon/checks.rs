@@ -16,12 +16,12 @@
 //! | `disk`, `memory` | < warn%                     | warn% .. fail%                      | >= fail%                    |
 //! | `uptime`         | always                      | --                                  | --                          |
 
-use crate::agent::config::{AgentConfig, BrowserEngine, Probe, WorkerServiceCheck};
+use crate::agent::daemon::config::{AgentConfig, BrowserEngine, Probe, WorkerServiceCheck};
+use crate::agent::daemon::exec::{self, Redactor};
+use crate::agent::daemon::metrics::{HostSample, Sampler};
+use crate::agent::daemon::worker::{self, WorkerStatus};
 use crate::agent::envfile;
-use crate::agent::exec::{self, Redactor};
-use crate::agent::metrics::{HostSample, Sampler};
 use crate::agent::protocol::Check;
-use crate::agent::worker::{self, WorkerStatus};
 use crate::redact::Secrets;
 use jiff::Timestamp;
 use serde_json::Value;

@@ -11,9 +11,9 @@
 //! With `healthUrl`, the URL must answer 2xx within `deploy.healthCheckTries` tries. The whole
 //! restart is bounded by `limits.restartTimeout`.
 
-use crate::agent::config::{AgentConfig, ServiceAction};
-use crate::agent::containers::{self, Engine};
-use crate::agent::exec::{self, Redactor};
+use crate::agent::daemon::config::{AgentConfig, ServiceAction};
+use crate::agent::daemon::containers::{self, Engine};
+use crate::agent::daemon::exec::{self, Redactor};
 use crate::agent::protocol::RestartResponse;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -180,7 +180,7 @@ async fn wait_compose_running(engine: &Engine<'_>, svc: &str) -> Result<(), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::config::Dur;
+    use crate::agent::daemon::config::Dur;
     use std::os::unix::fs::PermissionsExt;
 
     fn cfg(dir: &std::path::Path) -> AgentConfig {

@@ -1,5 +1,13 @@
-//! `sandbox-operator run`: the controllers, the HTTP server (`/healthz`, `/readyz`,
-//! `/metrics`) and their wiring.
+//! The process: `sandbox-operator run`, the controllers, the HTTP server (`/healthz`, `/readyz`,
+//! `/metrics`) and their wiring, with what belongs to the process rather than to one controller:
+//! - [`webhook`]: the CI webhook and the operator's config file;
+//! - [`leader`]: Lease-based leader election for more than one replica;
+//! - [`notify`]: notifications (Slack-compatible and generic JSON webhooks) on rollouts, sick
+//!   sandboxes and failed secret syncs, from a watcher task of its own.
+
+pub mod leader;
+pub mod notify;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,7 +111,7 @@ pub struct RunArgs {
     pub max_concurrent_reconciles: u16,
     /// Leader election (`--leader-elect`, `--lease-name`, `--lease-namespace`, ...).
     #[command(flatten)]
-    pub leader: crate::leader::LeaderArgs,
+    pub leader: crate::operator::leader::LeaderArgs,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -159,12 +167,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Some(parse_duration(s).map_err(|e| RunError::Setting(format!("--orphan-grace: {e}")))?)
         }
     };
-    let config: crate::webhook::OperatorConfig = match &args.config {
+    let config: crate::operator::webhook::OperatorConfig = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 RunError::Setting(format!("reading --config {}: {e}", path.display()))
             })?;
-            let config: crate::webhook::OperatorConfig = serde_yaml::from_str(&text)
+            let config: crate::operator::webhook::OperatorConfig = serde_yaml::from_str(&text)
                 .map_err(|e| RunError::Setting(format!("--config {}: {e}", path.display())))?;
             // A selector the CRD would refuse is refused here, at start, not at each delivery.
             for (env, c) in config.webhook.iter().flat_map(|w| &w.environments) {
@@ -226,12 +234,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         });
     // The CI webhook: every path under its prefix answers JSON, configured or not.
     let webhook = match config.webhook.clone() {
-        Some(w) => {
-            Some(crate::webhook::WebhookState::new(w, client.clone()).map_err(RunError::Setting)?)
-        }
+        Some(w) => Some(
+            crate::operator::webhook::WebhookState::new(w, client.clone())
+                .map_err(RunError::Setting)?,
+        ),
         None => None,
     };
-    app = app.merge(crate::webhook::router(webhook));
+    app = app.merge(crate::operator::webhook::router(webhook));
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP server listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = {
@@ -301,7 +310,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             .map_err(|e| RunError::Setting(e.to_string()))?;
         ready.store(true, Ordering::SeqCst);
         tokio::select! {
-            l = crate::leader::acquire(client.clone(), s) => leadership = Some(l),
+            l = crate::operator::leader::acquire(client.clone(), s) => leadership = Some(l),
             _ = shutdown_signal() => {
                 let _ = stop_tx.send(true);
                 let _ = http.await;
@@ -342,7 +351,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // its own Sandbox watch: it needs the watch's list boundaries, and caches only a small
     // observation per object.)
     let notifier = notify_settings.map(|n| {
-        tokio::spawn(crate::notify::run(
+        tokio::spawn(crate::operator::notify::run(
             client.clone(),
             args.namespace.clone(),
             n,

@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{Sandbox, SandboxDeploy, SecretBundle};
 use crate::metrics::Metrics;
-use crate::webhook::SecretRef;
+use crate::operator::webhook::SecretRef;
 use decide::{Event, Kind, Memory, Notice, ObjectKey, Observation, SinkGate, TokenBucket, Verdict};
 
 /// The `notifications:` key of the operator's config file.

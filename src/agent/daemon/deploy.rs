@@ -12,7 +12,7 @@
 //! ```
 //!
 //! `up` also replaces the targeted workers (standalone containers, see
-//! [`crate::agent::containers`]) on the new tag, and `rollback_up` puts them back on the image
+//! [`crate::agent::daemon::containers`]) on the new tag, and `rollback_up` puts them back on the image
 //! each ran before. A drain that times out stops the worker anyway (`onDrainTimeout: proceed`,
 //! as `gh-deploy.sh` did) or fails the step (`abort`).
 //!
@@ -23,13 +23,13 @@
 //! still marked running in that file and marks it failed ("agent restarted during deploy at step
 //! X"), so `/health` never says running forever.
 
-use crate::agent::checks::compose_args;
-use crate::agent::config::{AgentConfig, DrainTimeoutAction};
-use crate::agent::containers::{self, Engine, WorkerSpec};
+use crate::agent::daemon::checks::compose_args;
+use crate::agent::daemon::config::{AgentConfig, DrainTimeoutAction};
+use crate::agent::daemon::containers::{self, Engine, WorkerSpec};
+use crate::agent::daemon::exec::{self, Redactor};
+use crate::agent::daemon::worker;
 use crate::agent::envfile;
-use crate::agent::exec::{self, Redactor};
 use crate::agent::protocol::{DeployInfo, DeployState, DeployStep, StepRecord, StepStatus};
-use crate::agent::worker;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
