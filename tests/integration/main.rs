@@ -8,6 +8,7 @@ mod support;
 
 mod agent;
 mod agent_engine;
+mod bootstrap;
 mod chart_node;
 mod crds;
 mod deploy;

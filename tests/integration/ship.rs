@@ -242,6 +242,7 @@ async fn every_example_passes_a_server_side_dry_run() {
         "examples/sandbox-launched.yaml",
         "examples/sandbox-adopted.yaml",
         "examples/sandbox-stopped.yaml",
+        "examples/sandbox-bootstrap.yaml",
         "examples/sandboxdeploy.yaml",
         "examples/secretbundle.yaml",
     ] {

@@ -102,6 +102,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   - apiGroups: [""]
     resources: [secrets]
     verbs: [get, list, watch]
+  {{- if (.Values.rbac | default dict).bootstrap }}
+  - apiGroups: [""]
+    resources: [secrets]
+    verbs: [create]
+  {{- end }}
   - apiGroups: [events.k8s.io]
     resources: [events]
     verbs: [create, patch]

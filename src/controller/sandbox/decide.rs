@@ -205,6 +205,8 @@ pub enum LaunchHold {
         /// The value's size in bytes.
         bytes: usize,
     },
+    /// `agent.bootstrap`: the token or the rendered user data is not to be had.
+    Bootstrap(super::bootstrap::Hold),
 }
 
 /// The most user data EC2 accepts, in bytes before base64.
@@ -217,6 +219,7 @@ impl LaunchHold {
             LaunchHold::UserDataSecretMissing { .. } => "UserDataSecretMissing",
             LaunchHold::UserDataKeyMissing { .. } => "UserDataKeyMissing",
             LaunchHold::UserDataTooLarge { .. } => "UserDataTooLarge",
+            LaunchHold::Bootstrap(h) => h.reason(),
         }
     }
 
@@ -232,6 +235,7 @@ impl LaunchHold {
             LaunchHold::UserDataTooLarge { secret, key, bytes } => format!(
                 "the user data in Secret {secret} key {key:?} is {bytes} bytes; EC2 accepts at most {MAX_USER_DATA_BYTES}: shorten it"
             ),
+            LaunchHold::Bootstrap(h) => h.message(),
         }
     }
 }
@@ -253,6 +257,8 @@ pub struct ValidSpec {
     pub probe_timeout: Duration,
     /// `autoStop.idleAfter`, when auto-stop is on.
     pub idle_after: Option<Duration>,
+    /// `agent.bootstrap.registrationTimeout`, when bootstrap is on.
+    pub registration_timeout: Option<Duration>,
 }
 
 /// Why a spec cannot be acted on: one sentence per problem, each naming the field and what to
@@ -323,6 +329,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<ValidSpec, InvalidSpec> {
         .auto_stop
         .as_ref()
         .map(|a| duration("autoStop.idleAfter", &a.idle_after));
+    let registration_timeout = super::bootstrap::check_spec(spec, &mut problems);
     if !problems.is_empty() {
         return Err(InvalidSpec { problems });
     }
@@ -330,6 +337,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<ValidSpec, InvalidSpec> {
         probe_interval,
         probe_timeout,
         idle_after,
+        registration_timeout,
     })
 }
 

@@ -7,6 +7,7 @@
 //! before launching, so a crash between RunInstances and the status write neither leaks nor
 //! duplicates an instance.
 
+pub mod bootstrap;
 pub mod decide;
 
 use std::collections::{BTreeMap, HashMap};
@@ -766,6 +767,7 @@ async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
         settings,
     };
     let mut decision = decide::decide(&inputs);
+    bootstrap::registration_step(valid.as_ref(), generation, inputs.now, &mut decision);
     if launched_now {
         decision.notes.insert(
             0,
@@ -1103,8 +1105,10 @@ async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error
         .as_ref()
         .expect("launch is set when instanceId is not (CEL rule)");
     let ns = obj.namespace().unwrap_or_default();
-    let user_data = match &l.user_data_secret_ref {
-        Some(r) => {
+    let user_data = match (&l.user_data_secret_ref, &spec.agent.bootstrap) {
+        // agent.bootstrap: the token minted (or read) and the user data rendered with it.
+        (None, Some(b)) => Some(bootstrap::launch_user_data(&ctx.client, obj, b).await?),
+        (Some(r), _) => {
             // Never launched without the user data the spec names: a missing Secret or key
             // holds the launch (Ready=False with a reason naming both) until it appears.
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -1143,7 +1147,7 @@ async fn launch(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<String, Error
             use base64::Engine as _;
             Some(base64::engine::general_purpose::STANDARD.encode(value.0))
         }
-        None => None,
+        (None, None) => None,
     };
     let mut tags: BTreeMap<String, String> = l.tags.clone();
     tags.insert(ec2::TAG_MANAGED_BY.into(), "sandbox-operator".into());
@@ -1187,16 +1191,27 @@ async fn agent_client_for(
             message: "cannot build the agent URL: the instance lacks the address spec.agent.urlTemplate needs".into(),
         });
     };
-    let token = match &obj.spec.agent.token_secret_ref {
+    // agent.tokenSecretRef, else the token minted for agent.bootstrap.
+    let token_ref = bootstrap::token_ref(&obj.spec, &obj.name_any());
+    let token = match &token_ref {
         None => None,
         Some(r) => {
             let ns = obj.namespace().unwrap_or_default();
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
             match secrets.get_opt(&r.name).await {
                 Ok(Some(s)) => match s.data.as_ref().and_then(|d| d.get(&r.key)) {
-                    Some(v) => Some(AgentToken::new(
-                        String::from_utf8_lossy(&v.0).trim().to_string(),
-                    )),
+                    Some(v) => {
+                        let token = String::from_utf8_lossy(&v.0).trim().to_string();
+                        if obj.spec.agent.token_secret_ref.is_none() {
+                            // The minted token, masked wherever the agent's text enters (an
+                            // operator restarted since it was minted learns it here).
+                            crate::redact::process().set_values(
+                                &bootstrap::redaction_source(&obj.uid().unwrap_or_default()),
+                                [token.clone()],
+                            );
+                        }
+                        Some(AgentToken::new(token))
+                    }
                     None => {
                         return Err(ProbeObs::Misconfigured {
                             reason: "TokenSecretKeyMissing".into(),
@@ -1397,6 +1412,8 @@ async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error>
             }
             ctx.last_probe.lock().expect("last_probe").remove(&uid);
             ctx.written.forget(&uid);
+            let source = bootstrap::redaction_source(&uid);
+            crate::redact::process().retain(|s| s != source);
             ctx.rejections.lock().expect("rejections").remove(&uid);
             ctx.metrics.forget_sandbox(&ns, &obj.name_any());
             // A terminated sandbox keeps its row, with status terminated (dashboards count what
