@@ -605,3 +605,59 @@ async fn the_api_server_refuses_a_bootstrap_it_cannot_act_on() {
         "10m"
     );
 }
+
+/// The chart lets the operator create Secrets (the minted token) only with
+/// `rbac.bootstrap=true`, and nothing more on Secrets than it had.
+#[tokio::test]
+async fn the_chart_grants_creating_secrets_only_with_rbac_bootstrap() {
+    use crate::ship::{helm_template, kubectl_async};
+    let client = support::client().await;
+    let ns = support::namespace(&client, "bootstrap-rbac").await;
+    let full = format!("bs-{}-op", &ns[ns.len().saturating_sub(12)..]);
+    let who = format!("system:serviceaccount:{ns}:{full}");
+    let can = |verb: &'static str| {
+        let (who, ns) = (who.clone(), ns.clone());
+        async move {
+            let out = support::kubectl(
+                &["auth", "can-i", verb, "secrets", "-n", &ns, "--as", &who],
+                None,
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+    };
+    for (bootstrap, create) in [("false", "no"), ("true", "yes")] {
+        let rbac = helm_template(&[
+            "--namespace",
+            &ns,
+            "--set",
+            &format!("fullnameOverride={full}"),
+            "--set",
+            &format!("operator.watchNamespace={ns}"),
+            "--set",
+            &format!("rbac.bootstrap={bootstrap}"),
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ]);
+        kubectl_async(&["apply", "-f", "-"], Some(&rbac)).await;
+        // RBAC is read from the API server's cache: give it a moment to see the change.
+        let got = support::try_eventually(20, || {
+            let can = can.clone();
+            async move {
+                let c = can("create").await;
+                (c == create).then_some(c)
+            }
+        })
+        .await;
+        assert_eq!(got.as_deref(), Some(create), "rbac.bootstrap={bootstrap}");
+        assert_eq!(can("get").await, "yes");
+        for verb in ["update", "patch", "delete"] {
+            assert_eq!(
+                can(verb).await,
+                "no",
+                "{verb} secrets, rbac.bootstrap={bootstrap}"
+            );
+        }
+    }
+}
