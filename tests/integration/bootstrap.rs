@@ -661,3 +661,74 @@ async fn the_chart_grants_creating_secrets_only_with_rbac_bootstrap() {
         }
     }
 }
+
+/// The operator's user data refuses a tarball whose sha256 is not the spec's: nothing is
+/// installed and nothing is started (the same template the operator embeds, rendered by its
+/// renderer, run as cloud-init would in a scratch root).
+#[tokio::test]
+async fn a_tarball_whose_sha256_differs_is_not_installed() {
+    use sandbox_operator::controller::sandbox::bootstrap::{Values, mint_token, user_data};
+    let tmp = tempfile::tempdir().unwrap();
+    let (tarball, name, sha) = dist_tarball(&tmp.path().join("dist"));
+    let web = serve(&tarball, &name).await;
+    let port = sandbox_operator::testenv::free_port();
+    let token = mint_token().unwrap();
+    let url = format!("http://{web}/dist/{name}");
+    // One hex digit off.
+    let wrong = format!(
+        "{}{}",
+        if sha.starts_with('0') { '1' } else { '0' },
+        &sha[1..]
+    );
+    let script = user_data(&Values {
+        download_url: &url,
+        sha256: &wrong,
+        agent_port: i32::from(port),
+        token: &token,
+        config: None,
+    })
+    .unwrap();
+    let root = tmp.path().join("root");
+    let _agent = Started(root.clone());
+    let out = run_as_cloud_init(&script, tmp.path(), &root).await;
+    let said = support::text(&out);
+    assert!(
+        !out.status.success(),
+        "a wrong sha256 was accepted:\n{said}"
+    );
+    assert!(
+        said.contains(&format!("the download's sha256 is {sha}, not {wrong}")),
+        "{said}"
+    );
+    assert!(!said.contains(&token), "the script printed the token");
+    for p in [
+        "usr/local/bin/sandbox-agent",
+        "etc/sandbox-agent/token",
+        "var/lib/sandbox-agent-bootstrap/sandbox-agent.tar.gz",
+        "var/lib/sandbox-agent-bootstrap/sandbox-agent.tar.gz.part",
+        "run/sandbox-agent.pid",
+    ] {
+        assert!(
+            !root.join(p).exists(),
+            "{p} exists after a refused download"
+        );
+    }
+    // The right sha256 with the same script otherwise: installed and listening.
+    let script = user_data(&Values {
+        download_url: &url,
+        sha256: &sha,
+        agent_port: i32::from(port),
+        token: &token,
+        config: None,
+    })
+    .unwrap();
+    let out = run_as_cloud_init(&script, tmp.path(), &root).await;
+    assert!(out.status.success(), "{}", support::text(&out));
+    assert!(root.join("usr/local/bin/sandbox-agent").is_file());
+    let health = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+}
