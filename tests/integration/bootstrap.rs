@@ -642,12 +642,9 @@ async fn the_chart_grants_creating_secrets_only_with_rbac_bootstrap() {
         ]);
         kubectl_async(&["apply", "-f", "-"], Some(&rbac)).await;
         // RBAC is read from the API server's cache: give it a moment to see the change.
-        let got = support::try_eventually(20, || {
-            let can = can.clone();
-            async move {
-                let c = can("create").await;
-                (c == create).then_some(c)
-            }
+        let got = support::try_eventually(20, || async move {
+            let c = can("create").await;
+            (c == create).then_some(c)
         })
         .await;
         assert_eq!(got.as_deref(), Some(create), "rbac.bootstrap={bootstrap}");
