@@ -292,17 +292,17 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     for m in &retiring {
         let since = m.retiring_since.unwrap_or(now);
         let waited = elapsed(since, now);
-        if !m.ready || m.instance_stopped || !m.busy() {
+        if m.instance_stopped || !m.busy() {
             actions.push(Action::Delete {
                 name: m.name.clone(),
                 reason: "MemberRemoved",
                 message: format!(
                     "member {} removed: {}",
                     m.name,
-                    if m.busy() {
-                        "not ready".to_string()
+                    if m.instance_stopped {
+                        "its instance is stopped"
                     } else {
-                        "no active workers".to_string()
+                        "no active workers"
                     }
                 ),
             });
