@@ -302,10 +302,10 @@ mod tests {
     fn the_template_keeps_the_sandbox_rules_but_not_its_immutability() {
         let crd = serde_json::to_value(SandboxPool::crd()).unwrap();
         let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        let template_rules = spec["properties"]["template"]["properties"]["spec"]
-            ["x-kubernetes-validations"]
-            .as_array()
-            .unwrap();
+        let template_rules =
+            spec["properties"]["template"]["properties"]["spec"]["x-kubernetes-validations"]
+                .as_array()
+                .unwrap();
         let rules: Vec<&str> = template_rules
             .iter()
             .map(|r| r["rule"].as_str().unwrap())

@@ -367,11 +367,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         crate::controller::sandboxes::DEFAULT_BUFFER,
     );
     let concurrency = args.max_concurrent_reconciles;
-    let pool_ctx = crate::controller::pool::Context::with_recorder(
-        client.clone(),
-        metrics.clone(),
-        recorder,
-    );
+    let pool_ctx =
+        crate::controller::pool::Context::with_recorder(client.clone(), metrics.clone(), recorder);
     let controllers = tokio::spawn(futures::future::join5(
         sandbox::run_shared(
             ctx,

@@ -370,7 +370,9 @@ async fn scale_zero_to_five_to_two_and_back_with_kubectl_scale() {
     assert_eq!(scale["status"]["selector"], "fleet.valet.dev/pool=web");
     let out = kubectl(&["get", "sbxpool", "-n", &e.ns], None);
     let printed = text(&out);
-    for col in ["DESIRED", "CURRENT", "READY", "BUSY", "STANDBY", "IMAGE", "SCALER"] {
+    for col in [
+        "DESIRED", "CURRENT", "READY", "BUSY", "STANDBY", "IMAGE", "SCALER",
+    ] {
         assert!(printed.contains(col), "{printed}");
     }
 
@@ -407,9 +409,7 @@ async fn scale_zero_to_five_to_two_and_back_with_kubectl_scale() {
             out.reservations()
                 .iter()
                 .flat_map(|r| r.instances())
-                .all(|i| {
-                    i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("terminated")
-                })
+                .all(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("terminated"))
                 .then_some(())
         }
     })
@@ -424,10 +424,7 @@ async fn scale_zero_to_five_to_two_and_back_with_kubectl_scale() {
     .await;
     // A member deleted by hand is replaced.
     let victim = e.members("web").await[0].metadata.name.clone().unwrap();
-    e.sbx
-        .delete(&victim, &Default::default())
-        .await
-        .unwrap();
+    e.sbx.delete(&victim, &Default::default()).await.unwrap();
     let (_, members) = e
         .wait("web", 180, "the deleted member replaced", |st, m| {
             st.ready == 5 && m.len() == 5 && !names(m).contains(&victim)
@@ -704,7 +701,9 @@ async fn a_template_ami_change_replaces_members_within_max_unavailable() {
             .send()
             .await
             .unwrap();
-        let image = out.reservations()[0].instances()[0].image_id().map(str::to_owned);
+        let image = out.reservations()[0].instances()[0]
+            .image_id()
+            .map(str::to_owned);
         assert_eq!(image.as_deref(), Some(new_ami));
     }
 }
@@ -845,7 +844,10 @@ async fn the_api_server_refuses_a_pool_it_cannot_run() {
     let err = apply(serde_json::json!({"template": template, "maxSurge": 0, "maxUnavailable": 0}))
         .await
         .unwrap_err();
-    assert!(err.contains("maxSurge and maxUnavailable cannot both be 0"), "{err}");
+    assert!(
+        err.contains("maxSurge and maxUnavailable cannot both be 0"),
+        "{err}"
+    );
     // A valid one, then its launch settings change: allowed (members are replaced).
     apply(serde_json::json!({"replicas": 0, "template": template}))
         .await

@@ -243,6 +243,7 @@ async fn every_example_passes_a_server_side_dry_run() {
         "examples/sandbox-adopted.yaml",
         "examples/sandbox-stopped.yaml",
         "examples/sandboxdeploy.yaml",
+        "examples/sandboxpool.yaml",
         "examples/secretbundle.yaml",
     ] {
         let p = root(f);

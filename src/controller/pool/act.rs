@@ -130,7 +130,10 @@ pub async fn set_template_tag(
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(kube_err(format!("setting the template's image tag to {tag}"), pool))
+    .map_err(kube_err(
+        format!("setting the template's image tag to {tag}"),
+        pool,
+    ))
 }
 
 /// Sets `spec.replicas` for the autoscaler.
@@ -149,5 +152,8 @@ pub async fn set_replicas(
         &Patch::Merge(&patch),
     )
     .await
-    .map_err(kube_err(format!("autoscaling to {replicas} replicas"), pool))
+    .map_err(kube_err(
+        format!("autoscaling to {replicas} replicas"),
+        pool,
+    ))
 }

@@ -241,7 +241,15 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         Ok(s) => s.clone(),
         Err(Invalid(msg)) => {
             set(&mut cs, READY, FALSE, "InvalidSpec", msg.clone(), i, now);
-            set(&mut cs, PROGRESSING, FALSE, "InvalidSpec", msg.clone(), i, now);
+            set(
+                &mut cs,
+                PROGRESSING,
+                FALSE,
+                "InvalidSpec",
+                msg.clone(),
+                i,
+                now,
+            );
             st.conditions = cs;
             return Decision {
                 actions: vec![],
@@ -287,8 +295,9 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     // Members being removed: deleted once drained, or per the policy once the timeout passed.
-    let (retiring, rest): (Vec<&Member>, Vec<&Member>) =
-        healthy.into_iter().partition(|m| m.retiring_since.is_some());
+    let (retiring, rest): (Vec<&Member>, Vec<&Member>) = healthy
+        .into_iter()
+        .partition(|m| m.retiring_since.is_some());
     for m in &retiring {
         let since = m.retiring_since.unwrap_or(now);
         let waited = elapsed(since, now);
@@ -341,10 +350,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     let (standby, active): (Vec<&Member>, Vec<&Member>) = rest.into_iter().partition(|m| m.standby);
-    let outdated_active = active
-        .iter()
-        .filter(|m| m.hash != s.template_hash)
-        .count() as i32;
+    let outdated_active = active.iter().filter(|m| m.hash != s.template_hash).count() as i32;
     let surge = if outdated_active > 0 {
         s.max_surge.min(outdated_active)
     } else {
@@ -411,7 +417,10 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 }
             }
         }
-        progress.push(("ScalingIn", format!("{n} of {target} members: removing {excess}")));
+        progress.push((
+            "ScalingIn",
+            format!("{n} of {target} members: removing {excess}"),
+        ));
     } else if outdated_active > 0 {
         // Replace members of an older template, keeping replicas - maxUnavailable available.
         let min_available = s.replicas - s.max_unavailable;
@@ -495,7 +504,10 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     // Status: what is, before this decision's actions take effect.
-    let serving: Vec<&&Member> = active.iter().filter(|m| m.ready && !m.instance_stopped).collect();
+    let serving: Vec<&&Member> = active
+        .iter()
+        .filter(|m| m.ready && !m.instance_stopped)
+        .collect();
     st.replicas = n;
     st.available = serving.len() as i32;
     st.ready = st.available + retiring.iter().filter(|m| m.ready).count() as i32;
@@ -505,10 +517,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         .iter()
         .filter(|m| m.instance_stopped && m.hash == s.template_hash)
         .count() as i32;
-    st.updated = active
-        .iter()
-        .filter(|m| m.hash == s.template_hash)
-        .count() as i32;
+    st.updated = active.iter().filter(|m| m.hash == s.template_hash).count() as i32;
     st.retiring = retiring.len() as i32;
 
     if st.available >= s.replicas {
@@ -706,11 +715,7 @@ pub fn template_tag<'d>(deploys: &'d [DeployObs], taken: Option<&str>) -> Option
     let newest = deploys
         .iter()
         .filter(|d| d.succeeded && d.selects_members)
-        .max_by(|a, b| {
-            a.finished_at
-                .cmp(&b.finished_at)
-                .then(a.name.cmp(&b.name))
-        })?;
+        .max_by(|a, b| a.finished_at.cmp(&b.finished_at).then(a.name.cmp(&b.name)))?;
     if taken == Some(newest.name.as_str()) {
         return None;
     }

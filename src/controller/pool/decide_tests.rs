@@ -159,7 +159,12 @@ fn a_stable_pool_does_nothing_and_says_so() {
     assert_eq!(cond(&d, PROGRESSING).status, FALSE);
     assert_eq!(cond(&d, PROGRESSING).reason, "Stable");
     assert_eq!(
-        (d.status.replicas, d.status.ready, d.status.idle, d.status.standby),
+        (
+            d.status.replicas,
+            d.status.ready,
+            d.status.idle,
+            d.status.standby
+        ),
         (2, 2, 2, 1)
     );
 }
@@ -187,7 +192,9 @@ fn scale_in_takes_not_ready_then_stopped_then_idle_and_never_a_busy_one() {
     // 5 -> 1: both idle ones, still never the busy one.
     let d = run(settings(1, 0), &members, t(10));
     assert_eq!(retired(&d), vec!["idle-new", "idle-old"]);
-    assert!(!d.actions.iter().any(|a| matches!(a, Action::Retire { name, .. } | Action::Delete { name, .. } if name == "busy")));
+    assert!(!d.actions.iter().any(
+        |a| matches!(a, Action::Retire { name, .. } | Action::Delete { name, .. } if name == "busy")
+    ));
     assert_eq!(cond(&d, PROGRESSING).reason, "ScalingIn");
     // 5 -> 0: the busy one too, but drained first (Retire), never deleted outright.
     let d = run(settings(0, 0), &members, t(10));
@@ -211,7 +218,11 @@ fn a_member_idle_for_less_than_the_window_waits_for_it() {
     let d = run(settings(0, 0), &members, t(20));
     assert_eq!(retired(&d), vec!["a"]);
     assert_eq!(d.requeue, Some(Duration::from_secs(2)));
-    assert!(cond(&d, PROGRESSING).message.contains("idle for less than the idle window"));
+    assert!(
+        cond(&d, PROGRESSING)
+            .message
+            .contains("idle for less than the idle window")
+    );
     let d = run(settings(0, 0), &members, t(61));
     assert_eq!(retired(&d), vec!["a", "b"]);
 }
@@ -223,14 +234,26 @@ fn a_retiring_member_goes_once_drained_and_a_busy_one_waits_or_is_forced() {
         active_workers: Some(active),
         ..member(name, 0)
     };
-    let members = [member("keep", 0), retiring("done", 0), retiring("working", 1)];
+    let members = [
+        member("keep", 0),
+        retiring("done", 0),
+        retiring("working", 1),
+    ];
     let d = run(settings(1, 0), &members, t(10));
     assert_eq!(deleted(&d), vec!["done"]);
     assert_eq!(cond(&d, PROGRESSING).reason, "Draining");
     assert_eq!(d.status.retiring, 2);
     assert_eq!(d.status.replicas, 1);
     // Past the drain timeout: Wait keeps it and says so ...
-    let d = run(settings(1, 0), &members[..1].iter().chain([&members[2]]).cloned().collect::<Vec<_>>(), t(301));
+    let d = run(
+        settings(1, 0),
+        &members[..1]
+            .iter()
+            .chain([&members[2]])
+            .cloned()
+            .collect::<Vec<_>>(),
+        t(301),
+    );
     assert!(deleted(&d).is_empty());
     assert_eq!(cond(&d, PROGRESSING).reason, "WaitingForDrain");
     // ... Force deletes it.
@@ -262,7 +285,13 @@ fn unregistered_and_failed_members_are_replaced() {
     // Two replacements launched in the same look.
     assert_eq!(creates(&d), (2, 0));
     assert_eq!(cond(&d, PROGRESSING).reason, "ReplacingMembers");
-    assert!(d.actions.iter().any(|a| matches!(a, Action::Delete { reason: "MemberUnregistered", .. })));
+    assert!(d.actions.iter().any(|a| matches!(
+        a,
+        Action::Delete {
+            reason: "MemberUnregistered",
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -400,7 +429,10 @@ fn only_the_newest_succeeded_deploy_of_the_members_moves_the_template_tag() {
         // Another fleet's.
         d("other", "v9", true, 30, false),
     ];
-    assert_eq!(template_tag(&deploys, None).map(|d| d.tag.as_str()), Some("v2"));
+    assert_eq!(
+        template_tag(&deploys, None).map(|d| d.tag.as_str()),
+        Some("v2")
+    );
     // Taken already: nothing to do (a person may have set another tag since).
     assert_eq!(template_tag(&deploys, Some("v2")), None);
     assert_eq!(template_tag(&deploys[1..], None), None);

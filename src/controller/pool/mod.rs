@@ -224,7 +224,13 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
         .unwrap_or_default();
     let seen = observe::deploys(&pool, &deploys);
     if let Some(d) = decide::template_tag(&seen, status.image_deploy.as_deref()) {
-        let current = pool.spec.template.spec.image.as_ref().map(|i| i.tag.as_str());
+        let current = pool
+            .spec
+            .template
+            .spec
+            .image
+            .as_ref()
+            .map(|i| i.tag.as_str());
         if current != Some(d.tag.as_str()) {
             pool = act::set_template_tag(&pools, &pool, &d.tag).await?;
             info!(pool = %key(&pool), tag = %d.tag, deploy = %d.name, "template tag set from a succeeded deploy");
@@ -323,7 +329,13 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
         status: &status,
         generation: pool.metadata.generation,
         selector: format!("{POOL_LABEL}={name}"),
-        image_tag: pool.spec.template.spec.image.as_ref().map(|i| i.tag.clone()),
+        image_tag: pool
+            .spec
+            .template
+            .spec
+            .image
+            .as_ref()
+            .map(|i| i.tag.clone()),
         scaler,
         members: &members,
         now,
@@ -346,7 +358,11 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     format!(
                         "member {} created{}",
                         made.name_any(),
-                        if *standby { " as standby (stopped)" } else { "" }
+                        if *standby {
+                            " as standby (stopped)"
+                        } else {
+                            ""
+                        }
                     ),
                 )
                 .await;
