@@ -136,3 +136,85 @@ pub fn deploys(pool: &SandboxPool, all: &[std::sync::Arc<SandboxDeploy>]) -> Vec
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox(status: serde_json::Value, annotations: serde_json::Value) -> Sandbox {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "Sandbox",
+            "metadata": {
+                "name": "web-abcde", "uid": "m1", "annotations": annotations,
+                "labels": {"fleet.valet.dev/pool": "web", "fleet.valet.dev/template-hash": "h1"},
+                "ownerReferences": [{"apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SandboxPool", "name": "web", "uid": "p1", "controller": true}],
+            },
+            "spec": {"environment": "staging", "instanceType": "t3.large", "launch": {"imageId": "ami-12345678"}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn cond(type_: &str, status: &str, reason: &str) -> serde_json::Value {
+        serde_json::json!({"type": type_, "status": status, "reason": reason, "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"})
+    }
+
+    #[test]
+    fn a_member_reads_as_the_decision_needs_it() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
+        let clock = IdleClock::default();
+        let serving = sandbox(
+            serde_json::json!({
+                "conditions": [cond("Ready", "True", "Active")],
+                "instance": {"id": "i-1", "state": "running"},
+                "agent": {"health": "Healthy", "activeWorkers": 0},
+            }),
+            serde_json::json!({}),
+        );
+        assert_eq!(owner_pool(&serving).as_deref(), Some("web"));
+        assert!(is_member(&serving, "p1") && !is_member(&serving, "p2"));
+        let m = member(&serving, "p1", &clock, t0);
+        assert!(m.ready && !m.unregistered && m.broken.is_none() && !m.standby);
+        assert_eq!(m.hash, "h1");
+        // The idle clock keeps its first sighting ...
+        assert_eq!(m.idle_since, Some(t0));
+        assert_eq!(member(&serving, "p1", &clock, t1).idle_since, Some(t0));
+        // ... and restarts after a busy report.
+        let busy = sandbox(
+            serde_json::json!({
+                "conditions": [cond("Ready", "True", "Active")],
+                "instance": {"id": "i-1", "state": "running"},
+                "agent": {"health": "Healthy", "activeWorkers": 2},
+            }),
+            serde_json::json!({}),
+        );
+        let m = member(&busy, "p1", &clock, t1);
+        assert_eq!((m.idle_since, m.active_workers), (None, Some(2)));
+        assert_eq!(member(&serving, "p1", &clock, t1).idle_since, Some(t1));
+
+        let never = sandbox(
+            serde_json::json!({"conditions": [cond("AgentRegistered", "False", "RegistrationTimedOut")]}),
+            serde_json::json!({"fleet.valet.dev/retiring-since": "2026-01-01T00:00:00Z"}),
+        );
+        let m = member(&never, "p1", &clock, t1);
+        assert!(m.unregistered && !m.ready);
+        assert_eq!(m.retiring_since, Some(t0));
+        // Registering late (True) or another reason is not "never registered".
+        let pending = sandbox(
+            serde_json::json!({"conditions": [cond("AgentRegistered", "False", "Waiting")]}),
+            serde_json::json!({}),
+        );
+        assert!(!member(&pending, "p1", &clock, t1).unregistered);
+        let failed = sandbox(
+            serde_json::json!({"phase": "Failed", "failureReason": "InstanceTerminated"}),
+            serde_json::json!({}),
+        );
+        assert!(
+            member(&failed, "p1", &clock, t1)
+                .broken
+                .unwrap()
+                .contains("InstanceTerminated")
+        );
+    }
+}
