@@ -616,6 +616,31 @@ async fn a_member_created_after_a_deploy_gets_the_new_tag() {
     .await;
     let events = e.events("web").await;
     assert!(events.iter().any(|r| r == "TemplateTagSet"), "{events:?}");
+
+    // A deploy that fails (its tag never turns healthy, the targets roll back) leaves the
+    // template as it was.
+    for m in &members {
+        let agent = e.farm.get(&instance_id(m).unwrap()).await.unwrap();
+        agent.fail_health_for("v3");
+    }
+    let d: SandboxDeploy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SandboxDeploy",
+        "metadata": {"name": "web-v3"},
+        "spec": {"image": {"tag": "v3"}, "selector": {"matchLabels": {"group": "web"}}},
+    }))
+    .unwrap();
+    deploys.create(&PostParams::default(), &d).await.unwrap();
+    support::eventually(180, "the v3 deploy to fail", || async {
+        let d = deploys.get("web-v3").await.ok()?;
+        (d.status?.phase? == sandbox_operator::api::DeployPhase::Failed).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pool = e.pools.get("web").await.unwrap();
+    assert_eq!(pool.spec.template.spec.image.as_ref().unwrap().tag, "v2");
+    let st = pool.status.unwrap_or_default();
+    assert_eq!(st.image_deploy.as_deref(), Some("web-v2"));
+    assert_eq!(st.image_tag.as_deref(), Some("v2"));
 }
 
 #[tokio::test]
