@@ -440,7 +440,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                         m.name
                     ),
                 });
-            } else if available - 1 >= min_available {
+            } else if available > min_available {
                 available -= 1;
                 actions.push(Action::Retire {
                     name: m.name.clone(),
