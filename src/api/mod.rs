@@ -11,11 +11,13 @@
 pub mod common;
 pub mod conditions;
 pub mod deploy;
+pub mod pool;
 pub mod sandbox;
 pub mod secretbundle;
 
 pub use common::*;
 pub use deploy::*;
+pub use pool::*;
 pub use sandbox::*;
 pub use secretbundle::*;
 
@@ -27,9 +29,14 @@ pub const GROUP: &str = "fleet.valet.dev";
 /// The API version of every resource here.
 pub const VERSION: &str = "v1alpha1";
 
-/// The CRDs of the three resources, in a stable order.
+/// The CRDs of the resources, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Sandbox::crd(), SandboxDeploy::crd(), SecretBundle::crd()]
+    vec![
+        Sandbox::crd(),
+        SandboxDeploy::crd(),
+        SandboxPool::crd(),
+        SecretBundle::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as `crds/` holds them.

@@ -341,7 +341,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             fly_api_default: args.fly_method == "api",
             ..Default::default()
         },
-        recorder,
+        recorder.clone(),
     );
     if let Some(ledger) = &ledger {
         bundle_ctx.set_ledger(ledger.clone());
@@ -367,7 +367,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         crate::controller::sandboxes::DEFAULT_BUFFER,
     );
     let concurrency = args.max_concurrent_reconciles;
-    let controllers = tokio::spawn(futures::future::join4(
+    let pool_ctx =
+        crate::controller::pool::Context::with_recorder(client.clone(), metrics.clone(), recorder);
+    let controllers = tokio::spawn(futures::future::join5(
         sandbox::run_shared(
             ctx,
             &sandboxes,
@@ -384,6 +386,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ),
         crate::controller::secretbundle::run_shared(
             bundle_ctx,
+            &sandboxes,
+            args.namespace.clone(),
+            concurrency,
+            shutdown(),
+        ),
+        crate::controller::pool::run_shared(
+            pool_ctx,
             &sandboxes,
             args.namespace.clone(),
             concurrency,

@@ -21,6 +21,7 @@ mod ledger;
 mod legacy;
 mod notify;
 mod outage;
+mod pool;
 mod release;
 mod sandbox;
 mod secretbundle;

@@ -244,6 +244,7 @@ async fn every_example_passes_a_server_side_dry_run() {
         "examples/sandbox-stopped.yaml",
         "examples/sandbox-bootstrap.yaml",
         "examples/sandboxdeploy.yaml",
+        "examples/sandboxpool.yaml",
         "examples/secretbundle.yaml",
     ] {
         let p = root(f);
@@ -595,6 +596,11 @@ async fn chart_rbac_is_enough_and_no_more() {
         ("patch", "sandboxes.fleet.valet.dev/status"),
         ("update", "sandboxes.fleet.valet.dev/finalizers"),
         ("create", "sandboxdeploys.fleet.valet.dev"),
+        // A SandboxPool creates and deletes its members.
+        ("create", "sandboxes.fleet.valet.dev"),
+        ("delete", "sandboxes.fleet.valet.dev"),
+        ("patch", "sandboxpools.fleet.valet.dev"),
+        ("patch", "sandboxpools.fleet.valet.dev/status"),
         ("watch", "secrets"),
         ("create", "events.events.k8s.io"),
         ("update", "leases.coordination.k8s.io/sandbox-operator"),
@@ -605,11 +611,10 @@ async fn chart_rbac_is_enough_and_no_more() {
         ("create", "secrets", ns.as_str()),
         ("update", "secrets", ns.as_str()),
         ("delete", "secrets", ns.as_str()),
-        ("create", "sandboxes.fleet.valet.dev", ns.as_str()),
         ("update", "sandboxes.fleet.valet.dev/status", ns.as_str()),
         ("patch", "sandboxdeploys.fleet.valet.dev", ns.as_str()),
-        ("delete", "sandboxes.fleet.valet.dev", ns.as_str()),
         ("update", "sandboxes.fleet.valet.dev", ns.as_str()),
+        ("delete", "sandboxpools.fleet.valet.dev", ns.as_str()),
         ("patch", "secretbundles.fleet.valet.dev", ns.as_str()),
         ("list", "pods", ns.as_str()),
         ("list", "configmaps", ns.as_str()),
