@@ -13,11 +13,13 @@ pub mod conditions;
 pub mod deploy;
 pub mod sandbox;
 pub mod secretbundle;
+pub mod selector;
 
 pub use common::*;
 pub use deploy::*;
 pub use sandbox::*;
 pub use secretbundle::*;
+pub use selector::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
