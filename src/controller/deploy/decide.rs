@@ -1,9 +1,9 @@
 //! The SandboxDeploy controller's decisions, as a pure function of plain data: the deploy's
-//! spec (read once by [`validate`]) and status, what each target Sandbox reports, which
+//! spec (read once by [`validate_all`]) and status, what each target Sandbox reports, which
 //! sandboxes newer deploys claim, and the clock. The reconciler gathers the inputs, carries out
 //! the actions and writes the status.
 //!
-//! [`decide`] runs one pass in named steps, each a method of [`Pass`]: `retry` (the retry
+//! [`decide`] runs one pass in named steps, each a method of the pass: `retry` (the retry
 //! annotation puts failed targets back in line), the validate check (an unusable spec holds the
 //! deploy), `start` (choose the targets and their waves), `follow` (each started target's
 //! progress as its Sandbox reports it), `advance` (abort, halt, pause, the next wave or the end)
@@ -1397,5 +1397,52 @@ mod tests {
         r.step();
         assert_eq!(r.status.phase, Some(DeployPhase::Succeeded));
         assert_eq!((r.status.updated, r.status.skipped), (1, 1));
+    }
+
+    #[test]
+    fn the_validate_step_parses_the_selector_once_and_names_the_field_when_it_cannot() {
+        let bad = spec(serde_json::json!({"selector": {"matchExpressions": [
+            {"key": "tier", "operator": "Exists", "values": ["x"]}
+        ]}}));
+        let v = validate_all(&bad);
+        assert!(v.durations.is_ok());
+        let e = v.selector.unwrap_err();
+        assert_eq!(e.field, "spec.selector");
+        assert!(
+            e.problems[0].contains("operator Exists takes no values"),
+            "{e}"
+        );
+        // Held before it starts, the message naming the field.
+        let mut r = Run::new(bad, &[]);
+        r.step();
+        let ready = conditions::get(&r.status.conditions, cond::READY).unwrap();
+        assert_eq!(ready.reason, INVALID_SPEC);
+        assert!(
+            ready
+                .message
+                .starts_with("invalid spec.selector: matchExpressions[0]"),
+            "{}",
+            ready.message
+        );
+
+        let good = spec(serde_json::json!({"selector": {
+            "matchLabels": {"group": "web"},
+            "matchExpressions": [{"key": "canary", "operator": "DoesNotExist"}],
+            "environment": "staging",
+        }}));
+        let sel = validate_all(&good).selector.unwrap();
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        use crate::api::Environment;
+        assert!(sel.matches(&labels(&[("group", "web")]), Environment::Staging));
+        assert!(!sel.matches(&labels(&[("group", "web")]), Environment::Prod));
+        assert!(!sel.matches(
+            &labels(&[("group", "web"), ("canary", "1")]),
+            Environment::Staging
+        ));
     }
 }

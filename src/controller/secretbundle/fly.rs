@@ -24,7 +24,7 @@ use std::hash::{Hash, Hasher};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use super::decide::{FlyBlock, FlyObs, Outcome};
+use super::decide::{Content, FlyBlock, FlyObs, Outcome};
 use super::scrub::Scrubber;
 use super::sources::{Lookup, SecretCache};
 use super::{ControllerSettings, Error};
@@ -739,16 +739,18 @@ pub struct FlyTargets {
 }
 
 /// Reads each app's token (checking its format) and decides its method: the Machines API when
-/// the spec says so, or names no method and `api_default` is set; flyctl otherwise. Every token
+/// the spec says so, or names no method and the operator's default is the API; flyctl
+/// otherwise. Every token
 /// read is added to `scrubber`.
 pub(super) async fn observe(
     secrets: &mut SecretCache<'_>,
     spec: &SecretBundleSpec,
-    vars: &BTreeMap<String, String>,
-    api_default: bool,
+    content: &Content,
+    settings: &ControllerSettings,
     scrubber: &mut Scrubber,
 ) -> Result<FlyTargets, Error> {
-    let import = render_import(vars);
+    let import = render_import(&content.vars);
+    let api_default = settings.fly_api_default;
     let mut obs = Vec::new();
     let mut tokens = HashMap::new();
     let default_method = if api_default {

@@ -3,8 +3,8 @@
 //! Machines API (`POST /v1/apps/{app}/secrets`, staged; drift seen from the listed digests; keys
 //! the bundle dropped unset) or `flyctl secrets import`.
 //!
-//! The reconcile reads the source Secrets, renders them ([`decide::render`]), asks
-//! [`decide::plan`] which targets to push now, pushes at most `maxParallel` at a time, and writes
+//! The reconcile reads the source Secrets, renders them ([`decide::render()`]), asks
+//! [`decide::plan()`] which targets to push now, pushes at most `maxParallel` at a time, and writes
 //! the status only when it changed. What wakes it:
 //! - a change of a source Secret (or a Fly.io token Secret): a metadata-only watch on Secrets,
 //!   mapped to the bundles that name the Secret through the bundle store; this is rotation, by
@@ -507,7 +507,7 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
     reconcile_bundle(obj, ctx).instrument(span).await
 }
 
-/// Read the sources, validate and render; observe the targets; plan; push; record.
+/// Read the sources, validate and render (or say why nothing can be pushed), then a round.
 async fn reconcile_bundle(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ctx.metrics.reconciled(CONTROLLER);
     let object = key(&obj);
@@ -518,13 +518,12 @@ async fn reconcile_bundle(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<R
     // Read before the Secrets: a change after this point stops the pushes of what is read.
     let epoch = ctx.epoch(&object);
     let now = push::whole_seconds_now();
-    let mut secrets = sources::SecretCache::new(Api::namespaced(ctx.client.clone(), &ns), &object);
+    let secrets = Api::namespaced(ctx.client.clone(), &ns);
+    let mut secrets = sources::SecretCache::new(secrets, &object);
     let data = sources::read_sources(&mut secrets, &obj.spec, &uid).await?;
     // The validate step and the render: every problem of either is reported together.
-    let (valid, content) = match (
-        decide::validate(&obj.spec),
-        decide::render(&obj.spec.sources, &data),
-    ) {
+    let validated = decide::validate(&obj.spec);
+    let (valid, content) = match (validated, decide::render(&obj.spec.sources, &data)) {
         (Ok(v), Ok(c)) => (v, c),
         (v, c) => {
             let problems: Vec<_> = v.err().into_iter().chain(c.err()).flatten().collect();
@@ -534,73 +533,68 @@ async fn reconcile_bundle(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<R
         }
     };
     drop(data);
-    let mut scrubber = Scrubber::new(
-        content.vars.keys().map(String::as_str),
-        content.vars.values().map(String::as_str),
-    );
-    let api_default = ctx.settings.fly_api_default;
-    let fly = fly::observe(
-        &mut secrets,
-        &obj.spec,
-        &content.vars,
-        api_default,
-        &mut scrubber,
-    )
-    .await?;
-    let selection = push::select(stores, &obj, valid.selector.as_ref());
-    let memory = ctx.memory_of(&uid, stores);
+    let bundle = Bundle {
+        obj: &obj,
+        object: &object,
+        uid: &uid,
+        stores,
+        epoch,
+        now,
+    };
+    round(&ctx, bundle, &valid, &content, secrets).await
+}
+
+/// What a round knows of the bundle it pushes.
+struct Bundle<'a> {
+    obj: &'a SecretBundle,
+    object: &'a str,
+    uid: &'a str,
+    stores: &'a Stores,
+    epoch: u64,
+    now: k8s_openapi::jiff::Timestamp,
+}
+
+/// One round: observe the Fly.io apps and the selected Sandboxes, plan, push, record, and say
+/// when to look again.
+async fn round(
+    ctx: &Arc<Context>,
+    b: Bundle<'_>,
+    valid: &decide::ValidSpec,
+    content: &decide::Content,
+    mut secrets: sources::SecretCache<'_>,
+) -> Result<Requeue, Error> {
+    let (obj, spec) = (b.obj, &b.obj.spec);
+    let mut scrubber = Scrubber::for_vars(&content.vars);
+    let fly = fly::observe(&mut secrets, spec, content, &ctx.settings, &mut scrubber).await?;
+    let selection = push::select(b.stores, obj, valid.selector.as_ref());
+    let memory = ctx.memory_of(b.uid, b.stores);
+    let status = obj.status.clone().unwrap_or_default();
     let inputs = Inputs {
-        content: &content,
+        content,
         generation: obj.metadata.generation,
         sandboxes: &selection.obs,
         fly_apps: &fly.obs,
-        status: &obj.status.clone().unwrap_or_default(),
+        status: &status,
         memory: &memory,
         refresh: valid.refresh,
-        now,
+        now: b.now,
         settings: &ctx.settings.decide,
     };
     let plan = decide::plan(&inputs);
-    let (targets, agent_tokens) = push::targets(
-        &plan,
-        &inputs,
-        &selection,
-        &obj,
-        &mut secrets,
-        &mut scrubber,
-    )
-    .await?;
-    let agent_token_values = agent_tokens.values().flatten().map(|t| t.expose());
-    sources::teach_tokens(
-        &uid,
-        fly.tokens
-            .values()
-            .map(String::as_str)
-            .chain(agent_token_values),
-    );
-    let edge = push::Edge {
-        ctx: &ctx,
-        object: &object,
-        content: &content,
-        fly: &fly,
-        restart_services: obj
-            .spec
-            .targets
-            .sandboxes
-            .as_ref()
-            .map(|t| t.restart_services.as_slice())
-            .unwrap_or_default(),
-        scrubber: &scrubber,
-        agent_tokens: &agent_tokens,
-    };
-    let round = push::round(&ctx, &obj, &edge, targets, &plan, &inputs, epoch).await?;
-    let new = record::after_round(&ctx, &obj, &plan, &inputs, &round).await?;
+    let pick = push::Picked::new(&plan, &inputs, &selection, obj);
+    let (targets, tokens) = pick.targets(&mut secrets, &mut scrubber).await?;
+    let edge = push::Edge::new(ctx, b.object, obj, content, &fly, &scrubber, &tokens);
+    let round = push::round(ctx, obj, &edge, targets, &plan, &inputs, b.epoch).await?;
+    let new = record::after_round(ctx, obj, &plan, &inputs, &round).await?;
     let kept = push::prune(round.memory, &plan);
-    ctx.memory.lock().expect("memory").insert(uid.clone(), kept);
-    ctx.errors.lock().expect("errors").remove(&uid);
+    ctx.memory
+        .lock()
+        .expect("memory")
+        .insert(b.uid.to_owned(), kept);
+    ctx.errors.lock().expect("errors").remove(b.uid);
     Ok(record::next_look(
-        &ctx,
-        &uid,
+        ctx,
+        b.uid,
         &new,
         inputs,
         round.interrupted,

@@ -19,7 +19,7 @@ use super::decide::{
 };
 use super::fly::{self, FlyTargets};
 use super::scrub::Scrubber;
-use super::sources::SecretCache;
+use super::sources::{self, SecretCache};
 use super::{Context, Error, Stores, fly_api, record};
 use crate::agent::client::{AgentClient, AgentError, AgentToken, Timeouts};
 use crate::api::{ParsedSelector, Sandbox, SecretBundle, SecretBundleStatus, SecretKeyRef};
@@ -175,80 +175,135 @@ fn sandbox_obs(s: &Sandbox, claimed_by: Option<String>) -> SandboxObs {
 /// The agents' tokens read this round, by (Secret, key): the token, or what is wrong with it.
 pub(super) type AgentTokens = HashMap<(String, String), Result<AgentToken, String>>;
 
-/// The pushes the plan asks for, with the agents' tokens they need (read once each, and added
-/// to `scrubber`).
-pub(super) async fn targets(
-    plan: &Plan,
-    inputs: &Inputs<'_>,
-    selection: &Selection,
-    obj: &SecretBundle,
-    secrets: &mut SecretCache<'_>,
-    scrubber: &mut Scrubber,
-) -> Result<(Vec<PushTarget>, AgentTokens), Error> {
-    let mut tokens = AgentTokens::new();
-    let mut targets = Vec::new();
-    for a in plan.pushes() {
-        match &a.key {
-            TargetKey::Sandbox(name) => {
-                let Some(s) = selection.obs.iter().find(|s| &s.name == name) else {
-                    continue;
-                };
-                let token_ref = selection
-                    .selected
-                    .iter()
-                    .find(|x| &x.name_any() == name)
-                    .and_then(|x| x.spec.agent.token_secret_ref.clone());
-                if let Some(r) = &token_ref {
-                    let k = (r.name.clone(), r.key.clone());
-                    if let std::collections::hash_map::Entry::Vacant(slot) = tokens.entry(k) {
-                        let t = secrets.agent_token(r).await?;
-                        if let Ok(t) = &t {
-                            scrubber.add(t.expose());
-                        }
-                        slot.insert(t);
-                    }
-                }
-                targets.push(PushTarget::Sandbox {
-                    name: name.clone(),
-                    url: s.agent_url.clone().unwrap_or_default(),
-                    token: token_ref,
-                });
-            }
-            TargetKey::FlyApp(app) if inputs.fly_apps.iter().any(|f| &f.app == app && f.api) => {
-                targets.push(PushTarget::FlyApi {
-                    app: app.clone(),
-                    known: decide::fly_known(inputs, app),
-                });
-            }
-            TargetKey::FlyApp(app) => {
-                let spec = &obj.spec.targets.fly_apps;
-                let stage = spec.iter().find(|f| &f.app == app).is_some_and(|f| f.stage);
-                targets.push(PushTarget::Fly {
-                    app: app.clone(),
-                    stage,
-                });
-            }
+/// What the plan picked to push, with what building the pushes needs.
+pub(super) struct Picked<'a> {
+    plan: &'a Plan,
+    inputs: &'a Inputs<'a>,
+    selection: &'a Selection,
+    obj: &'a SecretBundle,
+}
+
+impl<'a> Picked<'a> {
+    /// The plan's picks for this bundle.
+    pub(super) fn new(
+        plan: &'a Plan,
+        inputs: &'a Inputs<'a>,
+        selection: &'a Selection,
+        obj: &'a SecretBundle,
+    ) -> Self {
+        Self {
+            plan,
+            inputs,
+            selection,
+            obj,
         }
     }
-    Ok((targets, tokens))
+
+    /// The pushes, with the agents' tokens they need (read once each, and added to
+    /// `scrubber`).
+    pub(super) async fn targets(
+        &self,
+        secrets: &mut SecretCache<'_>,
+        scrubber: &mut Scrubber,
+    ) -> Result<(Vec<PushTarget>, AgentTokens), Error> {
+        let (plan, inputs, selection, obj) = (self.plan, self.inputs, self.selection, self.obj);
+        let mut tokens = AgentTokens::new();
+        let mut targets = Vec::new();
+        for a in plan.pushes() {
+            match &a.key {
+                TargetKey::Sandbox(name) => {
+                    let Some(s) = selection.obs.iter().find(|s| &s.name == name) else {
+                        continue;
+                    };
+                    let token_ref = selection
+                        .selected
+                        .iter()
+                        .find(|x| &x.name_any() == name)
+                        .and_then(|x| x.spec.agent.token_secret_ref.clone());
+                    if let Some(r) = &token_ref {
+                        let k = (r.name.clone(), r.key.clone());
+                        if let std::collections::hash_map::Entry::Vacant(slot) = tokens.entry(k) {
+                            let t = secrets.agent_token(r).await?;
+                            if let Ok(t) = &t {
+                                scrubber.add(t.expose());
+                            }
+                            slot.insert(t);
+                        }
+                    }
+                    targets.push(PushTarget::Sandbox {
+                        name: name.clone(),
+                        url: s.agent_url.clone().unwrap_or_default(),
+                        token: token_ref,
+                    });
+                }
+                TargetKey::FlyApp(app)
+                    if inputs.fly_apps.iter().any(|f| &f.app == app && f.api) =>
+                {
+                    targets.push(PushTarget::FlyApi {
+                        app: app.clone(),
+                        known: decide::fly_known(inputs, app),
+                    });
+                }
+                TargetKey::FlyApp(app) => {
+                    let spec = &obj.spec.targets.fly_apps;
+                    let stage = spec.iter().find(|f| &f.app == app).is_some_and(|f| f.stage);
+                    targets.push(PushTarget::Fly {
+                        app: app.clone(),
+                        stage,
+                    });
+                }
+            }
+        }
+        Ok((targets, tokens))
+    }
 }
 
 /// The real pusher: the agent client, Fly's Machines API and flyctl.
 pub(super) struct Edge<'a> {
     /// The controller.
-    pub ctx: &'a Context,
+    ctx: &'a Context,
     /// The bundle, namespace/name.
-    pub object: &'a str,
+    object: &'a str,
     /// What is pushed.
-    pub content: &'a Content,
+    content: &'a Content,
     /// The Fly.io apps: tokens and the import text.
-    pub fly: &'a FlyTargets,
+    fly: &'a FlyTargets,
     /// The services an agent restarts after writing the env file.
-    pub restart_services: &'a [String],
+    restart_services: &'a [String],
     /// Masks every value and token in what comes back.
-    pub scrubber: &'a Scrubber,
+    scrubber: &'a Scrubber,
     /// The agents' tokens.
-    pub agent_tokens: &'a AgentTokens,
+    agent_tokens: &'a AgentTokens,
+}
+
+impl<'a> Edge<'a> {
+    /// The pusher of a round of bundle `obj` (`object`, namespace/name). The tokens it will
+    /// use are taught to the process-wide redactor now.
+    pub(super) fn new(
+        ctx: &'a Context,
+        object: &'a str,
+        obj: &'a SecretBundle,
+        content: &'a Content,
+        fly: &'a FlyTargets,
+        scrubber: &'a Scrubber,
+        agent_tokens: &'a AgentTokens,
+    ) -> Self {
+        let agent = agent_tokens.values().flatten().map(|t| t.expose());
+        let fly_tokens = fly.tokens.values().map(String::as_str);
+        sources::teach_tokens(&obj.uid().unwrap_or_default(), fly_tokens.chain(agent));
+        let sandboxes = obj.spec.targets.sandboxes.as_ref();
+        Self {
+            ctx,
+            object,
+            content,
+            fly,
+            restart_services: sandboxes
+                .map(|t| t.restart_services.as_slice())
+                .unwrap_or_default(),
+            scrubber,
+            agent_tokens,
+        }
+    }
 }
 
 impl Pusher for Edge<'_> {

@@ -3,10 +3,10 @@
 //! answered last time and the clock. No client lives here; the reconciler gathers the inputs,
 //! pushes to the targets this module picks and writes the status it builds.
 //!
-//! The steps, one file each: [`validate`] reads the spec once (durations and the sandbox
-//! selector, into kube's selector type); [`render`] turns the source Secrets into one `.env`
-//! ([`render`](mod@render)); [`plan`] picks the targets to push now ([`plan`](mod@plan)); and
-//! [`summarize`] builds the status ([`status`]).
+//! The steps: [`validate`] reads the spec once (durations and the sandbox selector, into
+//! kube's selector type, here); [`render()`] turns the source Secrets into one `.env` (in
+//! [`mod@render`]); [`plan()`] picks the targets to push now (in [`mod@plan`]); and
+//! [`summarize`] builds the status (in [`status`]).
 //!
 //! Nothing here ever puts a secret value into a message: problems name keys and Secrets, and
 //! [`Content`]'s `Debug` shows key names and the hash only.
@@ -267,5 +267,54 @@ mod tests {
             "{}",
             r.message
         );
+    }
+
+    #[test]
+    fn a_selector_the_api_refuses_is_an_invalid_spec_naming_the_field_never_an_empty_selection() {
+        // As stored before the CRD checked operators.
+        let spec: SecretBundleSpec = serde_json::from_value(serde_json::json!({
+            "sources": [{"secretName": "db"}],
+            "targets": {"sandboxes": {"selector": {"matchExpressions": [
+                {"key": "tier", "operator": "Inn", "values": ["gold"]}
+            ]}}},
+        }))
+        .unwrap();
+        let problems = validate(&spec).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].reason(), reason::INVALID_SPEC);
+        let said = problems[0].to_string();
+        assert!(
+            said.starts_with("invalid spec.targets.sandboxes.selector: ")
+                && said.contains("matchExpressions[0]: unknown operator \"Inn\""),
+            "{said}"
+        );
+        let st = summarize_invalid(&SecretBundleStatus::default(), Some(2), &problems, now());
+        let r = conditions::get(&st.conditions, cond::READY).unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            (FALSE, reason::INVALID_SPEC)
+        );
+        assert!(
+            r.message.contains("spec.targets.sandboxes.selector"),
+            "{}",
+            r.message
+        );
+
+        // Fixed, it parses into kube's selector and matches with it.
+        let mut spec = spec;
+        let sel = &mut spec.targets.sandboxes.as_mut().unwrap().selector;
+        sel.match_expressions[0].operator = "In".into();
+        let valid = validate(&spec).unwrap();
+        let parsed = valid.selector.expect("a sandbox selector");
+        let gold: BTreeMap<String, String> = [("tier".to_string(), "gold".to_string())].into();
+        assert!(parsed.matches(&gold, Environment::Dev));
+        assert!(!parsed.matches(&BTreeMap::new(), Environment::Dev));
+        // No sandbox targets: no selector, and nothing to refuse.
+        let fly_only: SecretBundleSpec = serde_json::from_value(serde_json::json!({
+            "sources": [{"secretName": "db"}],
+            "targets": {},
+        }))
+        .unwrap();
+        assert_eq!(validate(&fly_only).unwrap().selector, None);
     }
 }
