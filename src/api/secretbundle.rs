@@ -272,9 +272,7 @@ pub mod bundle_condition {
     pub const DEGRADED: &str = "Degraded";
 }
 
-/// The reasons of a SecretBundle's conditions and Events (CamelCase). The Fly.io API's own
-/// failure reasons (`FlyUnauthorized`, `FlyAppNotFound`, ...) are named where they are told apart,
-/// by the Fly.io code's `Problem::reason`.
+/// The reasons of a SecretBundle's conditions and Events (CamelCase).
 pub mod bundle_reason {
     /// A key is not an environment variable name, or two sources define it, or a Fly.io token
     /// is not a Fly.io token, or a field does not parse (a duration, the selector).
@@ -308,4 +306,25 @@ pub mod bundle_reason {
     pub const FLY_DRIFT: &str = "FlyDrift";
     /// Event: keys the bundle no longer holds were unset on a Fly.io app.
     pub const FLY_UNSET: &str = "FlyUnset";
+    /// Fly's API refused the token (401 or 403).
+    pub const FLY_UNAUTHORIZED: &str = "FlyUnauthorized";
+    /// The Fly.io app does not exist, or the token cannot see it.
+    pub const FLY_APP_NOT_FOUND: &str = "FlyAppNotFound";
+    /// Fly's API refused the request itself (another 4xx).
+    pub const FLY_REJECTED: &str = "FlyRejected";
+    /// Fly's API throttled the call (429).
+    pub const FLY_THROTTLED: &str = "FlyThrottled";
+    /// Fly's API failed (5xx).
+    pub const FLY_UNAVAILABLE: &str = "FlyUnavailable";
+    /// Fly's API could not be reached, or its answer could not be read.
+    pub const FLY_UNREACHABLE: &str = "FlyUnreachable";
+    /// Every reason a failure of Fly's API is told by.
+    pub const FLY_FAILURES: [&str; 6] = [
+        FLY_UNAUTHORIZED,
+        FLY_APP_NOT_FOUND,
+        FLY_REJECTED,
+        FLY_THROTTLED,
+        FLY_UNAVAILABLE,
+        FLY_UNREACHABLE,
+    ];
 }

@@ -478,13 +478,14 @@ pub mod api {
     impl Problem {
         /// The CamelCase reason status and conditions carry.
         pub fn reason(self) -> &'static str {
+            use crate::api::bundle_reason as r;
             match self {
-                Problem::Unauthorized => "FlyUnauthorized",
-                Problem::AppNotFound => "FlyAppNotFound",
-                Problem::Rejected => "FlyRejected",
-                Problem::Throttled => "FlyThrottled",
-                Problem::Unavailable => "FlyUnavailable",
-                Problem::Unreachable => "FlyUnreachable",
+                Problem::Unauthorized => r::FLY_UNAUTHORIZED,
+                Problem::AppNotFound => r::FLY_APP_NOT_FOUND,
+                Problem::Rejected => r::FLY_REJECTED,
+                Problem::Throttled => r::FLY_THROTTLED,
+                Problem::Unavailable => r::FLY_UNAVAILABLE,
+                Problem::Unreachable => r::FLY_UNREACHABLE,
             }
         }
     }

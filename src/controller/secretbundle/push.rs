@@ -148,10 +148,7 @@ pub(super) fn select(
 /// A Sandbox as [`decide`] sees it.
 fn sandbox_obs(s: &Sandbox, claimed_by: Option<String>) -> SandboxObs {
     let st = s.status.as_ref();
-    let instance_state = st
-        .and_then(|st| st.instance.as_ref())
-        .and_then(|i| i.state)
-        .map(|s| s.as_str().to_string());
+    let instance_state = st.and_then(|st| st.instance.as_ref()).and_then(|i| i.state);
     let agent = st.and_then(|st| st.agent.as_ref());
     let agent_url = agent
         .and_then(|a| a.url.clone())

@@ -195,7 +195,8 @@ pub(super) async fn after_round(
     if ready_changed(old, &new)
         && let Some((why, message)) = ready_false(&new)
         && why != reason::SYNCING
-        && ((why != reason::SYNC_FAILED && !why.starts_with("Fly")) || !failed_now)
+        && ((why != reason::SYNC_FAILED && !reason::FLY_FAILURES.contains(&why.as_str()))
+            || !failed_now)
     {
         publish(ctx, obj, true, &why, message).await;
     }

@@ -29,8 +29,9 @@ use k8s_openapi::jiff::Timestamp;
 use crate::agent::envfile;
 use crate::api::conditions::{self, Desired, FALSE, TRUE};
 use crate::api::{
-    BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment, InvalidSelector,
-    ParsedSelector, SandboxSelector, SecretBundleSpec, SecretBundleStatus, SecretSource,
+    BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment, InstanceState,
+    InvalidSelector, ParsedSelector, SandboxSelector, SecretBundleSpec, SecretBundleStatus,
+    SecretSource,
 };
 
 /// Condition types (the vocabulary lives in `api`).

@@ -54,8 +54,8 @@ impl fmt::Display for TargetKey {
 pub struct SandboxObs {
     /// The Sandbox's name.
     pub name: String,
-    /// `status.instance.state` (EC2's state name), if reported.
-    pub instance_state: Option<String>,
+    /// `status.instance.state`, if reported.
+    pub instance_state: Option<InstanceState>,
     /// The agent URL (`status.agent.url`, else `spec.agent.url`).
     pub agent_url: Option<String>,
     /// The env hash the agent last reported (`status.agent.envSha256`).
@@ -388,7 +388,7 @@ pub(super) fn assess_sandbox(
         ));
         return a;
     }
-    if s.instance_state.as_deref() != Some("running") {
+    if s.instance_state != Some(InstanceState::Running) {
         a.entry.state = BundleTargetState::Pending;
         a.entry.message = Some(match &s.instance_state {
             None => "waiting for the Sandbox controller to report the instance".into(),
@@ -795,7 +795,7 @@ mod tests {
     fn sbx(name: &str, state: &str) -> SandboxObs {
         SandboxObs {
             name: name.into(),
-            instance_state: Some(state.into()),
+            instance_state: Some(InstanceState::parse(state).unwrap_or(InstanceState::Unknown)),
             agent_url: Some(format!("http://{name}:8000")),
             reported_hash: None,
             reported_at: None,

@@ -159,12 +159,12 @@ pub fn summarize(
             skipped.is_empty(),
         ) {
             (Some(r), true, true) => r.as_str(),
-            _ => "TargetsFailed",
+            _ => reason::TARGETS_FAILED,
         };
         Some((why, format!("failing: {}", list(&all))))
     } else if !skipped.is_empty() {
         Some((
-            skipped_reason.as_deref().unwrap_or("TargetsSkipped"),
+            skipped_reason.as_deref().unwrap_or(reason::TARGETS_SKIPPED),
             format!("skipped: {}", list(&skipped)),
         ))
     } else {
