@@ -517,7 +517,7 @@ impl<'i, 'a> Pass<'i, 'a> {
             attempt,
             ..
         } = self;
-        let i: &Inputs<'_> = *i;
+        let i: &Inputs<'_> = i;
         let now = i.now;
         let tag = tag.as_str();
         let attempt = attempt.as_str();
@@ -689,7 +689,7 @@ impl<'i, 'a> Pass<'i, 'a> {
             attempt,
             ..
         } = self;
-        let i: &Inputs<'_> = *i;
+        let i: &Inputs<'_> = i;
         let now = i.now;
         st.phase = Some(DeployPhase::Progressing);
         st.wave = Some(next);
