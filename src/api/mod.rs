@@ -14,12 +14,14 @@ pub mod deploy;
 pub mod pool;
 pub mod sandbox;
 pub mod secretbundle;
+pub mod selector;
 
 pub use common::*;
 pub use deploy::*;
 pub use pool::*;
 pub use sandbox::*;
 pub use secretbundle::*;
+pub use selector::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// Finished SandboxDeploys kept per namespace; older ones are deleted.
     #[arg(long, env = "SANDBOX_OPERATOR_DEPLOY_HISTORY", default_value_t = 50)]
     pub deploy_history_limit: usize,
+    /// How often a running SandboxDeploy is looked at when nothing wakes it (a change of any
+    /// of its target Sandboxes wakes it at once).
+    #[arg(long, env = "SANDBOX_OPERATOR_DEPLOY_POLL", default_value = "2s", value_parser = duration)]
+    pub deploy_poll: Duration,
     /// How SecretBundles push to Fly.io apps whose spec names no method: `api` (Fly's Machines
     /// API, no CLI needed) or `flyctl`.
     #[arg(long, env = "SANDBOX_OPERATOR_FLY_METHOD", default_value = "api", value_parser = ["api", "flyctl"])]
@@ -296,6 +300,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics.clone(),
         crate::controller::deploy::DeploySettings {
             history_limit: args.deploy_history_limit,
+            poll: args.deploy_poll,
             ..Default::default()
         },
         recorder.clone(),
