@@ -10,13 +10,14 @@
 //! watch, so no late subscriber can miss the initial list), and every subscriber must keep
 //! reading: when one falls [`SandboxWatch::new`]'s buffer behind, the watch waits for it.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::broadcast;
@@ -88,6 +89,8 @@ pub struct SandboxWatch {
     /// to subscribers beside it (a subscriber that falls this far behind misses some; each
     /// controller's periodic look covers that).
     deleted: broadcast::Sender<Arc<Sandbox>>,
+    /// The Sandboxes of each controlling owner, kept in step with the store.
+    owners: Arc<OwnerIndex>,
 }
 
 impl SandboxWatch {
@@ -104,6 +107,16 @@ impl SandboxWatch {
             reader,
             writer,
             deleted,
+            owners: Arc::default(),
+        }
+    }
+
+    /// The Sandboxes of each controlling owner (a SandboxPool's members), read through the
+    /// store: no LIST per reconcile.
+    pub fn owned(&self) -> Owned {
+        Owned {
+            store: self.reader.clone(),
+            index: self.owners.clone(),
         }
     }
 
@@ -138,12 +151,20 @@ impl SandboxWatch {
     /// Runs the watch until `shutdown` resolves. Subscriptions end with it.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let deleted = self.deleted;
+        let owners = self.owners;
         let root = super::refused::reported(
             "sandboxes",
             watcher(self.api, watcher::Config::default().any_semantic()),
         )
         .backoff(super::watch::backoff())
         .modify(strip)
+        // The index takes each event just before the store does, so a subscriber told of a
+        // change finds it in both.
+        .inspect(move |ev| {
+            if let Ok(ev) = ev {
+                owners.apply(ev);
+            }
+        })
         .reflect_shared(self.writer)
         .for_each(move |ev| {
             match ev {
@@ -159,6 +180,143 @@ impl SandboxWatch {
             _ = root => {}
             _ = shutdown => {}
         }
+    }
+}
+
+/// Who controls a Sandbox: namespace, owner kind and owner name.
+type OwnerKey = (String, String, String);
+
+fn controller_of(s: &Sandbox) -> Option<OwnerKey> {
+    s.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| {
+            (
+                s.namespace().unwrap_or_default(),
+                o.kind.clone(),
+                o.name.clone(),
+            )
+        })
+}
+
+#[derive(Default)]
+struct IndexState {
+    /// Names of the Sandboxes each owner controls.
+    by_owner: HashMap<OwnerKey, BTreeSet<String>>,
+    /// The owner of each indexed Sandbox, by namespace and name.
+    owner_of: HashMap<(String, String), OwnerKey>,
+}
+
+impl IndexState {
+    fn insert(&mut self, s: &Sandbox) {
+        let key = (s.namespace().unwrap_or_default(), s.name_any());
+        self.remove(&key);
+        if let Some(owner) = controller_of(s) {
+            self.by_owner
+                .entry(owner.clone())
+                .or_default()
+                .insert(key.1.clone());
+            self.owner_of.insert(key, owner);
+        }
+    }
+
+    fn remove(&mut self, key: &(String, String)) {
+        if let Some(owner) = self.owner_of.remove(key)
+            && let Some(names) = self.by_owner.get_mut(&owner)
+        {
+            names.remove(&key.1);
+            if names.is_empty() {
+                self.by_owner.remove(&owner);
+            }
+        }
+    }
+}
+
+/// The Sandboxes of each controlling owner, by name, fed from the watch's events as the store
+/// is (a re-list is buffered and swapped in whole at its end, as the store does it).
+#[derive(Default)]
+pub struct OwnerIndex {
+    state: RwLock<IndexState>,
+    /// A re-list under way.
+    relist: RwLock<Option<IndexState>>,
+    ready: AtomicBool,
+}
+
+impl OwnerIndex {
+    /// Takes one watch event.
+    pub fn apply(&self, ev: &watcher::Event<Sandbox>) {
+        match ev {
+            watcher::Event::Apply(s) => self.write().insert(s),
+            watcher::Event::Delete(s) => self
+                .write()
+                .remove(&(s.namespace().unwrap_or_default(), s.name_any())),
+            watcher::Event::Init => *self.relist() = Some(IndexState::default()),
+            watcher::Event::InitApply(s) => self
+                .relist()
+                .get_or_insert_with(IndexState::default)
+                .insert(s),
+            watcher::Event::InitDone => {
+                let fresh = self.relist().take().unwrap_or_default();
+                *self.write() = fresh;
+                self.ready.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether the first complete list is in.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The names of the Sandboxes `kind` `owner` controls in `namespace`.
+    pub fn names(&self, namespace: &str, kind: &str, owner: &str) -> Vec<String> {
+        let key = (namespace.to_owned(), kind.to_owned(), owner.to_owned());
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_owner
+            .get(&key)
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, IndexState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn relist(&self) -> std::sync::RwLockWriteGuard<'_, Option<IndexState>> {
+        self.relist.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The shared store read through the owner index.
+#[derive(Clone)]
+pub struct Owned {
+    store: Store<Sandbox>,
+    index: Arc<OwnerIndex>,
+}
+
+impl Owned {
+    /// Waits until both the store and the index hold their first complete list.
+    pub async fn wait_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        wait_ready(&self.store).await?;
+        while !self.index.is_ready() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// The Sandboxes `kind` `owner` controls in `namespace`, as cached (a name the index holds
+    /// and the store does not yet or no longer is left out).
+    pub fn get(&self, namespace: &str, kind: &str, owner: &str) -> Vec<Arc<Sandbox>> {
+        self.index
+            .names(namespace, kind, owner)
+            .into_iter()
+            .filter_map(|name| {
+                self.store
+                    .get(&ObjectRef::<Sandbox>::new(&name).within(namespace))
+            })
+            .collect()
     }
 }
 
@@ -297,6 +455,111 @@ mod tests {
             assert_eq!(got.len(), 1);
             assert_eq!(got[0].metadata.managed_fields, None);
         }
+    }
+
+    fn owned_by(name: &str, uid: &str, pool: Option<&str>) -> Sandbox {
+        let mut s = sandbox(name, uid, 1);
+        s.metadata.owner_references = pool.map(|p| {
+            vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "fleet.valet.dev/v1alpha1".into(),
+                    kind: "SandboxPool".into(),
+                    name: p.into(),
+                    uid: format!("uid-{p}"),
+                    controller: Some(true),
+                    block_owner_deletion: Some(true),
+                },
+            ]
+        });
+        s
+    }
+
+    #[test]
+    fn the_owner_index_follows_the_watch_as_the_store_does() {
+        let idx = OwnerIndex::default();
+        let names = |idx: &OwnerIndex, pool: &str| idx.names("ns", "SandboxPool", pool);
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(owned_by(
+            "web-a",
+            "u1",
+            Some("web"),
+        )));
+        idx.apply(&watcher::Event::InitApply(owned_by(
+            "api-a",
+            "u2",
+            Some("api"),
+        )));
+        idx.apply(&watcher::Event::InitApply(owned_by("lone", "u3", None)));
+        // Nothing is served before the first list is complete.
+        assert!(!idx.is_ready());
+        assert!(names(&idx, "web").is_empty());
+        idx.apply(&watcher::Event::InitDone);
+        assert!(idx.is_ready());
+        assert_eq!(names(&idx, "web"), vec!["web-a"]);
+        assert_eq!(names(&idx, "api"), vec!["api-a"]);
+        // Another namespace or kind is another owner.
+        assert!(idx.names("other", "SandboxPool", "web").is_empty());
+        assert!(idx.names("ns", "SandboxDeploy", "web").is_empty());
+        idx.apply(&watcher::Event::Apply(owned_by("web-b", "u4", Some("web"))));
+        assert_eq!(names(&idx, "web"), vec!["web-a", "web-b"]);
+        // An owner changed (released): indexed under the new one only.
+        idx.apply(&watcher::Event::Apply(owned_by("web-a", "u1", None)));
+        assert_eq!(names(&idx, "web"), vec!["web-b"]);
+        idx.apply(&watcher::Event::Delete(owned_by(
+            "web-b",
+            "u4",
+            Some("web"),
+        )));
+        assert!(names(&idx, "web").is_empty());
+        // A re-list: the old index serves until it is complete, then the new one whole (what
+        // was deleted while the watch was down goes).
+        idx.apply(&watcher::Event::Apply(owned_by("web-c", "u5", Some("web"))));
+        idx.apply(&watcher::Event::Init);
+        idx.apply(&watcher::Event::InitApply(owned_by(
+            "web-d",
+            "u6",
+            Some("web"),
+        )));
+        assert_eq!(names(&idx, "web"), vec!["web-c"]);
+        idx.apply(&watcher::Event::InitDone);
+        assert_eq!(names(&idx, "web"), vec!["web-d"]);
+        assert!(names(&idx, "api").is_empty());
+    }
+
+    #[tokio::test]
+    async fn owned_reads_the_store_through_the_index() {
+        let (reader, mut writer) = reflector::store_shared::<Sandbox>(16);
+        let owned = Owned {
+            store: reader,
+            index: Arc::default(),
+        };
+        for ev in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(owned_by("web-a", "u1", Some("web"))),
+            watcher::Event::InitApply(owned_by("lone", "u2", None)),
+            watcher::Event::InitDone,
+            // In the index and not yet in the store (the index takes each event first).
+            watcher::Event::Apply(owned_by("web-b", "u3", Some("web"))),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (i, ev) = ev;
+            owned.index.apply(ev);
+            if i < 4 {
+                writer.apply_watcher_event(ev);
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(10), owned.wait_ready())
+            .await
+            .unwrap()
+            .unwrap();
+        let got: Vec<String> = owned
+            .get("ns", "SandboxPool", "web")
+            .iter()
+            .map(|s| s.name_any())
+            .collect();
+        assert_eq!(got, vec!["web-a"]);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 
 pub mod act;
 pub mod decide;
+pub mod expect;
 pub mod observe;
 pub mod record;
 
@@ -20,17 +21,17 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{POOL_LABEL, Sandbox, SandboxDeploy, SandboxPool, SandboxPoolStatus, Scaler};
 use crate::controller::ErrorCategory;
-use crate::controller::sandboxes::{Change, SandboxWatch};
+use crate::controller::sandboxes::{Change, Owned, SandboxWatch};
 use crate::metrics::Metrics;
 use decide::{Action, Inputs};
 
@@ -51,13 +52,16 @@ pub enum Error {
         /// The error.
         source: kube::Error,
     },
+    /// The shared Sandbox store's watch ended.
+    #[error("the shared Sandbox store is gone (its watch ended)")]
+    StoreGone,
 }
 
 impl Error {
     /// The metric label of this error.
     pub fn category(&self) -> ErrorCategory {
         match self {
-            Error::Kube { .. } => ErrorCategory::Kubernetes,
+            Error::Kube { .. } | Error::StoreGone => ErrorCategory::Kubernetes,
         }
     }
 }
@@ -68,6 +72,10 @@ pub struct Context {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     deploys: Mutex<Option<Store<SandboxDeploy>>>,
+    /// The shared Sandbox store, read by owner: the members.
+    members: Mutex<Option<Owned>>,
+    /// Member writes the store has not shown yet.
+    expectations: expect::Expectations,
     written: super::WrittenStatus<SandboxPoolStatus>,
     idle: observe::IdleClock,
 }
@@ -80,6 +88,8 @@ impl Context {
             recorder,
             metrics,
             deploys: Mutex::default(),
+            members: Mutex::default(),
+            expectations: Default::default(),
             written: Default::default(),
             idle: Default::default(),
         })
@@ -129,6 +139,7 @@ where
     S: Future<Output = ()> + Send + Sync + 'static,
 {
     let sandbox_stream = sandboxes.changes().map(Change::into_sandbox);
+    *ctx.members.lock().expect("member store") = Some(sandboxes.owned());
     let (pools, deploys): (Api<SandboxPool>, Api<SandboxDeploy>) = match &namespace {
         Some(ns) => (
             Api::namespaced(ctx.client.clone(), ns),
@@ -200,6 +211,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
         // own deletion handles its instance.
         ctx.written.forget(&uid);
         ctx.idle.retain(&uid, &HashSet::new());
+        ctx.expectations.forget(&uid);
         return Ok(Requeue::await_change());
     }
     let ns = pool.namespace().unwrap_or_default();
@@ -249,17 +261,17 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
         status.image_deploy = Some(d.name.clone());
     }
 
-    // The members, read from the API server (never a stale cache: a member is created once).
-    let listed = sbx
-        .list(&ListParams::default().labels(&format!("{POOL_LABEL}={name}")))
-        .await
-        .map_err(|source| Error::Kube {
-            what: "listing members".into(),
-            object: key(&pool),
-            source,
-        })?;
-    let raw: Vec<Sandbox> = listed
-        .items
+    // The members, from the shared Sandbox store (by controlling owner); writes of this pool
+    // the store has not shown yet are awaited below.
+    let owned = ctx
+        .members
+        .lock()
+        .expect("member store")
+        .clone()
+        .expect("the controller is wired to the shared Sandbox store");
+    owned.wait_ready().await.map_err(|_| Error::StoreGone)?;
+    let raw: Vec<Arc<Sandbox>> = owned
+        .get(&ns, "SandboxPool", &name)
         .into_iter()
         .filter(|s| observe::is_member(s, &uid))
         .collect();
@@ -273,6 +285,10 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
             .filter_map(|s| s.uid())
             .collect::<HashSet<String>>(),
     );
+    let settled = ctx.expectations.settle(&uid, &members, now);
+    for e in &settled.expired {
+        warn!(pool = %key(&pool), member = %e.name, write = ?e.write, "the Sandbox store never showed this write; acting without it");
+    }
 
     // The autoscaler sets replicas when the spec asks it to; otherwise someone else does.
     let mut extra_requeue = None;
@@ -341,11 +357,26 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
         now,
     });
 
+    if !settled.waiting.is_empty() {
+        // The store is behind this pool's own writes: acting now could create a member twice
+        // (or drain one again), and the status would count what is no longer so. Look again
+        // when the store catches up (its change wakes the pool) or soon.
+        let wait = ctx
+            .expectations
+            .next_timeout(&settled.waiting, now)
+            .unwrap_or(Duration::ZERO)
+            .clamp(Duration::from_millis(200), Duration::from_secs(1));
+        debug!(pool = %key(&pool), waiting = settled.waiting.len(), "member writes in flight; waiting for the store");
+        return Ok(Requeue::requeue(wait));
+    }
+
     for action in &decision.actions {
         match action {
             Action::Create { standby } => {
                 let hash = hash.as_deref().unwrap_or_default();
                 let made = act::create(&sbx, &pool, hash, *standby).await?;
+                ctx.expectations
+                    .expect(&uid, &made.name_any(), expect::Write::Created, now);
                 record::event(
                     &ctx,
                     &pool,
@@ -369,6 +400,8 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
             }
             Action::Start { name } => {
                 act::start(&sbx, &pool, name).await?;
+                ctx.expectations
+                    .expect(&uid, name, expect::Write::Started, now);
                 record::event(
                     &ctx,
                     &pool,
@@ -380,6 +413,8 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
             }
             Action::Retire { name, drain } => {
                 act::retire(&sbx, &pool, name, *drain, now).await?;
+                ctx.expectations
+                    .expect(&uid, name, expect::Write::Retired, now);
                 record::event(
                     &ctx,
                     &pool,
@@ -395,6 +430,8 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                 message,
             } => {
                 act::delete(&sbx, &pool, name).await?;
+                ctx.expectations
+                    .expect(&uid, name, expect::Write::Deleted, now);
                 let warning = matches!(*reason, "MemberUnregistered" | "MemberFailed");
                 record::event(&ctx, &pool, warning, reason, message.clone()).await;
             }

@@ -1,6 +1,7 @@
-//! What the pool controller reads: its members (listed from the API server, not a cache, so a
-//! member just created or deleted is never counted twice or missed), each turned into a
-//! [`Member`], and the SandboxDeploys that picked its members.
+//! What the pool controller reads: its members (from the shared Sandbox store, by controlling
+//! owner; [`super::expect`] keeps a member just created or deleted from being counted twice or
+//! missed while the store catches up), each turned into a [`Member`], and the SandboxDeploys
+//! that picked its members.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
