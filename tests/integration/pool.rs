@@ -773,6 +773,136 @@ async fn an_unregistered_member_is_replaced() {
     );
 }
 
+/// The real path of [`an_unregistered_member_is_replaced`]: the template bootstraps its
+/// members' agents (`agent.bootstrap`, a 5s `registrationTimeout`) and no agent ever comes up
+/// (nothing runs the user data, nothing listens at the agent's address). The operator itself
+/// reports the member RegistrationTimedOut; the pool deletes it, launches a replacement, and
+/// the replaced member's instance is terminated at the EC2 endpoint.
+#[tokio::test]
+async fn a_bootstrapped_member_that_never_registers_is_replaced() {
+    let e = env("pool-never-registers").await;
+    let port = sandbox_operator::testenv::free_port();
+    let manifest = serde_json::json!({
+        "apiVersion": "fleet.valet.dev/v1alpha1", "kind": "SandboxPool",
+        "metadata": {"name": "boot"},
+        "spec": {
+            "replicas": 1,
+            "template": {
+                "metadata": {"labels": {"group": "boot"}},
+                "spec": {
+                    "environment": "staging", "instanceType": "t3.large",
+                    "launch": {"imageId": e.ami},
+                    "image": {"tag": "v1"},
+                    "agent": {
+                        "url": format!("http://127.0.0.1:{port}"),
+                        "port": port,
+                        "probeInterval": "1s",
+                        "timeout": "1s",
+                        "bootstrap": {
+                            "downloadUrl": "https://downloads.invalid/sandbox-agent.tar.gz",
+                            "sha256": "0".repeat(64),
+                            "registrationTimeout": "5s",
+                        },
+                    },
+                },
+            },
+            "scaleDown": {"idleWindow": "0s", "drainTimeout": "1m"},
+        },
+    });
+    e.pools
+        .patch(
+            "boot",
+            &PatchParams::apply("gitops").force(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .unwrap();
+    // The first member, once its instance is launched.
+    let (_, members) = e
+        .wait("boot", 120, "a member with an instance", |_, m| {
+            m.len() == 1 && instance_id(&m[0]).is_some()
+        })
+        .await;
+    let victim = members[0].metadata.name.clone().unwrap();
+    let victim_instance = instance_id(&members[0]).unwrap();
+    assert!(
+        !ready(&members[0]),
+        "a member whose agent never ran is not Ready"
+    );
+
+    // The operator reports it (no hand-set condition here): a Warning Event on the member ...
+    support::eventually(120, "the member reported RegistrationTimedOut", || {
+        let api: Api<Event> = Api::namespaced(e.client.clone(), &e.ns);
+        let victim = victim.clone();
+        async move {
+            api.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|ev| {
+                    ev.involved_object.name.as_deref() == Some(victim.as_str())
+                        && ev.reason.as_deref() == Some("RegistrationTimedOut")
+                })
+                .map(|ev| assert_eq!(ev.type_.as_deref(), Some("Warning")))
+        }
+    })
+    .await;
+    // ... and the pool replaces it: the victim goes, another member takes its place.
+    let (_, members) = e
+        .wait("boot", 120, "the unregistered member replaced", |_, m| {
+            m.len() == 1 && !names(m).contains(&victim)
+        })
+        .await;
+    assert_ne!(members[0].metadata.name.as_deref(), Some(victim.as_str()));
+    let api: Api<Event> = Api::namespaced(e.client.clone(), &e.ns);
+    let unregistered: Vec<String> = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|ev| {
+            ev.involved_object.name.as_deref() == Some("boot")
+                && ev.reason.as_deref() == Some("MemberUnregistered")
+        })
+        .filter_map(|ev| ev.message)
+        .collect();
+    assert!(
+        unregistered
+            .iter()
+            .any(|n| n.contains(&victim) && n.contains("RegistrationTimedOut")),
+        "{unregistered:?}"
+    );
+    // The replaced member's instance is terminated at the endpoint.
+    let ec2 = e.ec2.client().await;
+    support::eventually(90, "the replaced member's instance terminated", || {
+        let ec2 = ec2.clone();
+        let id = victim_instance.clone();
+        async move {
+            let out = ec2
+                .describe_instances()
+                .instance_ids(id)
+                .send()
+                .await
+                .ok()?;
+            out.reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .all(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("terminated"))
+                .then_some(())
+        }
+    })
+    .await;
+    // The Sandbox is gone with its finalizer done, not left half-deleted.
+    support::eventually(90, "the replaced Sandbox gone", || {
+        let sbx = e.sbx.clone();
+        let victim = victim.clone();
+        async move { sbx.get_opt(&victim).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn autoscale_up_on_busy_agents_and_down_after_the_window() {
     let e = env("pool-autoscale").await;
