@@ -108,6 +108,18 @@ impl Expectations {
     /// returns what is still awaited and what was given up.
     pub fn settle(&self, pool: &str, members: &[Member], now: Timestamp) -> Settled {
         let mut p = self.lock();
+        // Other pools' writes past the timeout go too: a pool deleted while a write was in
+        // flight is never settled again.
+        let timeout = self.timeout;
+        p.retain(|k, v| {
+            k == pool || {
+                v.retain(|e| {
+                    let age = now.duration_since(e.since);
+                    age.is_negative() || age.unsigned_abs() < timeout
+                });
+                !v.is_empty()
+            }
+        });
         let Some(v) = p.get_mut(pool) else {
             return Settled::default();
         };
@@ -203,6 +215,12 @@ mod tests {
         assert_eq!(e.settle("p1", &[], t(1)).waiting.len(), 1);
         e.forget("p1");
         assert_eq!(e.settle("p1", &[], t(1)), Settled::default());
+        // A pool never settled again (deleted) loses its writes once they time out.
+        e.expect("gone", "gone-a", Write::Created, t(0));
+        e.settle("p2", &[], t(1));
+        assert_eq!(e.lock().len(), 1);
+        e.settle("p2", &[], t(0) + TIMEOUT);
+        assert!(e.lock().is_empty());
     }
 
     #[test]
