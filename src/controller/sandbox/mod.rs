@@ -1599,11 +1599,6 @@ async fn phase_gauges(ctx: Arc<Context>, store: Store<Sandbox>) {
     }
 }
 
-#[cfg(test)]
-mod decide_tests;
-#[cfg(test)]
-mod validate_tests;
-
 fn ledger_ec2(
     ctx: &Context,
     obj: &Sandbox,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::decide::*;
+use super::*;
 use crate::agent::protocol::{Check, DeployInfo, DeployState, DeployStep, HealthReport};
 use crate::api::conditions;
 use crate::api::{
