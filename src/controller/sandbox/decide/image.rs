@@ -177,6 +177,7 @@ fn image_step(
                 // Nothing to wait for: deploy in the same pass.
                 let mut d = d;
                 ask_to_deploy(&mut d, now);
+                let again = deploy_poll(&d, i.settings);
                 st.deploy = Some(d);
                 actions.push(Action::Deploy {
                     tag: tag.to_string(),
@@ -184,7 +185,7 @@ fn image_step(
                 return (
                     actions,
                     (FALSE, "Deploying", format!("deploying {tag}")),
-                    poll,
+                    Some(again),
                 );
             }
             st.deploy = Some(d.clone());
@@ -314,9 +315,21 @@ fn image_step(
             }
         }
     }
-    let again = deploy_state::in_progress(&d.state).then_some(i.settings.poll);
+    let again = deploy_state::in_progress(&d.state).then(|| deploy_poll(&d, i.settings));
     st.deploy = Some(d);
     (actions, out, again)
+}
+
+/// How soon to ask the agent again about a deploy under way: at the short deploy poll while
+/// the agent deploys or verifies (its end is seen within moments), at the ordinary poll while
+/// active workers drain or for a legacy health server (which reports no progress to follow).
+pub(super) fn deploy_poll(d: &ImageDeployStatus, settings: &Settings) -> Duration {
+    match d.state {
+        ImageDeployState::Deploying | ImageDeployState::Verifying if !d.legacy_agent => {
+            settings.deploy_poll.min(settings.poll)
+        }
+        _ => settings.poll,
+    }
 }
 
 /// Moves a deploy record to Deploying: the agent is asked for the tag now.

@@ -46,7 +46,7 @@ fn launch_words(spec: &SandboxSpec, stage: &LaunchStage) -> (&'static str, Strin
         return ("Adopting", format!("looking up instance {id} in EC2"));
     }
     match stage {
-        LaunchStage::Pending => (
+        LaunchStage::Pending | LaunchStage::ToLaunch | LaunchStage::Launched => (
             "PendingLaunch",
             "the instance is to be launched: looking for one launched earlier for this Sandbox, then RunInstances".into(),
         ),
@@ -188,6 +188,9 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
                 let (reason, message) = launch_words(i.spec, &i.launch);
                 d.set(cond::INSTANCE_RUNNING, FALSE, reason, message.clone());
                 d.set(cond::READY, FALSE, reason, message);
+                if i.launch == LaunchStage::ToLaunch && i.spec.instance_id.is_none() {
+                    d.actions.push(Action::Launch);
+                }
             }
             return ControlFlow::Break(i.settings.poll);
         }
@@ -243,8 +246,17 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
         }
         InstanceObs::Found(inst) => inst,
     };
-    let launched_by_operator =
-        d.st.instance
+    let launched_now = i.launch == LaunchStage::Launched;
+    if launched_now {
+        d.notes.push(Note {
+            warning: false,
+            reason: "Launched",
+            message: format!("launched instance {}", instance.id),
+        });
+    }
+    let launched_by_operator = launched_now
+        || d.st
+            .instance
             .as_ref()
             .map(|s| s.launched_by_operator)
             .unwrap_or(i.spec.launch.is_some());

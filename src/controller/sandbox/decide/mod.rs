@@ -24,12 +24,14 @@ mod idle;
 mod image;
 mod instance;
 mod ready;
+mod schedule;
 mod validate;
 
 pub use agent::{agent_url, judge_report};
 pub use day2::{ActionRequest, action_wants_probe, finish_action, request_done};
 pub use delete::{DeleteStep, decide_delete, decide_delete_seen};
 pub use instance::{instance_status, new_start_request};
+pub use schedule::{Due, ec2_max_age, first_status, probe_now};
 pub use validate::{INVALID_SPEC, InvalidSpec, ValidSpec, validate};
 
 use agent::clear_agent;
@@ -143,6 +145,13 @@ pub enum LaunchStage {
     /// RunInstances is under way (the default).
     #[default]
     Launching,
+    /// No instance is known and nothing has been asked of EC2 this round: [`decide`] returns
+    /// [`Action::Launch`] unless something holds the launch back (an invalid spec, an EC2
+    /// refusal of this generation, missing user data).
+    ToLaunch,
+    /// RunInstances answered moments ago, in this reconcile, with the instance now observed:
+    /// the decision records that the operator launched it and says so in an Event.
+    Launched,
     /// RunInstances did not go through for a reason that passes (AWS throttling, capacity,
     /// server trouble); it is tried again.
     Retrying {
@@ -276,6 +285,9 @@ pub struct Settings {
     pub resync: Duration,
     /// How often to look while something is in flight (pending, stopping, deploying).
     pub poll: Duration,
+    /// How often to ask the agent while it deploys an image (Deploying, Verifying): short, so
+    /// the end of a deploy is seen within moments of the agent finishing it.
+    pub deploy_poll: Duration,
 }
 
 impl Default for Settings {
@@ -286,6 +298,7 @@ impl Default for Settings {
             legacy_settle: Duration::from_secs(180),
             resync: Duration::from_secs(300),
             poll: Duration::from_secs(2),
+            deploy_poll: Duration::from_millis(500),
         }
     }
 }
@@ -293,6 +306,10 @@ impl Default for Settings {
 /// Something the reconciler must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// Launch the instance: take the launch's turn in the pacing of RunInstances, look for an
+    /// instance launched earlier for this Sandbox (by its UID tag), then RunInstances. What
+    /// came of it goes back to [`decide`] as the [`LaunchStage`], hold or refusal it ended in.
+    Launch,
     /// Start the instance.
     Start {
         /// The instance id.
