@@ -12,6 +12,7 @@ pub mod common;
 pub mod conditions;
 pub mod deploy;
 pub mod sandbox;
+pub mod sandbox_conditions;
 pub mod secretbundle;
 
 pub use common::*;

@@ -459,3 +459,65 @@ pub fn error_policy(obj: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Requeu
         _ => Requeue::requeue(Duration::from_secs(10) + jitter),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn describing(source: Ec2Error) -> Error {
+        Error::Describing {
+            object: "ns/a".into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn each_error_is_counted_under_the_label_it_had_before_the_split() {
+        let paced = describing(Ec2Error::Paced {
+            action: "DescribeInstances",
+            wait: Duration::from_secs(3),
+        });
+        assert_eq!(paced.category().as_str(), "ec2_paced");
+        let throttled = Error::Launching {
+            object: "ns/a".into(),
+            source: Ec2Error::Throttled {
+                action: "RunInstances",
+            },
+        };
+        assert_eq!(throttled.category().as_str(), "ec2_throttled");
+        let unavailable = Error::Starting {
+            object: "ns/a".into(),
+            source: Ec2Error::Unavailable {
+                action: "StartInstances",
+                message: "503".into(),
+            },
+        };
+        assert_eq!(unavailable.category().as_str(), "ec2_transient");
+        let refused = Error::Launching {
+            object: "ns/a".into(),
+            source: Ec2Error::Rejected {
+                action: "RunInstances",
+                code: "InvalidAMIID.NotFound".into(),
+                message: "no such AMI".into(),
+                request_id: None,
+            },
+        };
+        assert_eq!(refused.category().as_str(), "ec2");
+        let waiting = Error::Waiting {
+            object: "ns/a".into(),
+            message: "terminating".into(),
+        };
+        assert_eq!(waiting.category().as_str(), "waiting");
+        let fin = Error::Finalizer {
+            object: "ns/a".into(),
+            message: "conflict".into(),
+        };
+        assert_eq!(fin.category().as_str(), "finalizer");
+        // The message names the operation and the object.
+        let msg = refused.to_string();
+        assert!(
+            msg.starts_with("launching the instance of Sandbox ns/a"),
+            "{msg}"
+        );
+    }
+}

@@ -5,6 +5,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::*;
 use crate::agent::protocol::{CheckStatus, HealthReport};
 use crate::api::conditions::{FALSE, TRUE, UNKNOWN};
+use crate::api::sandbox_conditions::reason;
 use crate::api::{AgentHealth, AgentStatus, SandboxSpec};
 use crate::ec2::Instance;
 
@@ -48,21 +49,21 @@ pub fn judge_report(r: &HealthReport) -> (AgentHealth, &'static str, String) {
     if !failing.is_empty() {
         return (
             AgentHealth::Unhealthy,
-            "ChecksFailing",
+            reason::CHECKS_FAILING,
             format!("failing checks: {}", failing.join("; ")),
         );
     }
     if !status_ok {
         return (
             AgentHealth::Unhealthy,
-            "AgentReportsUnhealthy",
+            reason::AGENT_REPORTS_UNHEALTHY,
             format!("the agent reports status {:?}", r.status),
         );
     }
     if r.degraded() {
         return (
             AgentHealth::Degraded,
-            "Degraded",
+            reason::DEGRADED,
             format!(
                 "disk at {:.0}%, memory at {:.0}% (90% or more is degraded)",
                 r.disk_percent(),
@@ -77,11 +78,11 @@ pub fn judge_report(r: &HealthReport) -> (AgentHealth, &'static str, String) {
         .map(|c| format!("{}: {}", c.name, c.message))
         .collect();
     if warnings.is_empty() {
-        (AgentHealth::Healthy, "Healthy", String::new())
+        (AgentHealth::Healthy, reason::HEALTHY, String::new())
     } else {
         (
             AgentHealth::Healthy,
-            "HealthyWithWarnings",
+            reason::HEALTHY_WITH_WARNINGS,
             format!("warnings: {}", warnings.join("; ")),
         )
     }
@@ -133,7 +134,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
         d.set(
             cond::AGENT_HEALTHY,
             UNKNOWN,
-            "InstanceNotRunning",
+            reason::INSTANCE_NOT_RUNNING,
             "the agent is not probed while the instance is not running".into(),
         );
     } else {
@@ -174,7 +175,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
                     if agent.health != AgentHealth::Unhealthy {
                         d.notes.push(Note {
                             warning: true,
-                            reason: "AgentUnhealthy",
+                            reason: reason::AGENT_UNHEALTHY,
                             message: format!(
                                 "{} consecutive probes failed: {err}",
                                 agent.consecutive_failures
@@ -185,7 +186,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
                     d.set(
                         cond::AGENT_HEALTHY,
                         FALSE,
-                        "ProbeFailed",
+                        reason::PROBE_FAILED,
                         format!(
                             "{} consecutive probes failed; last: {err}",
                             agent.consecutive_failures
@@ -195,7 +196,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
                     d.set(
                         cond::AGENT_HEALTHY,
                         UNKNOWN,
-                        "Probing",
+                        reason::PROBING,
                         format!(
                             "probe failed ({} of {threshold} allowed): {err}",
                             agent.consecutive_failures
@@ -249,13 +250,14 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
             }
         }
         if agent.health == AgentHealth::Unknown
-            && conditions::get(&d.cs, cond::AGENT_HEALTHY)
-                .is_none_or(|c| c.reason == "InstanceNotRunning" || c.reason == INVALID_SPEC)
+            && conditions::get(&d.cs, cond::AGENT_HEALTHY).is_none_or(|c| {
+                c.reason == reason::INSTANCE_NOT_RUNNING || c.reason == INVALID_SPEC
+            })
         {
             d.set(
                 cond::AGENT_HEALTHY,
                 UNKNOWN,
-                "AwaitingFirstProbe",
+                reason::AWAITING_FIRST_PROBE,
                 "waiting for the agent's first answer".into(),
             );
         }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::api::conditions::{FALSE, TRUE};
+use crate::api::sandbox_conditions::reason;
 
 /// The idle step: starts or ends the idle period from the agent's report, and stops the
 /// instance once it has lasted `idleAfter`.
@@ -54,14 +55,14 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>, valid: &ValidSpec) {
                         d.set(
                             cond::IDLE,
                             TRUE,
-                            "IdleStopped",
+                            reason::IDLE_STOPPED,
                             format!("stopped after no active workers for {}", auto.idle_after),
                         );
                     } else {
                         d.set(
                             cond::IDLE,
                             TRUE,
-                            "NoActiveWorkers",
+                            reason::NO_ACTIVE_WORKERS,
                             format!(
                                 "no active workers since {}; stops after {}",
                                 since_t.0, auto.idle_after
@@ -77,7 +78,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>, valid: &ValidSpec) {
                 None => d.set(
                     cond::IDLE,
                     FALSE,
-                    "ActiveWorkers",
+                    reason::ACTIVE_WORKERS,
                     "the agent reports active workers (or has not reported yet)".into(),
                 ),
             }
@@ -87,7 +88,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>, valid: &ValidSpec) {
                 d.set(
                     cond::IDLE,
                     TRUE,
-                    "IdleStopped",
+                    reason::IDLE_STOPPED,
                     format!(
                         "stopped after no active workers for {}; annotate {} to start it",
                         auto.idle_after,
@@ -98,7 +99,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>, valid: &ValidSpec) {
                 d.set(
                     cond::IDLE,
                     FALSE,
-                    "NotRunning",
+                    reason::NOT_RUNNING,
                     "the instance is not running".into(),
                 );
             }

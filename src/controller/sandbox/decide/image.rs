@@ -8,6 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::*;
 use crate::agent::protocol::{DeployState, HealthReport};
 use crate::api::conditions::{FALSE, TRUE, UNKNOWN};
+use crate::api::sandbox_conditions::reason;
 use crate::api::{AgentHealth, ImageDeployState, ImageDeployStatus};
 
 type CondOut = (&'static str, &'static str, String);
@@ -49,7 +50,11 @@ fn image_step(
         && !deploy_state::in_progress(&d.state)
     {
         if reported.as_deref() == Some(tag) {
-            return (vec![], (TRUE, "UpToDate", format!("running {tag}")), None);
+            return (
+                vec![],
+                (TRUE, reason::UP_TO_DATE, format!("running {tag}")),
+                None,
+            );
         }
         if d.legacy_agent
             && d.state == deploy_state::SUCCEEDED
@@ -66,7 +71,7 @@ fn image_step(
                 vec![],
                 (
                     FALSE,
-                    "DeployFailed",
+                    reason::DEPLOY_FAILED,
                     format!(
                         "deploying {tag} failed and is not retried: {}",
                         d.message.clone().unwrap_or_default()
@@ -77,14 +82,18 @@ fn image_step(
         }
     }
     if record.is_none() && reported.as_deref() == Some(tag) {
-        return (vec![], (TRUE, "UpToDate", format!("running {tag}")), None);
+        return (
+            vec![],
+            (TRUE, reason::UP_TO_DATE, format!("running {tag}")),
+            None,
+        );
     }
     if observe_only {
         return (
             vec![],
             (
                 FALSE,
-                "ObserveOnly",
+                reason::OBSERVE_ONLY,
                 format!(
                     "the agent runs {}, the spec says {tag}; ObserveOnly never deploys",
                     reported.as_deref().unwrap_or("an unknown tag")
@@ -118,7 +127,7 @@ fn image_step(
                     vec![],
                     (
                         FALSE,
-                        "Deploying",
+                        reason::DEPLOYING,
                         format!(
                             "waiting for the legacy health server to answer healthy after deploying {tag}"
                         ),
@@ -132,9 +141,9 @@ fn image_step(
             None => format!("waiting for the agent before deploying {tag}"),
         };
         let reason = if record.is_some() {
-            "Deploying"
+            reason::DEPLOYING
         } else {
-            "Pending"
+            reason::PENDING
         };
         return (vec![], (FALSE, reason, msg), poll);
     };
@@ -184,7 +193,7 @@ fn image_step(
                 });
                 return (
                     actions,
-                    (FALSE, "Deploying", format!("deploying {tag}")),
+                    (FALSE, reason::DEPLOYING, format!("deploying {tag}")),
                     Some(again),
                 );
             }
@@ -193,7 +202,7 @@ fn image_step(
                 actions,
                 (
                     FALSE,
-                    "Draining",
+                    reason::DRAINING,
                     format!("draining before deploying {tag}"),
                 ),
                 poll,
@@ -216,7 +225,7 @@ fn image_step(
                 actions.push(Action::Deploy {
                     tag: tag.to_string(),
                 });
-                out = (FALSE, "Deploying", format!("deploying {tag}"));
+                out = (FALSE, reason::DEPLOYING, format!("deploying {tag}"));
             } else if elapsed >= i.settings.drain_timeout {
                 let msg = format!(
                     "active workers did not drain within {}s",
@@ -225,18 +234,18 @@ fn image_step(
                 finish(&mut d, deploy_state::FAILED, msg.clone());
                 notes.push(Note {
                     warning: true,
-                    reason: "DeployFailed",
+                    reason: reason::DEPLOY_FAILED,
                     message: format!("deploying {tag}: {msg}"),
                 });
                 out = (
                     FALSE,
-                    "DeployFailed",
+                    reason::DEPLOY_FAILED,
                     format!("deploying {tag} failed: {msg}"),
                 );
             } else {
                 out = (
                     FALSE,
-                    "Draining",
+                    reason::DRAINING,
                     format!(
                         "waiting for {} active workers to finish before deploying {tag}",
                         report.active_workers.unwrap_or(0)
@@ -268,14 +277,14 @@ fn image_step(
                             reason: "DeploySucceeded",
                             message: format!("now running {tag}"),
                         });
-                        out = (TRUE, "UpToDate", format!("running {tag}"));
+                        out = (TRUE, reason::UP_TO_DATE, format!("running {tag}"));
                     } else {
                         d.state = deploy_state::VERIFYING;
                         d.message =
                             Some("running the new tag; waiting for a healthy report".into());
                         out = (
                             FALSE,
-                            "Verifying",
+                            reason::VERIFYING,
                             format!("waiting for a healthy report on {tag}"),
                         );
                     }
@@ -291,12 +300,12 @@ fn image_step(
                     finish(&mut d, state, format!("{word}: {}", ad.message));
                     notes.push(Note {
                         warning: true,
-                        reason: "DeployFailed",
+                        reason: reason::DEPLOY_FAILED,
                         message: format!("deploying {tag} {word}: {}", ad.message),
                     });
                     out = (
                         FALSE,
-                        "DeployFailed",
+                        reason::DEPLOY_FAILED,
                         format!("deploying {tag} {word}: {}", ad.message),
                     );
                 }
@@ -306,7 +315,7 @@ fn image_step(
                         d.message =
                             Some(format!("agent step {}: {}", ad.step.as_str(), ad.message));
                     }
-                    out = (FALSE, "Deploying", format!("deploying {tag}"));
+                    out = (FALSE, reason::DEPLOYING, format!("deploying {tag}"));
                 }
             }
             if let Some(failed) = past_deadline(&mut d, tag, i, notes) {
@@ -368,12 +377,12 @@ fn past_deadline(
     d.finished_at = Some(time(i.now));
     notes.push(Note {
         warning: true,
-        reason: "DeployFailed",
+        reason: reason::DEPLOY_FAILED,
         message: format!("deploying {tag}: {msg}"),
     });
     Some((
         FALSE,
-        "DeployFailed",
+        reason::DEPLOY_FAILED,
         format!("deploying {tag} failed: {msg}"),
     ))
 }
@@ -407,7 +416,7 @@ fn legacy_progress(
         ));
         return (
             FALSE,
-            "Deploying",
+            reason::DEPLOYING,
             format!("deploying {tag} to a legacy health server"),
         );
     }
@@ -419,7 +428,7 @@ fn legacy_progress(
         ));
         return (
             FALSE,
-            "Deploying",
+            reason::DEPLOYING,
             format!("waiting for the legacy health server to answer healthy after deploying {tag}"),
         );
     }
@@ -445,7 +454,7 @@ fn legacy_progress(
     ));
     (
         FALSE,
-        "Verifying",
+        reason::VERIFYING,
         format!(
             "waiting for the legacy health server to answer healthy again after deploying {tag}"
         ),
@@ -485,7 +494,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
             d.set(
                 cond::IMAGE_UP_TO_DATE,
                 TRUE,
-                "NoImageDeclared",
+                reason::NO_IMAGE_DECLARED,
                 "spec.image is not set: the sandbox keeps whatever it runs".into(),
             );
         }
@@ -494,7 +503,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
                 d.set(
                     cond::IMAGE_UP_TO_DATE,
                     TRUE,
-                    "UpToDate",
+                    reason::UP_TO_DATE,
                     format!("running {tag}"),
                 );
             } else if conditions::get(&d.cs, cond::IMAGE_UP_TO_DATE)
@@ -503,7 +512,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
                 d.set(
                     cond::IMAGE_UP_TO_DATE,
                     UNKNOWN,
-                    "InstanceNotRunning",
+                    reason::INSTANCE_NOT_RUNNING,
                     format!("{tag} is deployed when the instance runs"),
                 );
             }

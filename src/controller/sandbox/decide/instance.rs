@@ -8,6 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::*;
 use crate::api::conditions::{FALSE, TRUE, UNKNOWN};
+use crate::api::sandbox_conditions::reason;
 use crate::api::{InstanceStatus, Market, PowerState, SandboxPhase, SandboxSpec, SandboxStatus};
 use crate::ec2::{Instance, InstanceState};
 
@@ -43,11 +44,11 @@ pub fn new_start_request(start_request: Option<&str>, status: &SandboxStatus) ->
 /// The words of the Ready and InstanceRunning conditions while there is no instance id.
 fn launch_words(spec: &SandboxSpec, stage: &LaunchStage) -> (&'static str, String) {
     if let Some(id) = &spec.instance_id {
-        return ("Adopting", format!("looking up instance {id} in EC2"));
+        return (reason::ADOPTING, format!("looking up instance {id} in EC2"));
     }
     match stage {
         LaunchStage::Pending | LaunchStage::ToLaunch | LaunchStage::Launched => (
-            "PendingLaunch",
+            reason::PENDING_LAUNCH,
             "the instance is to be launched: looking for one launched earlier for this Sandbox, then RunInstances".into(),
         ),
         LaunchStage::Paced {
@@ -67,9 +68,9 @@ fn launch_words(spec: &SandboxSpec, stage: &LaunchStage) -> (&'static str, Strin
                     "{pacing}: more launches are queued than it takes on; this one asks again later"
                 ),
             };
-            ("LaunchPaced", message)
+            (reason::LAUNCH_PACED, message)
         }
-        LaunchStage::Launching => ("Launching", "launching the instance".into()),
+        LaunchStage::Launching => (reason::LAUNCHING, "launching the instance".into()),
         LaunchStage::Retrying { reason, message } => (reason, message.clone()),
     }
 }
@@ -127,7 +128,7 @@ fn terminated(d: &mut Draft<'_, '_>, id: &str, state: InstanceState) -> Duration
         (
             cond::AGENT_HEALTHY,
             UNKNOWN,
-            "InstanceNotRunning",
+            reason::INSTANCE_NOT_RUNNING,
             "the agent is not probed while the instance is not running".to_string(),
         ),
         (
@@ -157,7 +158,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
                 d.set(
                     cond::INSTANCE_RUNNING,
                     FALSE,
-                    "LaunchFailed",
+                    reason::LAUNCH_FAILED,
                     format!(
                         "EC2 refused to launch the instance: {}: {}",
                         rej.code, rej.message
@@ -166,7 +167,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
                 d.set(
                     cond::READY,
                     FALSE,
-                    "LaunchFailed",
+                    reason::LAUNCH_FAILED,
                     format!(
                         "EC2 refused to launch the instance ({}); edit the spec to try again",
                         rej.code
@@ -206,8 +207,13 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             let msg = format!(
                 "launched instance {id}; EC2 does not list it yet (it is eventually consistent after RunInstances)"
             );
-            d.set(cond::INSTANCE_RUNNING, FALSE, "Launching", msg.clone());
-            d.set(cond::READY, FALSE, "Launching", msg);
+            d.set(
+                cond::INSTANCE_RUNNING,
+                FALSE,
+                reason::LAUNCHING,
+                msg.clone(),
+            );
+            d.set(cond::READY, FALSE, reason::LAUNCHING, msg);
             return ControlFlow::Break(i.settings.poll);
         }
         InstanceObs::Missing { id } if terminated_on_request(&d.st) => {
@@ -222,7 +228,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             if launched {
                 // It existed once: a vanished instance is terminal and never silently replaced.
                 d.st.phase = Some(SandboxPhase::Failed);
-                d.st.failure_reason = Some("InstanceNotFound".into());
+                d.st.failure_reason = Some(reason::INSTANCE_NOT_FOUND.into());
                 d.st.failure_message = Some(format!(
                     "instance {id} no longer exists in EC2; delete and recreate the Sandbox to launch a new one"
                 ));
@@ -233,13 +239,13 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             d.set(
                 cond::INSTANCE_RUNNING,
                 FALSE,
-                "InstanceNotFound",
+                reason::INSTANCE_NOT_FOUND,
                 msg.clone(),
             );
             d.set(
                 cond::READY,
                 FALSE,
-                "InstanceNotFound",
+                reason::INSTANCE_NOT_FOUND,
                 format!("{msg}; nothing is launched in its place"),
             );
             return ControlFlow::Break(i.settings.resync);
@@ -282,7 +288,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
         }
         InstanceState::ShuttingDown | InstanceState::Terminated => {
             d.st.phase = Some(SandboxPhase::Failed);
-            d.st.failure_reason = Some("InstanceTerminated".into());
+            d.st.failure_reason = Some(reason::INSTANCE_TERMINATED.into());
             d.st.failure_message = Some(format!(
                 "instance {id} was terminated outside the operator; it is not relaunched: delete and recreate the Sandbox for a new one"
             ));
@@ -292,7 +298,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             ) {
                 d.notes.push(Note {
                     warning: true,
-                    reason: "InstanceTerminated",
+                    reason: reason::INSTANCE_TERMINATED,
                     message: format!(
                         "instance {id} was terminated outside the operator; not relaunching"
                     ),
@@ -301,19 +307,19 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             d.set(
                 cond::INSTANCE_RUNNING,
                 FALSE,
-                "InstanceTerminated",
+                reason::INSTANCE_TERMINATED,
                 format!("instance {id} is {}", instance.state.as_str()),
             );
             d.set(
                 cond::AGENT_HEALTHY,
                 UNKNOWN,
-                "InstanceNotRunning",
+                reason::INSTANCE_NOT_RUNNING,
                 "the agent is not probed while the instance is not running".into(),
             );
             d.set(
                 cond::READY,
                 FALSE,
-                "InstanceTerminated",
+                reason::INSTANCE_TERMINATED,
                 format!("instance {id} was terminated outside the operator"),
             );
             d.st.agent = clear_agent(d.st.agent.take());
@@ -324,7 +330,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             d.set(
                 cond::INSTANCE_RUNNING,
                 FALSE,
-                "Pending",
+                reason::PENDING,
                 format!("instance {id} is pending"),
             );
             d.requeue = i.settings.poll;
@@ -335,7 +341,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             d.set(
                 cond::INSTANCE_RUNNING,
                 UNKNOWN,
-                "UnknownState",
+                reason::UNKNOWN_STATE,
                 format!("instance {id} is in a state this operator does not know"),
             );
             d.requeue = i.settings.poll;
@@ -345,7 +351,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             d.set(
                 cond::INSTANCE_RUNNING,
                 FALSE,
-                "Stopping",
+                reason::STOPPING,
                 format!("instance {id} is stopping"),
             );
             d.requeue = i.settings.poll;
@@ -355,7 +361,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             d.set(
                 cond::INSTANCE_RUNNING,
                 FALSE,
-                "Stopped",
+                reason::STOPPED,
                 format!("instance {id} is stopped"),
             );
             if d.st.stop_reason.is_none() {
@@ -381,7 +387,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
             d.set(
                 cond::INSTANCE_RUNNING,
                 TRUE,
-                "Running",
+                reason::RUNNING,
                 format!("instance {id} is running"),
             );
             if !want_running && !observe_only {

@@ -38,18 +38,12 @@ use agent::clear_agent;
 use day2::day2_step;
 use validate::invalid_spec_decision;
 
-/// Condition types.
+/// Condition types (defined in [`crate::api::sandbox_conditions`], where every controller that
+/// reads a Sandbox's conditions finds them with their reasons).
 pub mod cond {
-    /// The summary: the sandbox is as declared.
-    pub const READY: &str = "Ready";
-    /// EC2 reports the instance running.
-    pub const INSTANCE_RUNNING: &str = "InstanceRunning";
-    /// The agent answers its probes and reports itself healthy.
-    pub const AGENT_HEALTHY: &str = "AgentHealthy";
-    /// The agent runs the declared image tag.
-    pub const IMAGE_UP_TO_DATE: &str = "ImageUpToDate";
-    /// Auto-stop: the agent reports no active workers.
-    pub const IDLE: &str = "Idle";
+    pub use crate::api::sandbox_conditions::{
+        AGENT_HEALTHY, IDLE, IMAGE_UP_TO_DATE, INSTANCE_RUNNING, READY,
+    };
 }
 
 /// The ImageUpToDate reason when the agent is the seeds' old `health-server.js`: it cannot say
@@ -526,6 +520,8 @@ pub fn material_change(old: &SandboxStatus, new: &SandboxStatus) -> bool {
     strip(old) != strip(new)
 }
 
+#[cfg(test)]
+mod schedule_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

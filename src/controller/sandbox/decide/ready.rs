@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::api::conditions::{FALSE, TRUE};
+use crate::api::sandbox_conditions::reason;
 use crate::api::{AgentHealth, SandboxPhase};
 use crate::ec2::{Instance, InstanceState};
 
@@ -60,14 +61,14 @@ fn ready_summary(
             InstanceState::Stopped => match st.stop_reason {
                 Some(stop_reason::IDLE) => (
                     TRUE,
-                    "IdleStopped",
+                    reason::IDLE_STOPPED,
                     "stopped by auto-stop, as configured".into(),
                 ),
-                _ => (TRUE, "Stopped", "stopped, as declared".into()),
+                _ => (TRUE, reason::STOPPED, "stopped, as declared".into()),
             },
             _ => (
                 FALSE,
-                "Stopping",
+                reason::STOPPING,
                 format!(
                     "instance {} is {}; stopping",
                     instance.id,
@@ -79,7 +80,7 @@ fn ready_summary(
     if !running {
         return (
             FALSE,
-            "InstanceNotRunning",
+            reason::INSTANCE_NOT_RUNNING,
             format!("instance {} is {}", instance.id, instance.state.as_str()),
         );
     }
@@ -87,9 +88,9 @@ fn ready_summary(
     if agent.is_none_or(|c| c.status != TRUE) {
         let msg = agent.map(|c| c.message.clone()).unwrap_or_default();
         let reason = if agent.is_some_and(|c| c.status == FALSE) {
-            "AgentUnhealthy"
+            reason::AGENT_UNHEALTHY
         } else {
-            "AwaitingAgent"
+            reason::AWAITING_AGENT
         };
         return (FALSE, reason, msg);
     }
@@ -100,17 +101,17 @@ fn ready_summary(
     {
         return (
             FALSE,
-            "Deploying",
+            reason::DEPLOYING,
             "a worker image deploy is under way".into(),
         );
     }
     let image = conditions::get(cs, cond::IMAGE_UP_TO_DATE);
     if let Some(c) = image.filter(|c| c.status != TRUE) {
-        return (FALSE, "ImageNotUpToDate", c.message.clone());
+        return (FALSE, reason::IMAGE_NOT_UP_TO_DATE, c.message.clone());
     }
     (
         TRUE,
-        "Active",
+        reason::ACTIVE,
         "running, agent healthy, image up to date".into(),
     )
 }

@@ -2,9 +2,10 @@
 //! acted on.
 
 use super::*;
+use crate::api::sandbox_conditions::reason;
 
 /// The condition reason and failure reason of a spec the operator cannot act on.
-pub const INVALID_SPEC: &str = "InvalidSpec";
+pub const INVALID_SPEC: &str = reason::INVALID_SPEC;
 
 /// The spec, parsed once: the decisions use these instead of the raw strings.
 #[derive(Clone, Debug, PartialEq)]
