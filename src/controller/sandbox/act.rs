@@ -14,13 +14,13 @@ use kube::runtime::controller::Action as Requeue;
 use tracing::{info, warn};
 
 use super::decide::{
-    self, Action, ActionRequest, Decision, Due, Inputs, InstanceObs, LaunchHold, LaunchStage, Note,
-    ProbeObs, Rejection, StartWhy,
+    self, Action, ActionRequest, Decision, DeployAnswer, Due, Inputs, InstanceObs, LaunchHold,
+    LaunchStage, Note, ProbeObs, Rejection, StartWhy,
 };
 use super::observe::{self, Probed};
 use super::record::{self, ledger_ec2, ledger_status, update_gauges};
 use super::{CONTROLLER, Context, Error, MANAGER, key};
-use crate::agent::client::AgentError;
+use crate::agent::client::{AgentClient, AgentError};
 use crate::api::{
     ACTION_ANNOTATION, ACTION_ID_ANNOTATION, START_REQUESTED_ANNOTATION, Sandbox, SandboxSpec,
     SandboxStatus,
@@ -220,6 +220,52 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
     );
 
     // ---- Carry out the actions. ----
+    let ec2_error = carry_out(&ctx, &obj, &probed.client, &mut decision).await;
+
+    // ---- Record. ----
+    let status = pass.status;
+    for note in &decision.notes {
+        ctx.publish(&obj, note).await;
+    }
+    ledger_status(&ctx, &obj, &status, &decision.status);
+    if let Some(ledger) = &ctx.ledger {
+        let mut row_obj = (*obj).clone();
+        row_obj.status = Some(decision.status.clone());
+        // Unchanged rows are not written again (the writer keeps the latest per Sandbox).
+        ledger.upsert_sandbox(crate::ledger::SandboxRow::from_sandbox(&row_obj));
+    }
+    if launched_now || decide::material_change(&status, &decision.status) {
+        let rv = write_status(&api, &obj, &decision.status, &ctx).await?;
+        ctx.written
+            .remember(&uid, rv.as_deref(), decision.status.clone());
+    }
+    update_gauges(&ctx, &obj, &decision.status);
+    // ---- The day-2 request, once its result is in status. ----
+    if let Some(req) = request
+        && decide::request_done(&decision.status, req)
+    {
+        clear_action(&api, &obj, req).await?;
+    }
+    if let Some(e) = ec2_error {
+        return Err(e);
+    }
+    if rejection.is_some() && instance_id.is_none() {
+        // Refused by EC2: wait for the spec to change instead of retrying in a storm.
+        return Ok(Requeue::await_change());
+    }
+    Ok(Requeue::requeue(decision.requeue))
+}
+
+/// Carries out the actions decide returned, in order, folding what came of each into the
+/// decision (its Event, the day-2 request's result, the deploy's id) as decide's helpers say.
+/// An EC2 failure is returned once the rest are done, so the status is written first.
+async fn carry_out(
+    ctx: &Context,
+    obj: &Sandbox,
+    agent_client: &Option<AgentClient>,
+    decision: &mut Decision,
+) -> Option<Error> {
+    let object = key(obj);
     let mut ec2_error = None;
     for action in &decision.actions {
         match action {
@@ -229,8 +275,8 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
                 .ec2
                 .start(id)
                 .await
-                .inspect(|()| ledger_ec2(&ctx, &obj, "StartInstances", Some(id), Ok(())))
-                .inspect_err(|e| ledger_ec2(&ctx, &obj, "StartInstances", Some(id), Err(e)))
+                .inspect(|()| ledger_ec2(ctx, obj, "StartInstances", Some(id), Ok(())))
+                .inspect_err(|e| ledger_ec2(ctx, obj, "StartInstances", Some(id), Err(e)))
             {
                 Ok(()) => {
                     let (reason, message) = match why {
@@ -266,8 +312,8 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
                 .ec2
                 .stop(id)
                 .await
-                .inspect(|()| ledger_ec2(&ctx, &obj, "StopInstances", Some(id), Ok(())))
-                .inspect_err(|e| ledger_ec2(&ctx, &obj, "StopInstances", Some(id), Err(e)))
+                .inspect(|()| ledger_ec2(ctx, obj, "StopInstances", Some(id), Ok(())))
+                .inspect_err(|e| ledger_ec2(ctx, obj, "StopInstances", Some(id), Err(e)))
             {
                 Ok(()) => decision.notes.push(Note {
                     warning: false,
@@ -282,7 +328,7 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
                 }
             },
             Action::RestartService { service } => {
-                let (ok, message) = match &probed.client {
+                let (ok, message) = match agent_client {
                     Some(c) => match c.restart(service).await {
                         Ok(r) if r.success => (
                             true,
@@ -310,7 +356,7 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
                 }
             }
             Action::DrainNow => {
-                let (ok, message) = match &probed.client {
+                let (ok, message) = match agent_client {
                     Some(c) => match c
                         .drain_with(&crate::agent::protocol::DrainRequest {
                             wait: Some(false),
@@ -349,8 +395,8 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
                 .ec2
                 .terminate(id)
                 .await
-                .inspect(|()| ledger_ec2(&ctx, &obj, "TerminateInstances", Some(id), Ok(())))
-                .inspect_err(|e| ledger_ec2(&ctx, &obj, "TerminateInstances", Some(id), Err(e)))
+                .inspect(|()| ledger_ec2(ctx, obj, "TerminateInstances", Some(id), Ok(())))
+                .inspect_err(|e| ledger_ec2(ctx, obj, "TerminateInstances", Some(id), Err(e)))
             {
                 Ok(()) => decision.notes.push(Note {
                     warning: false,
@@ -370,7 +416,7 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
                 }
             },
             Action::Drain => {
-                if let Some(c) = &probed.client
+                if let Some(c) = agent_client
                     && let Err(e) = c
                         .drain_with(&crate::agent::protocol::DrainRequest {
                             wait: Some(false),
@@ -382,7 +428,7 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
                 }
             }
             Action::Deploy { tag } => {
-                let result = match &probed.client {
+                let result = match agent_client {
                     // The old health server answers 200 with `success: false` when it refuses.
                     Some(c) => c.deploy(tag).await.and_then(|a| {
                         if a.success {
@@ -402,71 +448,20 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
                         message: "no agent client".into(),
                     }),
                 };
-                match result {
-                    Ok(id) => {
-                        if let Some(d) = decision.status.deploy.as_mut() {
-                            d.id = id;
-                        }
-                        decision.notes.push(Note {
-                            warning: false,
-                            reason: "Deploying",
-                            message: format!("asked the agent to deploy {tag}"),
-                        });
-                    }
-                    Err(e) if e.running_deploy_id().is_some() => {
-                        if let Some(d) = decision.status.deploy.as_mut() {
-                            d.message = Some(format!(
-                                "the agent is busy with deploy {}",
-                                e.running_deploy_id().unwrap_or_default()
-                            ));
-                            d.state = decide::deploy_state::DRAINING;
-                        }
-                    }
-                    Err(e) => {
-                        if let Some(d) = decision.status.deploy.as_mut() {
-                            d.state = decide::deploy_state::DRAINING;
-                            d.message = Some(format!(
-                                "asking the agent to deploy failed, will retry: {e}"
-                            ));
-                        }
-                    }
+                let answer = match result {
+                    Ok(id) => DeployAnswer::Accepted(id),
+                    Err(e) => match e.running_deploy_id() {
+                        Some(running) => DeployAnswer::Busy(running.to_string()),
+                        None => DeployAnswer::Failed(e.to_string()),
+                    },
+                };
+                if let Some(n) = decide::after_deploy(&mut decision.status, tag, answer) {
+                    decision.notes.push(n);
                 }
             }
         }
     }
-
-    // ---- Record. ----
-    let status = pass.status;
-    for note in &decision.notes {
-        ctx.publish(&obj, note).await;
-    }
-    ledger_status(&ctx, &obj, &status, &decision.status);
-    if let Some(ledger) = &ctx.ledger {
-        let mut row_obj = (*obj).clone();
-        row_obj.status = Some(decision.status.clone());
-        // Unchanged rows are not written again (the writer keeps the latest per Sandbox).
-        ledger.upsert_sandbox(crate::ledger::SandboxRow::from_sandbox(&row_obj));
-    }
-    if launched_now || decide::material_change(&status, &decision.status) {
-        let rv = write_status(&api, &obj, &decision.status, &ctx).await?;
-        ctx.written
-            .remember(&uid, rv.as_deref(), decision.status.clone());
-    }
-    update_gauges(&ctx, &obj, &decision.status);
-    // ---- The day-2 request, once its result is in status. ----
-    if let Some(req) = request
-        && decide::request_done(&decision.status, req)
-    {
-        clear_action(&api, &obj, req).await?;
-    }
-    if let Some(e) = ec2_error {
-        return Err(e);
-    }
-    if rejection.is_some() && instance_id.is_none() {
-        // Refused by EC2: wait for the spec to change instead of retrying in a storm.
-        return Ok(Requeue::await_change());
-    }
-    Ok(Requeue::requeue(decision.requeue))
+    ec2_error
 }
 
 /// The launch refusal remembered for this Sandbox, forgotten once the spec changed.
@@ -482,8 +477,8 @@ fn current_rejection(ctx: &Context, uid: &str, generation: Option<i64>) -> Optio
     }
 }
 
-/// One reconcile's view of the Sandbox while it has no instance: writes the status decide
-/// gives for each stage of the launch, before the calls that may wait.
+/// One reconcile's view of the Sandbox: what it asks of decide, and the status as last
+/// written (kept current by the writes made before the calls that may wait).
 struct Pass<'a> {
     ctx: &'a Context,
     api: &'a Api<Sandbox>,
@@ -551,8 +546,8 @@ impl Pass<'_> {
     /// Carries out [`Action::Launch`]: this launch's turn in the client-side pacing of
     /// RunInstances (taken at once, without waiting), the first status if it is still to be
     /// written, a look for an instance launched earlier for this Sandbox (a crash between
-    /// RunInstances and the status write), then RunInstances. Each way it can stop short is
-    /// written as decide words it before the reconcile ends.
+    /// RunInstances and the status write), then RunInstances. Where it stops short (paced,
+    /// retrying), the status decide gives for that stage is written before the reconcile ends.
     async fn launch(&mut self) -> Result<LaunchEnd, Error> {
         let ctx = self.ctx;
         let uid = self.uid;

@@ -19,7 +19,7 @@
 mod act;
 mod cleanup;
 pub mod decide;
-pub mod observe;
+mod observe;
 mod orphans;
 mod record;
 

@@ -16,11 +16,11 @@ use crate::agent::client::{AgentClient, AgentError, AgentToken, Timeouts};
 use crate::api::{Sandbox, SandboxStatus};
 
 /// What the agent said, with the client that asked (for the actions that follow).
-pub struct Probed {
+pub(super) struct Probed {
     /// The answer, or why there is none.
-    pub probe: ProbeObs,
+    pub(super) probe: ProbeObs,
     /// The client, when one could be built (the token read and the URL valid).
-    pub client: Option<AgentClient>,
+    pub(super) client: Option<AgentClient>,
 }
 
 /// The status to decide from: the one this controller wrote last when the cache has not caught

@@ -529,3 +529,40 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
         }
     }
 }
+
+/// What the agent answered to [`Action::Deploy`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeployAnswer {
+    /// Accepted, with the agent's deploy id (a legacy health server gives none).
+    Accepted(Option<String>),
+    /// Busy with another deploy (its id).
+    Busy(String),
+    /// Refused, or the agent could not be asked (what went wrong).
+    Failed(String),
+}
+
+/// The status edit after [`Action::Deploy`]: the agent's deploy id when it accepted (with the
+/// Event to publish); back to Draining, to be asked again, when it is busy or was not reached.
+pub fn after_deploy(status: &mut SandboxStatus, tag: &str, answer: DeployAnswer) -> Option<Note> {
+    let d = status.deploy.as_mut()?;
+    match answer {
+        DeployAnswer::Accepted(id) => {
+            d.id = id;
+            return Some(Note {
+                warning: false,
+                reason: reason::DEPLOYING,
+                message: format!("asked the agent to deploy {tag}"),
+            });
+        }
+        DeployAnswer::Busy(running) => {
+            d.message = Some(format!("the agent is busy with deploy {running}"));
+        }
+        DeployAnswer::Failed(e) => {
+            d.message = Some(format!(
+                "asking the agent to deploy failed, will retry: {e}"
+            ));
+        }
+    }
+    d.state = deploy_state::DRAINING;
+    None
+}

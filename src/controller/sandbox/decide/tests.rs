@@ -1612,3 +1612,36 @@ fn an_idle_agent_deploys_a_new_tag_in_the_same_pass() {
     );
     assert_eq!(d.requeue, c.settings.deploy_poll);
 }
+
+#[test]
+fn the_agents_answer_to_a_deploy_is_recorded_by_the_decision() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.run();
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::DEPLOYING
+    );
+    // Accepted: the agent's deploy id is kept, and an Event says so.
+    let mut st = d.status.clone();
+    let n =
+        after_deploy(&mut st, "v2", DeployAnswer::Accepted(Some("d-7".into()))).expect("an Event");
+    assert_eq!(n.reason, "Deploying");
+    assert_eq!(st.deploy.as_ref().unwrap().id.as_deref(), Some("d-7"));
+    assert_eq!(st.deploy.as_ref().unwrap().state, deploy_state::DEPLOYING);
+    // Busy or not reached: back to Draining, asked again on a later pass.
+    let mut st = d.status.clone();
+    assert!(after_deploy(&mut st, "v2", DeployAnswer::Busy("d-6".into())).is_none());
+    let rec = st.deploy.as_ref().unwrap();
+    assert_eq!(rec.state, deploy_state::DRAINING);
+    assert!(rec.message.as_deref().unwrap().contains("d-6"));
+    let mut st = d.status.clone();
+    assert!(after_deploy(&mut st, "v2", DeployAnswer::Failed("timed out".into())).is_none());
+    let rec = st.deploy.as_ref().unwrap();
+    assert_eq!(rec.state, deploy_state::DRAINING);
+    assert!(rec.message.as_deref().unwrap().contains("timed out"));
+}
