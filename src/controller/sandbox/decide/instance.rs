@@ -86,9 +86,8 @@ pub(super) fn launched_within_grace(s: &InstanceStatus, now: Timestamp) -> bool 
             .is_some_and(|t| since(now, t) < crate::ec2::LAUNCH_GRACE)
 }
 
-/// The decision for a Sandbox that is not being deleted: its declared state, then the day-2
-/// action asked by annotation, if any.
-
+/// Whether the instance was terminated by a terminate request (the phase says so, or a terminate
+/// request asked EC2 for it).
 pub(super) fn terminated_on_request(st: &SandboxStatus) -> bool {
     st.phase == Some(SandboxPhase::Terminated)
         || st.last_action.as_ref().is_some_and(|a| {

@@ -498,9 +498,6 @@ pub(super) struct Seen<'i> {
     running: bool,
 }
 
-/// Whether the instance was terminated by a terminate request (the phase says so, or a terminate
-/// request asked EC2 for it).
-
 /// Whether `new` differs from `old` in a way worth a status write. Values that move on every
 /// probe (the last-seen time, CPU, memory and disk use) do not count, so a healthy idle fleet
 /// causes no writes per probe.
