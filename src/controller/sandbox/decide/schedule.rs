@@ -55,23 +55,21 @@ pub fn probe_now(q: &Due<'_>) -> bool {
 }
 
 /// How old the shared EC2 view of the instance may be for this reconcile: fresh to the poll
-/// while something is under way (an instance changing state, an image deploy), otherwise up to
-/// the resync period but never more than 30 s. An instance launched in this reconcile is
-/// described afresh (zero).
+/// while the instance changes state (pending, stopping, shutting down), otherwise up to the
+/// resync period but never more than 30 s. An image deploy is followed through the agent, not
+/// EC2, so it does not make the view fresher: its quick passes never wait on a
+/// DescribeInstances (an instance stopped meanwhile still wakes the Sandbox through the EC2
+/// view's change feed). An instance launched in this reconcile is described afresh (zero).
 pub fn ec2_max_age(status: &SandboxStatus, settings: &Settings, launched_now: bool) -> Duration {
     if launched_now {
         return Duration::ZERO;
     }
-    let in_flight = status
+    let changing = status
         .instance
         .as_ref()
         .and_then(|i| i.state)
-        .is_some_and(|s| s.is_transitional())
-        || status
-            .deploy
-            .as_ref()
-            .is_some_and(|d| d.state.in_progress());
-    if in_flight {
+        .is_some_and(|s| s.is_transitional());
+    if changing {
         settings.poll
     } else {
         settings.resync.min(Duration::from_secs(30))
