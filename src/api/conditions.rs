@@ -10,6 +10,8 @@ pub const TRUE: &str = "True";
 pub const FALSE: &str = "False";
 /// Condition status `Unknown`.
 pub const UNKNOWN: &str = "Unknown";
+/// The `Ready` condition type: the summary every resource here carries.
+pub const READY: &str = "Ready";
 
 /// Condition type on a Sandbox launched with `agent.bootstrap`: whether its agent has reported
 /// healthy since the instance was launched.

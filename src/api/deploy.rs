@@ -292,3 +292,107 @@ pub struct DeployTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
+
+impl DeployPhase {
+    /// Every phase, in the order a rollout meets them.
+    pub const ALL: [DeployPhase; 8] = [
+        DeployPhase::Pending,
+        DeployPhase::AwaitingApproval,
+        DeployPhase::Progressing,
+        DeployPhase::Paused,
+        DeployPhase::Succeeded,
+        DeployPhase::Failed,
+        DeployPhase::Aborted,
+        DeployPhase::Superseded,
+    ];
+
+    /// The phase as written in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeployPhase::Pending => "Pending",
+            DeployPhase::AwaitingApproval => "AwaitingApproval",
+            DeployPhase::Progressing => "Progressing",
+            DeployPhase::Paused => "Paused",
+            DeployPhase::Succeeded => "Succeeded",
+            DeployPhase::Failed => "Failed",
+            DeployPhase::Aborted => "Aborted",
+            DeployPhase::Superseded => "Superseded",
+        }
+    }
+}
+
+impl TargetPhase {
+    /// The phase as written in `status.targets[].phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetPhase::Pending => "Pending",
+            TargetPhase::Draining => "Draining",
+            TargetPhase::Deploying => "Deploying",
+            TargetPhase::Verifying => "Verifying",
+            TargetPhase::Succeeded => "Succeeded",
+            TargetPhase::Failed => "Failed",
+            TargetPhase::RolledBack => "RolledBack",
+            TargetPhase::Deferred => "Deferred",
+            TargetPhase::Superseded => "Superseded",
+            TargetPhase::Skipped => "Skipped",
+        }
+    }
+}
+
+/// The condition types of a SandboxDeploy's status.
+pub mod deploy_condition {
+    /// Rolling out (or waiting to).
+    pub const PROGRESSING: &str = "Progressing";
+    /// Finished with every target updated.
+    pub const COMPLETE: &str = "Complete";
+    /// A target failed.
+    pub const FAILED: &str = "Failed";
+    /// The summary.
+    pub const READY: &str = crate::api::conditions::READY;
+}
+
+/// The reasons of a SandboxDeploy's conditions and Events (CamelCase).
+pub mod deploy_reason {
+    /// A spec the deploy cannot act on (an unreadable duration, a selector the API refuses).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Held before the first wave until `spec.paused` is false.
+    pub const AWAITING_APPROVAL: &str = "AwaitingApproval";
+    /// Held between waves while `spec.paused` is true.
+    pub const PAUSED: &str = "Paused";
+    /// Rolling out.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Finished (Progressing=False once the rollout ended, however it ended).
+    pub const FINISHED: &str = "Finished";
+    /// Every target updated.
+    pub const SUCCEEDED: &str = "Succeeded";
+    /// Finished; the targets not healthy when their wave came were skipped.
+    pub const SUCCEEDED_WITH_SKIPPED: &str = "SucceededWithSkipped";
+    /// Finished with no target failed (Failed=False).
+    pub const NO_FAILURES: &str = "NoFailures";
+    /// Finished with failed targets.
+    pub const FAILED: &str = "Failed";
+    /// Aborted by annotation.
+    pub const ABORTED: &str = "Aborted";
+    /// A newer deploy took over every target left.
+    pub const SUPERSEDED: &str = "Superseded";
+    /// A target failed (condition Failed=True, and the per-target Event).
+    pub const TARGET_FAILED: &str = "TargetFailed";
+    /// Event: a failed target was set back to its previous tag.
+    pub const TARGET_ROLLED_BACK: &str = "TargetRolledBack";
+    /// Event: a target was skipped, not deployed, as it was not healthy.
+    pub const TARGET_SKIPPED: &str = "TargetSkipped";
+    /// Event: the failed targets are put back in line by the retry annotation.
+    pub const RETRYING: &str = "Retrying";
+    /// Event: the selector matched no Sandbox.
+    pub const NO_TARGETS: &str = "NoTargets";
+    /// Event: the targets were chosen and the rollout started.
+    pub const ROLLOUT_STARTED: &str = "RolloutStarted";
+    /// Event: a wave started.
+    pub const WAVE_STARTED: &str = "WaveStarted";
+    /// Event: no new wave starts after a failure (failurePolicy Halt).
+    pub const HALTED: &str = "Halted";
+    /// Event: the rollout finished with failed targets.
+    pub const ROLLOUT_FAILED: &str = "RolloutFailed";
+    /// Event: the rollout finished.
+    pub const ROLLOUT_FINISHED: &str = "RolloutFinished";
+}

@@ -11,14 +11,18 @@
 pub mod common;
 pub mod conditions;
 pub mod deploy;
+pub mod pool;
 pub mod sandbox;
 pub mod sandbox_conditions;
 pub mod secretbundle;
+pub mod selector;
 
 pub use common::*;
 pub use deploy::*;
+pub use pool::*;
 pub use sandbox::*;
 pub use secretbundle::*;
+pub use selector::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -28,9 +32,14 @@ pub const GROUP: &str = "fleet.valet.dev";
 /// The API version of every resource here.
 pub const VERSION: &str = "v1alpha1";
 
-/// The CRDs of the three resources, in a stable order.
+/// The CRDs of the resources, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Sandbox::crd(), SandboxDeploy::crd(), SecretBundle::crd()]
+    vec![
+        Sandbox::crd(),
+        SandboxDeploy::crd(),
+        SandboxPool::crd(),
+        SecretBundle::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as `crds/` holds them.

@@ -69,7 +69,10 @@ pub const SANDBOX_FINALIZER: &str = "fleet.valet.dev/instance";
     validation = Rule::new("!has(self.launch) || has(self.instanceType)").message("spec.instanceType is required with spec.launch"),
     validation = Rule::new("self.managementPolicy != 'ObserveOnly' || has(self.instanceId)").message("managementPolicy ObserveOnly never launches: set spec.instanceId to observe an existing instance"),
     validation = Rule::new("self.managementPolicy != 'ObserveOnly' || !has(self.deletionPolicy) || self.deletionPolicy == 'Retain'").message("managementPolicy ObserveOnly never changes the instance: deletionPolicy must be Retain or unset"),
-    validation = Rule::new("self.managementPolicy != 'ObserveOnly' || self.powerState == 'Running' && !has(self.autoStop)").message("managementPolicy ObserveOnly never starts or stops the instance: leave powerState Running and autoStop unset")
+    validation = Rule::new("self.managementPolicy != 'ObserveOnly' || self.powerState == 'Running' && !has(self.autoStop)").message("managementPolicy ObserveOnly never starts or stops the instance: leave powerState Running and autoStop unset"),
+    validation = Rule::new("!has(self.agent) || !has(self.agent.bootstrap) || has(self.launch)").message("agent.bootstrap installs the agent on an instance the operator launches: it needs spec.launch (an adopted instance is set up already)"),
+    validation = Rule::new("!has(self.agent) || !has(self.agent.bootstrap) || !has(self.launch) || !has(self.launch.userDataSecretRef)").message("agent.bootstrap renders the instance's user data: leave spec.launch.userDataSecretRef unset"),
+    validation = Rule::new("!has(self.agent) || !has(self.agent.bootstrap) || !has(self.agent.tokenSecretRef)").message("agent.bootstrap mints the agent's token into the Secret <sandbox>-agent-token: leave agent.tokenSecretRef unset")
 )]
 pub struct SandboxSpec {
     /// The environment this sandbox serves: dev, staging or prod. Tagged on the instance.
@@ -350,6 +353,50 @@ pub struct AgentSpec {
     #[serde(default = "default_failure_threshold")]
     #[schemars(range(min = 1, max = 100))]
     pub failure_threshold: i32,
+    /// Install and start the agent on a launched instance with no human step: the operator
+    /// mints the agent's token into the Secret `<sandbox>-agent-token` (owned by the Sandbox)
+    /// and launches the instance with user data that downloads the agent's release tarball,
+    /// checks its sha256, installs it and writes the token and configuration. Needs
+    /// `spec.launch`; leave `agent.tokenSecretRef` and `launch.userDataSecretRef` unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
+}
+
+/// How a launched instance gets its agent (`spec.agent.bootstrap`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    /// Where the instance downloads the agent's release tarball (`make dist`'s
+    /// `sandbox-agent-<version>-linux-<arch>.tar.gz`), http:// or https://.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(
+        validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("agent.bootstrap.downloadUrl must start with https:// or http://"),
+        validation = Rule::new(r"isURL(self) && url(self).getHostname() != '' && !self.matches('\\s')").message("agent.bootstrap.downloadUrl must be a URL with a host and no spaces, such as https://downloads.example.com/sandbox-agent-0.1.0-linux-x86_64.tar.gz")
+    )]
+    pub download_url: String,
+    /// The tarball's sha256, 64 lower-case hex digits (the `.tar.gz.sha256` file `make dist`
+    /// writes beside it). The instance refuses a download that does not match.
+    #[schemars(length(min = 64, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("agent.bootstrap.sha256 must be 64 lower-case hex digits (sha256sum's output for the tarball)"))]
+    pub sha256: String,
+    /// How long after the instance launches its agent has to report healthy; after that the
+    /// Sandbox's AgentRegistered condition turns False with reason RegistrationTimedOut (a
+    /// SandboxPool replaces such a member). For example 10m.
+    #[serde(default = "default_registration_timeout")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(r"self.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('1s')").message("agent.bootstrap.registrationTimeout must be a duration of at least 1s, such as 10m"))]
+    pub registration_timeout: String,
+    /// The agent's configuration (`/etc/sandbox-agent/agent.yaml`, YAML), written before the
+    /// agent is installed. Unset: the tarball's `agent.yaml` (the GhostHands sandbox). Either
+    /// way the bootstrap sets the listen port (`agent.port`), the token file and
+    /// `requireAuthForHealth: true` through the agent's environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 12288))]
+    pub config: Option<String>,
+}
+
+fn default_registration_timeout() -> String {
+    "10m".into()
 }
 
 impl Default for AgentSpec {
@@ -363,6 +410,7 @@ impl Default for AgentSpec {
             probe_interval: default_probe_interval(),
             timeout: default_probe_timeout(),
             failure_threshold: default_failure_threshold(),
+            bootstrap: None,
         }
     }
 }

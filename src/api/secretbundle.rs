@@ -263,3 +263,68 @@ pub struct FlyAppStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift_seen_at: Option<Time>,
 }
+
+/// The condition types of a SecretBundle's status.
+pub mod bundle_condition {
+    /// The summary: every target that can hold the content holds it.
+    pub const READY: &str = crate::api::conditions::READY;
+    /// The warning: some targets are skipped or failing (present only then).
+    pub const DEGRADED: &str = "Degraded";
+}
+
+/// The reasons of a SecretBundle's conditions and Events (CamelCase).
+pub mod bundle_reason {
+    /// A key is not an environment variable name, or two sources define it, or a Fly.io token
+    /// is not a Fly.io token, or a field does not parse (a duration, the selector).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// A value cannot be an environment variable (not UTF-8, or a NUL byte).
+    pub const INVALID_VALUE: &str = "InvalidValue";
+    /// A source Secret does not exist.
+    pub const SOURCE_SECRET_MISSING: &str = "SourceSecretMissing";
+    /// A key listed in `sources[].keys` is not in its Secret.
+    pub const SOURCE_KEY_MISSING: &str = "SourceKeyMissing";
+    /// The sources hold no key at all (an empty `.env` would wipe every target).
+    pub const NO_KEYS: &str = "NoKeys";
+    /// Every target that can hold the content holds it (and the Event of a round's pushes).
+    pub const SYNCED: &str = "Synced";
+    /// Nothing matches and no Fly.io app is named.
+    pub const NO_TARGETS: &str = "NoTargets";
+    /// Some running targets do not hold the content yet.
+    pub const SYNCING: &str = "Syncing";
+    /// Some targets failed (retried with backoff); also the Event of one failed push.
+    pub const SYNC_FAILED: &str = "SyncFailed";
+    /// Every target holds the content, some Fly.io apps staged (their Machines take it at their
+    /// next deploy or update); also the Event of a round's staged sets.
+    pub const STAGED: &str = "Staged";
+    /// Degraded: targets are failing.
+    pub const TARGETS_FAILED: &str = "TargetsFailed";
+    /// Degraded: targets are skipped.
+    pub const TARGETS_SKIPPED: &str = "TargetsSkipped";
+    /// Event: a target was skipped.
+    pub const TARGET_SKIPPED: &str = "TargetSkipped";
+    /// Event: a Fly.io app's secrets had drifted from the bundle and were set again.
+    pub const FLY_DRIFT: &str = "FlyDrift";
+    /// Event: keys the bundle no longer holds were unset on a Fly.io app.
+    pub const FLY_UNSET: &str = "FlyUnset";
+    /// Fly's API refused the token (401 or 403).
+    pub const FLY_UNAUTHORIZED: &str = "FlyUnauthorized";
+    /// The Fly.io app does not exist, or the token cannot see it.
+    pub const FLY_APP_NOT_FOUND: &str = "FlyAppNotFound";
+    /// Fly's API refused the request itself (another 4xx).
+    pub const FLY_REJECTED: &str = "FlyRejected";
+    /// Fly's API throttled the call (429).
+    pub const FLY_THROTTLED: &str = "FlyThrottled";
+    /// Fly's API failed (5xx).
+    pub const FLY_UNAVAILABLE: &str = "FlyUnavailable";
+    /// Fly's API could not be reached, or its answer could not be read.
+    pub const FLY_UNREACHABLE: &str = "FlyUnreachable";
+    /// Every reason a failure of Fly's API is told by.
+    pub const FLY_FAILURES: [&str; 6] = [
+        FLY_UNAUTHORIZED,
+        FLY_APP_NOT_FOUND,
+        FLY_REJECTED,
+        FLY_THROTTLED,
+        FLY_UNAVAILABLE,
+        FLY_UNREACHABLE,
+    ];
+}

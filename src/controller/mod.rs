@@ -2,6 +2,7 @@
 //! carries it out through thin edges (kube, EC2, the agent).
 
 pub mod deploy;
+pub mod pool;
 pub mod refused;
 pub mod sandbox;
 pub mod sandboxes;

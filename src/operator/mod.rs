@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// Finished SandboxDeploys kept per namespace; older ones are deleted.
     #[arg(long, env = "SANDBOX_OPERATOR_DEPLOY_HISTORY", default_value_t = 50)]
     pub deploy_history_limit: usize,
+    /// How often a running SandboxDeploy is looked at when nothing wakes it (a change of any
+    /// of its target Sandboxes wakes it at once).
+    #[arg(long, env = "SANDBOX_OPERATOR_DEPLOY_POLL", default_value = "2s", value_parser = duration)]
+    pub deploy_poll: Duration,
     /// How SecretBundles push to Fly.io apps whose spec names no method: `api` (Fly's Machines
     /// API, no CLI needed) or `flyctl`.
     #[arg(long, env = "SANDBOX_OPERATOR_FLY_METHOD", default_value = "api", value_parser = ["api", "flyctl"])]
@@ -297,6 +301,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics.clone(),
         crate::controller::deploy::DeploySettings {
             history_limit: args.deploy_history_limit,
+            poll: args.deploy_poll,
             ..Default::default()
         },
         recorder.clone(),
@@ -342,7 +347,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             fly_api_default: args.fly_method == "api",
             ..Default::default()
         },
-        recorder,
+        recorder.clone(),
     );
     if let Some(ledger) = &ledger {
         bundle_ctx.set_ledger(ledger.clone());
@@ -368,7 +373,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         crate::controller::sandboxes::DEFAULT_BUFFER,
     );
     let concurrency = args.max_concurrent_reconciles;
-    let controllers = tokio::spawn(futures::future::join4(
+    let pool_ctx =
+        crate::controller::pool::Context::with_recorder(client.clone(), metrics.clone(), recorder);
+    let controllers = tokio::spawn(futures::future::join5(
         sandbox::run_shared(
             ctx,
             &sandboxes,
@@ -385,6 +392,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ),
         crate::controller::secretbundle::run_shared(
             bundle_ctx,
+            &sandboxes,
+            args.namespace.clone(),
+            concurrency,
+            shutdown(),
+        ),
+        crate::controller::pool::run_shared(
+            pool_ctx,
             &sandboxes,
             args.namespace.clone(),
             concurrency,

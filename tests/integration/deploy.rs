@@ -1570,3 +1570,39 @@ async fn an_unhealthy_sandbox_is_skipped_unless_the_strategy_includes_it() {
     assert_eq!(f.spec_tag("sick").await.as_deref(), Some("v3"));
     assert!(f.agents["sick"].docker_calls().contains("up tag=v3"));
 }
+
+/// A deploy sees a target's progress when the target Sandbox's status changes, not at its next
+/// poll: with the deploy poll at ten minutes, a rollout in two waves still ends within a couple
+/// of minutes, because each change of a target Sandbox (its deploy state, its agent's report)
+/// wakes the deploys that target it. Were the deploy woken only by its own changes and the
+/// poll, the second wave would wait ten minutes for it and this test would time out.
+#[tokio::test]
+async fn a_target_sandbox_change_wakes_the_deploy_at_once_not_at_the_next_poll() {
+    let f = fleet(
+        "wake",
+        &[("wake", &["k1", "k2"])],
+        &["--deploy-poll", "10m"],
+    )
+    .await;
+    f.create(
+        "wake-v2",
+        "v2",
+        "wake",
+        serde_json::json!({"strategy": {"maxUnavailable": 1}}),
+    )
+    .await;
+    let st = f
+        .wait("wake-v2", 150, "Succeeded well before the 10m poll", |s| {
+            s.phase == Some(DeployPhase::Succeeded)
+        })
+        .await;
+    assert_eq!((st.updated, st.total), (2, 2));
+    assert_eq!(
+        st.targets.iter().filter_map(|t| t.wave).max(),
+        Some(2),
+        "two waves: the second started only once the first was seen done"
+    );
+    for name in ["k1", "k2"] {
+        assert_eq!(f.spec_tag(name).await.as_deref(), Some("v2"));
+    }
+}

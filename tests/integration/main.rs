@@ -8,6 +8,7 @@ mod support;
 
 mod agent;
 mod agent_engine;
+mod bootstrap;
 mod chart_node;
 mod crds;
 mod deploy;
@@ -20,6 +21,7 @@ mod ledger;
 mod legacy;
 mod notify;
 mod outage;
+mod pool;
 mod release;
 mod sandbox;
 mod secretbundle;

@@ -1351,6 +1351,12 @@ fn readme_shell_blocks_run_or_say_why_not() {
             ),
         ),
         (
+            "kubectl scale -n fleet sbxpool workers",
+            Block::NotRun(
+                "scales a pool of the reader's; tests/integration/pool.rs runs `kubectl scale` on a SandboxPool (0 to 5 to 2 and back) and reads its printer columns",
+            ),
+        ),
+        (
             "kubectl -n sandbox-operator create secret generic notify-slack",
             Block::NotRun(
                 "needs a Slack workspace's incoming webhook URL; tests/integration/notify.rs sends to a local receiver, its URLs read from Secrets made the same way",

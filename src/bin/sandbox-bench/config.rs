@@ -21,6 +21,10 @@
 //! 6. `first-status`: 500 Sandboxes with `spec.launch` applied at once; seconds until every one
 //!    carries a phase, a Ready condition and its observedGeneration (issue 12), while most
 //!    launches still wait for the pacing of RunInstances.
+//! 7. `pool-N`: a SandboxPool scaled from 0 to N (100) through its scale subresource, timed to
+//!    all Ready beside the RunInstances bucket's bound; then `pool-standby`: a scale-out by one
+//!    timed to Ready when a stopped standby member is started versus when a member is launched
+//!    (the standby's advantage, as a ratio).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,13 +55,15 @@ pub struct Config {
     pub memory_sizes: Vec<usize>,
     /// Sandboxes applied at once by `first-status`.
     pub first_status_size: usize,
+    /// The size the `pool` scenario scales a SandboxPool to from 0.
+    pub pool_size: usize,
     /// How long instances stay pending/stopping/shutting-down at the endpoint.
     pub transitions: Duration,
     /// `spec.agent.probeInterval` of the launched fleets (the adopted fleets use the CRD
     /// default for steady state, 10m for memory).
     pub fleet_probe_interval: String,
     /// Scenarios to run (`converge`, `steady`, `reaction`, `rollout`, `memory`,
-    /// `first-status`); all if empty.
+    /// `first-status`, `pool`); all if empty.
     pub only: Vec<String>,
     /// Record a `perf` profile of the operator during the large steady window.
     pub perf: bool,
@@ -84,6 +90,7 @@ impl Config {
             deploy_time: Duration::from_secs(10),
             memory_sizes: vec![2000, 10_000],
             first_status_size: 500,
+            pool_size: 100,
             transitions: Duration::from_secs(1),
             fleet_probe_interval: "10s".into(),
             only: vec![],
@@ -107,6 +114,7 @@ impl Config {
             deploy_time: Duration::from_secs(3),
             memory_sizes: vec![200, 1000],
             first_status_size: 100,
+            pool_size: 20,
             ..Self::full(operator_bin)
         }
     }

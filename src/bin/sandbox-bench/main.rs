@@ -27,7 +27,7 @@ struct Args {
     /// Smaller sizes and shorter windows: a smoke run of every scenario in a few minutes.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (converge, steady, reaction, rollout, memory, first-status),
+    /// Only these scenarios (converge, steady, reaction, rollout, memory, first-status, pool),
     /// comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -55,6 +55,9 @@ struct Args {
     /// Sandboxes applied at once by the first-status scenario.
     #[arg(long)]
     first_status: Option<usize>,
+    /// The size the pool scenario scales a SandboxPool to from 0.
+    #[arg(long)]
+    pool: Option<usize>,
     /// Record a perf profile of the operator during the large steady window.
     #[arg(long)]
     perf: bool,
@@ -112,6 +115,9 @@ fn main() -> std::process::ExitCode {
     }
     if let Some(n) = args.first_status {
         cfg.first_status_size = n;
+    }
+    if let Some(n) = args.pool {
+        cfg.pool_size = n;
     }
     cfg.only = args.only;
     cfg.perf = args.perf;

@@ -18,6 +18,9 @@ use sandbox_operator::api::{Sandbox, SandboxDeploy};
 use sandbox_operator::testenv::ec2::{Ec2Endpoint, Ec2EndpointOptions, ThrottleConfig};
 use sandbox_operator::testenv::{ControlPlane, ControlPlaneOptions};
 
+#[path = "pool.rs"]
+mod pool;
+
 const FIELD_MANAGER: &str = "sandbox-bench";
 const INITIAL_TAG: &str = "v1";
 
@@ -268,6 +271,27 @@ pub async fn run(cfg: Config) -> Result<Results, String> {
         if let Err(e) = memory(&env, &mut res).await {
             broken = true;
             res.row("memory", "scenario", "error", None, "", Verdict::NotRun, e);
+        }
+        write(&env, &res, started);
+    }
+
+    // ---- SandboxPool: scale 0 -> N and the standby's advantage ----
+    if cfg.wants("pool") {
+        eprintln!(
+            "[bench] pool-{}: a SandboxPool scaled 0 -> {} through its scale subresource; then standby start vs launch",
+            cfg.pool_size, cfg.pool_size
+        );
+        if let Err(e) = pool::pool(&env, &mut res).await {
+            broken = true;
+            res.row(
+                &format!("pool-{}", cfg.pool_size),
+                "scenario",
+                "error",
+                None,
+                "",
+                Verdict::NotRun,
+                e,
+            );
         }
         write(&env, &res, started);
     }

@@ -1,36 +1,37 @@
 //! The SandboxDeploy controller's decisions, as a pure function of plain data: the deploy's
-//! spec and status, what each target Sandbox reports, which sandboxes newer deploys claim, and
-//! the clock. The reconciler gathers the inputs, carries out the actions and writes the status.
+//! spec (read once by [`validate_all`]) and status, what each target Sandbox reports, which
+//! sandboxes newer deploys claim, and the clock. The reconciler gathers the inputs, carries out
+//! the actions and writes the status.
+//!
+//! [`decide`] runs one pass in named steps, each a method of the pass: `retry` (the retry
+//! annotation puts failed targets back in line), the validate check (an unusable spec holds the
+//! deploy), `start` (choose the targets and their waves), `follow` (each started target's
+//! progress as its Sandbox reports it), `advance` (abort, halt, pause, the next wave or the end)
+//! and `summarize` (counts and conditions).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conditions::{self, Desired, FALSE, TRUE};
 use crate::api::{
-    DeployPhase, DeployTarget, FailurePolicy, ImageDeployState, SandboxDeploySpec,
-    SandboxDeployStatus, TargetPhase,
+    DeployPhase, DeployTarget, FailurePolicy, ImageDeployState, InvalidSelector, ParsedSelector,
+    SandboxDeploySpec, SandboxDeployStatus, TargetPhase, deploy_reason as reason,
 };
 use crate::controller::sandbox::decide::deploy_state;
 use crate::util::parse_duration;
 
-/// Condition types.
-pub mod cond {
-    /// Rolling out (or waiting to).
-    pub const PROGRESSING: &str = "Progressing";
-    /// Finished with every target updated.
-    pub const COMPLETE: &str = "Complete";
-    /// A target failed.
-    pub const FAILED: &str = "Failed";
-    /// The summary.
-    pub const READY: &str = "Ready";
-}
+/// Condition types (the vocabulary lives in `api`).
+pub use crate::api::deploy_condition as cond;
 
 /// The condition reason of a spec the deploy cannot act on.
-pub const INVALID_SPEC: &str = "InvalidSpec";
+pub const INVALID_SPEC: &str = reason::INVALID_SPEC;
+
+/// Where the deploy's selector sits, as status messages name it.
+pub const SELECTOR_FIELD: &str = "spec.selector";
 
 /// The spec's durations, parsed once: the decisions use these instead of the raw strings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,9 +55,8 @@ impl std::fmt::Display for InvalidSpec {
     }
 }
 
-/// The validate step: every duration of the spec parsed (the CRD's rules check them too, but
-/// not for objects stored before those rules). The selector is checked where the rollout
-/// starts (see [`decide`]).
+/// Every duration of the spec parsed (the CRD's rules check them too, but not for objects
+/// stored before those rules).
 pub fn validate(spec: &SandboxDeploySpec) -> Result<ValidSpec, InvalidSpec> {
     let mut problems = Vec::new();
     let mut duration = |field: &str, value: &str| {
@@ -76,6 +76,26 @@ pub fn validate(spec: &SandboxDeploySpec) -> Result<ValidSpec, InvalidSpec> {
         drain_timeout,
         target_deadline,
     })
+}
+
+/// The spec as the validate step read it: its durations and its selector (kube's selector
+/// type), or what is wrong with each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Validated {
+    /// `spec.strategy`'s durations.
+    pub durations: Result<ValidSpec, InvalidSpec>,
+    /// `spec.selector`.
+    pub selector: Result<ParsedSelector, InvalidSelector>,
+}
+
+/// The validate step: the spec read once into typed settings. Neither problem is defaulted: a
+/// bad duration holds the deploy wherever it is; a bad selector holds it before it starts
+/// (once started, its targets are chosen and the selector is not read again).
+pub fn validate_all(spec: &SandboxDeploySpec) -> Validated {
+    Validated {
+        durations: validate(spec),
+        selector: spec.selector.parse(SELECTOR_FIELD),
+    }
 }
 
 /// What one target Sandbox looks like now.
@@ -103,6 +123,8 @@ pub struct TargetObs {
 pub struct Inputs<'a> {
     /// The spec.
     pub spec: &'a SandboxDeploySpec,
+    /// The spec as the validate step read it.
+    pub valid: &'a Validated,
     /// The status as last written.
     pub status: &'a SandboxDeployStatus,
     /// `metadata.generation`.
@@ -222,207 +244,226 @@ fn attempt_marker(uid: &str, retry: Option<&str>) -> String {
     }
 }
 
-/// The decision for one SandboxDeploy.
-/// A spec that cannot be acted on: held in `phase` with Ready and Progressing False
-/// (InvalidSpec) and the message, a warning Event when the message is new, nothing done.
-fn held_invalid(
-    i: &Inputs<'_>,
-    mut st: SandboxDeployStatus,
-    mut cs: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
-    actions: Vec<Action>,
-    mut notes: Vec<Note>,
-    phase: DeployPhase,
-    message: String,
-) -> Decision {
-    if st.message.as_deref() != Some(message.as_str()) {
-        notes.push(Note {
-            about: None,
-            warning: true,
-            reason: INVALID_SPEC,
-            message: message.clone(),
-        });
-    }
-    st.phase = Some(phase);
-    st.message = Some(message.clone());
-    for (type_, message) in [(cond::PROGRESSING, message.clone()), (cond::READY, message)] {
-        conditions::set(
-            &mut cs,
-            Desired {
-                type_,
-                status: FALSE,
-                reason: INVALID_SPEC,
-                message,
-            },
-            i.generation,
-            i.now,
-        );
-    }
-    st.conditions = cs;
-    Decision {
-        status: st,
-        actions,
-        notes,
-        requeue: None,
-    }
-}
-
+/// The decision for one SandboxDeploy: one [`Pass`], step by step.
 pub fn decide(i: &Inputs<'_>) -> Decision {
-    let mut st = i.status.clone();
-    st.observed_generation = i.generation;
-    let now = i.now;
-    let mut actions = Vec::new();
-    let mut notes = Vec::new();
-    let tag = i.spec.image.tag.clone();
-    let mut cs = std::mem::take(&mut st.conditions);
-    let set = |cs: &mut Vec<_>, t, s, r, m: String| {
-        conditions::set(
-            cs,
-            Desired {
-                type_: t,
-                status: s,
-                reason: r,
-                message: m,
-            },
-            i.generation,
-            now,
-        );
-    };
-
-    // A retry puts the failed targets back in line, once per annotation value.
-    let retry_new = i
-        .retry
-        .is_some_and(|r| !r.is_empty() && st.last_retry.as_deref() != Some(r));
-    if retry_new && st.targets.iter().any(|t| failed(t.phase)) && !i.abort {
-        // The failed targets go first, in the waves right after the current one; the targets
-        // still pending move back to make room.
-        let current = st.wave.unwrap_or(0);
-        let size = wave_size(&i.spec.strategy.max_unavailable, st.targets.len());
-        let k = st.targets.iter().filter(|t| failed(t.phase)).count();
-        let shift = k.div_ceil(size) as i32;
-        for t in st
-            .targets
-            .iter_mut()
-            .filter(|t| t.phase == TargetPhase::Pending)
-        {
-            t.wave = t.wave.map(|w| if w > current { w + shift } else { w });
-        }
-        for (n, t) in st
-            .targets
-            .iter_mut()
-            .filter(|t| failed(t.phase))
-            .enumerate()
-        {
-            t.phase = TargetPhase::Pending;
-            t.wave = Some(current + 1 + (n / size) as i32);
-            t.started_at = None;
-            t.finished_at = None;
-            t.message = Some("retrying".into());
-        }
-        st.phase = Some(DeployPhase::Progressing);
-        st.finished_at = None;
-        notes.push(Note {
-            about: None,
-            warning: false,
-            reason: "Retrying",
-            message: format!("retrying {k} failed targets"),
-        });
+    let mut p = Pass::new(i);
+    p.retry();
+    if finished(p.st.phase) {
+        return p.end(None);
     }
-    if i.retry.is_some() && retry_new {
-        st.last_retry = i.retry.map(str::to_string);
-    }
-    let attempt = attempt_marker(i.uid, st.last_retry.as_deref());
-
-    if finished(st.phase) {
-        st.conditions = cs;
-        return Decision {
-            status: st,
-            actions,
-            notes,
-            requeue: None,
-        };
-    }
-
-    // ---- The validate step: a spec the deploy cannot read is reported, never defaulted. ----
-    let valid = match validate(i.spec) {
+    let valid = match &i.valid.durations {
         Ok(v) => v,
         Err(invalid) => {
             // Not started: it waits in Pending; started: its phase stays, and no target is
             // set, failed or timed out until the spec is fixed.
-            let phase = st.phase.unwrap_or(DeployPhase::Pending);
-            return held_invalid(
-                i,
-                st,
-                cs,
-                actions,
-                notes,
+            let phase = p.st.phase.unwrap_or(DeployPhase::Pending);
+            return p.held_invalid(
                 phase,
                 format!("invalid spec: {invalid}; nothing is done until it is fixed"),
             );
         }
     };
+    if p.st.started_at.is_none() {
+        match p.start() {
+            Start::Go => {}
+            Start::End => return p.end(None),
+            Start::Held(phase, message) => return p.held_invalid(phase, message),
+        }
+    }
+    p.follow(valid.target_deadline);
+    p.advance();
+    p.summarize()
+}
 
-    // ---- Before the first wave. ----
-    if st.started_at.is_none() {
+/// What the `start` step came to.
+enum Start {
+    /// The rollout started (or had): go on following it.
+    Go,
+    /// Nothing more this pass (aborted, awaiting approval, or no targets).
+    End,
+    /// The spec cannot be acted on: held in this phase with this message.
+    Held(DeployPhase, String),
+}
+
+/// One pass of [`decide`]: the status being built, and what it asks for.
+struct Pass<'i, 'a> {
+    i: &'i Inputs<'a>,
+    st: SandboxDeployStatus,
+    cs: Vec<Condition>,
+    actions: Vec<Action>,
+    notes: Vec<Note>,
+    /// The tag rolled out.
+    tag: String,
+    /// The attempt marker set on each Sandbox (known after the retry step).
+    attempt: String,
+}
+
+impl<'i, 'a> Pass<'i, 'a> {
+    fn new(i: &'i Inputs<'a>) -> Self {
+        let mut st = i.status.clone();
+        st.observed_generation = i.generation;
+        let cs = std::mem::take(&mut st.conditions);
+        Self {
+            i,
+            st,
+            cs,
+            actions: Vec::new(),
+            notes: Vec::new(),
+            tag: i.spec.image.tag.clone(),
+            attempt: String::new(),
+        }
+    }
+
+    /// Sets a condition (its transition time moves only when its status flips).
+    fn set(&mut self, type_: &str, status: &str, reason: &str, message: String) {
+        conditions::set(
+            &mut self.cs,
+            Desired {
+                type_,
+                status,
+                reason,
+                message,
+            },
+            self.i.generation,
+            self.i.now,
+        );
+    }
+
+    fn note(
+        &mut self,
+        warning: bool,
+        reason: &'static str,
+        about: Option<String>,
+        message: String,
+    ) {
+        self.notes.push(Note {
+            about,
+            warning,
+            reason,
+            message,
+        });
+    }
+
+    /// The decision as it stands.
+    fn end(mut self, requeue: Option<Duration>) -> Decision {
+        self.st.conditions = self.cs;
+        Decision {
+            status: self.st,
+            actions: self.actions,
+            notes: self.notes,
+            requeue,
+        }
+    }
+
+    /// Step `retry`: a new retry annotation value puts the failed targets back in line, once
+    /// per value; and the attempt marker follows the last value acted on.
+    fn retry(&mut self) {
+        let i = self.i;
+        let retry_new = i
+            .retry
+            .is_some_and(|r| !r.is_empty() && self.st.last_retry.as_deref() != Some(r));
+        if retry_new && self.st.targets.iter().any(|t| failed(t.phase)) && !i.abort {
+            // The failed targets go first, in the waves right after the current one; the
+            // targets still pending move back to make room.
+            let st = &mut self.st;
+            let current = st.wave.unwrap_or(0);
+            let size = wave_size(&i.spec.strategy.max_unavailable, st.targets.len());
+            let k = st.targets.iter().filter(|t| failed(t.phase)).count();
+            let shift = k.div_ceil(size) as i32;
+            for t in st
+                .targets
+                .iter_mut()
+                .filter(|t| t.phase == TargetPhase::Pending)
+            {
+                t.wave = t.wave.map(|w| if w > current { w + shift } else { w });
+            }
+            for (n, t) in st
+                .targets
+                .iter_mut()
+                .filter(|t| failed(t.phase))
+                .enumerate()
+            {
+                t.phase = TargetPhase::Pending;
+                t.wave = Some(current + 1 + (n / size) as i32);
+                t.started_at = None;
+                t.finished_at = None;
+                t.message = Some("retrying".into());
+            }
+            st.phase = Some(DeployPhase::Progressing);
+            st.finished_at = None;
+            self.note(
+                false,
+                reason::RETRYING,
+                None,
+                format!("retrying {k} failed targets"),
+            );
+        }
+        if i.retry.is_some() && retry_new {
+            self.st.last_retry = i.retry.map(str::to_string);
+        }
+        self.attempt = attempt_marker(i.uid, self.st.last_retry.as_deref());
+    }
+
+    /// A spec that cannot be acted on: held in `phase` with Ready and Progressing False
+    /// (InvalidSpec) and the message, a warning Event when the message is new, nothing done.
+    fn held_invalid(mut self, phase: DeployPhase, message: String) -> Decision {
+        if self.st.message.as_deref() != Some(message.as_str()) {
+            self.note(true, reason::INVALID_SPEC, None, message.clone());
+        }
+        self.st.phase = Some(phase);
+        self.st.message = Some(message.clone());
+        self.set(
+            cond::PROGRESSING,
+            FALSE,
+            reason::INVALID_SPEC,
+            message.clone(),
+        );
+        self.set(cond::READY, FALSE, reason::INVALID_SPEC, message);
+        self.end(None)
+    }
+
+    /// Step `start`, before the first wave: abort, the selector's validity, the approval
+    /// gate, then the targets chosen in name order and cut into waves.
+    fn start(&mut self) -> Start {
+        let i = self.i;
+        let now = i.now;
         if i.abort {
-            st.phase = Some(DeployPhase::Aborted);
-            st.finished_at = Some(Time(now));
-            st.message = Some("aborted before it started".into());
-            finish_conditions(&mut cs, &st, i, now);
-            st.conditions = cs;
-            return Decision {
-                status: st,
-                actions,
-                notes,
-                requeue: None,
-            };
+            self.st.phase = Some(DeployPhase::Aborted);
+            self.st.finished_at = Some(Time(now));
+            self.st.message = Some("aborted before it started".into());
+            self.finish_conditions();
+            return Start::End;
         }
         // A selector the CRD would refuse today (stored before its rules) selects nothing: say
         // so instead of succeeding with no targets.
-        let problems = i.spec.selector.problems();
-        if !problems.is_empty() {
-            return held_invalid(
-                i,
-                st,
-                cs,
-                actions,
-                notes,
+        if let Err(invalid) = &i.valid.selector {
+            return Start::Held(
                 DeployPhase::Pending,
                 format!(
-                    "invalid spec.selector: {}; fix it to start the rollout",
-                    problems.join("; ")
+                    "invalid {}: {}; fix it to start the rollout",
+                    invalid.field,
+                    invalid.problems.join("; ")
                 ),
             );
         }
         if i.spec.paused {
-            st.phase = Some(DeployPhase::AwaitingApproval);
-            st.message = Some(format!(
-                "waiting for approval: set spec.paused to false to roll out {tag}"
-            ));
-            set(
-                &mut cs,
+            let message = format!(
+                "waiting for approval: set spec.paused to false to roll out {}",
+                self.tag
+            );
+            self.st.phase = Some(DeployPhase::AwaitingApproval);
+            self.st.message = Some(message.clone());
+            self.set(
                 cond::PROGRESSING,
                 FALSE,
-                "AwaitingApproval",
-                st.message.clone().unwrap(),
+                reason::AWAITING_APPROVAL,
+                message.clone(),
             );
-            set(
-                &mut cs,
-                cond::READY,
-                FALSE,
-                "AwaitingApproval",
-                st.message.clone().unwrap(),
-            );
-            st.conditions = cs;
-            return Decision {
-                status: st,
-                actions,
-                notes,
-                requeue: None,
-            };
+            self.set(cond::READY, FALSE, reason::AWAITING_APPROVAL, message);
+            return Start::End;
         }
-        // Start: choose the targets now, in name order, in waves.
         let size = wave_size(&i.spec.strategy.max_unavailable, i.selected.len());
-        st.targets = i
+        self.st.targets = i
             .selected
             .iter()
             .enumerate()
@@ -436,266 +477,289 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 message: None,
             })
             .collect();
-        st.started_at = Some(Time(now));
-        st.total = st.targets.len() as i32;
-        st.phase = Some(DeployPhase::Progressing);
-        if st.targets.is_empty() {
-            st.phase = Some(DeployPhase::Succeeded);
-            st.finished_at = Some(Time(now));
-            st.message = Some("the selector matched no sandboxes: nothing to do".into());
-            notes.push(Note {
-                about: None,
-                warning: false,
-                reason: "NoTargets",
-                message: st.message.clone().unwrap(),
-            });
-            finish_conditions(&mut cs, &st, i, now);
-            st.conditions = cs;
-            return Decision {
-                status: st,
-                actions,
-                notes,
-                requeue: None,
-            };
+        self.st.started_at = Some(Time(now));
+        self.st.total = self.st.targets.len() as i32;
+        self.st.phase = Some(DeployPhase::Progressing);
+        if self.st.targets.is_empty() {
+            let message = "the selector matched no sandboxes: nothing to do".to_string();
+            self.st.phase = Some(DeployPhase::Succeeded);
+            self.st.finished_at = Some(Time(now));
+            self.st.message = Some(message.clone());
+            self.note(false, reason::NO_TARGETS, None, message);
+            self.finish_conditions();
+            return Start::End;
         }
-        let waves = st.targets.iter().filter_map(|t| t.wave).max().unwrap_or(1);
-        notes.push(Note {
-            about: None,
-            warning: false,
-            reason: "RolloutStarted",
-            message: format!(
-                "rolling {tag} to {} sandboxes in {waves} waves of at most {size}",
-                st.targets.len()
-            ),
-        });
+        let waves = self
+            .st
+            .targets
+            .iter()
+            .filter_map(|t| t.wave)
+            .max()
+            .unwrap_or(1);
+        let message = format!(
+            "rolling {} to {} sandboxes in {waves} waves of at most {size}",
+            self.tag,
+            self.st.targets.len()
+        );
+        self.note(false, reason::ROLLOUT_STARTED, None, message);
+        Start::Go
     }
 
-    // ---- Follow every started target. ----
-    let deadline = valid.target_deadline;
-    let empty = TargetObs::default();
-    // Targets chosen in this very pass are observed through the selection.
-    let obs_of = |name: &str| {
-        i.observed
-            .get(name)
-            .or_else(|| i.selected.get(name))
-            .unwrap_or(&empty)
-    };
-    for t in st.targets.iter_mut() {
-        let obs = obs_of(&t.name);
-        if t.phase == TargetPhase::Pending && i.claimed_by_newer.contains(&t.name) {
-            t.phase = TargetPhase::Superseded;
-            t.message = Some("a newer SandboxDeploy took this sandbox over".into());
-            continue;
-        }
-        if !in_flight(t.phase) {
-            continue;
-        }
-        let fail = |t: &mut DeployTarget, msg: String, notes: &mut Vec<Note>| {
-            t.phase = TargetPhase::Failed;
-            t.finished_at = Some(Time(now));
-            notes.push(Note {
-                about: Some(t.name.clone()),
-                warning: true,
-                reason: "TargetFailed",
-                message: format!("{}: {msg}", t.name),
-            });
-            t.message = Some(msg);
-        };
-        if !obs.exists {
-            fail(t, "the Sandbox was deleted".into(), &mut notes);
-            continue;
-        }
-        if obs.spec_tag.as_deref() != Some(tag.as_str()) {
-            t.phase = TargetPhase::Superseded;
-            t.finished_at = Some(Time(now));
-            t.message = Some(format!(
-                "spec.image.tag was changed to {} by someone else",
-                obs.spec_tag.as_deref().unwrap_or("nothing")
-            ));
-            continue;
-        }
-        let record = obs
-            .deploy
-            .as_ref()
-            .filter(|(dt, _, att, _)| dt == &tag && att.as_deref().is_none_or(|a| a == attempt));
-        match record.map(|(_, s, _, m)| (*s, m.clone())) {
-            Some((deploy_state::DRAINING, _)) => t.phase = TargetPhase::Draining,
-            Some((deploy_state::DEPLOYING, _)) => t.phase = TargetPhase::Deploying,
-            Some((deploy_state::VERIFYING, _)) => t.phase = TargetPhase::Verifying,
-            Some((deploy_state::SUCCEEDED, _)) => {
-                t.phase = TargetPhase::Succeeded;
+    /// Step `follow`: every started target's phase from what its Sandbox reports; a target
+    /// past `deadline` fails.
+    fn follow(&mut self, deadline: Duration) {
+        let Pass {
+            i,
+            st,
+            actions,
+            notes,
+            tag,
+            attempt,
+            ..
+        } = self;
+        let i: &Inputs<'_> = i;
+        let now = i.now;
+        let tag = tag.as_str();
+        let attempt = attempt.as_str();
+        for t in st.targets.iter_mut() {
+            let obs = observation(i, &t.name);
+            if t.phase == TargetPhase::Pending && i.claimed_by_newer.contains(&t.name) {
+                t.phase = TargetPhase::Superseded;
+                t.message = Some("a newer SandboxDeploy took this sandbox over".into());
+                continue;
+            }
+            if !in_flight(t.phase) {
+                continue;
+            }
+            let fail = |t: &mut DeployTarget, msg: String, notes: &mut Vec<Note>| {
+                t.phase = TargetPhase::Failed;
                 t.finished_at = Some(Time(now));
-                t.message = Some(format!("running {tag}"));
+                notes.push(Note {
+                    about: Some(t.name.clone()),
+                    warning: true,
+                    reason: reason::TARGET_FAILED,
+                    message: format!("{}: {msg}", t.name),
+                });
+                t.message = Some(msg);
+            };
+            if !obs.exists {
+                fail(t, "the Sandbox was deleted".into(), notes);
+                continue;
             }
-            Some((deploy_state::FAILED | deploy_state::ROLLED_BACK, m)) => {
-                let why = m.unwrap_or_else(|| "the deploy failed".into());
-                match (&t.from_tag, i.spec.strategy.auto_rollback) {
-                    (Some(from), true) if from != &tag => {
-                        actions.push(Action::SetTag {
-                            sandbox: t.name.clone(),
-                            tag: from.clone(),
-                            attempt: attempt.clone(),
-                        });
-                        t.phase = TargetPhase::RolledBack;
-                        t.finished_at = Some(Time(now));
-                        notes.push(Note {
-                            about: Some(t.name.clone()),
-                            warning: true,
-                            reason: "TargetRolledBack",
-                            message: format!("{}: {why}; set back to {from}", t.name),
-                        });
-                        t.message = Some(format!("{why}; set back to {from}"));
-                    }
-                    _ => fail(t, why, &mut notes),
-                }
+            if obs.spec_tag.as_deref() != Some(tag) {
+                t.phase = TargetPhase::Superseded;
+                t.finished_at = Some(Time(now));
+                t.message = Some(format!(
+                    "spec.image.tag was changed to {} by someone else",
+                    obs.spec_tag.as_deref().unwrap_or("nothing")
+                ));
+                continue;
             }
-            _ => {
-                if obs.reported_tag.as_deref() == Some(tag.as_str())
-                    && obs.ready
-                    && record.is_none()
-                {
+            let record = obs
+                .deploy
+                .as_ref()
+                .filter(|(dt, _, att, _)| dt == tag && att.as_deref().is_none_or(|a| a == attempt));
+            match record.map(|(_, s, _, m)| (*s, m.clone())) {
+                Some((deploy_state::DRAINING, _)) => t.phase = TargetPhase::Draining,
+                Some((deploy_state::DEPLOYING, _)) => t.phase = TargetPhase::Deploying,
+                Some((deploy_state::VERIFYING, _)) => t.phase = TargetPhase::Verifying,
+                Some((deploy_state::SUCCEEDED, _)) => {
                     t.phase = TargetPhase::Succeeded;
                     t.finished_at = Some(Time(now));
-                    t.message = Some(format!("already running {tag}"));
-                } else if !obs.running {
-                    t.phase = TargetPhase::Deferred;
-                    t.message = Some(format!("stopped: it gets {tag} when it starts"));
+                    t.message = Some(format!("running {tag}"));
+                }
+                Some((deploy_state::FAILED | deploy_state::ROLLED_BACK, m)) => {
+                    let why = m.unwrap_or_else(|| "the deploy failed".into());
+                    match (&t.from_tag, i.spec.strategy.auto_rollback) {
+                        (Some(from), true) if from != tag => {
+                            actions.push(Action::SetTag {
+                                sandbox: t.name.clone(),
+                                tag: from.clone(),
+                                attempt: attempt.to_string(),
+                            });
+                            t.phase = TargetPhase::RolledBack;
+                            t.finished_at = Some(Time(now));
+                            notes.push(Note {
+                                about: Some(t.name.clone()),
+                                warning: true,
+                                reason: reason::TARGET_ROLLED_BACK,
+                                message: format!("{}: {why}; set back to {from}", t.name),
+                            });
+                            t.message = Some(format!("{why}; set back to {from}"));
+                        }
+                        _ => fail(t, why, notes),
+                    }
+                }
+                _ => {
+                    if obs.reported_tag.as_deref() == Some(tag) && obs.ready && record.is_none() {
+                        t.phase = TargetPhase::Succeeded;
+                        t.finished_at = Some(Time(now));
+                        t.message = Some(format!("already running {tag}"));
+                    } else if !obs.running {
+                        t.phase = TargetPhase::Deferred;
+                        t.message = Some(format!("stopped: it gets {tag} when it starts"));
+                    }
                 }
             }
-        }
-        if in_flight(t.phase)
-            && let Some(start) = &t.started_at
-            && now.as_second() - start.0.as_second() >= deadline.as_secs() as i64
-        {
-            fail(
-                t,
-                format!(
-                    "not done within targetDeadline {}",
-                    i.spec.strategy.target_deadline
-                ),
-                &mut notes,
-            );
+            if in_flight(t.phase)
+                && let Some(start) = &t.started_at
+                && now.as_second() - start.0.as_second() >= deadline.as_secs() as i64
+            {
+                fail(
+                    t,
+                    format!(
+                        "not done within targetDeadline {}",
+                        i.spec.strategy.target_deadline
+                    ),
+                    notes,
+                );
+            }
         }
     }
 
-    // ---- Abort, halt, pause, next wave. ----
-    let any_failed = st.targets.iter().any(|t| failed(t.phase));
-    let flying = st.targets.iter().any(|t| in_flight(t.phase));
-    let current = st.wave.unwrap_or(0);
-    let wave_done = st
-        .targets
-        .iter()
-        .filter(|t| t.wave == Some(current))
-        .all(|t| target_done(t.phase) || t.phase == TargetPhase::Pending && current == 0);
-    let pending: Vec<i32> = st
-        .targets
-        .iter()
-        .filter(|t| t.phase == TargetPhase::Pending)
-        .filter_map(|t| t.wave)
-        .collect();
-    if i.abort {
-        st.phase = Some(DeployPhase::Aborted);
-        st.finished_at = Some(Time(now));
-        st.message = Some(if flying {
-            "aborted: no new target starts; those deploying finish on their own".into()
-        } else {
-            "aborted".into()
-        });
-        notes.push(Note {
-            about: None,
-            warning: true,
-            reason: "Aborted",
-            message: st.message.clone().unwrap(),
-        });
-    } else if any_failed
-        && i.spec.strategy.failure_policy == FailurePolicy::Halt
-        && !pending.is_empty()
-    {
-        if !flying {
-            st.phase = Some(DeployPhase::Failed);
-            st.finished_at = Some(Time(now));
-            st.message = Some(format!(
-                "halted after a failure; {} targets left pending",
-                pending.len()
-            ));
-            notes.push(Note {
-                about: None,
-                warning: true,
-                reason: "Halted",
-                message: st.message.clone().unwrap(),
-            });
-        }
-    } else if wave_done && !pending.is_empty() {
-        let next = pending.iter().copied().min().unwrap_or(current + 1);
-        if i.spec.paused {
-            st.phase = Some(DeployPhase::Paused);
-            st.message = Some(format!("paused before wave {next}"));
-        } else {
-            st.phase = Some(DeployPhase::Progressing);
-            st.wave = Some(next);
-            let mut started = 0;
-            for t in st
-                .targets
-                .iter_mut()
-                .filter(|t| t.wave == Some(next) && t.phase == TargetPhase::Pending)
-            {
-                let obs = obs_of(&t.name);
-                if !obs.exists {
-                    t.phase = TargetPhase::Failed;
-                    t.message = Some("the Sandbox was deleted".into());
-                    continue;
-                }
-                if let Some(why) = obs
-                    .unhealthy
-                    .as_ref()
-                    .filter(|_| !i.spec.strategy.include_unhealthy)
-                {
-                    // As the seeds did (only active sandboxes): left on the tag it runs.
-                    t.phase = TargetPhase::Skipped;
-                    t.finished_at = Some(Time(now));
-                    let msg = format!(
-                        "skipped, not deployed: not healthy ({why}); set spec.strategy.includeUnhealthy to deploy to it"
-                    );
-                    notes.push(Note {
-                        about: Some(t.name.clone()),
-                        warning: true,
-                        reason: "TargetSkipped",
-                        message: format!("{}: {msg}", t.name),
-                    });
-                    t.message = Some(msg);
-                    continue;
-                }
-                actions.push(Action::SetTag {
-                    sandbox: t.name.clone(),
-                    tag: tag.clone(),
-                    attempt: attempt.clone(),
-                });
-                t.started_at = Some(Time(now));
-                if obs.running {
-                    t.phase = TargetPhase::Draining;
-                    t.message = Some(format!("deploying {tag}"));
-                } else {
-                    t.phase = TargetPhase::Deferred;
-                    t.finished_at = Some(Time(now));
-                    t.message = Some(format!("stopped: it gets {tag} when it starts"));
-                }
-                started += 1;
+    /// Step `advance`: abort, halt after a failure, pause, start the next wave, or finish.
+    fn advance(&mut self) {
+        let i = self.i;
+        let now = i.now;
+        let st = &self.st;
+        let any_failed = st.targets.iter().any(|t| failed(t.phase));
+        let flying = st.targets.iter().any(|t| in_flight(t.phase));
+        let current = st.wave.unwrap_or(0);
+        let wave_done = st
+            .targets
+            .iter()
+            .filter(|t| t.wave == Some(current))
+            .all(|t| target_done(t.phase) || t.phase == TargetPhase::Pending && current == 0);
+        let pending: Vec<i32> = st
+            .targets
+            .iter()
+            .filter(|t| t.phase == TargetPhase::Pending)
+            .filter_map(|t| t.wave)
+            .collect();
+        if i.abort {
+            let message: String = if flying {
+                "aborted: no new target starts; those deploying finish on their own".into()
+            } else {
+                "aborted".into()
+            };
+            self.st.phase = Some(DeployPhase::Aborted);
+            self.st.finished_at = Some(Time(now));
+            self.st.message = Some(message.clone());
+            self.note(true, reason::ABORTED, None, message);
+        } else if any_failed
+            && i.spec.strategy.failure_policy == FailurePolicy::Halt
+            && !pending.is_empty()
+        {
+            if !flying {
+                let message = format!(
+                    "halted after a failure; {} targets left pending",
+                    pending.len()
+                );
+                self.st.phase = Some(DeployPhase::Failed);
+                self.st.finished_at = Some(Time(now));
+                self.st.message = Some(message.clone());
+                self.note(true, reason::HALTED, None, message);
             }
-            st.message = Some(format!("wave {next}: {started} targets"));
-            notes.push(Note {
-                about: Some(format!("Wave{next}")),
-                warning: false,
-                reason: "WaveStarted",
-                message: format!("wave {next}: deploying {tag} to {started} sandboxes"),
-            });
+        } else if wave_done && !pending.is_empty() {
+            let next = pending.iter().copied().min().unwrap_or(current + 1);
+            if i.spec.paused {
+                self.st.phase = Some(DeployPhase::Paused);
+                self.st.message = Some(format!("paused before wave {next}"));
+            } else {
+                self.start_wave(next);
+            }
+        } else if pending.is_empty() && !flying {
+            self.finish(any_failed);
+        } else if i.spec.paused && !flying {
+            self.st.phase = Some(DeployPhase::Paused);
+        } else {
+            self.st.phase = Some(DeployPhase::Progressing);
         }
-    } else if pending.is_empty() && !flying {
+    }
+
+    /// Starts wave `next`: each of its targets is set to the tag, or skipped (not healthy),
+    /// failed (deleted) or deferred (stopped).
+    fn start_wave(&mut self, next: i32) {
+        let Pass {
+            i,
+            st,
+            actions,
+            notes,
+            tag,
+            attempt,
+            ..
+        } = self;
+        let i: &Inputs<'_> = i;
+        let now = i.now;
+        st.phase = Some(DeployPhase::Progressing);
+        st.wave = Some(next);
+        let mut started = 0;
+        for t in st
+            .targets
+            .iter_mut()
+            .filter(|t| t.wave == Some(next) && t.phase == TargetPhase::Pending)
+        {
+            let obs = observation(i, &t.name);
+            if !obs.exists {
+                t.phase = TargetPhase::Failed;
+                t.message = Some("the Sandbox was deleted".into());
+                continue;
+            }
+            if let Some(why) = obs
+                .unhealthy
+                .as_ref()
+                .filter(|_| !i.spec.strategy.include_unhealthy)
+            {
+                // As the seeds did (only active sandboxes): left on the tag it runs.
+                t.phase = TargetPhase::Skipped;
+                t.finished_at = Some(Time(now));
+                let msg = format!(
+                    "skipped, not deployed: not healthy ({why}); set spec.strategy.includeUnhealthy to deploy to it"
+                );
+                notes.push(Note {
+                    about: Some(t.name.clone()),
+                    warning: true,
+                    reason: reason::TARGET_SKIPPED,
+                    message: format!("{}: {msg}", t.name),
+                });
+                t.message = Some(msg);
+                continue;
+            }
+            actions.push(Action::SetTag {
+                sandbox: t.name.clone(),
+                tag: tag.clone(),
+                attempt: attempt.clone(),
+            });
+            t.started_at = Some(Time(now));
+            if obs.running {
+                t.phase = TargetPhase::Draining;
+                t.message = Some(format!("deploying {tag}"));
+            } else {
+                t.phase = TargetPhase::Deferred;
+                t.finished_at = Some(Time(now));
+                t.message = Some(format!("stopped: it gets {tag} when it starts"));
+            }
+            started += 1;
+        }
+        st.message = Some(format!("wave {next}: {started} targets"));
+        notes.push(Note {
+            about: Some(format!("Wave{next}")),
+            warning: false,
+            reason: reason::WAVE_STARTED,
+            message: format!("wave {next}: deploying {tag} to {started} sandboxes"),
+        });
+    }
+
+    /// Nothing pending or in flight: the rollout ends Failed, Superseded or Succeeded.
+    fn finish(&mut self, any_failed: bool) {
+        let tag = self.tag.clone();
+        let st = &mut self.st;
         let superseded = st
             .targets
             .iter()
             .filter(|t| t.phase == TargetPhase::Superseded)
             .count();
-        st.finished_at = Some(Time(now));
+        st.finished_at = Some(Time(self.i.now));
         st.phase = Some(if any_failed {
             DeployPhase::Failed
         } else if superseded > 0 {
@@ -704,8 +768,8 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         } else {
             DeployPhase::Succeeded
         });
-        let skipped = skipped_names(&st);
-        st.message = Some(match st.phase {
+        let skipped = skipped_names(st);
+        let message: String = match st.phase {
             Some(DeployPhase::Failed) => "finished with failed targets".into(),
             Some(DeployPhase::Superseded) => "a newer deploy took over every target".into(),
             _ if !skipped.is_empty() => format!(
@@ -714,69 +778,104 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 skipped.join(", ")
             ),
             _ => format!("{tag} rolled out"),
-        });
-        notes.push(Note {
-            about: None,
-            warning: any_failed,
-            reason: if any_failed {
-                "RolloutFailed"
-            } else {
-                "RolloutFinished"
-            },
-            message: st.message.clone().unwrap(),
-        });
-    } else if i.spec.paused && !flying {
-        st.phase = Some(DeployPhase::Paused);
-    } else {
-        st.phase = Some(DeployPhase::Progressing);
+        };
+        st.message = Some(message.clone());
+        let reason = if any_failed {
+            reason::ROLLOUT_FAILED
+        } else {
+            reason::ROLLOUT_FINISHED
+        };
+        self.note(any_failed, reason, None, message);
     }
 
-    st.total = st.targets.len() as i32;
-    st.updated = st
-        .targets
-        .iter()
-        .filter(|t| t.phase == TargetPhase::Succeeded)
-        .count() as i32;
-    st.failed = st.targets.iter().filter(|t| failed(t.phase)).count() as i32;
-    st.skipped = skipped_names(&st).len() as i32;
-    if finished(st.phase) {
-        finish_conditions(&mut cs, &st, i, now);
-    } else {
-        let msg = format!("{}/{} updated", st.updated, st.total);
-        match st.phase {
-            Some(DeployPhase::Paused) => {
-                set(
-                    &mut cs,
-                    cond::PROGRESSING,
-                    FALSE,
-                    "Paused",
-                    st.message.clone().unwrap_or_default(),
-                );
-                set(&mut cs, cond::READY, FALSE, "Paused", msg);
+    /// Step `summarize`: the counts, the conditions, and when to look again.
+    fn summarize(mut self) -> Decision {
+        let st = &mut self.st;
+        st.total = st.targets.len() as i32;
+        st.updated = st
+            .targets
+            .iter()
+            .filter(|t| t.phase == TargetPhase::Succeeded)
+            .count() as i32;
+        st.failed = st.targets.iter().filter(|t| failed(t.phase)).count() as i32;
+        st.skipped = skipped_names(st).len() as i32;
+        if finished(self.st.phase) {
+            self.finish_conditions();
+        } else {
+            let msg = format!("{}/{} updated", self.st.updated, self.st.total);
+            match self.st.phase {
+                Some(DeployPhase::Paused) => {
+                    let message = self.st.message.clone().unwrap_or_default();
+                    self.set(cond::PROGRESSING, FALSE, reason::PAUSED, message);
+                    self.set(cond::READY, FALSE, reason::PAUSED, msg);
+                }
+                _ => {
+                    self.set(cond::PROGRESSING, TRUE, reason::PROGRESSING, msg.clone());
+                    self.set(cond::READY, FALSE, reason::PROGRESSING, msg);
+                }
             }
-            _ => {
-                set(&mut cs, cond::PROGRESSING, TRUE, "Progressing", msg.clone());
-                set(&mut cs, cond::READY, FALSE, "Progressing", msg);
+            if self.st.failed > 0 {
+                let message = format!("{} targets failed", self.st.failed);
+                self.set(cond::FAILED, TRUE, reason::TARGET_FAILED, message);
             }
         }
-        if st.failed > 0 {
-            set(
-                &mut cs,
-                cond::FAILED,
-                TRUE,
-                "TargetFailed",
-                format!("{} targets failed", st.failed),
-            );
+        let requeue = (!finished(self.st.phase)).then_some(Duration::from_secs(2));
+        self.end(requeue)
+    }
+
+    /// The conditions of a finished deploy.
+    fn finish_conditions(&mut self) {
+        let st = &self.st;
+        let msg = st.message.clone().unwrap_or_default();
+        let mut counts = format!("{}/{} updated, {} failed", st.updated, st.total, st.failed);
+        if st.skipped > 0 {
+            counts.push_str(&format!(", {} skipped as not healthy", st.skipped));
+        }
+        let (skipped, phase) = (st.skipped, st.phase);
+        match phase {
+            Some(DeployPhase::Succeeded) if skipped > 0 => {
+                // Finished, but not everywhere: the skipped ones were not deployed.
+                let why = reason::SUCCEEDED_WITH_SKIPPED;
+                self.set(cond::PROGRESSING, FALSE, reason::FINISHED, counts.clone());
+                self.set(cond::COMPLETE, TRUE, why, msg.clone());
+                self.set(cond::FAILED, FALSE, reason::NO_FAILURES, counts);
+                self.set(cond::READY, TRUE, why, msg);
+            }
+            Some(DeployPhase::Succeeded) => {
+                self.set(cond::PROGRESSING, FALSE, reason::FINISHED, counts.clone());
+                self.set(cond::COMPLETE, TRUE, reason::SUCCEEDED, msg.clone());
+                self.set(cond::FAILED, FALSE, reason::NO_FAILURES, counts);
+                self.set(cond::READY, TRUE, reason::SUCCEEDED, msg);
+            }
+            Some(DeployPhase::Failed) => {
+                self.set(cond::PROGRESSING, FALSE, reason::FINISHED, counts.clone());
+                self.set(cond::COMPLETE, FALSE, reason::FAILED, counts);
+                self.set(cond::FAILED, TRUE, reason::TARGET_FAILED, msg.clone());
+                self.set(cond::READY, FALSE, reason::FAILED, msg);
+            }
+            Some(DeployPhase::Aborted) => {
+                self.set(cond::PROGRESSING, FALSE, reason::ABORTED, msg.clone());
+                self.set(cond::COMPLETE, FALSE, reason::ABORTED, counts);
+                self.set(cond::READY, FALSE, reason::ABORTED, msg);
+            }
+            Some(DeployPhase::Superseded) => {
+                self.set(cond::PROGRESSING, FALSE, reason::SUPERSEDED, msg.clone());
+                self.set(cond::COMPLETE, FALSE, reason::SUPERSEDED, counts);
+                self.set(cond::READY, TRUE, reason::SUPERSEDED, msg);
+            }
+            _ => {}
         }
     }
-    st.conditions = cs;
-    let requeue = (!finished(st.phase)).then_some(Duration::from_secs(2));
-    Decision {
-        status: st,
-        actions,
-        notes,
-        requeue,
-    }
+}
+
+/// What a target looks like now (targets chosen in this very pass are observed through the
+/// selection; an unknown one does not exist).
+fn observation<'x>(i: &'x Inputs<'_>, name: &str) -> &'x TargetObs {
+    static NOTHING: std::sync::OnceLock<TargetObs> = std::sync::OnceLock::new();
+    i.observed
+        .get(name)
+        .or_else(|| i.selected.get(name))
+        .unwrap_or_else(|| NOTHING.get_or_init(TargetObs::default))
 }
 
 fn skipped_names(st: &SandboxDeployStatus) -> Vec<String> {
@@ -785,70 +884,6 @@ fn skipped_names(st: &SandboxDeployStatus) -> Vec<String> {
         .filter(|t| t.phase == TargetPhase::Skipped)
         .map(|t| t.name.clone())
         .collect()
-}
-
-fn finish_conditions(
-    cs: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
-    st: &SandboxDeployStatus,
-    i: &Inputs<'_>,
-    now: Timestamp,
-) {
-    let set = |cs: &mut Vec<_>, t, s, r, m: String| {
-        conditions::set(
-            cs,
-            Desired {
-                type_: t,
-                status: s,
-                reason: r,
-                message: m,
-            },
-            i.generation,
-            now,
-        );
-    };
-    let msg = st.message.clone().unwrap_or_default();
-    let mut counts = format!("{}/{} updated, {} failed", st.updated, st.total, st.failed);
-    if st.skipped > 0 {
-        counts.push_str(&format!(", {} skipped as not healthy", st.skipped));
-    }
-    match st.phase {
-        Some(DeployPhase::Succeeded) if st.skipped > 0 => {
-            // Finished, but not everywhere: the skipped ones were not deployed.
-            set(cs, cond::PROGRESSING, FALSE, "Finished", counts.clone());
-            set(
-                cs,
-                cond::COMPLETE,
-                TRUE,
-                "SucceededWithSkipped",
-                msg.clone(),
-            );
-            set(cs, cond::FAILED, FALSE, "NoFailures", counts.clone());
-            set(cs, cond::READY, TRUE, "SucceededWithSkipped", msg);
-        }
-        Some(DeployPhase::Succeeded) => {
-            set(cs, cond::PROGRESSING, FALSE, "Finished", counts.clone());
-            set(cs, cond::COMPLETE, TRUE, "Succeeded", msg.clone());
-            set(cs, cond::FAILED, FALSE, "NoFailures", counts.clone());
-            set(cs, cond::READY, TRUE, "Succeeded", msg);
-        }
-        Some(DeployPhase::Failed) => {
-            set(cs, cond::PROGRESSING, FALSE, "Finished", counts.clone());
-            set(cs, cond::COMPLETE, FALSE, "Failed", counts.clone());
-            set(cs, cond::FAILED, TRUE, "TargetFailed", msg.clone());
-            set(cs, cond::READY, FALSE, "Failed", msg);
-        }
-        Some(DeployPhase::Aborted) => {
-            set(cs, cond::PROGRESSING, FALSE, "Aborted", msg.clone());
-            set(cs, cond::COMPLETE, FALSE, "Aborted", counts);
-            set(cs, cond::READY, FALSE, "Aborted", msg);
-        }
-        Some(DeployPhase::Superseded) => {
-            set(cs, cond::PROGRESSING, FALSE, "Superseded", msg.clone());
-            set(cs, cond::COMPLETE, FALSE, "Superseded", counts);
-            set(cs, cond::READY, TRUE, "Superseded", msg);
-        }
-        _ => {}
-    }
 }
 
 #[cfg(test)]
@@ -902,8 +937,10 @@ mod tests {
             }
         }
         fn step(&mut self) -> Decision {
+            let valid = validate_all(&self.spec);
             let d = decide(&Inputs {
                 spec: &self.spec,
+                valid: &valid,
                 status: &self.status,
                 generation: Some(1),
                 uid: "uid",
@@ -1360,5 +1397,52 @@ mod tests {
         r.step();
         assert_eq!(r.status.phase, Some(DeployPhase::Succeeded));
         assert_eq!((r.status.updated, r.status.skipped), (1, 1));
+    }
+
+    #[test]
+    fn the_validate_step_parses_the_selector_once_and_names_the_field_when_it_cannot() {
+        let bad = spec(serde_json::json!({"selector": {"matchExpressions": [
+            {"key": "tier", "operator": "Exists", "values": ["x"]}
+        ]}}));
+        let v = validate_all(&bad);
+        assert!(v.durations.is_ok());
+        let e = v.selector.unwrap_err();
+        assert_eq!(e.field, "spec.selector");
+        assert!(
+            e.problems[0].contains("operator Exists takes no values"),
+            "{e}"
+        );
+        // Held before it starts, the message naming the field.
+        let mut r = Run::new(bad, &[]);
+        r.step();
+        let ready = conditions::get(&r.status.conditions, cond::READY).unwrap();
+        assert_eq!(ready.reason, INVALID_SPEC);
+        assert!(
+            ready
+                .message
+                .starts_with("invalid spec.selector: matchExpressions[0]"),
+            "{}",
+            ready.message
+        );
+
+        let good = spec(serde_json::json!({"selector": {
+            "matchLabels": {"group": "web"},
+            "matchExpressions": [{"key": "canary", "operator": "DoesNotExist"}],
+            "environment": "staging",
+        }}));
+        let sel = validate_all(&good).selector.unwrap();
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        use crate::api::Environment;
+        assert!(sel.matches(&labels(&[("group", "web")]), Environment::Staging));
+        assert!(!sel.matches(&labels(&[("group", "web")]), Environment::Prod));
+        assert!(!sel.matches(
+            &labels(&[("group", "web"), ("canary", "1")]),
+            Environment::Staging
+        ));
     }
 }

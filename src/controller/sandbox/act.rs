@@ -218,6 +218,13 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
         launch_hold.as_ref(),
         stage,
     );
+    // agent.bootstrap: the AgentRegistered condition (a pure step of its own).
+    super::bootstrap::registration_step(
+        valid.as_ref(),
+        generation,
+        Timestamp::now(),
+        &mut decision,
+    );
 
     // ---- Carry out the actions. ----
     let ec2_error = carry_out(&ctx, &obj, &probed.client, &mut decision).await;
@@ -726,8 +733,14 @@ async fn run_instance(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<Launch,
         .as_ref()
         .expect("launch is set when instanceId is not (CEL rule)");
     let ns = obj.namespace().unwrap_or_default();
-    let user_data = match &l.user_data_secret_ref {
-        Some(r) => {
+    let user_data = match (&l.user_data_secret_ref, &spec.agent.bootstrap) {
+        // agent.bootstrap: the token minted (or read) and the user data rendered with it.
+        (None, Some(b)) => match super::bootstrap::launch_user_data(&ctx.client, obj, b).await {
+            Ok(u) => Some(u),
+            Err(Error::LaunchHeld { hold, .. }) => return Ok(Launch::Held(hold)),
+            Err(e) => return Err(e),
+        },
+        (Some(r), _) => {
             // Never launched without the user data the spec names: a missing Secret or key
             // holds the launch (Ready=False with a reason naming both) until it appears.
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -762,7 +775,7 @@ async fn run_instance(obj: &Sandbox, uid: &str, ctx: &Context) -> Result<Launch,
             use base64::Engine as _;
             Some(base64::engine::general_purpose::STANDARD.encode(value.0))
         }
-        None => None,
+        (None, None) => None,
     };
     let req = launch_request(obj, uid, user_data);
     let inst = ctx

@@ -94,6 +94,8 @@ pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requ
             }
             ctx.last_probe.lock().expect("last_probe").remove(&uid);
             ctx.written.forget(&uid);
+            let source = super::bootstrap::redaction_source(&uid);
+            crate::redact::process().retain(|s| s != source);
             ctx.rejections.lock().expect("rejections").remove(&uid);
             ctx.metrics.forget_sandbox(&ns, &obj.name_any());
             // A terminated sandbox keeps its row, with status terminated (dashboards count what

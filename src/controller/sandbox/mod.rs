@@ -17,6 +17,7 @@
 //! between RunInstances and the status write neither leaks nor duplicates an instance.
 
 mod act;
+pub mod bootstrap;
 mod cleanup;
 pub mod decide;
 mod observe;
@@ -154,6 +155,31 @@ pub enum Error {
         /// The EC2 error.
         source: Ec2Error,
     },
+    /// Reading the agent token Secret of a bootstrapped Sandbox.
+    #[error("reading the agent token Secret of Sandbox {object}: {source}")]
+    ReadingAgentToken {
+        /// namespace/name.
+        object: String,
+        /// The Kubernetes error.
+        source: kube::Error,
+    },
+    /// Creating the agent token Secret of a bootstrapped Sandbox (minting its token).
+    #[error("creating the agent token Secret of Sandbox {object}: {source}")]
+    MintingAgentToken {
+        /// namespace/name.
+        object: String,
+        /// The Kubernetes error.
+        source: kube::Error,
+    },
+    /// Not an error: the launch is held back before any EC2 call (its user data or bootstrap
+    /// token is not to be had); the launch turns it into a hold reported in status.
+    #[error("Sandbox {object}: {}", hold.message())]
+    LaunchHeld {
+        /// namespace/name.
+        object: String,
+        /// Why.
+        hold: decide::LaunchHold,
+    },
     /// The finalizer bookkeeping (adding or removing it) failed.
     #[error("the finalizer of Sandbox {object}: {message}")]
     Finalizer {
@@ -202,7 +228,7 @@ impl Error {
         match self {
             Error::Malformed { .. } => ErrorCategory::InvalidSpec,
             Error::Finalizer { .. } => ErrorCategory::Finalizer,
-            Error::Waiting { .. } => ErrorCategory::Waiting,
+            Error::Waiting { .. } | Error::LaunchHeld { .. } => ErrorCategory::Waiting,
             _ => ErrorCategory::Kubernetes,
         }
     }

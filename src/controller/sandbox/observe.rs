@@ -119,16 +119,27 @@ async fn agent_client_for(
             message: "cannot build the agent URL: the instance lacks the address spec.agent.urlTemplate needs".into(),
         });
     };
-    let token = match &obj.spec.agent.token_secret_ref {
+    // agent.tokenSecretRef, else the token minted for agent.bootstrap.
+    let token_ref = super::bootstrap::token_ref(&obj.spec, &obj.name_any());
+    let token = match &token_ref {
         None => None,
         Some(r) => {
             let ns = obj.namespace().unwrap_or_default();
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
             match secrets.get_opt(&r.name).await {
                 Ok(Some(s)) => match s.data.as_ref().and_then(|d| d.get(&r.key)) {
-                    Some(v) => Some(AgentToken::new(
-                        String::from_utf8_lossy(&v.0).trim().to_string(),
-                    )),
+                    Some(v) => {
+                        let token = String::from_utf8_lossy(&v.0).trim().to_string();
+                        if obj.spec.agent.token_secret_ref.is_none() {
+                            // The minted token, masked wherever the agent's text enters (an
+                            // operator restarted since it was minted learns it here).
+                            crate::redact::process().set_values(
+                                &super::bootstrap::redaction_source(&obj.uid().unwrap_or_default()),
+                                [token.clone()],
+                            );
+                        }
+                        Some(AgentToken::new(token))
+                    }
                     None => {
                         return Err(ProbeObs::Misconfigured {
                             reason: "TokenSecretKeyMissing".into(),

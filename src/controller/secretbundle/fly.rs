@@ -1,6 +1,8 @@
-//! Fly.io, the pure part: the Machines API's requests and answers ([`api`]), the token format check, the text `flyctl secrets import` reads on
-//! stdin, a port of flyctl's parser of that text (to prove each value survives it), and the
-//! reading of flyctl's output (app missing or failed).
+//! Fly.io: the Machines API's requests and answers ([`api`]; the calls are in
+//! [`super::fly_api`]), the token format check, the text `flyctl secrets import` reads on
+//! stdin, a port of flyctl's parser of that text (to prove each value survives it), the
+//! reading of flyctl's output (app missing or failed), and at the edge what a reconcile knows
+//! of the apps ([`observe`]) and flyctl's process ([`import`]).
 //!
 //! `flyctl secrets import` reads `NAME=VALUE` lines (flyctl's `internal/command/secrets/parser.go`):
 //! - a line is cut at its first `=`; the name is trimmed, the value loses its leading spaces;
@@ -15,8 +17,18 @@
 //! few values that cannot survive either form are refused, naming the key, rather than
 //! imported changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use super::decide::{Content, FlyBlock, FlyObs, Outcome};
+use super::scrub::Scrubber;
+use super::sources::{Lookup, SecretCache};
+use super::{ControllerSettings, Error};
+use crate::api::{FlyMethod, SecretBundleSpec};
 
 /// The longest line written (flyctl's scanner gives up silently at 64 KiB).
 pub const MAX_LINE: usize = 60 * 1024;
@@ -466,13 +478,14 @@ pub mod api {
     impl Problem {
         /// The CamelCase reason status and conditions carry.
         pub fn reason(self) -> &'static str {
+            use crate::api::bundle_reason as r;
             match self {
-                Problem::Unauthorized => "FlyUnauthorized",
-                Problem::AppNotFound => "FlyAppNotFound",
-                Problem::Rejected => "FlyRejected",
-                Problem::Throttled => "FlyThrottled",
-                Problem::Unavailable => "FlyUnavailable",
-                Problem::Unreachable => "FlyUnreachable",
+                Problem::Unauthorized => r::FLY_UNAUTHORIZED,
+                Problem::AppNotFound => r::FLY_APP_NOT_FOUND,
+                Problem::Rejected => r::FLY_REJECTED,
+                Problem::Throttled => r::FLY_THROTTLED,
+                Problem::Unavailable => r::FLY_UNAVAILABLE,
+                Problem::Unreachable => r::FLY_UNREACHABLE,
             }
         }
     }
@@ -693,6 +706,205 @@ pub mod api {
                 serde_json::from_str(r#"{"secrets":[],"version":3,"Version":3}"#).unwrap();
             assert_eq!(u.version, Some(3));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The edge: what a reconcile knows of the apps, and flyctl's process.
+// ---------------------------------------------------------------------------------------------
+
+/// Variables the `flyctl` child keeps from the operator's environment (everything else is
+/// cleared, so nothing of the operator's own credentials reaches it).
+pub const FLYCTL_PASSTHROUGH: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+];
+
+/// What a reconcile knows of a bundle's Fly.io apps.
+pub struct FlyTargets {
+    /// Each app as [`decide`](super::decide) sees it.
+    pub obs: Vec<FlyObs>,
+    /// The usable token of each app (never logged; taught to the redactor).
+    pub tokens: HashMap<String, String>,
+    /// The text `flyctl secrets import` reads, or why the content cannot be written so.
+    pub import: Result<String, ValueProblem>,
+}
+
+/// Reads each app's token (checking its format) and decides its method: the Machines API when
+/// the spec says so, or names no method and the operator's default is the API; flyctl
+/// otherwise. Every token
+/// read is added to `scrubber`.
+pub(super) async fn observe(
+    secrets: &mut SecretCache<'_>,
+    spec: &SecretBundleSpec,
+    content: &Content,
+    settings: &ControllerSettings,
+    scrubber: &mut Scrubber,
+) -> Result<FlyTargets, Error> {
+    let import = render_import(&content.vars);
+    let api_default = settings.fly_api_default;
+    let mut obs = Vec::new();
+    let mut tokens = HashMap::new();
+    let default_method = if api_default {
+        FlyMethod::Api
+    } else {
+        FlyMethod::Flyctl
+    };
+    for t in &spec.targets.fly_apps {
+        let api = t.method.unwrap_or(default_method) == FlyMethod::Api;
+        let r = &t.token_secret_ref;
+        let mut fingerprint = 0;
+        let mut blocked = match secrets.fly_token(r).await? {
+            Lookup::SecretMissing => Some(FlyBlock::Credential(format!(
+                "the token Secret {} does not exist",
+                r.name
+            ))),
+            Lookup::KeyMissing => Some(FlyBlock::Credential(format!(
+                "the token Secret {} has no key {}",
+                r.name, r.key
+            ))),
+            Lookup::Found(bytes) => {
+                let raw = String::from_utf8_lossy(&bytes).to_string();
+                scrubber.add(raw.trim());
+                match check_token(&raw) {
+                    Ok(tok) => {
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        tok.hash(&mut h);
+                        fingerprint = h.finish();
+                        tokens.insert(t.app.clone(), tok.to_string());
+                        None
+                    }
+                    Err(p) => Some(FlyBlock::Credential(format!(
+                        "token Secret {} key {}: {p}",
+                        r.name, r.key
+                    ))),
+                }
+            }
+        };
+        // The API takes any value as JSON; only flyctl's import text has limits.
+        if blocked.is_none()
+            && !api
+            && let Err(e) = &import
+        {
+            blocked = Some(FlyBlock::Value(e.to_string()));
+        }
+        obs.push(FlyObs {
+            app: t.app.clone(),
+            blocked,
+            fingerprint,
+            api,
+        });
+    }
+    Ok(FlyTargets {
+        obs,
+        tokens,
+        import,
+    })
+}
+
+/// Runs `flyctl secrets import --app <app> [--stage]` for the bundle `object`
+/// (namespace/name): the import text on stdin, the token in the child's environment only
+/// (never argv, never a file), the rest of the environment cleared but for
+/// [`FLYCTL_PASSTHROUGH`] and the configured extras, bounded by the configured timeout. `hash`
+/// is the content's; everything flyctl prints is scrubbed before it reaches a message.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn import(
+    s: &ControllerSettings,
+    object: &str,
+    app: &str,
+    stage: bool,
+    token: &str,
+    stdin: &str,
+    hash: &str,
+    scrubber: &Scrubber,
+) -> Outcome {
+    let mut cmd = tokio::process::Command::new(&s.flyctl);
+    cmd.args(["secrets", "import", "--app", app]);
+    if stage {
+        cmd.arg("--stage");
+    }
+    cmd.env_clear();
+    for k in FLYCTL_PASSTHROUGH {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    for (k, v) in &s.flyctl_env {
+        cmd.env(k, v);
+    }
+    // The token goes in the child's environment only: never argv, never a file.
+    cmd.env("FLY_API_TOKEN", token);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    debug!(bundle = %object, app = %app, stage, flyctl = %s.flyctl.display(), "flyctl secrets import");
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Outcome::Failed {
+                message: format!("cannot run {}: {e}", s.flyctl.display()),
+            };
+        }
+    };
+    let stdin_pipe = child.stdin.take();
+    let write = async move {
+        if let Some(mut p) = stdin_pipe {
+            // A child that exits without reading its input is reported by its exit status.
+            let _ = p.write_all(stdin.as_bytes()).await;
+            let _ = p.shutdown().await;
+        }
+    };
+    let (_, out) = tokio::join!(
+        write,
+        tokio::time::timeout(s.flyctl_timeout, child.wait_with_output())
+    );
+    let out = match out {
+        Err(_) => {
+            return Outcome::Failed {
+                message: format!(
+                    "flyctl secrets import --app {app} did not finish within {:?}",
+                    s.flyctl_timeout
+                ),
+            };
+        }
+        Ok(Err(e)) => {
+            return Outcome::Failed {
+                message: format!("waiting for flyctl: {e}"),
+            };
+        }
+        Ok(Ok(o)) => o,
+    };
+    let text = scrubber.scrub(&format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ));
+    let excerpt = excerpt(&text, 300);
+    match classify(out.status.success(), &text) {
+        FlyctlResult::Imported => Outcome::Synced {
+            hash: hash.to_owned(),
+        },
+        FlyctlResult::AppMissing => Outcome::Skipped {
+            message: format!(
+                "Fly.io app {app} does not exist (or the token cannot see it); skipped until the spec or the content changes or refreshInterval passes: {excerpt}"
+            ),
+        },
+        FlyctlResult::Failed => Outcome::Failed {
+            message: format!(
+                "flyctl secrets import --app {app} failed ({}): {excerpt}",
+                out.status
+            ),
+        },
     }
 }
 

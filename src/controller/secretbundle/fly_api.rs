@@ -12,6 +12,7 @@ use std::time::Duration;
 use reqwest::header::{AUTHORIZATION, RETRY_AFTER};
 use tracing::debug;
 
+use super::decide::{Content, FlyVisit, Outcome};
 use super::fly::api::{self, Failure, Problem, SecretList};
 use super::scrub::Scrubber;
 
@@ -161,4 +162,75 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+/// A visit through Fly's Machines API for the bundle `object` (namespace/name): list the app's
+/// secrets, decide ([`api::visit`]), set and unset in one update when needed, and report what
+/// the app's digests are now. Every text from Fly is scrubbed.
+#[allow(clippy::too_many_arguments)]
+pub async fn push(
+    http: &reqwest::Client,
+    settings: &FlyApiSettings,
+    object: &str,
+    app: &str,
+    token: &str,
+    known: &api::Known,
+    content: &Content,
+    scrubber: &Scrubber,
+) -> Outcome {
+    let client = FlyApi::new(http, settings, app, token);
+    let failed = |f: api::Failure| Outcome::FlyFailed {
+        message: api::message(app, &f),
+        reason: f.problem.reason().to_string(),
+        retry_after: f.retry_after,
+        skip: f.problem == api::Problem::AppNotFound,
+    };
+    let listed = match client.list(scrubber).await {
+        Ok(l) => l,
+        Err(f) => return failed(f),
+    };
+    let vars = &content.vars;
+    let v = api::visit(vars.keys(), known, &listed.secrets);
+    let after = if v.set || !v.unset.is_empty() {
+        debug!(bundle = %object, app = %app, set = v.set, unset = ?v.unset, drifted = ?v.drifted, "Fly.io API: updating the app's secrets");
+        match client.update(vars, v.set, &v.unset, scrubber).await {
+            Err(f) => return failed(f),
+            // The update answers the secrets with their new digests; list when it did not.
+            Ok(u) if vars.keys().all(|k| u.secrets.iter().any(|s| &s.name == k)) => u,
+            Ok(_) => match client.list(scrubber).await {
+                Ok(l) => l,
+                Err(f) => return failed(f),
+            },
+        }
+    } else {
+        listed
+    };
+    let digests: BTreeMap<String, String> = after
+        .secrets
+        .iter()
+        .filter(|s| vars.contains_key(&s.name))
+        .map(|s| (s.name.clone(), s.digest.clone().unwrap_or_default()))
+        .collect();
+    if let Some(k) = vars.keys().find(|k| !digests.contains_key(*k)) {
+        return Outcome::FlyFailed {
+            message: format!(
+                "Fly.io app {app} does not list key {k} after it was set; retried with backoff"
+            ),
+            reason: api::Problem::Unreachable.reason().to_string(),
+            retry_after: None,
+            skip: false,
+        };
+    }
+    Outcome::Staged {
+        hash: content.hash.clone(),
+        fly: FlyVisit {
+            managed_keys: vars.keys().cloned().collect(),
+            fingerprint: api::fingerprint(vars.keys(), &after.secrets),
+            digests,
+            drifted: v.drifted,
+            drift_unnamed: v.drift_unnamed,
+            unset: v.unset,
+            set: v.set,
+        },
+    }
 }

@@ -25,6 +25,14 @@ impl Scrubber {
         Self(Redaction::new(keys, values))
     }
 
+    /// A scrubber for a bundle's rendered variables: their names and values.
+    pub fn for_vars(vars: &std::collections::BTreeMap<String, String>) -> Self {
+        Self::new(
+            vars.keys().map(String::as_str),
+            vars.values().map(String::as_str),
+        )
+    }
+
     /// Adds one secret (a value or a token), in all its forms.
     pub fn add(&mut self, value: &str) {
         self.0.add(value);

@@ -227,6 +227,8 @@ pub enum LaunchHold {
         /// The value's size in bytes.
         bytes: usize,
     },
+    /// `agent.bootstrap`: the token or the rendered user data is not to be had.
+    Bootstrap(crate::controller::sandbox::bootstrap::Hold),
 }
 
 /// The most user data EC2 accepts, in bytes before base64.
@@ -239,6 +241,7 @@ impl LaunchHold {
             LaunchHold::UserDataSecretMissing { .. } => "UserDataSecretMissing",
             LaunchHold::UserDataKeyMissing { .. } => "UserDataKeyMissing",
             LaunchHold::UserDataTooLarge { .. } => "UserDataTooLarge",
+            LaunchHold::Bootstrap(h) => h.reason(),
         }
     }
 
@@ -254,6 +257,7 @@ impl LaunchHold {
             LaunchHold::UserDataTooLarge { secret, key, bytes } => format!(
                 "the user data in Secret {secret} key {key:?} is {bytes} bytes; EC2 accepts at most {MAX_USER_DATA_BYTES}: shorten it"
             ),
+            LaunchHold::Bootstrap(h) => h.message(),
         }
     }
 }

@@ -16,6 +16,8 @@ pub struct ValidSpec {
     pub probe_timeout: Duration,
     /// `autoStop.idleAfter`, when auto-stop is on.
     pub idle_after: Option<Duration>,
+    /// `agent.bootstrap.registrationTimeout`, when bootstrap is on.
+    pub registration_timeout: Option<Duration>,
 }
 
 /// Why a spec cannot be acted on: one sentence per problem, each naming the field and what to
@@ -86,6 +88,8 @@ pub fn validate(spec: &SandboxSpec) -> Result<ValidSpec, InvalidSpec> {
         .auto_stop
         .as_ref()
         .map(|a| duration("autoStop.idleAfter", &a.idle_after));
+    let registration_timeout =
+        crate::controller::sandbox::bootstrap::check_spec(spec, &mut problems);
     if !problems.is_empty() {
         return Err(InvalidSpec { problems });
     }
@@ -93,6 +97,7 @@ pub fn validate(spec: &SandboxSpec) -> Result<ValidSpec, InvalidSpec> {
         probe_interval,
         probe_timeout,
         idle_after,
+        registration_timeout,
     })
 }
 

@@ -1,409 +1,7 @@
-//! The SecretBundle controller's decisions, as pure functions of plain data: the spec, the
-//! source Secrets' bytes, the Sandboxes as the Sandbox controller reported them, what each target
-//! answered last time and the clock. No client lives here; the reconciler gathers the inputs,
-//! pushes to the targets this module picks and writes the status it builds.
-//!
-//! Nothing here ever puts a secret value into a message: problems name keys and Secrets, and
-//! [`Content`]'s `Debug` shows key names and the hash only.
+//! The plan step: each target's standing (the content it holds, its retry state, whether it
+//! can take a push now) and which targets to push in this round.
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::time::Duration;
-
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, Time};
-use k8s_openapi::jiff::Timestamp;
-
-use crate::agent::envfile;
-use crate::api::conditions::{self, Desired, FALSE, TRUE};
-use crate::api::{
-    BundleTargetKind, BundleTargetState, BundleTargetStatus, Environment, SandboxSelector,
-    SecretBundleSpec, SecretBundleStatus, SecretSource,
-};
-
-/// Condition types.
-pub mod cond {
-    /// The summary: every target that can hold the content holds it.
-    pub const READY: &str = "Ready";
-    /// The warning: some targets are skipped or failing (present only then).
-    pub const DEGRADED: &str = "Degraded";
-}
-
-/// Ready reasons (CamelCase) that callers and tests match on.
-pub mod reason {
-    /// A key is not an environment variable name, or two sources define it, or a Fly.io token
-    /// is not a Fly.io token.
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// A value cannot be an environment variable (not UTF-8, or a NUL byte).
-    pub const INVALID_VALUE: &str = "InvalidValue";
-    /// A source Secret does not exist.
-    pub const SOURCE_SECRET_MISSING: &str = "SourceSecretMissing";
-    /// A key listed in `sources[].keys` is not in its Secret.
-    pub const SOURCE_KEY_MISSING: &str = "SourceKeyMissing";
-    /// The sources hold no key at all (an empty `.env` would wipe every target).
-    pub const NO_KEYS: &str = "NoKeys";
-    /// Every target that can hold the content holds it.
-    pub const SYNCED: &str = "Synced";
-    /// Nothing matches and no Fly.io app is named.
-    pub const NO_TARGETS: &str = "NoTargets";
-    /// Some running targets do not hold the content yet.
-    pub const SYNCING: &str = "Syncing";
-    /// Some targets failed (retried with backoff).
-    pub const SYNC_FAILED: &str = "SyncFailed";
-    /// Every target holds the content, some Fly.io apps staged (their Machines take it at their
-    /// next deploy or update).
-    pub const STAGED: &str = "Staged";
-}
-
-// ---------------------------------------------------------------------------------------------
-// Content: the sources rendered into one `.env`.
-// ---------------------------------------------------------------------------------------------
-
-/// One source Secret as read: its data, or `None` when it does not exist.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SourceData {
-    /// The Secret's name.
-    pub name: String,
-    /// Its data (`None`: the Secret does not exist).
-    pub data: Option<BTreeMap<String, Vec<u8>>>,
-}
-
-impl fmt::Debug for SourceData {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SourceData")
-            .field("name", &self.name)
-            .field(
-                "keys",
-                &self.data.as_ref().map(|d| d.keys().collect::<Vec<_>>()),
-            )
-            .finish()
-    }
-}
-
-/// The rendered bundle: the variables, the `.env` text and its sha256.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Content {
-    /// Key to value (sorted).
-    pub vars: BTreeMap<String, String>,
-    /// The `.env` text, as the agent writes it.
-    pub env: String,
-    /// sha256 (hex) of `env`'s bytes: the content hash.
-    pub hash: String,
-}
-
-impl fmt::Debug for Content {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Content")
-            .field("keys", &self.vars.keys().collect::<Vec<_>>())
-            .field("hash", &self.hash)
-            .finish()
-    }
-}
-
-impl Content {
-    /// The first 12 hex digits of the hash, for messages.
-    pub fn short_hash(&self) -> &str {
-        short(&self.hash)
-    }
-}
-
-fn short(hash: &str) -> &str {
-    hash.get(..12).unwrap_or(hash)
-}
-
-/// Why the sources cannot be rendered. Messages name Secrets and keys, never values.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceProblem {
-    /// A Secret key that is not an environment variable name.
-    InvalidKeyName {
-        /// The Secret.
-        secret: String,
-        /// The key.
-        key: String,
-    },
-    /// Two sources (or one source twice) define a key.
-    DuplicateKey {
-        /// The key.
-        key: String,
-        /// The Secret that defined it first.
-        first: String,
-        /// The Secret that defined it again.
-        second: String,
-    },
-    /// A source Secret does not exist.
-    SecretMissing {
-        /// The Secret.
-        secret: String,
-    },
-    /// A key listed in `keys` is not in the Secret.
-    KeyMissing {
-        /// The Secret.
-        secret: String,
-        /// The key.
-        key: String,
-    },
-    /// A value is not UTF-8.
-    NotUtf8 {
-        /// The Secret.
-        secret: String,
-        /// The key.
-        key: String,
-    },
-    /// A value holds a NUL byte (no environment variable can).
-    NulByte {
-        /// The Secret.
-        secret: String,
-        /// The key.
-        key: String,
-    },
-    /// The sources hold no key.
-    NoKeys,
-    /// A duration field of the spec does not parse (stored before the CRD checked it).
-    InvalidDuration {
-        /// The field, as written in the spec (`spec.refreshInterval`).
-        field: &'static str,
-        /// What is wrong and what to write instead.
-        problem: String,
-    },
-}
-
-impl SourceProblem {
-    /// The Ready reason.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            SourceProblem::InvalidKeyName { .. }
-            | SourceProblem::DuplicateKey { .. }
-            | SourceProblem::InvalidDuration { .. } => reason::INVALID_SPEC,
-            SourceProblem::NotUtf8 { .. } | SourceProblem::NulByte { .. } => reason::INVALID_VALUE,
-            SourceProblem::SecretMissing { .. } => reason::SOURCE_SECRET_MISSING,
-            SourceProblem::KeyMissing { .. } => reason::SOURCE_KEY_MISSING,
-            SourceProblem::NoKeys => reason::NO_KEYS,
-        }
-    }
-}
-
-impl fmt::Display for SourceProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SourceProblem::InvalidKeyName { secret, key } => write!(
-                f,
-                "key {key:?} of Secret {secret} is not an environment variable name (letters, digits and _, not starting with a digit); list the valid keys in sources[].keys"
-            ),
-            SourceProblem::DuplicateKey { key, first, second } if first == second => {
-                write!(f, "key {key} is listed twice for Secret {first}")
-            }
-            SourceProblem::DuplicateKey { key, first, second } => write!(
-                f,
-                "key {key} is defined by Secret {first} and again by Secret {second}; a key may come from one source only"
-            ),
-            SourceProblem::SecretMissing { secret } => {
-                write!(f, "source Secret {secret} does not exist")
-            }
-            SourceProblem::KeyMissing { secret, key } => {
-                write!(f, "source Secret {secret} has no key {key}")
-            }
-            SourceProblem::NotUtf8 { secret, key } => {
-                write!(
-                    f,
-                    "the value of key {key} in Secret {secret} is not UTF-8 text"
-                )
-            }
-            SourceProblem::NulByte { secret, key } => write!(
-                f,
-                "the value of key {key} in Secret {secret} contains a NUL byte, which no environment variable can hold"
-            ),
-            SourceProblem::NoKeys => write!(
-                f,
-                "the sources hold no key; nothing is pushed (an empty .env would wipe every target)"
-            ),
-            SourceProblem::InvalidDuration { field, problem } => write!(f, "{field}: {problem}"),
-        }
-    }
-}
-
-/// The spec's settings, parsed once: the decisions use these instead of the raw strings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ValidSpec {
-    /// `spec.refreshInterval`, at least [`MIN_REFRESH`].
-    pub refresh: Duration,
-}
-
-/// The shortest refresh honoured (the CRD refuses less; an older object's shorter one is
-/// raised to it).
-pub const MIN_REFRESH: Duration = Duration::from_secs(10);
-
-/// The validate step: every duration of the spec parsed (the CRD's rules check them too, but
-/// not for objects stored before those rules). A value that does not parse is an InvalidSpec
-/// problem naming the field, never a default.
-pub fn validate(spec: &SecretBundleSpec) -> Result<ValidSpec, Vec<SourceProblem>> {
-    match crate::util::parse_duration(&spec.refresh_interval) {
-        Ok(d) => Ok(ValidSpec {
-            refresh: d.max(MIN_REFRESH),
-        }),
-        Err(e) => Err(vec![SourceProblem::InvalidDuration {
-            field: "spec.refreshInterval",
-            problem: e.to_string(),
-        }]),
-    }
-}
-
-/// Renders the sources. Every problem is reported (missing Secrets first), never a value.
-pub fn render(
-    sources: &[SecretSource],
-    data: &[SourceData],
-) -> Result<Content, Vec<SourceProblem>> {
-    let mut problems = Vec::new();
-    for src in sources {
-        let found = data.iter().find(|d| d.name == src.secret_name);
-        if found.and_then(|d| d.data.as_ref()).is_none() {
-            problems.push(SourceProblem::SecretMissing {
-                secret: src.secret_name.clone(),
-            });
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    let mut vars: BTreeMap<String, String> = BTreeMap::new();
-    let mut origin: BTreeMap<String, String> = BTreeMap::new();
-    for src in sources {
-        let secret = &src.secret_name;
-        let Some(d) = data
-            .iter()
-            .find(|d| &d.name == secret)
-            .and_then(|d| d.data.as_ref())
-        else {
-            continue;
-        };
-        let keys: Vec<&String> = match &src.keys {
-            Some(keys) => keys.iter().collect(),
-            None => d.keys().collect(),
-        };
-        for key in keys {
-            let Some(bytes) = d.get(key) else {
-                problems.push(SourceProblem::KeyMissing {
-                    secret: secret.clone(),
-                    key: key.clone(),
-                });
-                continue;
-            };
-            if !envfile::is_valid_key(key) {
-                problems.push(SourceProblem::InvalidKeyName {
-                    secret: secret.clone(),
-                    key: key.clone(),
-                });
-                continue;
-            }
-            if let Some(first) = origin.get(key) {
-                problems.push(SourceProblem::DuplicateKey {
-                    key: key.clone(),
-                    first: first.clone(),
-                    second: secret.clone(),
-                });
-                continue;
-            }
-            origin.insert(key.clone(), secret.clone());
-            let Ok(value) = std::str::from_utf8(bytes) else {
-                problems.push(SourceProblem::NotUtf8 {
-                    secret: secret.clone(),
-                    key: key.clone(),
-                });
-                continue;
-            };
-            if value.contains('\0') {
-                problems.push(SourceProblem::NulByte {
-                    secret: secret.clone(),
-                    key: key.clone(),
-                });
-                continue;
-            }
-            vars.insert(key.clone(), value.to_string());
-        }
-    }
-    if problems.is_empty() && vars.is_empty() {
-        problems.push(SourceProblem::NoKeys);
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    let env = envfile::render(&vars);
-    let hash = envfile::sha256_hex(env.as_bytes());
-    Ok(Content { vars, env, hash })
-}
-
-/// One message for a list of problems: the first few, and how many more.
-pub fn problems_message(problems: &[SourceProblem]) -> String {
-    let mut msg = problems
-        .iter()
-        .take(5)
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    if problems.len() > 5 {
-        msg.push_str(&format!(" (and {} more)", problems.len() - 5));
-    }
-    msg.push_str("; nothing is pushed");
-    msg
-}
-
-// ---------------------------------------------------------------------------------------------
-// Selectors.
-// ---------------------------------------------------------------------------------------------
-
-/// Whether `sel` selects a Sandbox with these labels and environment.
-pub fn selects(sel: &SandboxSelector, labels: &BTreeMap<String, String>, env: Environment) -> bool {
-    sel.environment.is_none_or(|e| e == env)
-        && sel
-            .match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
-        && sel
-            .match_expressions
-            .iter()
-            .all(|r| requirement_holds(r, labels))
-}
-
-fn requirement_holds(r: &LabelSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
-    let values = r.values.as_deref().unwrap_or_default();
-    let v = labels.get(&r.key);
-    match r.operator.as_str() {
-        "In" => v.is_some_and(|v| values.contains(v)),
-        "NotIn" => v.is_none_or(|v| !values.contains(v)),
-        "Exists" => v.is_some(),
-        "DoesNotExist" => v.is_none(),
-        // An operator the API would refuse selects nothing rather than everything.
-        _ => false,
-    }
-}
-
-/// A bundle as another bundle sees it, to settle which one owns a sandbox's env file.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Claim<'a> {
-    /// The bundle's name.
-    pub name: &'a str,
-    /// Its creation time.
-    pub created: Option<Timestamp>,
-    /// Its sandbox selector (`None`: it has no sandbox targets).
-    pub selector: Option<&'a SandboxSelector>,
-}
-
-/// The bundle that owns the env file of a sandbox several bundles select: the oldest (then the
-/// first by name). Only one bundle may write a sandbox's env file, or they would overwrite each
-/// other forever.
-pub fn owner<'a>(
-    claims: &[Claim<'a>],
-    labels: &BTreeMap<String, String>,
-    env: Environment,
-) -> Option<&'a str> {
-    claims
-        .iter()
-        .filter(|c| c.selector.is_some_and(|s| selects(s, labels, env)))
-        .min_by(|a, b| {
-            let ka = (a.created.unwrap_or(Timestamp::MAX), a.name);
-            let kb = (b.created.unwrap_or(Timestamp::MAX), b.name);
-            ka.cmp(&kb)
-        })
-        .map(|c| c.name)
-}
+use super::*;
 
 // ---------------------------------------------------------------------------------------------
 // Targets.
@@ -456,8 +54,8 @@ impl fmt::Display for TargetKey {
 pub struct SandboxObs {
     /// The Sandbox's name.
     pub name: String,
-    /// `status.instance.state` (EC2's state name), if reported.
-    pub instance_state: Option<String>,
+    /// `status.instance.state`, if reported.
+    pub instance_state: Option<InstanceState>,
     /// The agent URL (`status.agent.url`, else `spec.agent.url`).
     pub agent_url: Option<String>,
     /// The env hash the agent last reported (`status.agent.envSha256`).
@@ -667,11 +265,11 @@ impl Plan {
     }
 }
 
-fn add(t: Timestamp, d: Duration) -> Timestamp {
+pub(super) fn add(t: Timestamp, d: Duration) -> Timestamp {
     t.saturating_add(d).unwrap_or(Timestamp::MAX)
 }
 
-fn until(now: Timestamp, t: Timestamp) -> Duration {
+pub(super) fn until(now: Timestamp, t: Timestamp) -> Duration {
     Duration::try_from(now.duration_until(t)).unwrap_or(Duration::ZERO)
 }
 
@@ -713,7 +311,11 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
 
 /// The memory of a target, if it still applies: same content, same generation, same
 /// fingerprint. Anything else earns an immediate attempt.
-fn relevant_memory<'a>(inp: &Inputs<'a>, key: &TargetKey, fingerprint: u64) -> Option<&'a Memory> {
+pub(super) fn relevant_memory<'a>(
+    inp: &Inputs<'a>,
+    key: &TargetKey,
+    fingerprint: u64,
+) -> Option<&'a Memory> {
     inp.memory.get(key).filter(|m| {
         m.hash.as_deref() == Some(inp.content.hash.as_str())
             && m.generation == inp.generation
@@ -721,7 +323,7 @@ fn relevant_memory<'a>(inp: &Inputs<'a>, key: &TargetKey, fingerprint: u64) -> O
     })
 }
 
-fn entry(key: &TargetKey, prev: Option<&BundleTargetStatus>) -> BundleTargetStatus {
+pub(super) fn entry(key: &TargetKey, prev: Option<&BundleTargetStatus>) -> BundleTargetStatus {
     BundleTargetStatus {
         kind: key.kind(),
         name: key.name().to_string(),
@@ -737,7 +339,7 @@ fn entry(key: &TargetKey, prev: Option<&BundleTargetStatus>) -> BundleTargetStat
 }
 
 /// Applies the backoff gate to a push: wait while the last failure's delay runs.
-fn gate(inp: &Inputs<'_>, a: &mut Assessment, mem: Option<&Memory>, why: Why) {
+pub(super) fn gate(inp: &Inputs<'_>, a: &mut Assessment, mem: Option<&Memory>, why: Why) {
     if let Some(m) = mem
         && let Some(at) = m.retry_at
         && at > inp.now
@@ -763,7 +365,7 @@ fn gate(inp: &Inputs<'_>, a: &mut Assessment, mem: Option<&Memory>, why: Why) {
     a.blocks_ready = true;
 }
 
-fn assess_sandbox(
+pub(super) fn assess_sandbox(
     inp: &Inputs<'_>,
     key: TargetKey,
     s: &SandboxObs,
@@ -786,7 +388,7 @@ fn assess_sandbox(
         ));
         return a;
     }
-    if s.instance_state.as_deref() != Some("running") {
+    if s.instance_state != Some(InstanceState::Running) {
         a.entry.state = BundleTargetState::Pending;
         a.entry.message = Some(match &s.instance_state {
             None => "waiting for the Sandbox controller to report the instance".into(),
@@ -871,7 +473,7 @@ fn assess_sandbox(
     a
 }
 
-fn assess_fly(
+pub(super) fn assess_fly(
     inp: &Inputs<'_>,
     key: TargetKey,
     f: &FlyObs,
@@ -931,7 +533,7 @@ fn assess_fly(
 
 /// A Fly.io app through the API: its digests are listed and compared once per
 /// refreshInterval (drift), and a new content is set at once.
-fn assess_fly_api(
+pub(super) fn assess_fly_api(
     inp: &Inputs<'_>,
     mut a: Assessment,
     prev: Option<&BundleTargetStatus>,
@@ -1145,7 +747,7 @@ pub fn entry_after(a: &Assessment, outcome: &Outcome, inp: &Inputs<'_>) -> Bundl
 }
 
 /// The message of a staged Fly.io app: what was done, and that Machines take it later.
-fn staged_message(fly: &FlyVisit, inp: &Inputs<'_>) -> String {
+pub(super) fn staged_message(fly: &FlyVisit, inp: &Inputs<'_>) -> String {
     let mut m = if fly.set {
         format!(
             "set content {} ({} keys) through Fly's API: staged, not deployed; the app's Machines take it at their next deploy or update",
@@ -1185,479 +787,15 @@ pub fn outcome_blocks_ready(outcome: &Outcome, inp: &Inputs<'_>) -> bool {
     }
 }
 
-/// A target as the summary sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Standing {
-    /// Its status entry.
-    pub entry: BundleTargetStatus,
-    /// Whether it holds Ready back.
-    pub blocks_ready: bool,
-}
-
-/// Builds the status from the targets' standing (content valid).
-pub fn summarize(
-    old: &SecretBundleStatus,
-    generation: Option<i64>,
-    content: &Content,
-    targets: Vec<Standing>,
-    invalid_credentials: &[String],
-    now: Timestamp,
-) -> SecretBundleStatus {
-    let mut st = old.clone();
-    st.observed_generation = generation;
-    st.content_hash = Some(content.hash.clone());
-    st.keys = content.vars.keys().cloned().collect();
-    st.key_count = i32::try_from(content.vars.len()).unwrap_or(i32::MAX);
-    st.total_targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
-    st.synced_targets = i32::try_from(
-        targets
-            .iter()
-            .filter(|t| t.entry.state == BundleTargetState::Synced)
-            .count(),
-    )
-    .unwrap_or(i32::MAX);
-    let names = |pred: &dyn Fn(&Standing) -> bool| -> Vec<String> {
-        targets
-            .iter()
-            .filter(|t| pred(t))
-            .map(|t| match t.entry.kind {
-                BundleTargetKind::Sandbox => format!("sandbox {}", t.entry.name),
-                BundleTargetKind::FlyApp => format!("Fly.io app {}", t.entry.name),
-            })
-            .collect()
-    };
-    let failed = names(&|t| t.entry.state == BundleTargetState::Failed);
-    // The first failure's own words (scrubbed at the edge), so Ready says what went wrong:
-    // "restarting worker: ..." is not "synced", whatever hash the agent reports.
-    let first_failure = targets
-        .iter()
-        .find(|t| t.entry.state == BundleTargetState::Failed)
-        .and_then(|t| t.entry.message.as_deref())
-        .map(|m| excerpt(m, 300));
-    let skipped = names(&|t| t.entry.state == BundleTargetState::Skipped);
-    let waiting = names(&|t| t.entry.state == BundleTargetState::Pending && t.blocks_ready);
-    let parked = names(&|t| t.entry.state == BundleTargetState::Pending && !t.blocks_ready);
-    let staged = names(&|t| t.entry.state == BundleTargetState::Staged);
-    let total = targets.len();
-    // Staged targets hold the content too (in the app's secrets, not yet in its Machines).
-    let synced = total - failed.len() - skipped.len() - waiting.len() - parked.len();
-    // The one reason every failed (or every skipped) target shares, when they carry one: a
-    // Fly.io API answer (FlyUnauthorized, FlyThrottled, ...) says more than SyncFailed.
-    let shared_reason = |state: BundleTargetState| -> Option<String> {
-        let mut reasons = targets
-            .iter()
-            .filter(|t| t.entry.state == state)
-            .map(|t| t.entry.reason.clone());
-        let first = reasons.next()??;
-        reasons
-            .all(|r| r.as_deref() == Some(&first))
-            .then_some(first)
-    };
-    let failed_reason = shared_reason(BundleTargetState::Failed);
-    let skipped_reason = shared_reason(BundleTargetState::Skipped);
-    st.targets = targets.into_iter().map(|t| t.entry).collect();
-
-    let hash = content.short_hash();
-    let (status, why, message) = if !invalid_credentials.is_empty() {
-        (
-            FALSE,
-            reason::INVALID_SPEC,
-            format!(
-                "{}; that target waits for an edit",
-                list(invalid_credentials)
-            ),
-        )
-    } else if !failed.is_empty() {
-        (
-            FALSE,
-            failed_reason.as_deref().unwrap_or(reason::SYNC_FAILED),
-            match &first_failure {
-                Some(m) => format!(
-                    "{} of {total} targets failed to take content {hash}: {} (first: {m})",
-                    failed.len(),
-                    list(&failed)
-                ),
-                None => format!(
-                    "{} of {total} targets failed to take content {hash}: {}",
-                    failed.len(),
-                    list(&failed)
-                ),
-            },
-        )
-    } else if !waiting.is_empty() {
-        (
-            FALSE,
-            reason::SYNCING,
-            format!(
-                "{synced} of {total} targets hold content {hash}; waiting for {}",
-                list(&waiting)
-            ),
-        )
-    } else if total == 0 {
-        (
-            TRUE,
-            reason::NO_TARGETS,
-            "no Sandbox matches the selector and no Fly.io app is named".to_string(),
-        )
-    } else {
-        let mut m = format!("{synced} of {total} targets hold content {hash}");
-        if !parked.is_empty() {
-            m.push_str(&format!(
-                "; {} when they run: {}",
-                parked.len(),
-                list(&parked)
-            ));
-        }
-        if !skipped.is_empty() {
-            m.push_str(&format!("; skipped: {}", list(&skipped)));
-        }
-        if staged.is_empty() {
-            (TRUE, reason::SYNCED, m)
-        } else {
-            m.push_str(&format!(
-                "; staged, not deployed: {} (the apps' Machines take it at their next deploy or update)",
-                list(&staged)
-            ));
-            (TRUE, reason::STAGED, m)
-        }
-    };
-    conditions::set(
-        &mut st.conditions,
-        Desired {
-            type_: cond::READY,
-            status,
-            reason: why,
-            message,
-        },
-        generation,
-        now,
-    );
-    let degraded = if !failed.is_empty() || !invalid_credentials.is_empty() {
-        let mut all = failed.clone();
-        all.extend(skipped.iter().cloned());
-        let why = match (
-            &failed_reason,
-            invalid_credentials.is_empty(),
-            skipped.is_empty(),
-        ) {
-            (Some(r), true, true) => r.as_str(),
-            _ => "TargetsFailed",
-        };
-        Some((why, format!("failing: {}", list(&all))))
-    } else if !skipped.is_empty() {
-        Some((
-            skipped_reason.as_deref().unwrap_or("TargetsSkipped"),
-            format!("skipped: {}", list(&skipped)),
-        ))
-    } else {
-        None
-    };
-    match degraded {
-        Some((why, message)) => {
-            conditions::set(
-                &mut st.conditions,
-                Desired {
-                    type_: cond::DEGRADED,
-                    status: TRUE,
-                    reason: why,
-                    message,
-                },
-                generation,
-                now,
-            );
-        }
-        None => {
-            conditions::remove(&mut st.conditions, cond::DEGRADED);
-        }
-    }
-    st
-}
-
-/// The status when the sources cannot be rendered: Ready False naming the problem, the targets
-/// left as they are (they keep the last content they took).
-pub fn summarize_invalid(
-    old: &SecretBundleStatus,
-    generation: Option<i64>,
-    problems: &[SourceProblem],
-    now: Timestamp,
-) -> SecretBundleStatus {
-    let mut st = old.clone();
-    st.observed_generation = generation;
-    let why = problems
-        .first()
-        .map_or(reason::INVALID_SPEC, SourceProblem::reason);
-    conditions::set(
-        &mut st.conditions,
-        Desired {
-            type_: cond::READY,
-            status: FALSE,
-            reason: why,
-            message: problems_message(problems),
-        },
-        generation,
-        now,
-    );
-    st
-}
-
-/// At most `max` bytes of `s` (cut on a character boundary), marked when cut.
-fn excerpt(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut cut = max;
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}...", &s[..cut])
-}
-
-fn list(names: &[String]) -> String {
-    let mut out = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-    if names.len() > 5 {
-        out.push_str(&format!(" and {} more", names.len() - 5));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::*;
     use super::*;
-
-    fn src(name: &str, keys: Option<&[&str]>) -> SecretSource {
-        SecretSource {
-            secret_name: name.into(),
-            keys: keys.map(|k| k.iter().map(|s| s.to_string()).collect()),
-        }
-    }
-
-    fn data(name: &str, kv: &[(&str, &str)]) -> SourceData {
-        SourceData {
-            name: name.into(),
-            data: Some(
-                kv.iter()
-                    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                    .collect(),
-            ),
-        }
-    }
-
-    const SECRET_VALUE: &str = "hunter2-s3cr3t-value";
-
-    #[test]
-    fn renders_sorted_and_round_trips_through_the_agents_parser() {
-        let nasty = [
-            "plain",
-            "",
-            " leading and trailing spaces ",
-            "quote\" and 'single' and \\ backslash",
-            "multi\nline\nvalue\n",
-            "\r\n windows \r\n",
-            "$HOME and ${PATH} and `cmd` and $(cmd)",
-            "# not a comment",
-            "a=b=c",
-            "\"\"\"triple\"\"\"",
-            "tab\there",
-            "ünïcødé ✓",
-            "-----BEGIN KEY-----\nMIIB\n-----END KEY-----",
-        ];
-        let kv: Vec<(String, String)> = nasty
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("K_{i:02}"), v.to_string()))
-            .collect();
-        let pairs: Vec<(&str, &str)> = kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let c = render(&[src("s", None)], &[data("s", &pairs)]).unwrap();
-        let parsed = envfile::parse(&c.env).unwrap().to_map();
-        assert_eq!(parsed, c.vars);
-        assert_eq!(c.vars.len(), nasty.len());
-        // Sorted keys, one file, deterministic hash.
-        let keys: Vec<String> = envfile::parse(&c.env)
-            .unwrap()
-            .entries
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
-        let mut sorted = keys.clone();
-        sorted.sort();
-        assert_eq!(keys, sorted);
-        let again = render(&[src("s", None)], &[data("s", &pairs)]).unwrap();
-        assert_eq!(again.hash, c.hash);
-        assert_eq!(c.hash, envfile::sha256_hex(c.env.as_bytes()));
-        // The Debug form shows keys and the hash, never a value.
-        let dbg = format!("{c:?}");
-        assert!(
-            dbg.contains("K_00") && !dbg.contains("leading and trailing"),
-            "{dbg}"
-        );
-    }
-
-    #[test]
-    fn order_of_sources_does_not_change_the_hash() {
-        let a = data("a", &[("A", "1"), ("Z", "2")]);
-        let b = data("b", &[("M", "3")]);
-        let c1 = render(&[src("a", None), src("b", None)], &[a.clone(), b.clone()]).unwrap();
-        let c2 = render(&[src("b", None), src("a", None)], &[b, a]).unwrap();
-        assert_eq!(c1.hash, c2.hash);
-    }
-
-    #[test]
-    fn subsets_pick_only_listed_keys() {
-        let c = render(
-            &[src("a", Some(&["B"]))],
-            &[data("a", &[("A", "1"), ("B", "2")])],
-        )
-        .unwrap();
-        assert_eq!(c.vars.keys().collect::<Vec<_>>(), ["B"]);
-    }
-
-    #[test]
-    fn duplicate_keys_are_an_error_naming_the_key_never_the_value() {
-        let err = render(
-            &[src("a", None), src("b", None)],
-            &[
-                data("a", &[("DB_URL", SECRET_VALUE)]),
-                data("b", &[("DB_URL", SECRET_VALUE), ("OK", "x")]),
-            ],
-        )
-        .unwrap_err();
-        assert_eq!(
-            err,
-            vec![SourceProblem::DuplicateKey {
-                key: "DB_URL".into(),
-                first: "a".into(),
-                second: "b".into()
-            }]
-        );
-        assert_eq!(err[0].reason(), reason::INVALID_SPEC);
-        let msg = problems_message(&err);
-        assert!(msg.contains("DB_URL") && msg.contains("Secret a") && msg.contains("Secret b"));
-        assert!(!msg.contains(SECRET_VALUE), "{msg}");
-        // A key listed twice for one source, too.
-        let err = render(&[src("a", Some(&["K", "K"]))], &[data("a", &[("K", "v")])]).unwrap_err();
-        assert!(matches!(&err[0], SourceProblem::DuplicateKey { key, .. } if key == "K"));
-    }
-
-    #[test]
-    fn invalid_key_names_are_an_error_naming_the_key() {
-        for bad in ["my-key", "1ABC", "tls.crt", "has space", ""] {
-            let err = render(&[src("s", None)], &[data("s", &[(bad, SECRET_VALUE)])]).unwrap_err();
-            assert_eq!(err[0].reason(), reason::INVALID_SPEC, "{bad}");
-            let msg = problems_message(&err);
-            assert!(msg.contains(&format!("{bad:?}")), "{msg}");
-            assert!(!msg.contains(SECRET_VALUE), "{msg}");
-        }
-    }
-
-    #[test]
-    fn missing_sources_values_and_empty_bundles() {
-        let err = render(
-            &[src("gone", None), src("here", None)],
-            &[
-                SourceData {
-                    name: "gone".into(),
-                    data: None,
-                },
-                data("here", &[("A", "1")]),
-            ],
-        )
-        .unwrap_err();
-        assert_eq!(
-            err,
-            vec![SourceProblem::SecretMissing {
-                secret: "gone".into()
-            }]
-        );
-        assert_eq!(err[0].reason(), "SourceSecretMissing");
-        assert!(problems_message(&err).contains("gone"));
-
-        let err = render(&[src("s", Some(&["NOPE"]))], &[data("s", &[("A", "1")])]).unwrap_err();
-        assert_eq!(err[0].reason(), "SourceKeyMissing");
-
-        let mut d = data("s", &[]);
-        d.data
-            .as_mut()
-            .unwrap()
-            .insert("BIN".into(), vec![0xff, 0xfe]);
-        let err = render(&[src("s", None)], &[d]).unwrap_err();
-        assert_eq!(err[0].reason(), reason::INVALID_VALUE);
-
-        let err = render(&[src("s", None)], &[data("s", &[("N", "a\0b")])]).unwrap_err();
-        assert!(matches!(err[0], SourceProblem::NulByte { .. }));
-
-        let err = render(&[src("s", None)], &[data("s", &[])]).unwrap_err();
-        assert_eq!(err, vec![SourceProblem::NoKeys]);
-    }
-
-    #[test]
-    fn selectors() {
-        let labels: BTreeMap<String, String> = [("app", "worker"), ("tier", "gold")]
-            .map(|(k, v)| (k.into(), v.into()))
-            .into();
-        let mut sel = SandboxSelector::default();
-        assert!(selects(&sel, &labels, Environment::Staging));
-        sel.match_labels.insert("app".into(), "worker".into());
-        assert!(selects(&sel, &labels, Environment::Staging));
-        sel.environment = Some(Environment::Prod);
-        assert!(!selects(&sel, &labels, Environment::Staging));
-        sel.environment = None;
-        let req = |op: &str, vals: &[&str]| LabelSelectorRequirement {
-            key: "tier".into(),
-            operator: op.into(),
-            values: Some(vals.iter().map(|s| s.to_string()).collect()),
-        };
-        sel.match_expressions = vec![req("In", &["gold", "silver"])];
-        assert!(selects(&sel, &labels, Environment::Dev));
-        sel.match_expressions = vec![req("NotIn", &["gold"])];
-        assert!(!selects(&sel, &labels, Environment::Dev));
-        sel.match_expressions = vec![req("Exists", &[])];
-        assert!(selects(&sel, &labels, Environment::Dev));
-        sel.match_expressions = vec![req("DoesNotExist", &[])];
-        assert!(!selects(&sel, &labels, Environment::Dev));
-        sel.match_expressions = vec![req("Bogus", &[])];
-        assert!(!selects(&sel, &labels, Environment::Dev));
-    }
-
-    #[test]
-    fn the_oldest_bundle_owns_a_shared_sandbox() {
-        let labels: BTreeMap<String, String> = [("app".to_string(), "w".to_string())].into();
-        let all = SandboxSelector::default();
-        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        let t1: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
-        let claims = [
-            Claim {
-                name: "young",
-                created: Some(t1),
-                selector: Some(&all),
-            },
-            Claim {
-                name: "old",
-                created: Some(t0),
-                selector: Some(&all),
-            },
-            Claim {
-                name: "fly-only",
-                created: None,
-                selector: None,
-            },
-        ];
-        assert_eq!(owner(&claims, &labels, Environment::Dev), Some("old"));
-    }
-
-    // ---- planning ----
-
-    fn content() -> Content {
-        render(&[src("s", None)], &[data("s", &[("A", "1")])]).unwrap()
-    }
-
-    fn now() -> Timestamp {
-        "2026-03-01T12:00:00Z".parse().unwrap()
-    }
 
     fn sbx(name: &str, state: &str) -> SandboxObs {
         SandboxObs {
             name: name.into(),
-            instance_state: Some(state.into()),
+            instance_state: Some(InstanceState::parse(state).unwrap_or(InstanceState::Unknown)),
             agent_url: Some(format!("http://{name}:8000")),
             reported_hash: None,
             reported_at: None,
@@ -2269,163 +1407,5 @@ mod tests {
         let p = c.plan();
         assert!(pushed(&p).is_empty());
         assert_eq!(p.targets[0].entry.state, BundleTargetState::Skipped);
-    }
-
-    #[test]
-    fn summary_conditions() {
-        let c = content();
-        let old = SecretBundleStatus::default();
-        let e = |name: &str, state| Standing {
-            entry: BundleTargetStatus {
-                kind: BundleTargetKind::Sandbox,
-                name: name.into(),
-                synced_hash: None,
-                synced_at: None,
-                state,
-                message: None,
-                reason: None,
-                fly: None,
-            },
-            blocks_ready: state != BundleTargetState::Skipped,
-        };
-        let st = summarize(
-            &old,
-            Some(2),
-            &c,
-            vec![
-                e("a", BundleTargetState::Synced),
-                e("b", BundleTargetState::Synced),
-            ],
-            &[],
-            now(),
-        );
-        assert_eq!(
-            (st.synced_targets, st.total_targets, st.key_count),
-            (2, 2, 1)
-        );
-        assert_eq!(st.keys, ["A"]);
-        assert_eq!(st.content_hash.as_ref(), Some(&c.hash));
-        assert!(conditions::is_true(&st.conditions, cond::READY));
-        assert!(conditions::get(&st.conditions, cond::DEGRADED).is_none());
-        // Unchanged input: unchanged status (so no write).
-        let again = summarize(
-            &st,
-            Some(2),
-            &c,
-            vec![
-                e("a", BundleTargetState::Synced),
-                e("b", BundleTargetState::Synced),
-            ],
-            &[],
-            now() + Duration::from_secs(60),
-        );
-        assert_eq!(again, st);
-
-        let st = summarize(
-            &st,
-            Some(2),
-            &c,
-            vec![
-                e("a", BundleTargetState::Synced),
-                e("b", BundleTargetState::Skipped),
-            ],
-            &[],
-            now(),
-        );
-        assert!(conditions::is_true(&st.conditions, cond::READY));
-        let d = conditions::get(&st.conditions, cond::DEGRADED).unwrap();
-        assert_eq!(
-            (d.status.as_str(), d.reason.as_str()),
-            (TRUE, "TargetsSkipped")
-        );
-
-        let st = summarize(
-            &st,
-            Some(2),
-            &c,
-            vec![
-                e("a", BundleTargetState::Failed),
-                e("b", BundleTargetState::Synced),
-            ],
-            &[],
-            now(),
-        );
-        let r = conditions::get(&st.conditions, cond::READY).unwrap();
-        assert_eq!(
-            (r.status.as_str(), r.reason.as_str()),
-            (FALSE, reason::SYNC_FAILED)
-        );
-        assert!(r.message.contains("sandbox a"));
-
-        let st = summarize(
-            &st,
-            Some(2),
-            &c,
-            vec![],
-            &["Fly.io app x: bad token".into()],
-            now(),
-        );
-        let r = conditions::get(&st.conditions, cond::READY).unwrap();
-        assert_eq!(r.reason, reason::INVALID_SPEC);
-
-        let st = summarize_invalid(
-            &st,
-            Some(3),
-            &[SourceProblem::SecretMissing {
-                secret: "db".into(),
-            }],
-            now(),
-        );
-        let r = conditions::get(&st.conditions, cond::READY).unwrap();
-        assert_eq!(r.reason, "SourceSecretMissing");
-        assert!(r.message.contains("db"));
-        assert_eq!(st.observed_generation, Some(3));
-    }
-
-    #[test]
-    fn an_unreadable_refresh_interval_is_an_invalid_spec_naming_the_field_never_a_default() {
-        let spec = |refresh: &str| -> SecretBundleSpec {
-            serde_json::from_value(serde_json::json!({
-                "sources": [{"secretName": "db"}],
-                "targets": {},
-                "refreshInterval": refresh,
-            }))
-            .unwrap()
-        };
-        assert_eq!(
-            validate(&spec("30m")).unwrap().refresh,
-            Duration::from_secs(1800)
-        );
-        // An older object's shorter interval is raised to the floor, not refused.
-        assert_eq!(validate(&spec("2s")).unwrap().refresh, MIN_REFRESH);
-
-        // As stored before the CRD checked durations.
-        let problems = validate(&spec("1 hour")).unwrap_err();
-        assert_eq!(problems.len(), 1);
-        assert_eq!(problems[0].reason(), reason::INVALID_SPEC);
-        let said = problems[0].to_string();
-        assert!(
-            said.starts_with("spec.refreshInterval: ")
-                && said.contains("\"1 hour\"")
-                && said.contains("such as 30s, 5m or 1h30m"),
-            "{said}"
-        );
-        // Reported as Ready=False InvalidSpec, together with a problem of the sources, the
-        // duration first.
-        let mut all = problems.clone();
-        all.push(SourceProblem::SecretMissing {
-            secret: "db".into(),
-        });
-        let st = summarize_invalid(&SecretBundleStatus::default(), Some(2), &all, now());
-        let r = conditions::get(&st.conditions, cond::READY).unwrap();
-        assert_eq!(
-            (r.status.as_str(), r.reason.as_str()),
-            (FALSE, reason::INVALID_SPEC)
-        );
-        assert!(
-            r.message.contains("spec.refreshInterval") && r.message.contains("db"),
-            "{}",
-            r.message
-        );
     }
 }
