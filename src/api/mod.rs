@@ -13,6 +13,7 @@ pub mod conditions;
 pub mod deploy;
 pub mod pool;
 pub mod sandbox;
+pub mod sandbox_conditions;
 pub mod secretbundle;
 pub mod selector;
 

@@ -265,6 +265,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             legacy_settle: args.legacy_deploy_settle,
             resync: args.resync,
             poll: args.poll,
+            ..Default::default()
         },
         orphan_grace,
         orphan_sweep_interval: args.orphan_sweep,

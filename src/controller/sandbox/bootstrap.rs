@@ -438,19 +438,14 @@ pub async fn token(client: &kube::Client, obj: &crate::api::Sandbox) -> Result<S
         object: object.clone(),
         hold: super::decide::LaunchHold::Bootstrap(hold),
     };
-    let kube_err = |what: &'static str| {
-        let object = object.clone();
-        move |source| Error::Kube {
-            what,
-            object,
-            source,
-        }
-    };
     for _ in 0..2 {
         if let Some(s) = api
             .get_opt(&name)
             .await
-            .map_err(kube_err("reading the agent token Secret"))?
+            .map_err(|source| Error::ReadingAgentToken {
+                object: object.clone(),
+                source,
+            })?
         {
             let owned = s
                 .metadata
@@ -515,7 +510,12 @@ pub async fn token(client: &kube::Client, obj: &crate::api::Sandbox) -> Result<S
             }
             // Created meanwhile (another reconcile): read that one.
             Err(kube::Error::Api(s)) if s.code == 409 => continue,
-            Err(e) => return Err(kube_err("creating the agent token Secret")(e)),
+            Err(source) => {
+                return Err(Error::MintingAgentToken {
+                    object: object.clone(),
+                    source,
+                });
+            }
         }
     }
     Err(held(Hold::TokenSecretConflict { secret }))

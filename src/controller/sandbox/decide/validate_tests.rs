@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::decide::*;
+use super::*;
 use crate::api::conditions;
 use crate::api::{SandboxPhase, SandboxSpec, SandboxStatus};
 use crate::ec2::{Instance, InstanceState};
@@ -58,7 +58,7 @@ fn run(
         agent_url: None,
         launch_rejection: None,
         launch_hold: hold,
-        launch: super::decide::LaunchStage::Launching,
+        launch: LaunchStage::Launching,
         now: now(),
         settings: &Settings::default(),
     })

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::decide::*;
+use super::*;
 use crate::agent::protocol::{Check, DeployInfo, DeployState, DeployStep, HealthReport};
 use crate::api::conditions;
 use crate::api::{
@@ -1499,4 +1499,149 @@ fn a_refused_terminate_call_fails_the_request_and_the_sandbox_is_not_terminated(
         Some(SandboxPhase::Failed),
         "terminated by someone else after all: not the request's doing"
     );
+}
+
+// ---- The launch as an action, and the deploy poll (issue 13). ----
+
+#[test]
+fn a_sandbox_with_nothing_to_hold_it_back_is_launched_by_the_decision() {
+    let mut c = Case::new(InstanceObs::NoInstance);
+    c.launch = LaunchStage::ToLaunch;
+    let d = c.run();
+    assert_eq!(d.actions, vec![Action::Launch]);
+    assert_eq!(d.status.phase, Some(SandboxPhase::Provisioning));
+    assert_eq!(cond(&d, cond::READY).reason, "PendingLaunch");
+    assert_eq!(d.status.observed_generation, Some(1));
+}
+
+#[test]
+fn a_refused_an_adopting_or_an_invalid_sandbox_is_not_launched() {
+    let mut refused = Case::new(InstanceObs::NoInstance);
+    refused.launch = LaunchStage::ToLaunch;
+    refused.rejection = Some(Rejection {
+        code: "InvalidAMIID.NotFound".into(),
+        message: "no such AMI".into(),
+    });
+    let d = refused.run();
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(cond(&d, cond::READY).reason, "LaunchFailed");
+
+    let mut adopting = Case::new(InstanceObs::NoInstance);
+    adopting.spec = adopted_spec();
+    adopting.launch = LaunchStage::ToLaunch;
+    let d = adopting.run();
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(cond(&d, cond::READY).reason, "Adopting");
+
+    let mut invalid = Case::new(InstanceObs::NoInstance);
+    invalid.spec.agent.probe_interval = "every so often".into();
+    invalid.launch = LaunchStage::ToLaunch;
+    let d = invalid.run();
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(cond(&d, cond::READY).reason, INVALID_SPEC);
+}
+
+#[test]
+fn an_instance_launched_in_this_reconcile_is_recorded_as_launched_with_an_event() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Pending)));
+    // Adopted specs default to "not launched by the operator": the launch says otherwise.
+    c.spec = adopted_spec();
+    c.launch = LaunchStage::Launched;
+    let d = c.run();
+    assert!(d.status.instance.as_ref().unwrap().launched_by_operator);
+    let n = d
+        .notes
+        .iter()
+        .find(|n| n.reason == "Launched")
+        .expect("a Launched event");
+    assert!(n.message.contains("i-0123456789abcdef0"), "{}", n.message);
+    // Without the launch, neither.
+    c.launch = LaunchStage::ToLaunch;
+    let d = c.run();
+    assert!(!d.status.instance.as_ref().unwrap().launched_by_operator);
+    assert!(!d.notes.iter().any(|n| n.reason == "Launched"));
+}
+
+#[test]
+fn a_deploy_under_way_is_polled_at_the_deploy_poll_and_draining_at_the_poll() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.settings.poll = Duration::from_secs(2);
+    c.settings.deploy_poll = Duration::from_millis(300);
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    // A worker is busy: draining is looked at on the ordinary poll.
+    c.probe = ProbeObs::Report(Box::new(report(1, "v1")));
+    let d = c.step();
+    assert_eq!(d.actions, vec![Action::Drain]);
+    assert_eq!(d.requeue, Duration::from_secs(2));
+    // Drained: deployed, and the agent is asked again at the short interval.
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.step();
+    assert_eq!(d.actions, vec![Action::Deploy { tag: "v2".into() }]);
+    assert_eq!(d.requeue, Duration::from_millis(300));
+    let mut r = report(0, "v1");
+    r.deploy = Some(deploy_info("v2", DeployState::Running));
+    c.probe = ProbeObs::Report(Box::new(r));
+    assert_eq!(c.step().requeue, Duration::from_millis(300));
+    // Done: back to the probe interval.
+    let mut r = report(0, "v2");
+    r.deploy = Some(deploy_info("v2", DeployState::Succeeded));
+    c.probe = ProbeObs::Report(Box::new(r));
+    let d = c.step();
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::SUCCEEDED
+    );
+    assert!(d.requeue > Duration::from_millis(300), "{:?}", d.requeue);
+}
+
+#[test]
+fn an_idle_agent_deploys_a_new_tag_in_the_same_pass() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.run();
+    assert_eq!(
+        d.actions,
+        vec![Action::Drain, Action::Deploy { tag: "v2".into() }]
+    );
+    assert_eq!(d.requeue, c.settings.deploy_poll);
+}
+
+#[test]
+fn the_agents_answer_to_a_deploy_is_recorded_by_the_decision() {
+    let mut c = Case::new(InstanceObs::Found(inst(InstanceState::Running)));
+    c.spec.image = Some(ImageSpec {
+        repository: None,
+        tag: "v2".into(),
+    });
+    c.probe = ProbeObs::Report(Box::new(report(0, "v1")));
+    let d = c.run();
+    assert_eq!(
+        d.status.deploy.as_ref().unwrap().state,
+        deploy_state::DEPLOYING
+    );
+    // Accepted: the agent's deploy id is kept, and an Event says so.
+    let mut st = d.status.clone();
+    let n =
+        after_deploy(&mut st, "v2", DeployAnswer::Accepted(Some("d-7".into()))).expect("an Event");
+    assert_eq!(n.reason, "Deploying");
+    assert_eq!(st.deploy.as_ref().unwrap().id.as_deref(), Some("d-7"));
+    assert_eq!(st.deploy.as_ref().unwrap().state, deploy_state::DEPLOYING);
+    // Busy or not reached: back to Draining, asked again on a later pass.
+    let mut st = d.status.clone();
+    assert!(after_deploy(&mut st, "v2", DeployAnswer::Busy("d-6".into())).is_none());
+    let rec = st.deploy.as_ref().unwrap();
+    assert_eq!(rec.state, deploy_state::DRAINING);
+    assert!(rec.message.as_deref().unwrap().contains("d-6"));
+    let mut st = d.status.clone();
+    assert!(after_deploy(&mut st, "v2", DeployAnswer::Failed("timed out".into())).is_none());
+    let rec = st.deploy.as_ref().unwrap();
+    assert_eq!(rec.state, deploy_state::DRAINING);
+    assert!(rec.message.as_deref().unwrap().contains("timed out"));
 }
