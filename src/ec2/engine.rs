@@ -104,7 +104,13 @@ pub(crate) struct Core {
     /// refresh runs. A lookup that finds its instance too old waits for that refresh rather
     /// than asking EC2 itself (single-flight between the refresh and the describe batcher).
     refreshing: tokio::sync::watch::Sender<Option<Instant>>,
+    /// When the next periodic refresh is due (`None`: no refresh loop runs).
+    next_refresh: Mutex<Option<Instant>>,
 }
+
+/// A lookup that finds its instance too old when the next refresh is due within this long (or
+/// overdue: its tick fired and the refresh has not started yet) waits for that refresh.
+const REFRESH_DUE_SOON: Duration = Duration::from_secs(1);
 
 /// Marks a refresh as over when dropped (finished, failed or cancelled).
 struct RefreshUnderWay<'a>(&'a tokio::sync::watch::Sender<Option<Instant>>);
@@ -140,6 +146,7 @@ impl Core {
             root_devices: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             refreshing: tokio::sync::watch::channel(None).0,
+            next_refresh: Mutex::new(None),
         }
     }
 
@@ -175,7 +182,8 @@ impl Core {
     }
 
     /// After [`Core::track_and_lookup`] found `id` older than `max_age`: when a refresh under
-    /// way will observe it young enough, waits for that refresh (at most `max_age`, at least
+    /// way (or due within [`REFRESH_DUE_SOON`]) will observe it young enough, waits for that
+    /// refresh (at most `max_age`, at least
     /// one second) and answers from the view; otherwise answers from the view at once (a
     /// refresh may have landed meanwhile). `None`: the caller must ask EC2.
     pub(crate) async fn await_refresh(
@@ -184,7 +192,21 @@ impl Core {
         max_age: Duration,
     ) -> Option<Option<Instance>> {
         let mut rx = self.refreshing.subscribe();
-        let under_way = *rx.borrow_and_update();
+        let mut under_way = *rx.borrow_and_update();
+        let due = *self.next_refresh.lock().expect("next refresh lock");
+        if under_way.is_none()
+            && let Some(due) = due
+            && due.saturating_duration_since(Instant::now()) <= REFRESH_DUE_SOON
+            && self.cache().covered_by_refresh(id, Instant::now())
+        {
+            // Its tick is (about to be) due: wait for it to start, then for it to end.
+            let _ = tokio::time::timeout(
+                due.saturating_duration_since(Instant::now()) + REFRESH_DUE_SOON,
+                rx.wait_for(Option::is_some),
+            )
+            .await;
+            under_way = *rx.borrow_and_update();
+        }
         if let Some(started) = under_way
             && Instant::now().saturating_duration_since(started) < max_age
             && self.cache().covered_by_refresh(id, started)
@@ -1045,12 +1067,16 @@ fn may_concern_some(err: &Ec2Error) -> bool {
 /// Runs [`Core::refresh`] every `every` until `closed` closes.
 pub(crate) async fn refresh_loop(core: Arc<Core>, every: Duration, mut closed: mpsc::Receiver<()>) {
     let every = every.max(Duration::from_millis(10));
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let first = tokio::time::Instant::now() + every;
+    *core.next_refresh.lock().expect("next refresh lock") = Some(first.into_std());
+    let mut ticks = tokio::time::interval_at(first, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = closed.recv() => return,
-            _ = ticks.tick() => {}
+            tick = ticks.tick() => {
+                *core.next_refresh.lock().expect("next refresh lock") = Some(tick.into_std() + every);
+            }
         }
         tokio::select! {
             _ = closed.recv() => return,
@@ -1192,6 +1218,48 @@ mod tests {
         .await
         .expect("an id the refresh does not cover is not held");
         assert_eq!(quick, None);
+    }
+
+    #[tokio::test]
+    async fn a_stale_lookup_just_before_the_refresh_tick_waits_for_that_refresh() {
+        let core = offline_core();
+        let id = "i-0000000000000000a";
+        core.track_and_lookup(id, Duration::ZERO);
+        core.observe(
+            id,
+            Some(inst(id, 1)),
+            Instant::now() - Duration::from_secs(40),
+        );
+        let max_age = Duration::from_secs(30);
+        // Due in 20 s: too far off to wait for.
+        *core.next_refresh.lock().unwrap() = Some(Instant::now() + Duration::from_secs(20));
+        assert_eq!(core.await_refresh(id, max_age).await, None);
+        // The next refresh is due in 200 ms: the lookup waits for it to start and to end.
+        *core.next_refresh.lock().unwrap() = Some(Instant::now() + Duration::from_millis(200));
+        let waiter = {
+            let core = core.clone();
+            tokio::spawn(async move { core.await_refresh(id, max_age).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiter.is_finished(),
+            "the lookup waits for the refresh due"
+        );
+        let started = Instant::now();
+        let under_way = RefreshUnderWay(&core.refreshing);
+        core.refreshing.send_replace(Some(started));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiter.is_finished(),
+            "the lookup waits for the refresh to end"
+        );
+        core.observe(id, Some(inst(id, 2)), started);
+        drop(under_way);
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("answered once the refresh is over")
+            .unwrap();
+        assert_eq!(answer, Some(Some(inst(id, 2))));
     }
 
     fn paced_core(run: crate::ec2::RateLimit, describe: crate::ec2::RateLimit) -> Arc<Core> {
