@@ -21,71 +21,113 @@ use std::time::Duration;
 pub enum AgentError {
     /// The base URL is not a valid http(s) URL.
     #[error("invalid agent URL {url:?}: {message}")]
-    InvalidUrl { url: String, message: String },
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it is not valid.
+        message: String,
+    },
     /// No connection (refused, unreachable, DNS): the instance or the agent is down.
     #[error("agent {url} unreachable ({op}): {message}")]
     Connect {
+        /// The agent's base URL.
         url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
         op: &'static str,
+        /// What went wrong, with the token masked.
         message: String,
     },
     /// The call took longer than its timeout.
     #[error("agent {url} did not answer {op} within {timeout:?}")]
     Timeout {
+        /// The agent's base URL.
         url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
         op: &'static str,
+        /// The timeout that ran out.
         timeout: Duration,
     },
     /// 401: no token, or the wrong one.
     #[error("agent {url} refused the token ({op})")]
-    Unauthorized { url: String, op: &'static str },
+    Unauthorized {
+        /// The agent's base URL.
+        url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
+        op: &'static str,
+    },
     /// 403: the service is not allow-listed on the agent.
     #[error("agent {url} forbids {op}: {message}")]
     Forbidden {
+        /// The agent's base URL.
         url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
         op: &'static str,
+        /// What went wrong, with the token masked.
         message: String,
     },
     /// 409: a deploy is running (its id when the agent says), or the env file is busy.
     #[error("agent {url} is busy ({op}): {message}")]
     Conflict {
+        /// The agent's base URL.
         url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
         op: &'static str,
+        /// The running deploy's id, when the agent named it.
         running_deploy_id: Option<String>,
+        /// What went wrong, with the token masked.
         message: String,
     },
     /// 404 or 405 on a call the old health server does not have.
     #[error("agent {url} does not support {op} (old health server?)")]
-    NotSupported { url: String, op: &'static str },
+    NotSupported {
+        /// The agent's base URL.
+        url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
+        op: &'static str,
+    },
     /// Another 4xx: the request was wrong (bad tag, invalid env file, too large). Retrying the
     /// same request will not help.
     #[error("agent {url} rejected {op} with HTTP {status}: {message}")]
     Rejected {
+        /// The agent's base URL.
         url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
         op: &'static str,
+        /// The HTTP status.
         status: u16,
+        /// What went wrong, with the token masked.
         message: String,
     },
     /// 5xx: the agent or what it drives failed (worker unreachable, restart failed).
     #[error("agent {url} failed {op} with HTTP {status}: {message}")]
     Server {
+        /// The agent's base URL.
         url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
         op: &'static str,
+        /// The HTTP status.
         status: u16,
+        /// What went wrong, with the token masked.
         message: String,
     },
     /// The answer was not the expected JSON.
     #[error("agent {url} sent an answer to {op} that cannot be read: {message}")]
     Decode {
+        /// The agent's base URL.
         url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
         op: &'static str,
+        /// What went wrong, with the token masked.
         message: String,
     },
     /// Any other transport failure.
     #[error("agent {url}: {op} failed: {message}")]
     Transport {
+        /// The agent's base URL.
         url: String,
+        /// The call (`health`, `deploy`, `drain`, ...).
         op: &'static str,
+        /// What went wrong, with the token masked.
         message: String,
     },
 }
@@ -140,6 +182,7 @@ impl AgentError {
 pub struct AgentToken(String);
 
 impl AgentToken {
+    /// A token, with surrounding whitespace (a file's trailing newline) trimmed.
     pub fn new(token: impl Into<String>) -> Self {
         Self(token.into().trim().to_string())
     }
@@ -164,12 +207,15 @@ impl fmt::Display for AgentToken {
 /// Timeouts per call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
+    /// Connecting to the agent.
     pub connect: Duration,
+    /// `GET /health`.
     pub health: Duration,
     /// `/deploy` answers at once; the deploy itself is followed through `/health`.
     pub deploy: Duration,
     /// `/drain` waits for the worker (the agent caps the wait at its drain timeout).
     pub drain: Duration,
+    /// `POST /restart`.
     pub restart: Duration,
     /// `PUT /env` includes restarting the named services.
     pub put_env: Duration,
@@ -219,6 +265,7 @@ impl AgentClient {
         Self::with_timeouts(base_url, token, Timeouts::default())
     }
 
+    /// A client for the agent at `base_url` with these timeouts.
     pub fn with_timeouts(
         base_url: &str,
         token: Option<AgentToken>,
@@ -282,10 +329,12 @@ impl AgentClient {
         }
     }
 
+    /// The agent's base URL, without a trailing slash.
     pub fn base_url(&self) -> &str {
         &self.base
     }
 
+    /// The timeouts per call.
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
     }

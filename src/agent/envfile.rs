@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// One `KEY=VALUE` of an env file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The variable name.
     pub key: String,
+    /// The value, unquoted and unescaped.
     pub value: String,
     /// 1-based line where the entry starts.
     pub line: usize,
@@ -34,10 +36,12 @@ pub struct Entry {
 /// A parsed env file, entries in file order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EnvFile {
+    /// The entries, in file order.
     pub entries: Vec<Entry>,
 }
 
 impl EnvFile {
+    /// The value of `key`, if the file sets it.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.entries
             .iter()
@@ -45,14 +49,17 @@ impl EnvFile {
             .map(|e| e.value.as_str())
     }
 
+    /// The keys, in file order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.key.as_str())
     }
 
+    /// The values, in file order.
     pub fn values(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.value.as_str())
     }
 
+    /// Every entry as a map from key to value.
     pub fn to_map(&self) -> BTreeMap<String, String> {
         self.entries
             .iter()
@@ -73,7 +80,12 @@ pub enum EnvErrorKind {
     /// The part before `=` is not a variable name (spaces around `=` land here too).
     InvalidName,
     /// The key was defined before.
-    DuplicateKey { key: String, first_line: usize },
+    DuplicateKey {
+        /// The key.
+        key: String,
+        /// The 1-based line of its first definition.
+        first_line: usize,
+    },
     /// A quoted value never closes.
     UnterminatedQuote,
     /// Something other than spaces or a comment after a closing quote.
@@ -85,7 +97,9 @@ pub enum EnvErrorKind {
 /// An env file that is not valid, with the 1-based line where the problem starts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct EnvError {
+    /// The 1-based line where the problem starts.
     pub line: usize,
+    /// What is wrong.
     pub kind: EnvErrorKind,
 }
 

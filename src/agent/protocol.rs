@@ -52,12 +52,16 @@ pub struct HealthReport {
     /// Host CPU use, percent of all cores.
     #[serde(default)]
     pub cpu: f64,
+    /// Total memory, MiB.
     #[serde(default)]
     pub memory_total_mb: f64,
+    /// Memory in use, MiB.
     #[serde(default)]
     pub memory_used_mb: f64,
+    /// Size of the disk, GiB.
     #[serde(default)]
     pub disk_total_gb: f64,
+    /// Disk space in use, GiB.
     #[serde(default)]
     pub disk_used_gb: f64,
     /// AdsPower's state (`running`, `not_responding`, `stopped`, `unknown`); absent with chromium.
@@ -218,13 +222,17 @@ fn percent(used: f64, total: f64) -> f64 {
 /// One of the seeds' `health-check.sh` checks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
+    /// The check's name (`disk`, `memory`, `display`, ...).
     pub name: String,
+    /// Whether it passed.
     pub status: CheckStatus,
+    /// What it found, in a few words.
     #[serde(default)]
     pub message: String,
 }
 
 impl Check {
+    /// A check with this outcome.
     pub fn new(name: &str, status: CheckStatus, message: impl Into<String>) -> Self {
         Self {
             name: name.to_string(),
@@ -232,22 +240,29 @@ impl Check {
             message: message.into(),
         }
     }
+    /// A check that passed.
     pub fn pass(name: &str, message: impl Into<String>) -> Self {
         Self::new(name, CheckStatus::Pass, message)
     }
+    /// A check that warns.
     pub fn warn(name: &str, message: impl Into<String>) -> Self {
         Self::new(name, CheckStatus::Warn, message)
     }
+    /// A check that failed.
     pub fn fail(name: &str, message: impl Into<String>) -> Self {
         Self::new(name, CheckStatus::Fail, message)
     }
 }
 
+/// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckStatus {
+    /// It passed.
     Pass,
+    /// Not failed, but worth a look.
     Warn,
+    /// It failed.
     Fail,
     /// A status this client does not know (a newer agent).
     #[serde(other)]
@@ -258,20 +273,25 @@ pub enum CheckStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeployState {
+    /// Steps are still running.
     Running,
+    /// Every step worked; the new tag runs, healthy.
     Succeeded,
     /// The deploy failed and so did the rollback (or nothing could be rolled back).
     Failed,
     /// The deploy failed and the previous tag runs again, healthy.
     RolledBack,
+    /// A state this client does not know (a newer agent).
     #[serde(other)]
     Unknown,
 }
 
 impl DeployState {
+    /// Whether the deploy has ended (anything but `Running`).
     pub fn is_terminal(self) -> bool {
         !matches!(self, DeployState::Running)
     }
+    /// The state's name on the wire (`running`, `succeeded`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             DeployState::Running => "running",
@@ -313,11 +333,13 @@ pub enum DeployStep {
     RollbackUp,
     /// Poll the worker's health URL again.
     RollbackHealthCheck,
+    /// A step this client does not know (a newer agent).
     #[serde(other)]
     Unknown,
 }
 
 impl DeployStep {
+    /// The step's name on the wire (`record_previous`, `pull`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             DeployStep::RecordPrevious => "record_previous",
@@ -346,13 +368,17 @@ impl std::fmt::Display for DeployStep {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
+    /// It is running now.
     Running,
+    /// It worked.
     Succeeded,
     /// It did not fully work, and the deploy went on anyway (a drain that timed out).
     Warning,
+    /// It failed.
     Failed,
     /// Nothing to do (no login command configured).
     Skipped,
+    /// A status this client does not know (a newer agent).
     #[serde(other)]
     Unknown,
 }
@@ -361,11 +387,16 @@ pub enum StepStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StepRecord {
+    /// Which step.
     pub name: DeployStep,
+    /// How it went.
     pub status: StepStatus,
+    /// What it did or why it failed, in a sentence.
     #[serde(default)]
     pub message: String,
+    /// When it started.
     pub started_at: Timestamp,
+    /// When it ended (absent while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
 }
@@ -374,19 +405,23 @@ pub struct StepRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeployInfo {
+    /// The deploy's id, given by the agent.
     pub id: String,
     /// The tag being deployed.
     pub tag: String,
     /// The tag the env file named before (absent when it named none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_tag: Option<String>,
+    /// Where it stands.
     pub state: DeployState,
     /// The step running now, or the last step that ran.
     pub step: DeployStep,
     /// What happened, in a sentence (for a failure: which step and why).
     #[serde(default)]
     pub message: String,
+    /// When it started.
     pub started_at: Timestamp,
+    /// When it ended (absent while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
     /// Every step so far, in order.
@@ -397,6 +432,7 @@ pub struct DeployInfo {
 /// `POST /deploy` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployRequest {
+    /// The image tag to deploy (`imageTag` accepted too).
     #[serde(alias = "imageTag")]
     pub image_tag: String,
 }
@@ -406,7 +442,9 @@ pub struct DeployRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeployAccepted {
+    /// Whether the deploy was started.
     pub success: bool,
+    /// Why not, or that it started.
     #[serde(default)]
     pub message: String,
     /// Absent from the old health server.
@@ -429,7 +467,9 @@ pub struct DrainRequest {
 /// `POST /drain` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainResponse {
+    /// Whether the worker may be stopped now.
     pub deploy_safe: bool,
+    /// Jobs the worker still runs, when it said.
     #[serde(rename = "activeWorkers", default)]
     pub active_workers: Option<u32>,
 }
@@ -437,14 +477,18 @@ pub struct DrainResponse {
 /// `POST /restart` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestartRequest {
+    /// The allow-listed service to restart.
     pub service: String,
 }
 
 /// `POST /restart` answer, and one entry of `PUT /env`'s `restarted`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestartResponse {
+    /// Whether the restart worked.
     pub success: bool,
+    /// The service.
     pub service: String,
+    /// What the restart said, in a sentence.
     #[serde(default)]
     pub message: String,
 }
@@ -454,7 +498,9 @@ pub struct RestartResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PutEnvRequest {
+    /// The whole env file.
     pub content: String,
+    /// Allow-listed services to restart once the file is written.
     #[serde(default)]
     pub restart_services: Vec<String>,
 }
@@ -464,6 +510,7 @@ pub struct PutEnvRequest {
 pub struct PutEnvResponse {
     /// sha256 (hex) of the bytes written.
     pub sha256: String,
+    /// The services restarted, each with its outcome.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restarted: Vec<RestartResponse>,
 }
@@ -472,8 +519,10 @@ pub struct PutEnvResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
+    /// Always false on an error answer.
     #[serde(default)]
     pub success: bool,
+    /// What went wrong (`error` accepted too).
     #[serde(default, alias = "error")]
     pub message: String,
     /// On a 409 from `/deploy`: the running deploy.

@@ -91,6 +91,17 @@ impl Cache {
         (now.saturating_duration_since(observed.at) <= max_age).then(|| observed.instance.clone())
     }
 
+    /// Whether a refresh that started at `started` re-describes `id`: it was observed before
+    /// then, and known to EC2 (or launched by this layer moments before), so it was among
+    /// [`Cache::refresh_targets`]. An id first tracked since is not.
+    pub fn covered_by_refresh(&self, id: &str, started: Instant) -> bool {
+        self.entries.get(id).is_some_and(|e| {
+            e.observed.as_ref().is_some_and(|o| {
+                o.at < started && (o.instance.is_some() || e.recently_launched(started))
+            })
+        })
+    }
+
     /// Whether this layer launched `id` less than [`LAUNCH_GRACE`] ago.
     pub fn recently_launched(&self, id: &str, now: Instant) -> bool {
         self.entries
@@ -402,6 +413,30 @@ mod tests {
         );
         c.untrack(b);
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn a_refresh_covers_ids_observed_before_it_and_known_to_ec2() {
+        let mut c = Cache::default();
+        let t = Instant::now();
+        let later = t + Duration::from_secs(30);
+        let (gone, fresh) = ("i-0000000000000000b", "i-0000000000000000c");
+        for id in [A, gone, fresh] {
+            c.track(id);
+        }
+        c.observe(A, Some(instance(A, InstanceState::Running)), t, t);
+        c.observe(gone, None, t, t);
+        assert!(c.covered_by_refresh(A, later));
+        // Observed at the refresh's own start or after it: not covered by it.
+        assert!(!c.covered_by_refresh(A, t));
+        // Unknown to EC2 and not launched here: not among the refresh targets.
+        assert!(!c.covered_by_refresh(gone, later));
+        // Tracked, never observed (it may have been tracked after the refresh started).
+        assert!(!c.covered_by_refresh(fresh, later));
+        // Untracked.
+        assert!(!c.covered_by_refresh("i-0000000000000000d", later));
+        let targets: Vec<String> = c.refresh_targets(later).into_iter().map(|t| t.0).collect();
+        assert!(targets.contains(&A.to_owned()) && !targets.contains(&gone.to_owned()));
     }
 
     #[test]

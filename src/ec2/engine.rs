@@ -100,6 +100,25 @@ pub(crate) struct Core {
     root_devices: Mutex<HashMap<String, Arc<ImageLookup>>>,
     /// Turns taken in the RunInstances pacing, by ClientToken.
     turns: Mutex<HashMap<String, Turn>>,
+    /// When the refresh under way started (its observations carry that time); `None` while no
+    /// refresh runs. A lookup that finds its instance too old waits for that refresh rather
+    /// than asking EC2 itself (single-flight between the refresh and the describe batcher).
+    refreshing: tokio::sync::watch::Sender<Option<Instant>>,
+    /// When the next periodic refresh is due (`None`: no refresh loop runs).
+    next_refresh: Mutex<Option<Instant>>,
+}
+
+/// A lookup that finds its instance too old when the next refresh is due within this long (or
+/// overdue: its tick fired and the refresh has not started yet) waits for that refresh.
+const REFRESH_DUE_SOON: Duration = Duration::from_secs(1);
+
+/// Marks a refresh as over when dropped (finished, failed or cancelled).
+struct RefreshUnderWay<'a>(&'a tokio::sync::watch::Sender<Option<Instant>>);
+
+impl Drop for RefreshUnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(None);
+    }
 }
 
 /// The error for an id that is not an instance id, as EC2 words it.
@@ -126,6 +145,8 @@ impl Core {
             changes: super::changes_channel(),
             root_devices: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
+            refreshing: tokio::sync::watch::channel(None).0,
+            next_refresh: Mutex::new(None),
         }
     }
 
@@ -158,6 +179,45 @@ impl Core {
         };
         self.metrics.set_tracked(len);
         hit
+    }
+
+    /// After [`Core::track_and_lookup`] found `id` older than `max_age`: when a refresh under
+    /// way (or due within [`REFRESH_DUE_SOON`]) will observe it young enough, waits for that
+    /// refresh (at most `max_age`, at least
+    /// one second) and answers from the view; otherwise answers from the view at once (a
+    /// refresh may have landed meanwhile). `None`: the caller must ask EC2.
+    pub(crate) async fn await_refresh(
+        &self,
+        id: &str,
+        max_age: Duration,
+    ) -> Option<Option<Instance>> {
+        let mut rx = self.refreshing.subscribe();
+        let mut under_way = *rx.borrow_and_update();
+        let due = *self.next_refresh.lock().expect("next refresh lock");
+        if under_way.is_none()
+            && let Some(due) = due
+            && due.saturating_duration_since(Instant::now()) <= REFRESH_DUE_SOON
+            && self.cache().covered_by_refresh(id, Instant::now())
+        {
+            // Its tick is (about to be) due: wait for it to start, then for it to end.
+            let _ = tokio::time::timeout(
+                due.saturating_duration_since(Instant::now()) + REFRESH_DUE_SOON,
+                rx.wait_for(Option::is_some),
+            )
+            .await;
+            under_way = *rx.borrow_and_update();
+        }
+        if let Some(started) = under_way
+            && Instant::now().saturating_duration_since(started) < max_age
+            && self.cache().covered_by_refresh(id, started)
+        {
+            let _ = tokio::time::timeout(
+                max_age.max(Duration::from_secs(1)),
+                rx.wait_for(|s| *s != Some(started)),
+            )
+            .await;
+        }
+        self.cache().fresh(id, max_age, Instant::now())
     }
 
     pub(crate) fn untrack(&self, id: &str) {
@@ -933,6 +993,8 @@ impl Core {
         if targets.is_empty() {
             return;
         }
+        self.refreshing.send_replace(Some(at));
+        let _under_way = RefreshUnderWay(&self.refreshing);
         let maybe_managed = targets.iter().filter(|(_, managed)| *managed).count();
         let mut rest: Vec<String> = targets.into_iter().map(|(id, _)| id).collect();
         if maybe_managed > MAX_FILTER_VALUES {
@@ -1005,12 +1067,16 @@ fn may_concern_some(err: &Ec2Error) -> bool {
 /// Runs [`Core::refresh`] every `every` until `closed` closes.
 pub(crate) async fn refresh_loop(core: Arc<Core>, every: Duration, mut closed: mpsc::Receiver<()>) {
     let every = every.max(Duration::from_millis(10));
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let first = tokio::time::Instant::now() + every;
+    *core.next_refresh.lock().expect("next refresh lock") = Some(first.into_std());
+    let mut ticks = tokio::time::interval_at(first, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = closed.recv() => return,
-            _ = ticks.tick() => {}
+            tick = ticks.tick() => {
+                *core.next_refresh.lock().expect("next refresh lock") = Some(tick.into_std() + every);
+            }
         }
         tokio::select! {
             _ = closed.recv() => return,
@@ -1110,6 +1176,90 @@ mod tests {
             rest += 1;
         }
         assert!(rest < super::super::CHANGES_CAPACITY);
+    }
+
+    #[tokio::test]
+    async fn a_stale_lookup_waits_for_the_refresh_under_way_instead_of_calling() {
+        let core = offline_core();
+        let id = "i-0000000000000000a";
+        let old = Instant::now() - Duration::from_secs(40);
+        core.track_and_lookup(id, Duration::ZERO);
+        core.observe(id, Some(inst(id, 1)), old);
+        let max_age = Duration::from_secs(30);
+        assert_eq!(core.track_and_lookup(id, max_age), None);
+        // No refresh under way: nothing to wait for, the caller must ask EC2.
+        assert_eq!(core.await_refresh(id, max_age).await, None);
+        // A refresh started (it would stamp its observations with `started`).
+        let started = Instant::now();
+        let under_way = RefreshUnderWay(&core.refreshing);
+        core.refreshing.send_replace(Some(started));
+        let waiter = {
+            let core = core.clone();
+            tokio::spawn(async move { core.await_refresh(id, max_age).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "the lookup waits for the refresh");
+        core.observe(id, Some(inst(id, 2)), started);
+        drop(under_way);
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the lookup is answered once the refresh is over")
+            .unwrap();
+        assert_eq!(answer, Some(Some(inst(id, 2))));
+        assert_eq!(*core.refreshing.borrow(), None);
+        // An id the refresh does not cover (never observed) does not wait.
+        let other = "i-0000000000000000b";
+        core.track_and_lookup(other, Duration::ZERO);
+        core.refreshing.send_replace(Some(Instant::now()));
+        let quick = tokio::time::timeout(
+            Duration::from_millis(500),
+            core.await_refresh(other, max_age),
+        )
+        .await
+        .expect("an id the refresh does not cover is not held");
+        assert_eq!(quick, None);
+    }
+
+    #[tokio::test]
+    async fn a_stale_lookup_just_before_the_refresh_tick_waits_for_that_refresh() {
+        let core = offline_core();
+        let id = "i-0000000000000000a";
+        core.track_and_lookup(id, Duration::ZERO);
+        core.observe(
+            id,
+            Some(inst(id, 1)),
+            Instant::now() - Duration::from_secs(40),
+        );
+        let max_age = Duration::from_secs(30);
+        // Due in 20 s: too far off to wait for.
+        *core.next_refresh.lock().unwrap() = Some(Instant::now() + Duration::from_secs(20));
+        assert_eq!(core.await_refresh(id, max_age).await, None);
+        // The next refresh is due in 200 ms: the lookup waits for it to start and to end.
+        *core.next_refresh.lock().unwrap() = Some(Instant::now() + Duration::from_millis(200));
+        let waiter = {
+            let core = core.clone();
+            tokio::spawn(async move { core.await_refresh(id, max_age).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiter.is_finished(),
+            "the lookup waits for the refresh due"
+        );
+        let started = Instant::now();
+        let under_way = RefreshUnderWay(&core.refreshing);
+        core.refreshing.send_replace(Some(started));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiter.is_finished(),
+            "the lookup waits for the refresh to end"
+        );
+        core.observe(id, Some(inst(id, 2)), started);
+        drop(under_way);
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("answered once the refresh is over")
+            .unwrap();
+        assert_eq!(answer, Some(Some(inst(id, 2))));
     }
 
     fn paced_core(run: crate::ec2::RateLimit, describe: crate::ec2::RateLimit) -> Arc<Core> {

@@ -387,7 +387,10 @@ impl Ec2 {
     /// Concurrent callers within the batch window share one DescribeInstances. `Ok(None)`:
     /// EC2 does not know the id (an instance terminated more than about an hour ago, or never
     /// launched); an instance this layer launched moments ago is never reported unknown
-    /// (EC2's eventual consistency). Registers the id as tracked. A malformed id is
+    /// (EC2's eventual consistency). Registers the id as tracked. While the periodic refresh
+    /// is under way, a lookup it will answer young enough waits for it instead of making a
+    /// call of its own (at most one DescribeInstances per refresh for the tracked fleet). A
+    /// malformed id is
     /// `Rejected` with `InvalidInstanceID.Malformed`, without a call.
     pub async fn describe(
         &self,
@@ -398,6 +401,9 @@ impl Ec2 {
             return Err(engine::malformed("DescribeInstances", id));
         }
         if let Some(cached) = self.inner.core.track_and_lookup(id, max_age) {
+            return Ok(cached);
+        }
+        if let Some(cached) = self.inner.core.await_refresh(id, max_age).await {
             return Ok(cached);
         }
         self.inner

@@ -14,7 +14,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use sqlx::Row;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
@@ -154,8 +153,71 @@ fn opt_chrono(t: Option<Timestamp>) -> Option<DateTime<Utc>> {
     t.map(chrono)
 }
 
-fn opt_jiff(t: Option<DateTime<Utc>>) -> Option<Timestamp> {
-    t.map(jiff_ts)
+/// A timestamp column as a row reads it: both engines decode it as chrono's `DateTime<Utc>`,
+/// the ledger's rows hold jiff's [`Timestamp`]. Named in `#[sqlx(try_from = "TimeColumn")]`
+/// on a row's `Timestamp` fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeColumn(pub Timestamp);
+
+/// A nullable timestamp column (see [`TimeColumn`]), for `Option<Timestamp>` fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptTimeColumn(pub Option<Timestamp>);
+
+impl From<TimeColumn> for Timestamp {
+    fn from(t: TimeColumn) -> Self {
+        t.0
+    }
+}
+
+impl From<OptTimeColumn> for Option<Timestamp> {
+    fn from(t: OptTimeColumn) -> Self {
+        t.0
+    }
+}
+
+impl<DB: sqlx::Database> sqlx::Type<DB> for TimeColumn
+where
+    DateTime<Utc>: sqlx::Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <DateTime<Utc> as sqlx::Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <DateTime<Utc> as sqlx::Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for TimeColumn
+where
+    DateTime<Utc>: sqlx::Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        <DateTime<Utc> as sqlx::Decode<'r, DB>>::decode(value).map(|t| TimeColumn(jiff_ts(t)))
+    }
+}
+
+impl<DB: sqlx::Database> sqlx::Type<DB> for OptTimeColumn
+where
+    DateTime<Utc>: sqlx::Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <DateTime<Utc> as sqlx::Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <DateTime<Utc> as sqlx::Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for OptTimeColumn
+where
+    DateTime<Utc>: sqlx::Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        <Option<DateTime<Utc>> as sqlx::Decode<'r, DB>>::decode(value)
+            .map(|t| OptTimeColumn(t.map(jiff_ts)))
+    }
 }
 
 impl Pool {
@@ -414,7 +476,8 @@ impl Pool {
             let mut written = Written::default();
             let mut tx = pool.begin().await?;
             for chunk in events.chunks(EVENT_CHUNK) {
-                let mut insert = sqlx::query(sqlx::AssertSqlSafe(insert_events_sql(chunk.len())));
+                let mut insert =
+                    sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(insert_events_sql(chunk.len())));
                 for KeyedEvent { key, event } in chunk {
                     let c = columns(event);
                     let payload = serde_json::to_string(event)
@@ -441,12 +504,8 @@ impl Pool {
                         .bind(c.message)
                         .bind(payload);
                 }
-                let inserted: HashSet<String> = insert
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(|r| r.try_get::<String, _>(0))
-                    .collect::<Result<_, _>>()?;
+                let inserted: HashSet<String> =
+                    insert.fetch_all(&mut *tx).await?.into_iter().collect();
                 written.events += inserted.len() as u64;
                 for KeyedEvent { key, event } in chunk {
                     let LedgerEvent::InstanceState(s) = event else {
@@ -641,7 +700,7 @@ const IDLE_GAPS: &str = "SELECT namespace, name, instance_id, instance_type, mar
     stop_us < $2 AND (next_start_us IS NULL OR next_start_us > $1)";
 
 /// Running time of one sandbox, instance type and market (from [`Pool::run_time`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub(crate) struct RunTime {
     pub namespace: Option<String>,
     pub name: Option<String>,
@@ -653,7 +712,7 @@ pub(crate) struct RunTime {
 }
 
 /// One idle gap (from [`Pool::idle_gaps`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub(crate) struct IdleGap {
     pub namespace: Option<String>,
     pub name: Option<String>,
@@ -664,6 +723,23 @@ pub(crate) struct IdleGap {
     pub next_start_us: Option<i64>,
 }
 
+/// An event row as read back: its id and its JSON payload.
+#[derive(sqlx::FromRow)]
+struct PayloadRow {
+    id: i64,
+    payload: String,
+}
+
+impl PayloadRow {
+    fn event(self) -> Result<StoredEvent, LedgerError> {
+        let event = serde_json::from_str(&self.payload).map_err(|source| LedgerError::Payload {
+            id: self.id,
+            source,
+        })?;
+        Ok(StoredEvent { id: self.id, event })
+    }
+}
+
 const DEPLOY_STEPS: &str = "SELECT id, payload FROM ledger_events WHERE kind = 'deploy_step' AND \
     ($1 IS NULL OR at >= $1) ORDER BY id";
 
@@ -671,7 +747,7 @@ impl Pool {
     pub(crate) async fn events(&self, q: &EventQuery) -> Result<Vec<StoredEvent>, LedgerError> {
         let since = opt_chrono(q.since);
         with_pool!(self, pool => {
-            let rows = sqlx::query(SELECT_EVENTS)
+            let rows: Vec<PayloadRow> = sqlx::query_as(SELECT_EVENTS)
                 .bind(q.kind.clone())
                 .bind(since)
                 .bind(q.after_id.unwrap_or(0))
@@ -679,16 +755,7 @@ impl Pool {
                 .fetch_all(pool)
                 .await
                 .map_err(LedgerError::query("reading events"))?;
-            rows.iter()
-                .map(|r| {
-                    let id: i64 = r.try_get("id").map_err(LedgerError::query("reading events"))?;
-                    let payload: String =
-                        r.try_get("payload").map_err(LedgerError::query("reading events"))?;
-                    let event = serde_json::from_str(&payload)
-                        .map_err(|source| LedgerError::Payload { id, source })?;
-                    Ok(StoredEvent { id, event })
-                })
-                .collect()
+            rows.into_iter().map(PayloadRow::event).collect()
         })
     }
 
@@ -697,67 +764,19 @@ impl Pool {
         since: Option<Timestamp>,
     ) -> Result<Vec<StoredEvent>, LedgerError> {
         with_pool!(self, pool => {
-            let rows = sqlx::query(DEPLOY_STEPS)
+            let rows: Vec<PayloadRow> = sqlx::query_as(DEPLOY_STEPS)
                 .bind(opt_chrono(since))
                 .fetch_all(pool)
                 .await
                 .map_err(LedgerError::query("reading deploy steps"))?;
-            rows.iter()
-                .map(|r| {
-                    let id: i64 = r.try_get("id").map_err(LedgerError::query("reading deploy steps"))?;
-                    let payload: String = r
-                        .try_get("payload")
-                        .map_err(LedgerError::query("reading deploy steps"))?;
-                    let event = serde_json::from_str(&payload)
-                        .map_err(|source| LedgerError::Payload { id, source })?;
-                    Ok(StoredEvent { id, event })
-                })
-                .collect()
+            rows.into_iter().map(PayloadRow::event).collect()
         })
     }
 
     pub(crate) async fn sandboxes(&self) -> Result<Vec<SandboxRow>, LedgerError> {
         let q = LedgerError::query("reading the sandboxes table");
         with_pool!(self, pool => {
-            let rows = sqlx::query(SELECT_SANDBOXES).fetch_all(pool).await.map_err(&q)?;
-            rows.iter()
-                .map(|r| -> Result<SandboxRow, sqlx::Error> {
-                    Ok(SandboxRow {
-                        id: r.try_get("id")?,
-                        namespace: r.try_get("namespace")?,
-                        name: r.try_get("name")?,
-                        environment: r.try_get("environment")?,
-                        instance_id: r.try_get("instance_id")?,
-                        instance_type: r.try_get("instance_type")?,
-                        public_ip: r.try_get("public_ip")?,
-                        private_ip: r.try_get("private_ip")?,
-                        status: r.try_get("status")?,
-                        health_status: r.try_get("health_status")?,
-                        last_health_check_at: opt_jiff(r.try_get("last_health_check_at")?),
-                        capacity: r.try_get("capacity")?,
-                        current_load: r.try_get("current_load")?,
-                        ssh_key_name: r.try_get("ssh_key_name")?,
-                        novnc_url: r.try_get("novnc_url")?,
-                        browser_engine: r.try_get("browser_engine")?,
-                        ec2_status: r.try_get("ec2_status")?,
-                        last_started_at: opt_jiff(r.try_get("last_started_at")?),
-                        last_stopped_at: opt_jiff(r.try_get("last_stopped_at")?),
-                        auto_stop_enabled: r.try_get("auto_stop_enabled")?,
-                        idle_minutes_before_stop: r.try_get("idle_minutes_before_stop")?,
-                        agent_version: r.try_get("agent_version")?,
-                        agent_last_seen_at: opt_jiff(r.try_get("agent_last_seen_at")?),
-                        gh_image_tag: r.try_get("gh_image_tag")?,
-                        gh_image_updated_at: opt_jiff(r.try_get("gh_image_updated_at")?),
-                        phase: r.try_get("phase")?,
-                        market: r.try_get("market")?,
-                        stop_reason: r.try_get("stop_reason")?,
-                        failure_reason: r.try_get("failure_reason")?,
-                        created_at: jiff_ts(r.try_get("created_at")?),
-                        updated_at: jiff_ts(r.try_get("updated_at")?),
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(&q)
+            sqlx::query_as(SELECT_SANDBOXES).fetch_all(pool).await.map_err(&q)
         })
     }
 
@@ -768,25 +787,11 @@ impl Pool {
     ) -> Result<Vec<RunTime>, LedgerError> {
         let q = LedgerError::query("summing power intervals");
         with_pool!(self, pool => {
-            let rows = sqlx::query(RUN_TIME)
+            sqlx::query_as(RUN_TIME)
                 .bind(us(since))
                 .bind(us(until))
                 .fetch_all(pool)
                 .await
-                .map_err(&q)?;
-            rows.iter()
-                .map(|r| -> Result<RunTime, sqlx::Error> {
-                    Ok(RunTime {
-                        namespace: r.try_get("namespace")?,
-                        name: r.try_get("name")?,
-                        instance_id: r.try_get("instance_id")?,
-                        instance_type: r.try_get("instance_type")?,
-                        market: r.try_get("market")?,
-                        run_us: r.try_get("run_us")?,
-                        intervals: r.try_get("intervals")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
                 .map_err(&q)
         })
     }
@@ -798,25 +803,11 @@ impl Pool {
     ) -> Result<Vec<IdleGap>, LedgerError> {
         let q = LedgerError::query("finding auto-stop gaps");
         with_pool!(self, pool => {
-            let rows = sqlx::query(IDLE_GAPS)
+            sqlx::query_as(IDLE_GAPS)
                 .bind(us(since))
                 .bind(us(until))
                 .fetch_all(pool)
                 .await
-                .map_err(&q)?;
-            rows.iter()
-                .map(|r| -> Result<IdleGap, sqlx::Error> {
-                    Ok(IdleGap {
-                        namespace: r.try_get("namespace")?,
-                        name: r.try_get("name")?,
-                        instance_id: r.try_get("instance_id")?,
-                        instance_type: r.try_get("instance_type")?,
-                        market: r.try_get("market")?,
-                        stop_us: r.try_get("stop_us")?,
-                        next_start_us: r.try_get("next_start_us")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
                 .map_err(&q)
         })
     }

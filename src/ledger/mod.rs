@@ -64,7 +64,12 @@ use db::{OpenOptions, Pool};
 pub enum LedgerError {
     /// The `--ledger` value is neither a PostgreSQL URL nor a SQLite path.
     #[error("invalid ledger URL {url:?}: {reason}")]
-    Url { url: String, reason: String },
+    Url {
+        /// The value given (a password in it is masked).
+        url: String,
+        /// Why it is neither.
+        reason: String,
+    },
     /// A report was asked of a SQLite ledger that does not exist.
     #[error(
         "no ledger at {0}: `sandbox-operator run` creates it; pass --ledger (or set SANDBOX_OPERATOR_LEDGER) to read another"
@@ -72,25 +77,44 @@ pub enum LedgerError {
     Missing(PathBuf),
     /// Connecting failed.
     #[error("opening the ledger {url}: {source}")]
-    Open { url: String, source: sqlx::Error },
+    Open {
+        /// The ledger, its password masked.
+        url: String,
+        /// What the driver said.
+        source: sqlx::Error,
+    },
     /// Applying the migrations failed.
     #[error("applying the ledger's migrations to {url}: {source}")]
     Migrate {
+        /// The ledger, its password masked.
         url: String,
+        /// What the migrator said.
         source: sqlx::migrate::MigrateError,
     },
     /// A query failed.
     #[error("{what}: {source}")]
     Query {
+        /// What was being done.
         what: &'static str,
+        /// What the driver said.
         source: sqlx::Error,
     },
     /// A stored event's JSON did not parse (written by a newer version?).
     #[error("ledger event {id} has a payload this version cannot read: {source}")]
-    Payload { id: i64, source: serde_json::Error },
+    Payload {
+        /// The event's row id.
+        id: i64,
+        /// What the JSON parser said.
+        source: serde_json::Error,
+    },
     /// The price file could not be read.
     #[error("price file {path}: {reason}")]
-    PriceFile { path: PathBuf, reason: String },
+    PriceFile {
+        /// The price file.
+        path: PathBuf,
+        /// Why it could not be read.
+        reason: String,
+    },
     /// `--since`/`--until` did not parse.
     #[error(
         "invalid time {0:?}: expected a duration back from now (30d, 12h, 2w, 1d12h), an RFC 3339 time or a date (2024-05-01)"

@@ -62,6 +62,7 @@ pub enum Report {
 /// `report cost`.
 #[derive(Args, Debug, Clone)]
 pub struct CostArgs {
+    /// The ledger to read.
     #[command(flatten)]
     pub common: LedgerArgs,
     /// The window's start: a duration back from now (30d, 12h, 2w), an RFC 3339 time or a date.
@@ -80,6 +81,7 @@ pub struct CostArgs {
 /// `report fleet`.
 #[derive(Args, Debug, Clone)]
 pub struct FleetArgs {
+    /// The ledger to read.
     #[command(flatten)]
     pub common: LedgerArgs,
     /// Only this environment (dev, staging, prod).
@@ -90,6 +92,7 @@ pub struct FleetArgs {
 /// `report deploys`.
 #[derive(Args, Debug, Clone)]
 pub struct DeploysArgs {
+    /// The ledger to read.
     #[command(flatten)]
     pub common: LedgerArgs,
     /// Only deploy steps from this time on (default: all).

@@ -6,12 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{AgentHealth, BrowserEngine, Environment, Sandbox, SandboxPhase};
 
+use super::db::{OptTimeColumn, TimeColumn};
 use super::event::market_str;
 
 /// A row of the `sandboxes` table. Field names are the column names (the seeds' names, plus
 /// `namespace`, `phase`, `market`, `stop_reason` and `failure_reason`); enum columns hold the
 /// seeds' lower-case values.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct SandboxRow {
     /// The Sandbox's UID (`namespace/name` when there is none).
     pub id: String,
@@ -36,6 +37,7 @@ pub struct SandboxRow {
     /// instance is not running or has not answered (never a false "unhealthy").
     pub health_status: String,
     /// When the agent last answered a probe.
+    #[sqlx(try_from = "OptTimeColumn")]
     pub last_health_check_at: Option<Timestamp>,
     /// Browser sessions at once.
     pub capacity: i32,
@@ -50,8 +52,10 @@ pub struct SandboxRow {
     /// EC2's state: pending, running, stopping, stopped, shutting-down, terminated.
     pub ec2_status: Option<String>,
     /// When the instance last started running.
+    #[sqlx(try_from = "OptTimeColumn")]
     pub last_started_at: Option<Timestamp>,
     /// When it last stopped.
+    #[sqlx(try_from = "OptTimeColumn")]
     pub last_stopped_at: Option<Timestamp>,
     /// Whether idle auto-stop applies.
     pub auto_stop_enabled: bool,
@@ -60,10 +64,12 @@ pub struct SandboxRow {
     /// The agent's version (unset for the older health server).
     pub agent_version: Option<String>,
     /// When the agent last answered.
+    #[sqlx(try_from = "OptTimeColumn")]
     pub agent_last_seen_at: Option<Timestamp>,
     /// The worker image tag the agent reports.
     pub gh_image_tag: Option<String>,
     /// When the last image deploy to this sandbox succeeded.
+    #[sqlx(try_from = "OptTimeColumn")]
     pub gh_image_updated_at: Option<Timestamp>,
     /// The Sandbox's phase, as the operator names it (Provisioning, Active, ... Failed).
     pub phase: Option<String>,
@@ -74,8 +80,10 @@ pub struct SandboxRow {
     /// The terminal problem, when there is one.
     pub failure_reason: Option<String>,
     /// When the Sandbox was created.
+    #[sqlx(try_from = "TimeColumn")]
     pub created_at: Timestamp,
     /// When this row was last written (the writer skips rows that did not change otherwise).
+    #[sqlx(try_from = "TimeColumn")]
     pub updated_at: Timestamp,
 }
 

@@ -32,14 +32,19 @@ pub enum ControlPlaneError {
     /// A binary is missing: run `make tools`.
     #[error("{name} not found at {path}: run `make tools` (or set {env}) first")]
     BinaryMissing {
+        /// The binary.
         name: &'static str,
+        /// Where it was looked for.
         path: PathBuf,
+        /// The environment variable that names another path.
         env: &'static str,
     },
     /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// What the operation returned.
         source: std::io::Error,
     },
     /// Certificate generation failed.
@@ -48,15 +53,21 @@ pub enum ControlPlaneError {
     /// A process did not become ready in time.
     #[error("{name} did not become ready within {timeout:?}; the end of its log:\n{tail}")]
     NotReady {
+        /// The process.
         name: &'static str,
+        /// How long it was given.
         timeout: Duration,
+        /// The end of its log.
         tail: String,
     },
     /// A process exited during start-up.
     #[error("{name} exited during start-up ({status}); the end of its log:\n{tail}")]
     Exited {
+        /// The process.
         name: &'static str,
+        /// How it exited.
         status: std::process::ExitStatus,
+        /// The end of its log.
         tail: String,
     },
     /// Building the kube client failed.
@@ -64,11 +75,18 @@ pub enum ControlPlaneError {
     Kubeconfig(#[from] kube::config::KubeconfigError),
     /// A Kubernetes API call failed.
     #[error("{what}: {source}")]
-    Kube { what: String, source: kube::Error },
+    Kube {
+        /// What was being done.
+        what: String,
+        /// What the client said.
+        source: kube::Error,
+    },
     /// A CRD file did not parse.
     #[error("parsing CRD file {path}: {source}")]
     CrdParse {
+        /// The CRD file.
         path: PathBuf,
+        /// What the YAML parser said.
         source: serde_yaml::Error,
     },
 }

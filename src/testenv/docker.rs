@@ -42,29 +42,41 @@ pub enum DockerError {
     /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// What the operation returned.
         source: std::io::Error,
     },
     /// A program the engine needs is not installed.
     #[error("{name} not found at {path}; run `hack/install-tools.sh {hint}`")]
     Missing {
+        /// The program.
         name: &'static str,
+        /// Where it was looked for.
         path: PathBuf,
+        /// The `hack/install-tools.sh` target that installs it.
         hint: &'static str,
     },
     /// A daemon did not become ready in time.
     #[error("{what} did not become ready within {secs} s; last lines of {log}:\n{tail}")]
     NotReady {
+        /// The daemon.
         what: &'static str,
+        /// How long it was given, seconds.
         secs: u64,
+        /// Its log file.
         log: PathBuf,
+        /// The end of its log.
         tail: String,
     },
     /// A `docker` (or build) command failed.
     #[error("`{command}` failed ({status}): {output}")]
     Command {
+        /// The command line.
         command: String,
+        /// How it exited.
         status: String,
+        /// What it printed.
         output: String,
     },
 }
@@ -168,7 +180,9 @@ fn tail(path: &Path, lines: usize) -> String {
 pub struct Registry {
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The test account's user name.
     pub username: String,
+    /// The test account's password.
     pub password: String,
     /// A second account named `AWS`, as ECR's (`aws ecr get-login-password | docker login
     /// --username AWS --password-stdin REGISTRY`); its password is [`Registry::aws_password`].

@@ -47,34 +47,51 @@ pub enum NodeError {
     /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// What the operation returned.
         source: std::io::Error,
     },
     /// A program the node needs is not installed or built.
     #[error("{name} not found at {path}: {hint}")]
     Missing {
+        /// The program.
         name: String,
+        /// Where it was looked for.
         path: PathBuf,
+        /// How to install or build it.
         hint: &'static str,
     },
     /// A component did not become ready in time.
     #[error("{what} did not become ready within {secs} s; the end of {log}:\n{tail}")]
     NotReady {
+        /// The component.
         what: String,
+        /// How long it was given, seconds.
         secs: u64,
+        /// Its log file.
         log: PathBuf,
+        /// The end of its log.
         tail: String,
     },
     /// A command (go build, ctr, the image packer) failed.
     #[error("`{command}` failed ({status}): {output}")]
     Command {
+        /// The command line.
         command: String,
+        /// How it exited.
         status: String,
+        /// What it printed.
         output: String,
     },
     /// The API server refused a call.
     #[error("{what}: {source}")]
-    Kube { what: String, source: kube::Error },
+    Kube {
+        /// What was being done.
+        what: String,
+        /// What the API server or the client said.
+        source: kube::Error,
+    },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {

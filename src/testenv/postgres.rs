@@ -36,13 +36,17 @@ pub enum PostgresError {
     /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// What the operation returned.
         source: std::io::Error,
     },
     /// initdb failed.
     #[error("initdb failed ({status}):\n{output}")]
     Initdb {
+        /// How initdb exited.
         status: std::process::ExitStatus,
+        /// What it printed.
         output: String,
     },
     /// The server did not come up.
@@ -50,19 +54,29 @@ pub enum PostgresError {
         "postgres did not accept connections on port {port} within {timeout:?}; the end of its log:\n{tail}"
     )]
     NotReady {
+        /// The port it was to listen on.
         port: u16,
+        /// How long it was given.
         timeout: Duration,
+        /// The end of its log.
         tail: String,
     },
     /// The server exited during start-up.
     #[error("postgres exited during start-up ({status}); the end of its log:\n{tail}")]
     Exited {
+        /// How it exited.
         status: std::process::ExitStatus,
+        /// The end of its log.
         tail: String,
     },
     /// Creating a database failed.
     #[error("creating database {name}: {source}")]
-    CreateDatabase { name: String, source: sqlx::Error },
+    CreateDatabase {
+        /// The database.
+        name: String,
+        /// What the driver said.
+        source: sqlx::Error,
+    },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PostgresError {

@@ -33,13 +33,19 @@ use std::time::Duration;
 /// What the refresher found, read by `/health` without waiting for anything.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// The host's CPU, memory, disk and uptime.
     pub host: HostSample,
+    /// The worker's status, or why it could not be read.
     pub worker: Result<WorkerStatus, String>,
+    /// AdsPower's state (`running`, `not_responding`, `stopped`, `unknown`); `None` with chromium.
     pub adspower_status: Option<String>,
+    /// Browser profiles AdsPower has open, when it said.
     pub active_profiles: Option<u32>,
+    /// The browser's state in a word, as `/health` reports it.
     pub browser_status: String,
     /// The image tag named by the deploy env file.
     pub image_tag: Option<String>,
+    /// The checks and their outcomes.
     pub checks: Vec<Check>,
     /// When this snapshot's collection started (what it says is at least this fresh).
     pub taken_at: Timestamp,
@@ -84,6 +90,7 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// A collector for `cfg`, sharing the env-file lock and hash with `PUT /env`.
     pub fn new(
         cfg: Arc<AgentConfig>,
         redactor: Redactor,
@@ -642,9 +649,13 @@ pub fn adspower_check(
 /// One container from `docker compose ps --format json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComposeContainer {
+    /// The compose service.
     pub service: String,
+    /// The container's name.
     pub name: String,
+    /// Its state (`running`, `exited`, ...).
     pub state: String,
+    /// Its health (`healthy`, `unhealthy`, `starting`, or empty without a health check).
     pub health: String,
 }
 

@@ -18,16 +18,23 @@ use std::time::Duration;
 /// Errors loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file could not be read.
     #[error("reading config file {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// The config file is not valid YAML for this configuration.
     #[error("parsing config file {path}: {source}")]
     Parse {
+        /// The file.
         path: PathBuf,
+        /// What the YAML parser said.
         source: serde_yaml::Error,
     },
+    /// A value is out of range or settings contradict each other.
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -37,9 +44,11 @@ pub enum ConfigError {
 pub struct Dur(pub Duration);
 
 impl Dur {
+    /// `s` seconds.
     pub const fn secs(s: u64) -> Self {
         Dur(Duration::from_secs(s))
     }
+    /// `ms` milliseconds.
     pub const fn millis(ms: u64) -> Self {
         Dur(Duration::from_millis(ms))
     }
@@ -107,12 +116,15 @@ impl<'de> Deserialize<'de> for Dur {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum BrowserEngine {
+    /// Chromium (the default).
     #[default]
     Chromium,
+    /// AdsPower.
     Adspower,
 }
 
 impl BrowserEngine {
+    /// The engine's name as configured and reported: `chromium` or `adspower`.
     pub fn as_str(self) -> &'static str {
         match self {
             BrowserEngine::Chromium => "chromium",
@@ -198,6 +210,7 @@ pub struct LoginConfig {
     /// The registry for `docker login` (with `username` and `passwordFile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
+    /// The user for `docker login` (with `registry` and `passwordFile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     /// The password (first line), given to `docker login --password-stdin` on its stdin: never
@@ -269,6 +282,7 @@ pub struct WorkerServiceCheck {
     pub compose_service: Option<String>,
 }
 
+/// AdsPower's local API and service (the `adspower` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct AdsPowerConfig {
@@ -293,6 +307,7 @@ impl Default for AdsPowerConfig {
     }
 }
 
+/// The chromium browser (the `chromium` section).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ChromiumConfig {
@@ -302,6 +317,7 @@ pub struct ChromiumConfig {
     pub binary: Option<PathBuf>,
 }
 
+/// The docker CLI and the compose project (the `docker` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DockerConfig {
@@ -338,6 +354,7 @@ impl Default for DockerConfig {
     }
 }
 
+/// The worker's HTTP endpoints (the `worker` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct WorkerConfig {
@@ -359,6 +376,7 @@ impl Default for WorkerConfig {
     }
 }
 
+/// How a deploy runs (the `deploy` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DeployConfig {
@@ -411,6 +429,7 @@ impl Default for DeployConfig {
     }
 }
 
+/// What the health checks look at (the `checks` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ChecksConfig {
@@ -454,6 +473,7 @@ impl Default for ChecksConfig {
     }
 }
 
+/// Request size and time limits (the `limits` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -495,22 +515,29 @@ pub struct AgentConfig {
     pub env_file: PathBuf,
     /// `chromium` or `adspower`.
     pub browser_engine: BrowserEngine,
+    /// AdsPower's API and service.
     pub adspower: AdsPowerConfig,
+    /// The chromium browser.
     pub chromium: ChromiumConfig,
     /// The systemctl binary (for systemd probes and service restarts).
     pub systemctl: PathBuf,
+    /// The docker CLI and the compose project.
     pub docker: DockerConfig,
+    /// The worker's HTTP endpoints.
     pub worker: WorkerConfig,
+    /// How a deploy runs.
     pub deploy: DeployConfig,
     /// Standalone worker containers the deploy recreates on the new image.
     pub targeted_workers: TargetedWorkersConfig,
     /// Services `POST /restart` and `PUT /env` may restart, by name.
     pub services: BTreeMap<String, ServiceAction>,
+    /// What the health checks look at.
     pub checks: ChecksConfig,
     /// How often metrics, worker status and checks are refreshed in the background.
     pub refresh_interval: Dur,
     /// Timeout of one probe (TCP, HTTP, command) during a refresh.
     pub probe_timeout: Dur,
+    /// Request size and time limits.
     pub limits: LimitsConfig,
 }
 
@@ -572,6 +599,7 @@ impl AgentConfig {
         })
     }
 
+    /// Reads the YAML text (an empty text is the default configuration); unknown fields are refused.
     pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
         if text.trim().is_empty() {
             return Ok(Self::default());
@@ -954,9 +982,12 @@ Configuration file keys (YAML, camelCase; defaults in brackets):
 PUT /env body: {\"content\": \"<whole env file>\", \"restartServices\": [\"name\", ...]}.
 SIGHUP re-reads the token file.";
 
+/// How the agent writes its log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 

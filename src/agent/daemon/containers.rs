@@ -132,7 +132,9 @@ pub async fn run(
 /// The docker CLI of the configuration, with the agent's redactor.
 #[derive(Clone)]
 pub struct Engine<'a> {
+    /// The configuration (docker binary, compose files, project).
     pub cfg: &'a AgentConfig,
+    /// Masks secrets in command output and messages.
     pub redactor: &'a Redactor,
 }
 
@@ -654,6 +656,7 @@ pub struct EngineView {
     pub taken_at: Option<jiff::Timestamp>,
     /// The tag of the image the worker's compose container runs.
     pub running_tag: Option<String>,
+    /// The standalone worker containers the deploy recreates, as they run now.
     pub targeted: Vec<TargetedWorker>,
 }
 
@@ -702,9 +705,11 @@ fn describe_args(args: &[OsString]) -> String {
 /// image. Holds no env file value: those are read when it is started.
 #[derive(Clone)]
 pub struct WorkerSpec {
+    /// The container's name.
     pub name: String,
     /// The image repository (no tag) and the tag it ran.
     pub repository: String,
+    /// The tag it ran, when its image reference had one.
     pub tag: Option<String>,
     /// `docker create` options: labels, limits, network, ports, mounts, restart policy, user.
     pub flags: Vec<OsString>,
@@ -962,10 +967,15 @@ impl WorkerSpec {
 /// One container of `docker compose ps --format json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComposePsEntry {
+    /// The compose service.
     pub service: String,
+    /// The container's name.
     pub name: String,
+    /// The image reference it runs.
     pub image: String,
+    /// Its state (`running`, `exited`, ...).
     pub state: String,
+    /// Its health (`healthy`, `unhealthy`, `starting`, or empty without a health check).
     pub health: String,
 }
 

@@ -43,18 +43,22 @@ use std::time::{Duration, Instant};
 /// What a step did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// It worked.
     Ok(String),
     /// Not quite, and the deploy goes on (a drain that timed out).
     Warn(String),
     /// Nothing to do.
     Skipped(String),
+    /// It failed: the deploy stops (or rolls back).
     Failed(String),
 }
 
 impl Outcome {
+    /// Whether the step failed.
     pub fn is_failure(&self) -> bool {
         matches!(self, Outcome::Failed(_))
     }
+    /// What the step said, in a sentence.
     pub fn message(&self) -> &str {
         match self {
             Outcome::Ok(m) | Outcome::Warn(m) | Outcome::Skipped(m) | Outcome::Failed(m) => m,
@@ -73,7 +77,9 @@ impl Outcome {
 /// What comes after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
+    /// Run this step.
     Run(DeployStep),
+    /// The deploy ends in this state.
     Finish(DeployState),
 }
 
@@ -205,6 +211,7 @@ impl DeployManager {
         self.read().clone()
     }
 
+    /// Whether a deploy is running now.
     pub fn is_running(&self) -> bool {
         self.read()
             .as_ref()
@@ -524,8 +531,11 @@ fn final_message(
 
 /// The production edges: the deploy env file, the docker CLI, the worker's HTTP endpoints.
 pub struct CommandOps {
+    /// The agent's configuration.
     pub cfg: Arc<AgentConfig>,
+    /// For the worker's status, drain and health endpoints.
     pub http: reqwest::Client,
+    /// Masks secrets in command output and messages.
     pub redactor: Redactor,
     /// Held while an env file is read, edited and written (shared with `PUT /env`).
     pub env_lock: Arc<tokio::sync::Mutex<()>>,

@@ -17,11 +17,14 @@ const MAX_EXCERPT: usize = 400;
 pub struct CmdOutput {
     /// The exit code; `None` when killed by a signal.
     pub code: Option<i32>,
+    /// What it printed on stdout (bounded).
     pub stdout: String,
+    /// What it printed on stderr (bounded).
     pub stderr: String,
 }
 
 impl CmdOutput {
+    /// Whether it exited with status 0.
     pub fn success(&self) -> bool {
         self.code == Some(0)
     }
@@ -68,16 +71,28 @@ fn tail_chars(s: &str, max: usize) -> String {
 /// Why a command did not run to completion.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// The program could not be started.
     #[error("cannot run {program}: {source}")]
     Spawn {
+        /// The program.
         program: String,
+        /// Why it could not be started.
         source: std::io::Error,
     },
+    /// It ran longer than its timeout and was killed.
     #[error("{program} did not finish within {timeout:?} (killed)")]
-    Timeout { program: String, timeout: Duration },
+    Timeout {
+        /// The program.
+        program: String,
+        /// The time it was given.
+        timeout: Duration,
+    },
+    /// Waiting for the program failed.
     #[error("waiting for {program}: {source}")]
     Wait {
+        /// The program.
         program: String,
+        /// What waiting returned.
         source: std::io::Error,
     },
 }

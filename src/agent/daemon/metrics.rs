@@ -9,19 +9,26 @@ use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, System};
 pub struct HostSample {
     /// CPU use since the previous sample, percent of all cores.
     pub cpu: f64,
+    /// Total memory, MiB.
     pub memory_total_mb: f64,
+    /// Memory in use, MiB.
     pub memory_used_mb: f64,
+    /// Size of the disk, GiB.
     pub disk_total_gb: f64,
+    /// Disk space in use, GiB.
     pub disk_used_gb: f64,
     /// The mount point the disk numbers are for; `None` when no disk holds the configured path.
     pub disk_mount: Option<PathBuf>,
+    /// Seconds since the host booted.
     pub uptime_secs: u64,
 }
 
 impl HostSample {
+    /// Memory in use, percent of the total (0 when the total is unknown).
     pub fn memory_percent(&self) -> f64 {
         pct(self.memory_used_mb, self.memory_total_mb)
     }
+    /// Disk space in use, percent of the disk (0 when its size is unknown).
     pub fn disk_percent(&self) -> f64 {
         pct(self.disk_used_gb, self.disk_total_gb)
     }
@@ -51,6 +58,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler for the disk holding `disk_path`.
     pub fn new(disk_path: &Path) -> Self {
         let mut sys = System::new().ok();
         if let Some(s) = sys.as_mut() {
@@ -64,6 +72,7 @@ impl Sampler {
         }
     }
 
+    /// Samples the host now (CPU use since the previous sample).
     pub fn sample(&mut self) -> HostSample {
         let mut out = HostSample {
             uptime_secs: System::uptime().unwrap_or(0),

@@ -52,18 +52,31 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The token file could not be read, or holds no token.
     #[error("reading token file {path}: {message}")]
-    Token { path: PathBuf, message: String },
+    Token {
+        /// The token file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The listen address could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
+        /// The address.
         addr: SocketAddr,
+        /// Why binding failed.
         source: std::io::Error,
     },
+    /// The address file (`--addr-file`) could not be written.
     #[error("writing address file {path}: {source}")]
     AddrFile {
+        /// The file.
         path: PathBuf,
+        /// Why writing failed.
         source: std::io::Error,
     },
+    /// The HTTP server failed.
     #[error("serving HTTP: {0}")]
     Serve(std::io::Error),
 }

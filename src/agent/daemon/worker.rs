@@ -6,7 +6,9 @@ use std::time::Duration;
 /// What the worker says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerStatus {
+    /// Jobs the worker runs now, when it said.
     pub active_workers: Option<u32>,
+    /// Whether the worker may be stopped for a deploy now.
     pub deploy_safe: bool,
 }
 
@@ -42,6 +44,7 @@ pub fn parse_status(v: &Value) -> Option<WorkerStatus> {
 pub struct WorkerError {
     /// Nothing listens there (connection refused): the worker is not running.
     pub unreachable: bool,
+    /// What went wrong, in words.
     pub message: String,
 }
 
