@@ -906,10 +906,15 @@ async fn steady(env: &Env, res: &mut Results, f: &Fleet, large: bool) -> Result<
         &format!("<= {allowed:.0}"),
         Verdict::of(per_refresh <= allowed + 1e-9),
         format!(
-            "{describes:.0} calls in {:.1} refreshes of {n} instances; moto {:.0} ms median, {:.0} ms max per call",
+            "{describes:.0} calls in {:.1} refreshes of {n} instances; moto {:.0} ms median, {:.0} ms max per call; at {}",
             dt / f.refresh.as_secs_f64(),
             quantile(&moto_ms, 0.5).unwrap_or(0.0),
-            moto_ms.iter().cloned().fold(0.0, f64::max)
+            moto_ms.iter().cloned().fold(0.0, f64::max),
+            describe_entries
+                .iter()
+                .map(|e| format!("+{:.1}s ({} ids)", e.t - since, e.n))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     );
     res.row(
