@@ -106,7 +106,23 @@ pub(crate) struct Core {
     refreshing: tokio::sync::watch::Sender<Option<Instant>>,
     /// When the next periodic refresh is due (`None`: no refresh loop runs).
     next_refresh: Mutex<Option<Instant>>,
+    /// Set by a caller that wants the next refresh to list every managed instance (the orphan
+    /// sweep), so the sweep makes no DescribeInstances of its own.
+    want_managed: std::sync::atomic::AtomicBool,
+    /// The last list of managed instances a refresh made on request, with its start time.
+    managed_list: ManagedList,
 }
+
+/// A refresh's list of managed instances, with the time the refresh started.
+type ManagedList = tokio::sync::watch::Sender<Option<(Instant, Arc<Vec<Instance>>)>>;
+
+/// How long a caller waits past the next refresh's due time for its managed list before it
+/// lists the instances itself.
+const MANAGED_LIST_PATIENCE: Duration = Duration::from_secs(15);
+
+/// A caller lists the managed instances itself rather than wait longer than this for the next
+/// refresh (a long `--ec2-refresh`).
+const MANAGED_LIST_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// A lookup that finds its instance too old when the next refresh is due within this long (or
 /// overdue: its tick fired and the refresh has not started yet) waits for that refresh.
@@ -147,6 +163,8 @@ impl Core {
             turns: Mutex::new(HashMap::new()),
             refreshing: tokio::sync::watch::channel(None).0,
             next_refresh: Mutex::new(None),
+            want_managed: std::sync::atomic::AtomicBool::new(false),
+            managed_list: tokio::sync::watch::channel(None).0,
         }
     }
 
@@ -975,6 +993,36 @@ impl Core {
         Ok(())
     }
 
+    /// Every instance tagged as the operator's, from the next periodic refresh: it is asked to
+    /// list them through the tag filter (one call it makes anyway), so the caller makes none of
+    /// its own. Without a refresh loop, or when that refresh does not answer within
+    /// [`MANAGED_LIST_PATIENCE`] past its due time (it failed), lists them itself.
+    pub(crate) async fn list_managed_at_next_refresh(&self) -> Result<Vec<Instance>, Ec2Error> {
+        let due = *self.next_refresh.lock().expect("next refresh lock");
+        let asked = Instant::now();
+        let Some(due) = due.filter(|d| d.saturating_duration_since(asked) <= MANAGED_LIST_MAX_WAIT)
+        else {
+            return self.list_managed().await;
+        };
+        let mut rx = self.managed_list.subscribe();
+        self.want_managed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::from_std(due.max(asked) + MANAGED_LIST_PATIENCE);
+        loop {
+            if let Some((at, list)) = &*rx.borrow_and_update()
+                && *at >= asked
+            {
+                return Ok(list.as_ref().clone());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => break,
+            }
+        }
+        self.list_managed().await
+    }
+
+    /// Every instance tagged as the operator's, listed now (pages of 1,000).
     pub(crate) async fn list_managed(&self) -> Result<Vec<Instance>, Ec2Error> {
         let at = Instant::now();
         let found = self.describe_pages(vec![managed_filter()]).await?;
@@ -987,19 +1035,28 @@ impl Core {
     /// Re-describes every tracked instance: the operator's own through the managed-by tag
     /// (pages of 1,000) once there are more than 200 of them, the rest by id (200 per
     /// filtered call, or 1,000 per `InstanceIds` call).
+    /// When a list of managed instances was asked for ([`Core::list_managed_at_next_refresh`]),
+    /// this refresh takes the tag-filtered path whatever the count and publishes the list.
     pub(crate) async fn refresh(&self) {
         let at = Instant::now();
+        let want = self
+            .want_managed
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
         let targets = self.cache().refresh_targets(at);
-        if targets.is_empty() {
+        if targets.is_empty() && !want {
             return;
         }
         self.refreshing.send_replace(Some(at));
         let _under_way = RefreshUnderWay(&self.refreshing);
         let maybe_managed = targets.iter().filter(|(_, managed)| *managed).count();
         let mut rest: Vec<String> = targets.into_iter().map(|(id, _)| id).collect();
-        if maybe_managed > MAX_FILTER_VALUES {
+        if maybe_managed > MAX_FILTER_VALUES || want {
             match self.describe_pages(vec![managed_filter()]).await {
                 Ok(found) => {
+                    if want {
+                        self.managed_list
+                            .send_replace(Some((at, Arc::new(found.clone()))));
+                    }
                     let wanted: HashSet<&String> = rest.iter().collect();
                     let mut seen = HashSet::new();
                     for instance in found {

@@ -495,6 +495,13 @@ impl Ec2 {
         self.inner.core.list_managed().await
     }
 
+    /// The same list, taken by the next periodic refresh (which lists through the tag filter
+    /// when asked), so a caller such as the orphan sweep adds no DescribeInstances of its own.
+    /// Falls back to [`Ec2::list_managed`] without a refresh loop or when that refresh fails.
+    pub async fn list_managed_at_next_refresh(&self) -> Result<Vec<Instance>, Ec2Error> {
+        self.inner.core.list_managed_at_next_refresh().await
+    }
+
     /// Removes the operator's ownership tags (managed-by, UID) from an instance a deleted
     /// Sandbox leaves behind (deletionPolicy Retain or Stop): it is no longer the operator's,
     /// and the orphan sweep leaves it alone. Stops tracking it.

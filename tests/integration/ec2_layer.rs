@@ -691,6 +691,39 @@ async fn a_refresh_costs_one_call_per_thousand_instances() {
 }
 
 #[tokio::test]
+async fn the_orphan_sweeps_listing_rides_on_the_periodic_refresh() {
+    let ep = endpoint().await;
+    let managed = launch_direct(&ep, 5, true).await;
+    let untracked = launch_direct(&ep, 2, true).await;
+    let ec2 = layer(&ep, settings(Duration::from_secs(2))).await;
+    for id in &managed {
+        describe_until_ok(&ec2, id).await;
+    }
+    let want: HashSet<String> = managed.iter().chain(&untracked).cloned().collect();
+    // The first answer comes right after a refresh; from there, the next listing costs only the
+    // next refresh's one call (the sweep's own listing would make it two).
+    let first = ec2.list_managed_at_next_refresh().await.unwrap();
+    assert_eq!(
+        first.into_iter().map(|i| i.id).collect::<HashSet<_>>(),
+        want
+    );
+    let before = described(&ep).await;
+    let second = ec2.list_managed_at_next_refresh().await.unwrap();
+    assert_eq!(described(&ep).await - before, 1);
+    assert_eq!(
+        second.into_iter().map(|i| i.id).collect::<HashSet<_>>(),
+        want
+    );
+
+    // Without a refresh due soon, the listing is made at once.
+    let idle = layer(&ep, settings(NO_REFRESH)).await;
+    let before = described(&ep).await;
+    let now = idle.list_managed_at_next_refresh().await.unwrap();
+    assert_eq!(described(&ep).await - before, 1);
+    assert_eq!(now.len(), want.len());
+}
+
+#[tokio::test]
 async fn instances_ec2_does_not_show_yet_neither_fail_their_batch_nor_vanish() {
     let ep = endpoint().await;
     let d = ep.defaults().await.unwrap();

@@ -29,7 +29,7 @@ pub(super) async fn sweep(ctx: Arc<Context>, namespace: Option<String>, store: S
         tick.tick().await;
         let uids: std::collections::HashSet<String> =
             store.state().iter().filter_map(|s| s.uid()).collect();
-        let instances = match ctx.ec2.list_managed().await {
+        let instances = match ctx.ec2.list_managed_at_next_refresh().await {
             Ok(v) => v,
             Err(e) => {
                 warn!(error = %e, "orphan sweep: listing tagged instances failed");
