@@ -111,6 +111,9 @@ pub(crate) struct Core {
     want_managed: std::sync::atomic::AtomicBool,
     /// The last list of managed instances a refresh made on request, with its start time.
     managed_list: ManagedList,
+    /// Pages the region's instances took when a refresh last listed them all (exactly, or at
+    /// least, when it gave up); 0 while not known.
+    region_pages: std::sync::atomic::AtomicUsize,
 }
 
 /// A refresh's list of managed instances, with the time the refresh started.
@@ -165,6 +168,7 @@ impl Core {
             next_refresh: Mutex::new(None),
             want_managed: std::sync::atomic::AtomicBool::new(false),
             managed_list: tokio::sync::watch::channel(None).0,
+            region_pages: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -178,6 +182,11 @@ impl Core {
             Bucket::Mutate => &self.mutate_limiter,
             Bucket::Run => &self.run_limiter,
         }
+    }
+
+    /// `MaxResults` of a DescribeInstances page.
+    fn page_size(&self) -> i32 {
+        self.settings.page_size.clamp(5, MAX_RESULTS)
     }
 
     fn ids_per_call(&self) -> usize {
@@ -265,6 +274,16 @@ impl Core {
 
     /// Converts the instances of DescribeInstances pages, noting spot requests.
     fn ingest<'a>(&self, reservations: impl IntoIterator<Item = &'a Reservation>) -> Vec<Instance> {
+        self.ingest_noting(reservations, |_| true)
+    }
+
+    /// [`Core::ingest`], noting the spot requests only of the instances `concerns` picks (a
+    /// listing of the whole region sees other parties' spot instances).
+    fn ingest_noting<'a>(
+        &self,
+        reservations: impl IntoIterator<Item = &'a Reservation>,
+        concerns: impl Fn(&Instance) -> bool,
+    ) -> Vec<Instance> {
         let mut out = Vec::new();
         let mut spot = Vec::new();
         for reservation in reservations {
@@ -272,6 +291,7 @@ impl Core {
                 if let Some((instance, request)) = convert::instance(sdk) {
                     if let Some(request) = request
                         && instance.state != InstanceState::Terminated
+                        && concerns(&instance)
                     {
                         spot.push((instance.id.clone(), request));
                     }
@@ -438,7 +458,7 @@ impl Core {
         }
     }
 
-    /// Paginated, filtered DescribeInstances (1,000 per page).
+    /// Paginated, filtered DescribeInstances (1,000 per page unless set otherwise).
     async fn describe_pages(&self, filters: Vec<Filter>) -> Result<Vec<Instance>, Ec2Error> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
@@ -448,7 +468,7 @@ impl Core {
                     self.client
                         .describe_instances()
                         .set_filters(Some(filters.clone()))
-                        .max_results(MAX_RESULTS)
+                        .max_results(self.page_size())
                         .set_next_token(token.clone())
                         .send()
                 })
@@ -1032,30 +1052,96 @@ impl Core {
         Ok(found)
     }
 
-    /// Re-describes every tracked instance: the operator's own through the managed-by tag
-    /// (pages of 1,000) once there are more than 200 of them, the rest by id (200 per
-    /// filtered call, or 1,000 per `InstanceIds` call).
-    /// When a list of managed instances was asked for ([`Core::list_managed_at_next_refresh`]),
-    /// this refresh takes the tag-filtered path whatever the count and publishes the list.
+    /// Re-describes every tracked instance, by the route [`refresh_route`] picks: the
+    /// operator's own through the managed-by tag (pages of 1,000) once there are more than 200
+    /// of them or a list of managed instances was asked for
+    /// ([`Core::list_managed_at_next_refresh`]), the rest by id (200 per filtered call, or 1,000
+    /// per `InstanceIds` call); or, when that would take two calls or more and the region's
+    /// instances fit in fewer pages, every instance in the region in pages of 1,000. A list of
+    /// managed instances that was asked for is published either way.
     pub(crate) async fn refresh(&self) {
-        let at = Instant::now();
+        // The flag first, then the time: a refresh that takes a request starts after it was
+        // made, so the caller takes its list.
         let want = self
             .want_managed
             .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let at = Instant::now();
         let targets = self.cache().refresh_targets(at);
         if targets.is_empty() && !want {
             return;
         }
         self.refreshing.send_replace(Some(at));
         let _under_way = RefreshUnderWay(&self.refreshing);
-        let maybe_managed = targets.iter().filter(|(_, managed)| *managed).count();
+        let tagged = targets.iter().filter(|(_, managed)| *managed).count();
+        let known_pages = self.region_pages.load(std::sync::atomic::Ordering::SeqCst);
+        let route = refresh_route(
+            tagged,
+            targets.len() - tagged,
+            want,
+            self.ids_per_call(),
+            self.page_size() as usize,
+            (known_pages > 0).then_some(known_pages),
+        );
         let mut rest: Vec<String> = targets.into_iter().map(|(id, _)| id).collect();
-        if maybe_managed > MAX_FILTER_VALUES || want {
+        let by_tag = match route {
+            RefreshRoute::Region { give_up_after } => {
+                match self.describe_region(give_up_after, &rest).await {
+                    Ok((found, pages, complete)) => {
+                        let mut seen = HashMap::with_capacity(rest.len());
+                        let wanted: HashSet<&String> = rest.iter().collect();
+                        let mut managed = Vec::new();
+                        for instance in found {
+                            if want && is_managed(&instance) {
+                                managed.push(instance.clone());
+                            }
+                            if wanted.contains(&instance.id) {
+                                seen.insert(instance.id.clone(), instance);
+                            }
+                        }
+                        if complete {
+                            self.region_pages
+                                .store(pages, std::sync::atomic::Ordering::SeqCst);
+                            if want {
+                                self.managed_list
+                                    .send_replace(Some((at, Arc::new(managed))));
+                            }
+                            // The whole region was listed: a tracked id it lacks is gone.
+                            for id in rest {
+                                let found = seen.remove(&id);
+                                self.observe(&id, found, at);
+                            }
+                            return;
+                        }
+                        // More pages than the other route takes calls: remember, and finish
+                        // by that route (once; the next refreshes go by it from the start).
+                        debug!(
+                            pages,
+                            "the region holds more instances than a refresh lists by itself"
+                        );
+                        self.region_pages
+                            .store(pages + 1, std::sync::atomic::Ordering::SeqCst);
+                        rest.retain(|id| !seen.contains_key(id));
+                        for (id, instance) in seen {
+                            self.observe(&id, Some(instance), at);
+                        }
+                        tagged > MAX_FILTER_VALUES || want
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "EC2 refresh of the region's instances failed; next try in one interval");
+                        return;
+                    }
+                }
+            }
+            RefreshRoute::Split { by_tag } => by_tag,
+        };
+        // The managed list asked for is published once the refresh is over (its observations
+        // are all in), so whoever asked sees the refresh's calls done.
+        let mut managed = None;
+        if by_tag {
             match self.describe_pages(vec![managed_filter()]).await {
                 Ok(found) => {
                     if want {
-                        self.managed_list
-                            .send_replace(Some((at, Arc::new(found.clone()))));
+                        managed = Some(found.clone());
                     }
                     let wanted: HashSet<&String> = rest.iter().collect();
                     let mut seen = HashSet::new();
@@ -1074,23 +1160,119 @@ impl Core {
                 }
             }
         }
-        if rest.is_empty() {
-            return;
-        }
-        match self.describe_ids(&rest).await {
-            Ok(mut outcome) => {
-                for id in rest {
-                    if !outcome.rejected.contains_key(&id) {
-                        let found = outcome.found.remove(&id);
-                        self.observe(&id, found, at);
+        if !rest.is_empty() {
+            match self.describe_ids(&rest).await {
+                Ok(mut outcome) => {
+                    for id in rest {
+                        if !outcome.rejected.contains_key(&id) {
+                            let found = outcome.found.remove(&id);
+                            self.observe(&id, found, at);
+                        }
                     }
                 }
+                Err(err) => {
+                    warn!(error = %err, "EC2 refresh failed; next try in one interval");
+                }
             }
-            Err(err) => {
-                warn!(error = %err, "EC2 refresh failed; next try in one interval");
+        }
+        if let Some(list) = managed {
+            self.managed_list.send_replace(Some((at, Arc::new(list))));
+        }
+    }
+
+    /// Every instance in the region, unfiltered, in pages: the instances, the pages
+    /// read and whether that was all of them. Stops with more to read once `give_up_after`
+    /// pages are read (the other route is then no dearer).
+    ///
+    /// Spot requests are noted for the `tracked` ids and the managed instances only.
+    async fn describe_region(
+        &self,
+        give_up_after: usize,
+        tracked: &[String],
+    ) -> Result<(Vec<Instance>, usize, bool), Ec2Error> {
+        let tracked: HashSet<&str> = tracked.iter().map(String::as_str).collect();
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = self
+                .call("DescribeInstances", Bucket::Describe, 1.0, None, || {
+                    self.client
+                        .describe_instances()
+                        .max_results(self.page_size())
+                        .set_next_token(token.clone())
+                        .send()
+                })
+                .await?;
+            pages += 1;
+            out.extend(self.ingest_noting(page.reservations(), |i| {
+                is_managed(i) || tracked.contains(i.id.as_str())
+            }));
+            match page.next_token() {
+                Some(next) if !next.is_empty() => {
+                    if pages >= give_up_after {
+                        return Ok((out, pages, false));
+                    }
+                    token = Some(next.to_owned());
+                }
+                _ => return Ok((out, pages, true)),
             }
         }
     }
+}
+
+/// How a refresh asks EC2 for its tracked instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefreshRoute {
+    /// By the managed-by tag (when `by_tag`), then by id for what the tag does not cover.
+    Split { by_tag: bool },
+    /// Every instance in the region in pages, given up (for the split) when more pages remain
+    /// after `give_up_after`.
+    Region { give_up_after: usize },
+}
+
+/// The route of a refresh of `tagged` instances carrying the managed-by tag (or not seen yet)
+/// and `untagged` others (adopted by id), when the sweep `want`s the managed list, with
+/// `ids_per_call` ids per `InstanceIds` call and the pages the region's instances took the last
+/// time they were listed (`None`: not known; taken as one).
+///
+/// The split costs the tag's pages (when more than 200 carry it, or the list is wanted) plus
+/// one call for up to 200 other ids, or one per `ids_per_call`. When that is two calls or more
+/// and the region listing is known (or hoped) to take fewer pages, the region is listed, and
+/// given up once it has read one page fewer than the split costs with more to come.
+fn refresh_route(
+    tagged: usize,
+    untagged: usize,
+    want: bool,
+    ids_per_call: usize,
+    page: usize,
+    region_pages: Option<usize>,
+) -> RefreshRoute {
+    let page = page.max(1);
+    let by_tag = tagged > MAX_FILTER_VALUES || want;
+    let (tag_calls, by_id) = if by_tag {
+        (tagged.div_ceil(page).max(1), untagged)
+    } else {
+        (0, tagged + untagged)
+    };
+    let id_calls = match by_id {
+        0 => 0,
+        n if n <= MAX_FILTER_VALUES => 1,
+        n => n.div_ceil(ids_per_call.max(1)),
+    };
+    let split = tag_calls + id_calls;
+    if split >= 2 && region_pages.unwrap_or(1) < split {
+        RefreshRoute::Region {
+            give_up_after: split - 1,
+        }
+    } else {
+        RefreshRoute::Split { by_tag }
+    }
+}
+
+/// Whether `instance` carries the operator's managed-by tag.
+fn is_managed(instance: &Instance) -> bool {
+    instance.tags.get(TAG_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE)
 }
 
 fn managed_filter() -> Filter {
@@ -1426,6 +1608,64 @@ mod tests {
         assert_eq!(
             slow.metrics.paced_counts().get("RunInstances/refused"),
             Some(&1)
+        );
+    }
+
+    #[test]
+    fn a_refresh_lists_the_region_only_where_that_takes_fewer_calls() {
+        use RefreshRoute::{Region, Split};
+        // Up to 200 launched instances: one call by id; more: the tag's pages.
+        assert_eq!(
+            refresh_route(150, 0, false, 1000, 1000, None),
+            Split { by_tag: false }
+        );
+        assert_eq!(
+            refresh_route(1000, 0, false, 1000, 1000, None),
+            Split { by_tag: true }
+        );
+        // An adopted fleet (no managed-by tag): one call by id, or by InstanceIds.
+        assert_eq!(
+            refresh_route(0, 1000, false, 1000, 1000, None),
+            Split { by_tag: false }
+        );
+        // A mixed fleet of up to 200: one filtered call by id.
+        assert_eq!(
+            refresh_route(100, 50, false, 1000, 1000, None),
+            Split { by_tag: false }
+        );
+        // The sweep's list on an adopted fleet would cost the tag's page plus a call by id:
+        // one page of the region (hoped for, or known) is cheaper.
+        assert_eq!(
+            refresh_route(0, 200, true, 1000, 1000, None),
+            Region { give_up_after: 1 }
+        );
+        assert_eq!(
+            refresh_route(0, 1000, true, 1000, 1000, Some(1)),
+            Region { give_up_after: 1 }
+        );
+        // ... but not once the region is known to take two pages or more.
+        assert_eq!(
+            refresh_route(0, 1000, true, 1000, 1000, Some(2)),
+            Split { by_tag: true }
+        );
+        // 500 launched and 10 adopted: the tag's page plus a call by id, or one region page.
+        assert_eq!(
+            refresh_route(500, 10, false, 1000, 1000, None),
+            Region { give_up_after: 1 }
+        );
+        // 2,500 adopted in calls of 1,000 ids: three calls; a region of two pages is cheaper.
+        assert_eq!(
+            refresh_route(0, 2500, false, 1000, 1000, Some(2)),
+            Region { give_up_after: 2 }
+        );
+        assert_eq!(
+            refresh_route(0, 2500, false, 1000, 1000, Some(3)),
+            Split { by_tag: false }
+        );
+        // Nothing tracked, the list wanted: the tag's one page.
+        assert_eq!(
+            refresh_route(0, 0, true, 1000, 1000, None),
+            Split { by_tag: true }
         );
     }
 

@@ -261,6 +261,8 @@ pub struct Ec2Settings {
     pub max_batch: usize,
     /// Client-side token buckets.
     pub buckets: RateLimits,
+    /// Results asked per DescribeInstances page (`MaxResults`, 5 to 1,000). Default 1,000.
+    pub page_size: i32,
 }
 
 impl Default for Ec2Settings {
@@ -270,6 +272,7 @@ impl Default for Ec2Settings {
             batch_window: Duration::from_millis(100),
             max_batch: 1000,
             buckets: RateLimits::default(),
+            page_size: MAX_RESULTS,
         }
     }
 }

@@ -96,6 +96,18 @@ async fn described(ep: &Ec2Endpoint) -> u64 {
     ep.calls().await.unwrap().accepted("DescribeInstances")
 }
 
+/// The DescribeInstances calls the endpoint logged (arrival, ids named, bucket), for failure
+/// messages.
+async fn describe_log(ep: &Ec2Endpoint) -> Vec<(f64, usize, String)> {
+    ep.call_log(0.0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.action == "DescribeInstances")
+        .map(|c| (c.t, c.n, c.bucket))
+        .collect()
+}
+
 /// Describes until `id` reads `want`.
 async fn wait_state(ec2: &Ec2, id: &str, want: InstanceState) {
     let deadline = Instant::now() + PATIENCE;
@@ -674,10 +686,11 @@ async fn a_refresh_costs_one_call_per_thousand_instances() {
     assert!(results.iter().all(|r| matches!(r, Ok(Some(_)))));
     assert_eq!(ec2.tracked(), 305);
 
-    // The operator's 300 through one tag-filtered page, the 5 adopted ones by id.
+    // The operator's 300 and the 5 adopted ones through one page of the region (by the tag's
+    // page and by id it would take two).
     let before = described(&ep).await;
     ec2.refresh_now().await;
-    assert_eq!(described(&ep).await - before, 2);
+    assert_eq!(described(&ep).await - before, 1);
 
     // The orphan sweep's listing sees the operator's own, not the adopted ones.
     let seen: HashSet<String> = ec2
@@ -721,6 +734,98 @@ async fn the_orphan_sweeps_listing_rides_on_the_periodic_refresh() {
     let now = idle.list_managed_at_next_refresh().await.unwrap();
     assert_eq!(described(&ep).await - before, 1);
     assert_eq!(now.len(), want.len());
+}
+
+#[tokio::test]
+async fn the_sweeps_listing_on_an_adopted_fleet_costs_one_call_per_refresh() {
+    let ep = endpoint().await;
+    // Adopted by id: no managed-by tag, so the tag's listing does not show them.
+    let adopted = launch_direct(&ep, 20, false).await;
+    let orphans = launch_direct(&ep, 3, true).await;
+    let ec2 = layer(&ep, settings(Duration::from_secs(2))).await;
+    for id in &adopted {
+        describe_until_ok(&ec2, id).await;
+    }
+    let want: HashSet<String> = orphans.iter().cloned().collect();
+    let ids = |list: Vec<sandbox_operator::ec2::Instance>| {
+        list.into_iter().map(|i| i.id).collect::<HashSet<_>>()
+    };
+    assert_eq!(ids(ec2.list_managed_at_next_refresh().await.unwrap()), want);
+
+    // Stopped behind the layer's back: the refresh that lists the managed instances sees it
+    // too, in the same one call (the tag's listing and a call by id would make two).
+    ep.client()
+        .await
+        .stop_instances()
+        .instance_ids(&adopted[0])
+        .send()
+        .await
+        .expect("StopInstances");
+    let before = described(&ep).await;
+    assert_eq!(ids(ec2.list_managed_at_next_refresh().await.unwrap()), want);
+    assert_eq!(described(&ep).await - before, 1);
+    let seen = ec2
+        .describe(&adopted[0], Duration::from_secs(600))
+        .await
+        .unwrap()
+        .expect("known");
+    assert!(
+        matches!(seen.state, InstanceState::Stopping | InstanceState::Stopped),
+        "the refresh's observation: {:?}",
+        seen.state
+    );
+    assert_eq!(
+        described(&ep).await - before,
+        1,
+        "answered from the refresh"
+    );
+}
+
+#[tokio::test]
+async fn a_region_of_more_than_a_page_is_listed_by_tag_and_id_after_one_try() {
+    let ep = endpoint().await;
+    // Other parties' instances first (EC2 lists in launch order), in six reservations: with
+    // pages of five (the endpoint pages by reservation) the region takes two pages, and the
+    // adopted instances are on the second.
+    for _ in 0..6 {
+        launch_direct(&ep, 1, false).await;
+    }
+    let adopted = launch_direct(&ep, 5, false).await;
+    let orphans = launch_direct(&ep, 2, true).await;
+    let ec2 = layer(
+        &ep,
+        Ec2Settings {
+            page_size: 5,
+            ..settings(Duration::from_secs(5))
+        },
+    )
+    .await;
+    for id in &adopted {
+        describe_until_ok(&ec2, id).await;
+    }
+    let want: HashSet<String> = orphans.iter().cloned().collect();
+    let ids = |list: Vec<sandbox_operator::ec2::Instance>| {
+        list.into_iter().map(|i| i.id).collect::<HashSet<_>>()
+    };
+    // The first refresh tries one page of the region, finds more, and finishes by the tag
+    // and by id (three calls, once) ...
+    let before = described(&ep).await;
+    assert_eq!(ids(ec2.list_managed_at_next_refresh().await.unwrap()), want);
+    assert_eq!(
+        described(&ep).await - before,
+        3,
+        "{:?}",
+        describe_log(&ep).await
+    );
+    // ... the next ones go by the tag and by id from the start.
+    let before = described(&ep).await;
+    assert_eq!(ids(ec2.list_managed_at_next_refresh().await.unwrap()), want);
+    assert_eq!(
+        described(&ep).await - before,
+        2,
+        "{:?}",
+        describe_log(&ep).await
+    );
 }
 
 #[tokio::test]
