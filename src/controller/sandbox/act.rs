@@ -218,13 +218,6 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
         launch_hold.as_ref(),
         stage,
     );
-    // agent.bootstrap: the AgentRegistered condition (a pure step of its own).
-    super::bootstrap::registration_step(
-        valid.as_ref(),
-        generation,
-        Timestamp::now(),
-        &mut decision,
-    );
 
     // ---- Carry out the actions. ----
     let ec2_error = carry_out(&ctx, &obj, &probed.client, &mut decision).await;
