@@ -30,7 +30,7 @@ mod validate;
 
 pub use agent::{agent_url, judge_report};
 pub use day2::{ActionRequest, action_wants_probe, finish_action, request_done};
-pub use delete::{DeleteStep, decide_delete, decide_delete_seen};
+pub use delete::{DeletePlan, DeleteStep, decide_delete, decide_delete_seen, decide_deletion};
 pub use image::{DeployAnswer, after_deploy};
 pub use instance::{instance_status, new_start_request};
 pub use schedule::{Due, ec2_max_age, first_status, probe_now};
