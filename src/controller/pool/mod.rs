@@ -30,6 +30,7 @@ use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::api::{POOL_LABEL, Sandbox, SandboxDeploy, SandboxPool, SandboxPoolStatus, Scaler};
+use crate::api::pool_events as events;
 use crate::controller::ErrorCategory;
 use crate::controller::sandboxes::{Change, Owned, SandboxWatch};
 use crate::metrics::Metrics;
@@ -250,7 +251,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                 &ctx,
                 &pool,
                 false,
-                "TemplateTagSet",
+                events::TEMPLATE_TAG_SET,
                 format!(
                     "SandboxDeploy {} succeeded on the members: members created from now on run {}",
                     d.name, d.tag
@@ -318,7 +319,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     &ctx,
                     &pool,
                     false,
-                    "Autoscaled",
+                    events::AUTOSCALED,
                     format!(
                         "{from} -> {} replicas: {active} active workers, {} sessions per member at target {}",
                         out.replicas, a.capacity, a.target
@@ -382,9 +383,9 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     &pool,
                     false,
                     if *standby {
-                        "StandbyCreated"
+                        events::STANDBY_CREATED
                     } else {
-                        "MemberCreated"
+                        events::MEMBER_CREATED
                     },
                     format!(
                         "member {} created{}",
@@ -406,7 +407,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     &ctx,
                     &pool,
                     false,
-                    "StandbyStarted",
+                    events::STANDBY_STARTED,
                     format!("standby member {name} started"),
                 )
                 .await;
@@ -419,7 +420,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     &ctx,
                     &pool,
                     false,
-                    "MemberDraining",
+                    events::MEMBER_DRAINING,
                     format!("member {name} is drained, then removed"),
                 )
                 .await;
@@ -432,7 +433,10 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                 act::delete(&sbx, &pool, name).await?;
                 ctx.expectations
                     .expect(&uid, name, expect::Write::Deleted, now);
-                let warning = matches!(*reason, "MemberUnregistered" | "MemberFailed");
+                let warning = matches!(
+                    *reason,
+                    events::MEMBER_UNREGISTERED | events::MEMBER_FAILED
+                );
                 record::event(&ctx, &pool, warning, reason, message.clone()).await;
             }
         }

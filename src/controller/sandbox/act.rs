@@ -21,6 +21,7 @@ use super::observe::{self, Probed};
 use super::record::{self, ledger_ec2, ledger_status, update_gauges};
 use super::{CONTROLLER, Context, Error, MANAGER, key};
 use crate::agent::client::{AgentClient, AgentError};
+use crate::api::sandbox_events as events;
 use crate::api::{
     ACTION_ANNOTATION, ACTION_ID_ANNOTATION, START_REQUESTED_ANNOTATION, Sandbox, SandboxSpec,
     SandboxStatus,
@@ -281,15 +282,15 @@ async fn carry_out(
                 Ok(()) => {
                     let (reason, message) = match why {
                         StartWhy::Requested => (
-                            "Starting",
+                            events::STARTING,
                             format!("starting instance {id}: the spec says Running"),
                         ),
                         StartWhy::Woken => (
-                            "Waking",
+                            events::WAKING,
                             format!("starting instance {id}: a newer {START_REQUESTED_ANNOTATION}"),
                         ),
                         StartWhy::RestartAfterExternalStop => (
-                            "RestartingAfterExternalStop",
+                            events::RESTARTING_AFTER_EXTERNAL_STOP,
                             format!(
                                 "instance {id} was stopped outside the operator; starting it again because the spec says Running"
                             ),
@@ -317,7 +318,7 @@ async fn carry_out(
             {
                 Ok(()) => decision.notes.push(Note {
                     warning: false,
-                    reason: "Stopping",
+                    reason: events::STOPPING,
                     message: format!("stopping instance {id} ({reason})"),
                 }),
                 Err(source) => {
@@ -400,7 +401,7 @@ async fn carry_out(
             {
                 Ok(()) => decision.notes.push(Note {
                     warning: false,
-                    reason: "Terminating",
+                    reason: events::TERMINATING,
                     message: format!("terminating instance {id}, as a terminate request asked"),
                 }),
                 Err(e) => {
@@ -598,7 +599,7 @@ impl Pass<'_> {
                     self.obj,
                     &Note {
                         warning: true,
-                        reason: "LaunchFailed",
+                        reason: events::LAUNCH_FAILED,
                         message: format!("EC2 refused RunInstances: {code}: {message}"),
                     },
                 )

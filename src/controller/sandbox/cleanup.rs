@@ -15,6 +15,7 @@ use super::decide::{self, DeleteStep, Note};
 use super::observe;
 use super::{Context, Error, key};
 use crate::api::Sandbox;
+use crate::api::sandbox_events as events;
 
 /// Cleans up after a deleted Sandbox as its deletion policy says; an `Err` keeps the
 /// finalizer while EC2 is still at work.
@@ -50,7 +51,7 @@ pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requ
                         object: object.clone(),
                         source,
                     })?;
-                ctx.publish(&obj, &Note { warning: false, reason: "Released", message: format!("instance {id} is left as the deletion policy says, without the operator's ownership tags") }).await;
+                ctx.publish(&obj, &Note { warning: false, reason: events::RELEASED, message: format!("instance {id} is left as the deletion policy says, without the operator's ownership tags") }).await;
             }
             if let Some(id) = &seen.id {
                 ctx.ec2.untrack(id);
@@ -89,7 +90,7 @@ pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requ
                 &obj,
                 &Note {
                     warning: false,
-                    reason: "Stopping",
+                    reason: events::STOPPING,
                     message: format!("deletionPolicy Stop: stopping instance {id}"),
                 },
             )
@@ -115,7 +116,7 @@ pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requ
                 &obj,
                 &Note {
                     warning: false,
-                    reason: "Terminating",
+                    reason: events::TERMINATING,
                     message: format!("deletionPolicy Terminate: terminating instance {id}"),
                 },
             )
