@@ -29,9 +29,10 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::api::{POOL_LABEL, Sandbox, SandboxDeploy, SandboxPool, SandboxPoolStatus, Scaler};
 use crate::api::pool_events as events;
+use crate::api::{POOL_LABEL, Sandbox, SandboxDeploy, SandboxPool, SandboxPoolStatus, Scaler};
 use crate::controller::ErrorCategory;
+use crate::controller::key;
 use crate::controller::sandboxes::{Change, Owned, SandboxWatch};
 use crate::metrics::Metrics;
 use decide::{Action, Inputs};
@@ -103,27 +104,15 @@ impl Context {
     }
 }
 
-fn key(p: &SandboxPool) -> String {
-    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
-}
-
 /// Runs the controller until `shutdown` resolves, with a Sandbox watch of its own.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (client, ns) = (ctx.client.clone(), namespace.clone());
-    crate::controller::sandboxes::run_alone(client, ns.as_deref(), |watch| {
-        run_shared(
-            ctx,
-            watch,
-            namespace,
-            crate::controller::DEFAULT_CONCURRENCY,
-            shutdown,
-        )
-    })
-    .await;
+    let client = ctx.client.clone();
+    crate::controller::sandboxes::run_on_own_watch(client, ctx, namespace, shutdown, run_shared)
+        .await;
 }
 
 /// The controller on the process's shared Sandbox watch (subscribed now, before the watch
@@ -198,7 +187,7 @@ pub fn error_policy(p: Arc<SandboxPool>, err: &Error, ctx: Arc<Context>) -> Requ
     ctx.metrics
         .reconcile_failed(CONTROLLER, err.category().as_str());
     crate::controller::refused::error(CONTROLLER, "reconciling", err);
-    warn!(pool = %key(&p), error = %err, "reconcile failed; will retry");
+    warn!(pool = %key(p.as_ref()), error = %err, "reconcile failed; will retry");
     Requeue::requeue(Duration::from_secs(5))
 }
 
@@ -433,10 +422,8 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                 act::delete(&sbx, &pool, name).await?;
                 ctx.expectations
                     .expect(&uid, name, expect::Write::Deleted, now);
-                let warning = matches!(
-                    *reason,
-                    events::MEMBER_UNREGISTERED | events::MEMBER_FAILED
-                );
+                let warning =
+                    matches!(*reason, events::MEMBER_UNREGISTERED | events::MEMBER_FAILED);
                 record::event(&ctx, &pool, warning, reason, message.clone()).await;
             }
         }

@@ -88,7 +88,7 @@ fn client_token(uid: &str) -> String {
 
 /// One reconcile of a Sandbox that is not being deleted.
 pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let object = key(&obj);
+    let object = key(obj.as_ref());
     let ns = obj.namespace().unwrap_or_default();
     let uid = obj.uid().ok_or_else(|| Error::Malformed {
         object: object.clone(),

@@ -301,7 +301,7 @@ pub async fn token(client: &kube::Client, obj: &crate::api::Sandbox) -> Result<S
     let uid = obj.uid().unwrap_or_default();
     let name = token_secret_name(&obj.name_any());
     let secret = format!("{ns}/{name}");
-    let object = format!("{ns}/{}", obj.name_any());
+    let object = crate::controller::key(obj);
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let held = |hold: Hold| Error::LaunchHeld {
         object: object.clone(),
@@ -407,7 +407,7 @@ pub async fn launch_user_data(
         config: b.config.as_deref(),
     })
     .map_err(|hold| Error::LaunchHeld {
-        object: format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
+        object: crate::controller::key(obj),
         hold: super::decide::LaunchHold::Bootstrap(hold),
     })?;
     Ok(base64::engine::general_purpose::STANDARD.encode(text))

@@ -20,7 +20,7 @@ use crate::api::sandbox_events as events;
 /// Cleans up after a deleted Sandbox as its deletion policy says; an `Err` keeps the
 /// finalizer while EC2 is still at work.
 pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let object = key(&obj);
+    let object = key(obj.as_ref());
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = obj.uid().unwrap_or_default();

@@ -169,7 +169,10 @@ mod tests {
     fn inst(state: InstanceState, managed: bool) -> InstanceObs {
         let mut tags = BTreeMap::new();
         if managed {
-            tags.insert(crate::ec2::TAG_MANAGED_BY.to_string(), "sandbox-operator".into());
+            tags.insert(
+                crate::ec2::TAG_MANAGED_BY.to_string(),
+                "sandbox-operator".into(),
+            );
         }
         InstanceObs::Found(Instance {
             id: ID.into(),
@@ -242,25 +245,58 @@ mod tests {
         let st = running_status(true);
         // Retain: done at once, the managed instance released, its row gone from the ledger.
         let s = spec(DeletionPolicy::Retain);
-        let p = decide_deletion(&s, &st, Some(ID), &inst(InstanceState::Running, true), now());
+        let p = decide_deletion(
+            &s,
+            &st,
+            Some(ID),
+            &inst(InstanceState::Running, true),
+            now(),
+        );
         assert_eq!(p.step, DeleteStep::Done);
         assert_eq!(p.status, None, "no status edit once done");
         assert_eq!(p.release.as_deref(), Some(ID));
         assert!(!p.terminated);
         // Without the ownership tag there is nothing to release.
-        let p = decide_deletion(&s, &st, Some(ID), &inst(InstanceState::Running, false), now());
+        let p = decide_deletion(
+            &s,
+            &st,
+            Some(ID),
+            &inst(InstanceState::Running, false),
+            now(),
+        );
         assert_eq!(p.release, None);
         // ObserveOnly never touches it.
         let mut observe = s.clone();
         observe.management_policy = ManagementPolicy::ObserveOnly;
-        let p = decide_deletion(&observe, &st, Some(ID), &inst(InstanceState::Running, true), now());
-        assert_eq!((p.step, p.release, p.terminated), (DeleteStep::Done, None, false));
+        let p = decide_deletion(
+            &observe,
+            &st,
+            Some(ID),
+            &inst(InstanceState::Running, true),
+            now(),
+        );
+        assert_eq!(
+            (p.step, p.release, p.terminated),
+            (DeleteStep::Done, None, false)
+        );
         // Stop: stopped first (no release decided before that step is done), released once stopped.
         let s = spec(DeletionPolicy::Stop);
-        let p = decide_deletion(&s, &st, Some(ID), &inst(InstanceState::Running, true), now());
+        let p = decide_deletion(
+            &s,
+            &st,
+            Some(ID),
+            &inst(InstanceState::Running, true),
+            now(),
+        );
         assert_eq!(p.step, DeleteStep::Stop(ID.into()));
         assert_eq!(p.release, None);
-        let p = decide_deletion(&s, &st, Some(ID), &inst(InstanceState::Stopped, true), now());
+        let p = decide_deletion(
+            &s,
+            &st,
+            Some(ID),
+            &inst(InstanceState::Stopped, true),
+            now(),
+        );
         assert_eq!((p.step, p.release.as_deref()), (DeleteStep::Done, Some(ID)));
     }
 
@@ -269,8 +305,17 @@ mod tests {
         let s = spec(DeletionPolicy::Terminate);
         let st = written_again();
         // Terminated: done, nothing released, the row kept as terminated.
-        let p = decide_deletion(&s, &st, Some(ID), &inst(InstanceState::Terminated, true), now());
-        assert_eq!((p.step, p.release, p.terminated), (DeleteStep::Done, None, true));
+        let p = decide_deletion(
+            &s,
+            &st,
+            Some(ID),
+            &inst(InstanceState::Terminated, true),
+            now(),
+        );
+        assert_eq!(
+            (p.step, p.release, p.terminated),
+            (DeleteStep::Done, None, true)
+        );
         // Gone from EC2 after the operator terminated it (long after its launch).
         let mut old = st.clone();
         old.instance = None;
@@ -284,10 +329,22 @@ mod tests {
         assert!(decide_deletion(&s, &old, Some(ID), &missing, now()).terminated);
         // Terminating under another policy: not counted as terminated.
         old.phase = Some(SandboxPhase::Terminating);
-        let p = decide_deletion(&spec(DeletionPolicy::Retain), &old, Some(ID), &missing, now());
+        let p = decide_deletion(
+            &spec(DeletionPolicy::Retain),
+            &old,
+            Some(ID),
+            &missing,
+            now(),
+        );
         assert!(!p.terminated);
         // Never launched: done, nothing else.
-        let p = decide_deletion(&s, &SandboxStatus::default(), None, &InstanceObs::NoInstance, now());
+        let p = decide_deletion(
+            &s,
+            &SandboxStatus::default(),
+            None,
+            &InstanceObs::NoInstance,
+            now(),
+        );
         assert_eq!(
             p,
             DeletePlan {
