@@ -14,6 +14,7 @@ pub mod deploy;
 pub mod pool;
 pub mod sandbox;
 pub mod sandbox_conditions;
+pub mod sandbox_events;
 pub mod secretbundle;
 pub mod selector;
 

@@ -293,6 +293,35 @@ pub struct SandboxPoolStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// The reasons of the Events the SandboxPool controller publishes about a pool (CamelCase).
+/// Users and tests match on these values: they do not change.
+pub mod pool_events {
+    /// A member never registered its agent (AgentRegistered False, RegistrationTimedOut) and is
+    /// deleted to be replaced (Warning).
+    pub const MEMBER_UNREGISTERED: &str = "MemberUnregistered";
+    /// A member will not serve again (failed, its instance terminated) and is deleted to be
+    /// replaced (Warning).
+    pub const MEMBER_FAILED: &str = "MemberFailed";
+    /// A member being removed was deleted: drained, idle, or its instance stopped.
+    pub const MEMBER_REMOVED: &str = "MemberRemoved";
+    /// A member still busy after the drain timeout was deleted (afterDrainTimeout Force).
+    pub const MEMBER_REMOVED_BUSY: &str = "MemberRemovedBusy";
+    /// A member from an older template was deleted; a new one takes its place.
+    pub const MEMBER_REPLACED: &str = "MemberReplaced";
+    /// A member was created.
+    pub const MEMBER_CREATED: &str = "MemberCreated";
+    /// A standby member was created (stopped).
+    pub const STANDBY_CREATED: &str = "StandbyCreated";
+    /// A standby member was started to serve.
+    pub const STANDBY_STARTED: &str = "StandbyStarted";
+    /// A member is drained, then removed.
+    pub const MEMBER_DRAINING: &str = "MemberDraining";
+    /// The template's image tag was set from a SandboxDeploy that succeeded on the members.
+    pub const TEMPLATE_TAG_SET: &str = "TemplateTagSet";
+    /// The autoscaler changed `spec.replicas`.
+    pub const AUTOSCALED: &str = "Autoscaled";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,6 +63,13 @@ impl ErrorCategory {
     }
 }
 
+/// `namespace/name` of an object: how logs and errors name it (an object without a namespace
+/// gives `/name`).
+pub fn key<K: kube::Resource>(obj: &K) -> String {
+    use kube::ResourceExt;
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
 /// Reconciles one controller runs at once, unless told otherwise (`--max-concurrent-reconciles`).
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 

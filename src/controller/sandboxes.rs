@@ -46,6 +46,32 @@ where
     }
 }
 
+/// What each controller's `run` does: `run_shared` (the controller on a shared Sandbox watch)
+/// on a watch of its own ([`run_alone`]), at the default concurrency
+/// ([`crate::controller::DEFAULT_CONCURRENCY`]), until `shutdown` resolves.
+pub async fn run_on_own_watch<C, S, F, Fut>(
+    client: Client,
+    ctx: std::sync::Arc<C>,
+    namespace: Option<String>,
+    shutdown: S,
+    run_shared: F,
+) where
+    F: FnOnce(std::sync::Arc<C>, &SandboxWatch, Option<String>, u16, S) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let ns = namespace.clone();
+    run_alone(client, ns.as_deref(), |watch| {
+        run_shared(
+            ctx,
+            watch,
+            namespace,
+            crate::controller::DEFAULT_CONCURRENCY,
+            shutdown,
+        )
+    })
+    .await;
+}
+
 /// Drops what the operator never reads from a Sandbox before it is cached: `managedFields`
 /// and the last-applied annotation.
 pub fn strip(s: &mut Sandbox) {

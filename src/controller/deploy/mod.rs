@@ -30,6 +30,7 @@ use crate::api::{
     SandboxDeploy, SandboxDeployStatus,
 };
 use crate::controller::ErrorCategory;
+use crate::controller::key;
 use crate::controller::sandboxes::{Change, SandboxWatch};
 use crate::metrics::Metrics;
 use decide::{Action, Inputs};
@@ -148,10 +149,6 @@ impl Context {
     }
 }
 
-fn key(d: &SandboxDeploy) -> String {
-    format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any())
-}
-
 /// Runs the controller until `shutdown` resolves, with a Sandbox watch of its own (the
 /// operator shares one between its controllers: [`run_shared`]).
 pub async fn run(
@@ -159,17 +156,9 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (client, ns) = (ctx.client.clone(), namespace.clone());
-    crate::controller::sandboxes::run_alone(client, ns.as_deref(), |watch| {
-        run_shared(
-            ctx,
-            watch,
-            namespace,
-            crate::controller::DEFAULT_CONCURRENCY,
-            shutdown,
-        )
-    })
-    .await;
+    let client = ctx.client.clone();
+    crate::controller::sandboxes::run_on_own_watch(client, ctx, namespace, shutdown, run_shared)
+        .await;
 }
 
 /// The controller on the process's shared Sandbox watch (subscribed now, before the watch
@@ -227,7 +216,7 @@ pub fn error_policy(d: Arc<SandboxDeploy>, err: &Error, ctx: Arc<Context>) -> Re
     ctx.metrics
         .reconcile_failed(CONTROLLER, err.category().as_str());
     crate::controller::refused::error(CONTROLLER, "reconciling", err);
-    warn!(deploy = %key(&d), error = %err, "reconcile failed; will retry");
+    warn!(deploy = %key(d.as_ref()), error = %err, "reconcile failed; will retry");
     Requeue::requeue(Duration::from_secs(5))
 }
 

@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conditions::{self, Desired, FALSE, TRUE};
+use crate::api::pool_events as events;
 use crate::api::{AfterDrainTimeout, SandboxPoolSpec, SandboxPoolStatus, SandboxSpec, Scaler};
 
 /// Condition type: the pool has as many available members as it should.
@@ -275,7 +276,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         if m.unregistered {
             actions.push(Action::Delete {
                 name: m.name.clone(),
-                reason: "MemberUnregistered",
+                reason: events::MEMBER_UNREGISTERED,
                 message: format!(
                     "member {} never registered its agent (AgentRegistered False, RegistrationTimedOut): replacing it",
                     m.name
@@ -285,7 +286,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         } else if let Some(why) = &m.broken {
             actions.push(Action::Delete {
                 name: m.name.clone(),
-                reason: "MemberFailed",
+                reason: events::MEMBER_FAILED,
                 message: format!("member {} is {why}: replacing it", m.name),
             });
             progress.push(("ReplacingMembers", format!("replacing {}", m.name)));
@@ -304,7 +305,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         if m.instance_stopped || !m.busy() {
             actions.push(Action::Delete {
                 name: m.name.clone(),
-                reason: "MemberRemoved",
+                reason: events::MEMBER_REMOVED,
                 message: format!(
                     "member {} removed: {}",
                     m.name,
@@ -318,7 +319,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         } else if waited >= s.drain_timeout && s.force_after_drain {
             actions.push(Action::Delete {
                 name: m.name.clone(),
-                reason: "MemberRemovedBusy",
+                reason: events::MEMBER_REMOVED_BUSY,
                 message: format!(
                     "member {} still had {} active workers after the drain timeout ({}s): deleted per afterDrainTimeout Force",
                     m.name,
@@ -394,7 +395,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             match class(m, &s, now) {
                 Class::NotReady | Class::Stopped => actions.push(Action::Delete {
                     name: m.name.clone(),
-                    reason: "MemberRemoved",
+                    reason: events::MEMBER_REMOVED,
                     message: format!("scale-in: member {} removed (not serving)", m.name),
                 }),
                 Class::Idle | Class::Busy => actions.push(Action::Retire {
@@ -434,7 +435,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             if !m.ready || m.instance_stopped {
                 actions.push(Action::Delete {
                     name: m.name.clone(),
-                    reason: "MemberReplaced",
+                    reason: events::MEMBER_REPLACED,
                     message: format!(
                         "member {} runs an older template and is not serving: replaced",
                         m.name
@@ -464,7 +465,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         if m.hash != s.template_hash {
             actions.push(Action::Delete {
                 name: m.name.clone(),
-                reason: "MemberReplaced",
+                reason: events::MEMBER_REPLACED,
                 message: format!("standby member {} runs an older template: replaced", m.name),
             });
         } else {
@@ -490,7 +491,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         for m in extra.into_iter().take((kept_standby - s.standby) as usize) {
             actions.push(Action::Delete {
                 name: m.name.clone(),
-                reason: "MemberRemoved",
+                reason: events::MEMBER_REMOVED,
                 message: format!("standby member {} is beyond spec.standby", m.name),
             });
         }

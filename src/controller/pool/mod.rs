@@ -29,8 +29,10 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
+use crate::api::pool_events as events;
 use crate::api::{POOL_LABEL, Sandbox, SandboxDeploy, SandboxPool, SandboxPoolStatus, Scaler};
 use crate::controller::ErrorCategory;
+use crate::controller::key;
 use crate::controller::sandboxes::{Change, Owned, SandboxWatch};
 use crate::metrics::Metrics;
 use decide::{Action, Inputs};
@@ -102,27 +104,15 @@ impl Context {
     }
 }
 
-fn key(p: &SandboxPool) -> String {
-    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
-}
-
 /// Runs the controller until `shutdown` resolves, with a Sandbox watch of its own.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (client, ns) = (ctx.client.clone(), namespace.clone());
-    crate::controller::sandboxes::run_alone(client, ns.as_deref(), |watch| {
-        run_shared(
-            ctx,
-            watch,
-            namespace,
-            crate::controller::DEFAULT_CONCURRENCY,
-            shutdown,
-        )
-    })
-    .await;
+    let client = ctx.client.clone();
+    crate::controller::sandboxes::run_on_own_watch(client, ctx, namespace, shutdown, run_shared)
+        .await;
 }
 
 /// The controller on the process's shared Sandbox watch (subscribed now, before the watch
@@ -197,7 +187,7 @@ pub fn error_policy(p: Arc<SandboxPool>, err: &Error, ctx: Arc<Context>) -> Requ
     ctx.metrics
         .reconcile_failed(CONTROLLER, err.category().as_str());
     crate::controller::refused::error(CONTROLLER, "reconciling", err);
-    warn!(pool = %key(&p), error = %err, "reconcile failed; will retry");
+    warn!(pool = %key(p.as_ref()), error = %err, "reconcile failed; will retry");
     Requeue::requeue(Duration::from_secs(5))
 }
 
@@ -250,7 +240,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                 &ctx,
                 &pool,
                 false,
-                "TemplateTagSet",
+                events::TEMPLATE_TAG_SET,
                 format!(
                     "SandboxDeploy {} succeeded on the members: members created from now on run {}",
                     d.name, d.tag
@@ -318,7 +308,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     &ctx,
                     &pool,
                     false,
-                    "Autoscaled",
+                    events::AUTOSCALED,
                     format!(
                         "{from} -> {} replicas: {active} active workers, {} sessions per member at target {}",
                         out.replicas, a.capacity, a.target
@@ -382,9 +372,9 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     &pool,
                     false,
                     if *standby {
-                        "StandbyCreated"
+                        events::STANDBY_CREATED
                     } else {
-                        "MemberCreated"
+                        events::MEMBER_CREATED
                     },
                     format!(
                         "member {} created{}",
@@ -406,7 +396,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     &ctx,
                     &pool,
                     false,
-                    "StandbyStarted",
+                    events::STANDBY_STARTED,
                     format!("standby member {name} started"),
                 )
                 .await;
@@ -419,7 +409,7 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                     &ctx,
                     &pool,
                     false,
-                    "MemberDraining",
+                    events::MEMBER_DRAINING,
                     format!("member {name} is drained, then removed"),
                 )
                 .await;
@@ -432,7 +422,8 @@ pub async fn reconcile(p: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Requeue
                 act::delete(&sbx, &pool, name).await?;
                 ctx.expectations
                     .expect(&uid, name, expect::Write::Deleted, now);
-                let warning = matches!(*reason, "MemberUnregistered" | "MemberFailed");
+                let warning =
+                    matches!(*reason, events::MEMBER_UNREGISTERED | events::MEMBER_FAILED);
                 record::event(&ctx, &pool, warning, reason, message.clone()).await;
             }
         }

@@ -21,6 +21,7 @@ use super::observe::{self, Probed};
 use super::record::{self, ledger_ec2, ledger_status, update_gauges};
 use super::{CONTROLLER, Context, Error, MANAGER, key};
 use crate::agent::client::{AgentClient, AgentError};
+use crate::api::sandbox_events as events;
 use crate::api::{
     ACTION_ANNOTATION, ACTION_ID_ANNOTATION, START_REQUESTED_ANNOTATION, Sandbox, SandboxSpec,
     SandboxStatus,
@@ -87,7 +88,7 @@ fn client_token(uid: &str) -> String {
 
 /// One reconcile of a Sandbox that is not being deleted.
 pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let object = key(&obj);
+    let object = key(obj.as_ref());
     let ns = obj.namespace().unwrap_or_default();
     let uid = obj.uid().ok_or_else(|| Error::Malformed {
         object: object.clone(),
@@ -218,13 +219,6 @@ pub(super) async fn apply(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeu
         launch_hold.as_ref(),
         stage,
     );
-    // agent.bootstrap: the AgentRegistered condition (a pure step of its own).
-    super::bootstrap::registration_step(
-        valid.as_ref(),
-        generation,
-        Timestamp::now(),
-        &mut decision,
-    );
 
     // ---- Carry out the actions. ----
     let ec2_error = carry_out(&ctx, &obj, &probed.client, &mut decision).await;
@@ -288,15 +282,15 @@ async fn carry_out(
                 Ok(()) => {
                     let (reason, message) = match why {
                         StartWhy::Requested => (
-                            "Starting",
+                            events::STARTING,
                             format!("starting instance {id}: the spec says Running"),
                         ),
                         StartWhy::Woken => (
-                            "Waking",
+                            events::WAKING,
                             format!("starting instance {id}: a newer {START_REQUESTED_ANNOTATION}"),
                         ),
                         StartWhy::RestartAfterExternalStop => (
-                            "RestartingAfterExternalStop",
+                            events::RESTARTING_AFTER_EXTERNAL_STOP,
                             format!(
                                 "instance {id} was stopped outside the operator; starting it again because the spec says Running"
                             ),
@@ -324,7 +318,7 @@ async fn carry_out(
             {
                 Ok(()) => decision.notes.push(Note {
                     warning: false,
-                    reason: "Stopping",
+                    reason: events::STOPPING,
                     message: format!("stopping instance {id} ({reason})"),
                 }),
                 Err(source) => {
@@ -407,7 +401,7 @@ async fn carry_out(
             {
                 Ok(()) => decision.notes.push(Note {
                     warning: false,
-                    reason: "Terminating",
+                    reason: events::TERMINATING,
                     message: format!("terminating instance {id}, as a terminate request asked"),
                 }),
                 Err(e) => {
@@ -605,7 +599,7 @@ impl Pass<'_> {
                     self.obj,
                     &Note {
                         warning: true,
-                        reason: "LaunchFailed",
+                        reason: events::LAUNCH_FAILED,
                         message: format!("EC2 refused RunInstances: {code}: {message}"),
                     },
                 )

@@ -1,5 +1,7 @@
 //! Deletion: the Sandbox's deletion policy carried out against its instance (terminate, stop,
-//! retain), the finalizer kept until EC2 says it is done.
+//! retain), the finalizer kept until EC2 says it is done. Observed by
+//! [`observe::deleting`], decided by [`decide::decide_deletion`] (the step, the status edit,
+//! the release, the ledger row); this edge carries it out and records.
 
 use std::sync::Arc;
 
@@ -9,76 +11,39 @@ use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
 
 use super::act::write_status;
-use super::decide::{self, DeleteStep, InstanceObs, Note};
-use super::observe::fresh_status;
+use super::decide::{self, DeleteStep, Note};
+use super::observe;
 use super::{Context, Error, key};
-use crate::api::{Sandbox, SandboxPhase};
-use crate::ec2::{self, InstanceState};
+use crate::api::Sandbox;
+use crate::api::sandbox_events as events;
 
 /// Cleans up after a deleted Sandbox as its deletion policy says; an `Err` keeps the
 /// finalizer while EC2 is still at work.
 pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let object = key(&obj);
+    let object = key(obj.as_ref());
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = obj.uid().unwrap_or_default();
-    // What was written last, even if the cached copy does not show it yet (an instance id
-    // recorded moments ago must not be missed: EC2 may not list the instance by its tags yet).
-    let mut status = fresh_status(&obj, &ctx, &uid);
-    let id = match (
-        &obj.spec.instance_id,
-        status.instance.as_ref().map(|i| i.id.clone()),
-    ) {
-        (Some(id), _) => Some(id.clone()),
-        (None, Some(id)) => Some(id),
-        // Launched but never recorded (a crash): find it by its UID tag.
-        (None, None) => ctx
-            .ec2
-            .find_by_uid(&uid)
-            .await
-            .map_err(|source| Error::FindingByUid {
-                object: object.clone(),
-                source,
-            })?
-            .map(|i| i.id),
-    };
-    let observed = match &id {
-        None => InstanceObs::NoInstance,
-        Some(id) => match ctx
-            .ec2
-            .describe(id, ctx.settings.decide.poll)
-            .await
-            .map_err(|source| Error::Describing {
-                object: object.clone(),
-                source,
-            })? {
-            Some(i) => InstanceObs::Found(i),
-            None => InstanceObs::Missing { id: id.clone() },
-        },
-    };
-    let step = decide::decide_delete_seen(&obj.spec, &status, &observed, Timestamp::now());
-    if status.phase != Some(SandboxPhase::Terminating) && step != DeleteStep::Done {
-        status.phase = Some(SandboxPhase::Terminating);
-        if let InstanceObs::Found(i) = &observed {
-            status.instance = Some(decide::instance_status(
-                i,
-                status
-                    .instance
-                    .as_ref()
-                    .is_some_and(|s| s.launched_by_operator),
-            ));
-        }
-        write_status(&api, &obj, &status, &ctx).await?;
+
+    // ---- Observe. ----
+    let seen = observe::deleting(&ctx, &obj, &uid).await?;
+
+    // ---- Decide. ----
+    let plan = decide::decide_deletion(
+        &obj.spec,
+        &seen.status,
+        seen.id.as_deref(),
+        &seen.instance,
+        Timestamp::now(),
+    );
+
+    // ---- Carry out, and record. ----
+    if let Some(status) = &plan.status {
+        write_status(&api, &obj, status, &ctx).await?;
     }
-    match step {
+    match plan.step {
         DeleteStep::Done => {
-            // An instance the operator launched and now leaves behind (Retain, or Stop once
-            // stopped) is released: its ownership tags go, so no orphan sweep touches it.
-            if let (Some(id), InstanceObs::Found(inst)) = (&id, &observed)
-                && obj.spec.management_policy == crate::api::ManagementPolicy::Full
-                && inst.state != InstanceState::Terminated
-                && inst.tags.contains_key(ec2::TAG_MANAGED_BY)
-            {
+            if let Some(id) = &plan.release {
                 ctx.ec2
                     .release(id)
                     .await
@@ -86,9 +51,9 @@ pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requ
                         object: object.clone(),
                         source,
                     })?;
-                ctx.publish(&obj, &Note { warning: false, reason: "Released", message: format!("instance {id} is left as the deletion policy says, without the operator's ownership tags") }).await;
+                ctx.publish(&obj, &Note { warning: false, reason: events::RELEASED, message: format!("instance {id} is left as the deletion policy says, without the operator's ownership tags") }).await;
             }
-            if let Some(id) = &id {
+            if let Some(id) = &seen.id {
                 ctx.ec2.untrack(id);
                 ctx.owners.lock().expect("owners").remove(id);
             }
@@ -98,23 +63,10 @@ pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requ
             crate::redact::process().retain(|s| s != source);
             ctx.rejections.lock().expect("rejections").remove(&uid);
             ctx.metrics.forget_sandbox(&ns, &obj.name_any());
-            // A terminated sandbox keeps its row, with status terminated (dashboards count what
-            // ran); one whose instance is left behind (Retain, Stop, ObserveOnly) or that never
-            // had one leaves the table.
-            let terminated = match &observed {
-                InstanceObs::Found(i) => i.state == InstanceState::Terminated,
-                InstanceObs::Missing { .. } => {
-                    status.phase == Some(SandboxPhase::Terminated)
-                        || status.phase == Some(SandboxPhase::Terminating)
-                            && obj.spec.effective_deletion_policy()
-                                == crate::api::DeletionPolicy::Terminate
-                }
-                InstanceObs::NoInstance => false,
-            } && obj.spec.management_policy == crate::api::ManagementPolicy::Full;
             if let Some(ledger) = &ctx.ledger {
-                if terminated {
+                if plan.terminated {
                     let mut row_obj = (*obj).clone();
-                    row_obj.status = Some(status.clone());
+                    row_obj.status = Some(seen.status.clone());
                     ledger.upsert_sandbox(
                         crate::ledger::SandboxRow::from_sandbox(&row_obj).terminated(),
                     );
@@ -138,7 +90,7 @@ pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requ
                 &obj,
                 &Note {
                     warning: false,
-                    reason: "Stopping",
+                    reason: events::STOPPING,
                     message: format!("deletionPolicy Stop: stopping instance {id}"),
                 },
             )
@@ -164,7 +116,7 @@ pub(super) async fn cleanup(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requ
                 &obj,
                 &Note {
                     warning: false,
-                    reason: "Terminating",
+                    reason: events::TERMINATING,
                     message: format!("deletionPolicy Terminate: terminating instance {id}"),
                 },
             )

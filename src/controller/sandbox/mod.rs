@@ -40,6 +40,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::api::{SANDBOX_FINALIZER, Sandbox, SandboxStatus};
 use crate::controller::ErrorCategory;
+use crate::controller::key;
 use crate::controller::sandboxes::{Change, SandboxWatch, changed};
 use crate::ec2::{Ec2, Ec2Error};
 use crate::metrics::Metrics;
@@ -324,10 +325,6 @@ impl Context {
     }
 }
 
-fn key(obj: &Sandbox) -> String {
-    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
 /// Runs the Sandbox controller until `shutdown` resolves. Sandboxes in every namespace the
 /// client may list (or one namespace when `namespace` is set), from a watch of its own (the
 /// operator shares one between its controllers: [`run_shared`]).
@@ -336,17 +333,9 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (client, ns) = (ctx.client.clone(), namespace.clone());
-    crate::controller::sandboxes::run_alone(client, ns.as_deref(), |watch| {
-        run_shared(
-            ctx,
-            watch,
-            namespace,
-            crate::controller::DEFAULT_CONCURRENCY,
-            shutdown,
-        )
-    })
-    .await;
+    let client = ctx.client.clone();
+    crate::controller::sandboxes::run_on_own_watch(client, ctx, namespace, shutdown, run_shared)
+        .await;
 }
 
 /// The Sandbox controller on the process's shared Sandbox watch (subscribed now, before the
@@ -419,7 +408,7 @@ pub async fn reconcile(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, 
 
 async fn reconcile_inner(obj: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ctx.metrics.reconciled(CONTROLLER);
-    let object = key(&obj);
+    let object = key(obj.as_ref());
     let ns = obj.namespace().ok_or_else(|| Error::Malformed {
         object: obj.name_any(),
     })?;
@@ -472,12 +461,12 @@ pub fn error_policy(obj: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Requeu
     if let Some(Ec2Error::Paced { wait, .. }) = err.ec2() {
         // The operator's own pacing held the call back: nothing failed and AWS throttled
         // nothing.
-        info!(sandbox = %key(&obj), error = %err, "waiting for the operator's client-side EC2 pacing");
+        info!(sandbox = %key(obj.as_ref()), error = %err, "waiting for the operator's client-side EC2 pacing");
         return Requeue::requeue(
             (*wait).clamp(Duration::from_secs(1), Duration::from_secs(60)) + jitter,
         );
     }
-    warn!(sandbox = %key(&obj), error = %err, "reconcile failed; will retry");
+    warn!(sandbox = %key(obj.as_ref()), error = %err, "reconcile failed; will retry");
     match err.ec2() {
         // A capacity shortage does not pass in seconds.
         Some(Ec2Error::Rejected { .. }) => Requeue::requeue(Duration::from_secs(30) + jitter),

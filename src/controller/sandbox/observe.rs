@@ -33,6 +33,61 @@ pub(super) fn fresh_status(obj: &Sandbox, ctx: &Context, uid: &str) -> SandboxSt
     )
 }
 
+/// What a deletion looks at: the status as last written, the instance id known for the
+/// Sandbox and what EC2 reports for it.
+pub(super) struct Deleting {
+    /// The status as last written (see [`fresh_status`]).
+    pub(super) status: SandboxStatus,
+    /// The spec's instance id, else the status's, else the one found by the UID tag.
+    pub(super) id: Option<String>,
+    /// What EC2 reports for `id`.
+    pub(super) instance: InstanceObs,
+}
+
+/// The deletion's observe step: the status last written, even if the cached copy does not show
+/// it yet (an instance id recorded moments ago must not be missed: EC2 may not list the
+/// instance by its tags yet); the instance id (an instance launched but never recorded, after
+/// a crash, is found by its UID tag); and the instance from the EC2 view no older than the
+/// poll interval.
+pub(super) async fn deleting(ctx: &Context, obj: &Sandbox, uid: &str) -> Result<Deleting, Error> {
+    let status = fresh_status(obj, ctx, uid);
+    let id = match (
+        &obj.spec.instance_id,
+        status.instance.as_ref().map(|i| i.id.clone()),
+    ) {
+        (Some(id), _) => Some(id.clone()),
+        (None, Some(id)) => Some(id),
+        (None, None) => ctx
+            .ec2
+            .find_by_uid(uid)
+            .await
+            .map_err(|source| Error::FindingByUid {
+                object: key(obj),
+                source,
+            })?
+            .map(|i| i.id),
+    };
+    let instance = match &id {
+        None => InstanceObs::NoInstance,
+        Some(id) => match ctx
+            .ec2
+            .describe(id, ctx.settings.decide.poll)
+            .await
+            .map_err(|source| Error::Describing {
+                object: key(obj),
+                source,
+            })? {
+            Some(i) => InstanceObs::Found(i),
+            None => InstanceObs::Missing { id: id.clone() },
+        },
+    };
+    Ok(Deleting {
+        status,
+        id,
+        instance,
+    })
+}
+
 /// The instance by id, from the shared EC2 view no older than `max_age`; the instance is
 /// remembered as this Sandbox's so EC2 changes to it wake the Sandbox.
 pub(super) async fn instance(

@@ -56,6 +56,7 @@ use tracing::{Instrument, warn};
 
 use crate::api::{Sandbox, SecretBundle};
 use crate::controller::ErrorCategory;
+use crate::controller::key;
 use crate::controller::sandboxes::{Change, SandboxWatch, changed};
 use crate::metrics::Metrics;
 use decide::{Inputs, Memory, TargetKey};
@@ -300,10 +301,6 @@ impl Context {
     }
 }
 
-fn key(obj: &SecretBundle) -> String {
-    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
 /// Runs the SecretBundle controller until `shutdown` resolves: SecretBundles in every namespace
 /// the client may list (or one namespace when `namespace` is set), with watches on Sandboxes (a
 /// watch of its own; the operator shares one between its controllers: [`run_shared`]) and
@@ -313,17 +310,9 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (client, ns) = (ctx.client.clone(), namespace.clone());
-    crate::controller::sandboxes::run_alone(client, ns.as_deref(), |watch| {
-        run_shared(
-            ctx,
-            watch,
-            namespace,
-            crate::controller::DEFAULT_CONCURRENCY,
-            shutdown,
-        )
-    })
-    .await;
+    let client = ctx.client.clone();
+    crate::controller::sandboxes::run_on_own_watch(client, ctx, namespace, shutdown, run_shared)
+        .await;
 }
 
 /// The controller on the process's shared Sandbox watch (subscribed now, before the watch
@@ -471,7 +460,7 @@ fn bundles_for_secret(
             .iter()
             .any(|f| f.token_secret_ref.name == name);
         if source {
-            sources.push(key(b));
+            sources.push(key(b.as_ref()));
         }
         if source || token {
             refs.push(ObjectRef::from_obj(&**b));
@@ -485,7 +474,7 @@ pub fn error_policy(obj: Arc<SecretBundle>, err: &Error, ctx: Arc<Context>) -> R
     ctx.metrics
         .reconcile_failed(CONTROLLER, err.category().as_str());
     crate::controller::refused::error(CONTROLLER, "reconciling", err);
-    warn!(bundle = %key(&obj), error = %err, "reconcile failed; will retry");
+    warn!(bundle = %key(obj.as_ref()), error = %err, "reconcile failed; will retry");
     let uid = obj.uid().unwrap_or_default();
     let n = {
         let mut errors = ctx.errors.lock().expect("errors");
@@ -510,7 +499,7 @@ pub async fn reconcile(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requ
 /// Read the sources, validate and render (or say why nothing can be pushed), then a round.
 async fn reconcile_bundle(obj: Arc<SecretBundle>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ctx.metrics.reconciled(CONTROLLER);
-    let object = key(&obj);
+    let object = key(obj.as_ref());
     let (Some(ns), Some(uid)) = (obj.namespace(), obj.uid()) else {
         return Err(Error::Malformed(object));
     };

@@ -6,6 +6,7 @@ use super::*;
 use crate::agent::protocol::{CheckStatus, HealthReport};
 use crate::api::conditions::{FALSE, TRUE, UNKNOWN};
 use crate::api::sandbox_conditions::reason;
+use crate::api::sandbox_events as events;
 use crate::api::{AgentHealth, AgentStatus, SandboxSpec};
 use crate::ec2::Instance;
 
@@ -235,7 +236,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>) {
                 if was_unhealthy && health != AgentHealth::Unhealthy {
                     d.notes.push(Note {
                         warning: false,
-                        reason: "AgentRecovered",
+                        reason: events::AGENT_RECOVERED,
                         message: "the agent answers and reports healthy again".into(),
                     });
                 }

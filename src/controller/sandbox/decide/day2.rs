@@ -7,6 +7,8 @@ use k8s_openapi::jiff::Timestamp;
 use super::agent::reason_static;
 use super::instance::{TERMINATED, TERMINATING};
 use super::*;
+use crate::api::sandbox_events as events;
+
 /// `POST /restart` of the agent's `adspower` service.
 pub const RESTART_ADSPOWER: &str = "restart-adspower";
 /// Probe the agent at once and report its health.
@@ -93,9 +95,9 @@ pub fn finish_action(
     let note = Note {
         warning: !ok,
         reason: if ok {
-            "ActionSucceeded"
+            events::ACTION_SUCCEEDED
         } else {
-            "ActionFailed"
+            events::ACTION_FAILED
         },
         message: format!("{}: {message}", a.name),
     };
@@ -123,10 +125,10 @@ fn set_action(
         .unwrap_or(time(now));
     let finished = is_final(result).then(|| time(now));
     let (warning, event) = match result {
-        SUCCEEDED => (false, "ActionSucceeded"),
-        FAILED => (true, "ActionFailed"),
-        REJECTED => (true, "ActionRejected"),
-        _ => (false, "ActionStarted"),
+        SUCCEEDED => (false, events::ACTION_SUCCEEDED),
+        FAILED => (true, events::ACTION_FAILED),
+        REJECTED => (true, events::ACTION_REJECTED),
+        _ => (false, events::ACTION_STARTED),
     };
     let changed = d
         .status

@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::*;
 use crate::api::conditions::{FALSE, TRUE};
 use crate::api::sandbox_conditions::reason;
+use crate::api::sandbox_events as events;
 
 /// The idle step: starts or ends the idle period from the agent's report, and stops the
 /// instance once it has lasted `idleAfter`.
@@ -45,7 +46,7 @@ pub(super) fn step(d: &mut Draft<'_, '_>, seen: &Seen<'_>, valid: &ValidSpec) {
                         d.st.stop_reason = Some(stop_reason::IDLE);
                         d.notes.push(Note {
                             warning: false,
-                            reason: "IdleStop",
+                            reason: events::IDLE_STOP,
                             message: format!(
                                 "no active workers for {}s (idleAfter {}): stopping instance {id}",
                                 idle_for.as_secs(),

@@ -9,6 +9,7 @@ use super::*;
 use crate::agent::protocol::{DeployState, HealthReport};
 use crate::api::conditions::{FALSE, TRUE, UNKNOWN};
 use crate::api::sandbox_conditions::reason;
+use crate::api::sandbox_events as events;
 use crate::api::{AgentHealth, ImageDeployState, ImageDeployStatus};
 
 type CondOut = (&'static str, &'static str, String);
@@ -166,7 +167,7 @@ fn image_step(
             };
             notes.push(Note {
                 warning: false,
-                reason: "DeployStarted",
+                reason: events::DEPLOY_STARTED,
                 message: format!(
                     "deploying {tag} (from {}){}: draining",
                     d.previous_tag.as_deref().unwrap_or("unknown"),
@@ -274,7 +275,7 @@ fn image_step(
                         );
                         notes.push(Note {
                             warning: false,
-                            reason: "DeploySucceeded",
+                            reason: events::DEPLOY_SUCCEEDED,
                             message: format!("now running {tag}"),
                         });
                         out = (TRUE, reason::UP_TO_DATE, format!("running {tag}"));
@@ -442,7 +443,7 @@ fn legacy_progress(
         d.finished_at = Some(time(now));
         notes.push(Note {
             warning: false,
-            reason: "DeploySucceeded",
+            reason: events::DEPLOY_SUCCEEDED,
             message: msg,
         });
         return assumed_up_to_date(tag, d);

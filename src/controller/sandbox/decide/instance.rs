@@ -9,6 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::*;
 use crate::api::conditions::{FALSE, TRUE, UNKNOWN};
 use crate::api::sandbox_conditions::reason;
+use crate::api::sandbox_events as events;
 use crate::api::{InstanceStatus, Market, PowerState, SandboxPhase, SandboxSpec, SandboxStatus};
 use crate::ec2::{Instance, InstanceState};
 
@@ -255,7 +256,7 @@ pub(super) fn step<'i>(d: &mut Draft<'i, '_>) -> ControlFlow<Duration, Seen<'i>>
     if launched_now {
         d.notes.push(Note {
             warning: false,
-            reason: "Launched",
+            reason: events::LAUNCHED,
             message: format!("launched instance {}", instance.id),
         });
     }

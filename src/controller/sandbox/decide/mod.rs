@@ -24,12 +24,13 @@ mod idle;
 mod image;
 mod instance;
 mod ready;
+pub mod registration;
 mod schedule;
 mod validate;
 
 pub use agent::{agent_url, judge_report};
 pub use day2::{ActionRequest, action_wants_probe, finish_action, request_done};
-pub use delete::{DeleteStep, decide_delete, decide_delete_seen};
+pub use delete::{DeletePlan, DeleteStep, decide_delete, decide_delete_seen, decide_deletion};
 pub use image::{DeployAnswer, after_deploy};
 pub use instance::{instance_status, new_start_request};
 pub use schedule::{Due, ec2_max_age, first_status, probe_now};
@@ -37,6 +38,7 @@ pub use validate::{INVALID_SPEC, InvalidSpec, ValidSpec, validate};
 
 use agent::clear_agent;
 use day2::day2_step;
+use registration::registration_step;
 use validate::invalid_spec_decision;
 
 /// Condition types (defined in [`crate::api::sandbox_conditions`], where every controller that
@@ -391,32 +393,34 @@ fn since(now: Timestamp, then: &Time) -> Duration {
     Duration::from_secs(secs.max(0) as u64)
 }
 
-/// The decision for a Sandbox that is not being deleted: its declared state, then the day-2
-/// action asked by annotation, if any.
+/// The decision for a Sandbox that is not being deleted, in steps: validate, its declared
+/// state, the day-2 action asked by annotation (if any), then the registration of a
+/// bootstrapped agent (the AgentRegistered condition).
 pub fn decide(i: &Inputs<'_>) -> Decision {
-    let mut d = decide_state(i);
+    let valid = validate(i.spec);
+    let mut d = match &valid {
+        Ok(valid) => decide_state(i, valid),
+        Err(invalid) => invalid_spec_decision(i, invalid),
+    };
     if let Some(req) = i.action {
         day2_step(i, req, &mut d);
     }
+    registration_step(valid.as_ref().ok(), i.generation, i.now, &mut d);
     d
 }
 
-/// The declared state, decided in steps: validate, then instance, agent, idle, image and
+/// The declared state of a valid spec, decided in steps: instance, agent, idle, image and
 /// ready, each reading what the steps before it decided.
-fn decide_state(i: &Inputs<'_>) -> Decision {
-    let valid = match validate(i.spec) {
-        Ok(v) => v,
-        Err(invalid) => return invalid_spec_decision(i, &invalid),
-    };
+fn decide_state(i: &Inputs<'_>, valid: &ValidSpec) -> Decision {
     let mut d = Draft::new(i);
     let seen = match instance::step(&mut d) {
         ControlFlow::Break(requeue) => return d.finish(requeue),
         ControlFlow::Continue(seen) => seen,
     };
     agent::step(&mut d, &seen);
-    idle::step(&mut d, &seen, &valid);
+    idle::step(&mut d, &seen, valid);
     image::step(&mut d, &seen);
-    ready::step(&mut d, &seen, &valid);
+    ready::step(&mut d, &seen, valid);
     let requeue = d.requeue;
     d.finish(requeue)
 }
