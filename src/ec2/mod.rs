@@ -5,7 +5,9 @@
 //!   observation is recent enough, else joins the current batch: every describe that arrives
 //!   within [`Ec2Settings::batch_window`] shares one `DescribeInstances` (Karpenter's batcher).
 //!   Described ids are *tracked*, and a periodic refresh re-describes all of them with as few
-//!   calls as the API allows; [`Ec2::changes`] yields the ids whose observation changed.
+//!   calls as the API allows (through the managed-by tag, by id, or a paginated listing of the
+//!   whole region when that takes fewer pages); [`Ec2::changes`] yields the ids whose
+//!   observation changed.
 //! - **Writes**: start, stop and terminate of many instances merge into one call per batch;
 //!   when a merged call fails because of some of its instances, they are told apart and the
 //!   others go through anyway. Launches are idempotent by ClientToken.
@@ -498,8 +500,9 @@ impl Ec2 {
         self.inner.core.list_managed().await
     }
 
-    /// The same list, taken by the next periodic refresh (which lists through the tag filter
-    /// when asked), so a caller such as the orphan sweep adds no DescribeInstances of its own.
+    /// The same list, taken by the next periodic refresh (which lists through the tag filter,
+    /// or the whole region when that is its cheaper route, when asked), so a caller such as the
+    /// orphan sweep adds no DescribeInstances of its own.
     /// Falls back to [`Ec2::list_managed`] without a refresh loop or when that refresh fails.
     pub async fn list_managed_at_next_refresh(&self) -> Result<Vec<Instance>, Ec2Error> {
         self.inner.core.list_managed_at_next_refresh().await
