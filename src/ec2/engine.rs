@@ -1124,7 +1124,7 @@ impl Core {
                         for (id, instance) in seen {
                             self.observe(&id, Some(instance), at);
                         }
-                        tagged > MAX_FILTER_VALUES || want
+                        lists_by_tag(tagged, want)
                     }
                     Err(err) => {
                         warn!(error = %err, "EC2 refresh of the region's instances failed; next try in one interval");
@@ -1249,7 +1249,7 @@ fn refresh_route(
     region_pages: Option<usize>,
 ) -> RefreshRoute {
     let page = page.max(1);
-    let by_tag = tagged > MAX_FILTER_VALUES || want;
+    let by_tag = lists_by_tag(tagged, want);
     let (tag_calls, by_id) = if by_tag {
         (tagged.div_ceil(page).max(1), untagged)
     } else {
@@ -1268,6 +1268,12 @@ fn refresh_route(
     } else {
         RefreshRoute::Split { by_tag }
     }
+}
+
+/// Whether the split route lists through the managed-by tag: more than one filtered call's
+/// worth of tagged instances, or the sweep wants the managed list.
+fn lists_by_tag(tagged: usize, want: bool) -> bool {
+    tagged > MAX_FILTER_VALUES || want
 }
 
 /// Whether `instance` carries the operator's managed-by tag.

@@ -96,6 +96,11 @@ async fn described(ep: &Ec2Endpoint) -> u64 {
     ep.calls().await.unwrap().accepted("DescribeInstances")
 }
 
+/// The ids of a list of instances.
+fn ids(list: Vec<sandbox_operator::ec2::Instance>) -> HashSet<String> {
+    list.into_iter().map(|i| i.id).collect()
+}
+
 /// The DescribeInstances calls the endpoint logged (arrival, ids named, bucket), for failure
 /// messages.
 async fn describe_log(ep: &Ec2Endpoint) -> Vec<(f64, usize, String)> {
@@ -747,9 +752,6 @@ async fn the_sweeps_listing_on_an_adopted_fleet_costs_one_call_per_refresh() {
         describe_until_ok(&ec2, id).await;
     }
     let want: HashSet<String> = orphans.iter().cloned().collect();
-    let ids = |list: Vec<sandbox_operator::ec2::Instance>| {
-        list.into_iter().map(|i| i.id).collect::<HashSet<_>>()
-    };
     // Stopped behind the layer's back: the refresh that lists the managed instances sees it
     // too, in the same one call (the tag's listing and a call by id would make two).
     ep.client()
@@ -809,9 +811,6 @@ async fn a_region_of_more_than_a_page_is_listed_by_tag_and_id_after_one_try() {
         describe_until_ok(&ec2, id).await;
     }
     let want: HashSet<String> = orphans.iter().cloned().collect();
-    let ids = |list: Vec<sandbox_operator::ec2::Instance>| {
-        list.into_iter().map(|i| i.id).collect::<HashSet<_>>()
-    };
     // The first refresh tries one page of the region, finds more, and finishes by the tag
     // and by id (three calls, once) ...
     let before = described(&ep).await;
